@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Installs everything sprited needs to build, test and run, on a fresh
+# Debian 12/13 or Ubuntu 24.04+ machine, as root. Idempotent: when all is
+# already there it only checks, and finishes in seconds.
+#
+#   sudo scripts/setup.sh
+#
+# What it does:
+#   1. Debian packages for the build and the tests (only the missing ones).
+#   2. CRIU: keeps a working /usr/local/sbin/criu; otherwise installs the
+#      distribution's `criu` and keeps it when `criu check` passes; otherwise
+#      builds CRIU (default 4.1.1) from Debian trixie's source package and
+#      installs only the `criu` binary to /usr/local/sbin/criu.
+#   3. Checks that a Rust toolchain (cargo >= 1.85) is present.
+#
+# Environment: SPRITED_CRIU_SUITE (default trixie) picks the Debian suite whose
+# criu source is built; SPRITED_SETUP_CACHE (default /var/cache/sprited-setup)
+# keeps the downloaded source and the build between runs.
+set -euo pipefail
+
+CRIU_SUITE=${SPRITED_CRIU_SUITE:-trixie}
+CACHE=${SPRITED_SETUP_CACHE:-/var/cache/sprited-setup}
+CRIU_DEST=/usr/local/sbin/criu
+MIN_RUST=1.85
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: sudo $0"
+command -v apt-get >/dev/null || die "this script needs a Debian or Ubuntu machine (apt-get)"
+export DEBIAN_FRONTEND=noninteractive
+
+# --- 1. packages ------------------------------------------------------------
+RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils)
+BUILD_PKGS=(build-essential pkg-config git)
+# CRIU's build dependencies (what `make criu` needs; no docs, no plugins).
+CRIU_BUILD_PKGS=(libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev python3-protobuf
+  libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libnftables-dev libgnutls28-dev)
+
+apt_updated=0
+apt_update_once() {
+  if [ "$apt_updated" = 0 ]; then
+    say "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+}
+
+missing() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || printf '%s\n' "$p"
+  done
+}
+
+install_pkgs() {
+  local need
+  mapfile -t need < <(missing "$@")
+  if [ "${#need[@]}" -gt 0 ]; then
+    apt_update_once
+    say "installing ${need[*]}"
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
+install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}"
+say "packages: ok"
+
+# --- 2. CRIU ----------------------------------------------------------------
+criu_works() { # PATH → 0 when `criu check` passes
+  [ -x "$1" ] && "$1" check >/dev/null 2>&1
+}
+
+build_criu() {
+  install_pkgs "${CRIU_BUILD_PKGS[@]}"
+  local apt_dir="$CACHE/apt-$CRIU_SUITE" src="$CACHE/src"
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$src"
+  local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  if [ ! -f "$keyring" ]; then
+    install_pkgs debian-archive-keyring
+  fi
+  # A private apt configuration: the machine's own sources are not touched.
+  cat >"$apt_dir/sources.list" <<EOF
+deb-src [signed-by=$keyring] http://deb.debian.org/debian $CRIU_SUITE main
+EOF
+  local apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
+    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o "APT::Sandbox::User=root")
+  say "fetching the criu source package index of Debian $CRIU_SUITE"
+  apt-get "${apt_opts[@]}" update -qq
+  local version
+  version=$(apt-cache "${apt_opts[@]}" showsrc criu | awk '/^Version:/ {print $2; exit}')
+  [ -n "$version" ] || die "no criu source package in Debian $CRIU_SUITE"
+  local upstream=${version#*:}
+  upstream=${upstream%-*}
+  local tarball
+  tarball=$(ls "$src"/criu_"$upstream".orig.tar.* 2>/dev/null | head -n1 || true)
+  if [ -z "$tarball" ]; then
+    say "downloading criu $upstream source (apt verifies it against the signed index)"
+    # The .dsc and .debian.tar may be unreachable here; the orig tarball is all we build from.
+    (cd "$src" && apt-get "${apt_opts[@]}" source --download-only "criu=$version" >/dev/null 2>&1) || true
+    tarball=$(ls "$src"/criu_"$upstream".orig.tar.* 2>/dev/null | head -n1 || true)
+    [ -n "$tarball" ] || die "could not download criu_$upstream.orig.tar.* from Debian $CRIU_SUITE"
+  fi
+  local build="$src/criu-$upstream"
+  if [ ! -x "$build/criu/criu" ]; then
+    rm -rf "$build"
+    mkdir -p "$build"
+    tar -xf "$tarball" -C "$build" --strip-components=1
+    say "building criu $upstream (make criu, $(nproc) jobs; log: $build/build.log)"
+    if ! make -C "$build" -j"$(nproc)" criu >"$build/build.log" 2>&1; then
+      tail -n 30 "$build/build.log" >&2
+      die "criu build failed (full log: $build/build.log)"
+    fi
+  fi
+  install -m 0755 "$build/criu/criu" "$CRIU_DEST"
+  say "installed $CRIU_DEST ($("$CRIU_DEST" --version | awk '/^Version/ {print $2}'))"
+}
+
+if criu_works "$CRIU_DEST"; then
+  say "criu: $CRIU_DEST passes criu check ($("$CRIU_DEST" --version | awk '/^Version/ {print $2}'))"
+else
+  distro_ok=0
+  if [ -z "$(missing criu)" ] || { apt_update_once; apt-get install -y -qq --no-install-recommends criu >/dev/null 2>&1; }; then
+    if criu_works /usr/sbin/criu; then
+      distro_ok=1
+      say "criu: the distribution's $(/usr/sbin/criu --version | awk '/^Version/ {print $2}') passes criu check"
+    else
+      say "criu: the distribution's criu fails criu check on $(uname -r): $(/usr/sbin/criu check 2>&1 | grep -m1 Error || true)"
+    fi
+  else
+    say "criu: the distribution has no criu package"
+  fi
+  if [ "$distro_ok" = 0 ]; then
+    build_criu
+    criu_works "$CRIU_DEST" || die "$CRIU_DEST fails criu check: $("$CRIU_DEST" check 2>&1 | tail -n 3)"
+    say "criu: $CRIU_DEST passes criu check"
+  fi
+fi
+
+# --- 3. Rust ----------------------------------------------------------------
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+  install_pkgs cargo rustc
+fi
+rust_version=$(cargo --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$MIN_RUST" "$rust_version" | sort -V | head -n1)" != "$MIN_RUST" ]; then
+  die "cargo $rust_version is older than $MIN_RUST: install a newer toolchain (rustup), then run this again"
+fi
+say "rust: cargo $rust_version"
+say "done"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite as root (the integration tests start real daemons
+# that manage cgroups, mounts and CRIU). Arguments go to `cargo test`.
+#
+#   scripts/test.sh                      # everything but the VM tier
+#   scripts/test.sh --test foundation    # one integration test file
+#
+# With SPRITED_REQUIRE_PRIVILEGED=1 (as in CI) a privileged test that cannot
+# run fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  exec sudo -E env "PATH=$PATH" "$0" "$@"
+fi
+exec cargo test "$@"

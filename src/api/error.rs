@@ -1,0 +1,85 @@
+//! Every error a handler can return, and the one place that turns errors into
+//! HTTP status codes. The `match`es are exhaustive with no `_` arm: a new
+//! error variant anywhere forces a decision here.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::lifecycle::LifecycleError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("unauthorized: missing or invalid token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Lifecycle(e) => match e {
+                LifecycleError::Busy { .. } => StatusCode::CONFLICT,
+                LifecycleError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                LifecycleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                LifecycleError::Invalid { .. } => StatusCode::CONFLICT,
+            },
+        }
+    }
+
+    /// The plain-text form the seed-003 root routes (and 401s) use.
+    pub fn plain(self) -> PlainError {
+        PlainError(self)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if matches!(self, ApiError::Unauthorized) {
+            return PlainError(self).into_response();
+        }
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        }
+        let mut resp = (
+            status,
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        add_headers(&self, &mut resp);
+        resp
+    }
+}
+
+/// An [`ApiError`] rendered as `text/plain`, as seed 003 specifies.
+#[derive(Debug)]
+pub struct PlainError(pub ApiError);
+
+impl IntoResponse for PlainError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0.status(), format!("{}\n", self.0)).into_response();
+        add_headers(&self.0, &mut resp);
+        resp
+    }
+}
+
+fn add_headers(e: &ApiError, resp: &mut Response) {
+    if matches!(e, ApiError::Unauthorized) {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The HTTP API, served on TCP (token required) and on the Unix socket.
+//!
+//! Every route is reachable under three prefixes: the internal `/v1/...`, the
+//! external `/v1/sprites/{name}/...` (mapped onto the internal one by
+//! [`gateway`], 404 for another sprite's name) and the seed-003 root routes
+//! (`/exec`, `/checkpoint`, `/restore`, `/proxy`).
+
+pub mod error;
+pub mod gateway;
+mod system;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::Method;
+use axum::routing::{MethodFilter, get, on, post};
+use tokio_util::sync::CancellationToken;
+
+use crate::cgroup::{CgroupSupport, Cgroups};
+use crate::config::Config;
+use crate::criu::CriuSupport;
+use crate::lifecycle::Lifecycle;
+use crate::statedir::Identity;
+
+pub use error::{ApiError, PlainError};
+pub use gateway::Transport;
+
+/// What handlers share. Immutable after boot except the `OnceLock`s, which
+/// the boot task fills once.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub lifecycle: Lifecycle,
+    pub identity: Identity,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub kernel: String,
+    /// The TCP address actually bound (useful with port 0).
+    pub tcp_addr: Option<SocketAddr>,
+    /// The daemon's cgroup tree, once the boot task found it.
+    pub cgroups: OnceLock<Cgroups>,
+    pub cgroup: OnceLock<CgroupSupport>,
+    pub criu: OnceLock<CriuSupport>,
+    /// Cancelled when the daemon shuts down: long streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+/// The routes, relative to the internal shape.
+fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/status", get(system::status))
+        .route("/v1/ready", get(system::ready))
+        .route("/v1/sprite", get(system::sprite_record))
+        // Seed-003 root routes. Exec and the proxy wait for `running`.
+        .route("/exec", post(system::exec_placeholder))
+        .route(
+            "/proxy",
+            on(MethodFilter::CONNECT, system::proxy_placeholder),
+        )
+        .route("/checkpoint", post(system::checkpoint_placeholder))
+        .route("/restore", post(system::restore_placeholder))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, req: Request) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: req.uri().path().to_owned(),
+    }
+}
+
+/// The service for one listener: gateway (auth, path mapping) around the routes.
+pub fn service(
+    state: Arc<AppState>,
+    transport: Transport,
+) -> axum::routing::IntoMakeService<Router> {
+    let gw = gateway::Gateway {
+        state: state.clone(),
+        transport,
+    };
+    // A router whose only job is to run the gateway before the real router routes.
+    let inner = routes(state);
+    Router::new()
+        .fallback_service(inner)
+        .layer(axum::middleware::from_fn_with_state(gw, gateway::gateway))
+        .into_make_service()
+}

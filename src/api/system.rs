@@ -1,0 +1,91 @@
+//! Daemon-level routes: status, readiness, this sprite's record, and the
+//! seed-003 root routes whose features come in later work.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, PlainError};
+use crate::lifecycle::State as Life;
+
+/// `GET /v1/status`: lifecycle state, version, uptime, kernel, and what was
+/// detected at start (`null` while the daemon is still detecting it).
+pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let c = &app.config;
+    Json(json!({
+        "state": app.lifecycle.state(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "started_at": humantime::format_rfc3339_millis(app.started_at).to_string(),
+        "uptime_secs": app.started.elapsed().as_secs_f64(),
+        "kernel": app.kernel,
+        "sprite": { "id": app.identity.id, "name": c.sprite_name },
+        "state_dir": c.state_dir,
+        "listen": {
+            "tcp": app.tcp_addr.map(|a| a.to_string()),
+            "unix": c.socket_path,
+            "auth": match c.tcp_auth { crate::config::TcpAuth::Token(_) => "token", crate::config::TcpAuth::Insecure => "none" },
+        },
+        "wait_for_running_secs": c.wait_for_running.as_secs_f64(),
+        "cgroup": app.cgroup.get(),
+        "criu": app.criu.get(),
+    }))
+}
+
+/// `GET /v1/ready`: waits (up to `--wait-for-running`) for `running`, like
+/// `/exec` and `/proxy` do; 200 then, 503 after the wait.
+pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    app.lifecycle
+        .wait_running(app.config.wait_for_running)
+        .await?;
+    Ok(Json(json!({ "state": Life::Running })))
+}
+
+/// `GET /v1/sprites/{name}` (internally `/v1/sprite`): this sprite's record,
+/// shaped like the hosted API's sprite object.
+pub async fn sprite_record(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let status = match app.lifecycle.state() {
+        Life::Running | Life::Checkpointing | Life::Restoring => "running",
+        Life::Booting | Life::ShuttingDown => "warm",
+    };
+    Json(json!({
+        "id": app.identity.id,
+        "name": app.config.sprite_name,
+        "status": status,
+        "created_at": app.identity.created_at,
+        "updated_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "url": app.config.url,
+    }))
+}
+
+/// `POST /exec` (seed 003): waits for `running`; the command runner is not built yet.
+pub async fn exec_placeholder(State(app): State<Arc<AppState>>) -> Result<(), PlainError> {
+    app.lifecycle
+        .wait_running(app.config.wait_for_running)
+        .await
+        .map_err(|e| ApiError::from(e).plain())?;
+    Err(ApiError::NotImplemented("exec is not implemented yet".into()).plain())
+}
+
+/// `CONNECT /proxy` (seed 003): waits for `running`; tunnels are not built yet.
+pub async fn proxy_placeholder(State(app): State<Arc<AppState>>) -> Result<(), PlainError> {
+    app.lifecycle
+        .wait_running(app.config.wait_for_running)
+        .await
+        .map_err(|e| ApiError::from(e).plain())?;
+    Err(ApiError::NotImplemented("proxy is not implemented yet".into()).plain())
+}
+
+/// `POST /checkpoint` (seed 003): does not wait for `running`.
+pub async fn checkpoint_placeholder() -> impl IntoResponse {
+    ApiError::NotImplemented("checkpoints are not implemented yet".into()).plain()
+}
+
+/// `POST /restore` (seed 003): does not wait for `running`.
+pub async fn restore_placeholder() -> impl IntoResponse {
+    ApiError::NotImplemented("restore is not implemented yet".into()).plain()
+}

@@ -1,0 +1,228 @@
+//! cgroup v2: the only code that touches `/sys/fs/cgroup`.
+//!
+//! The v2 hierarchy is found from the mount table (`/proc/self/mountinfo`, a
+//! path injected by the caller), never hard-coded: on hybrid hosts it lives at
+//! `/sys/fs/cgroup/unified`. The daemon owns one parent cgroup
+//! (`<mount>/<cgroup-parent>`, default `sprited/<daemon-id>`) and nothing
+//! outside it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in {mountinfo}); sprited needs cgroup v2")]
+    NoV2Mount { mountinfo: PathBuf },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the daemon found at start, as reported by `/v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupSupport {
+    /// Whether the daemon can manage cgroups (v2 mounted, parent created).
+    pub available: bool,
+    /// Where cgroup v2 is mounted.
+    pub mount: Option<PathBuf>,
+    /// The daemon's parent cgroup (absolute).
+    pub parent: Option<PathBuf>,
+    /// `cgroup.freeze` exists (kernel 5.2+).
+    pub freeze: bool,
+    /// `cgroup.kill` exists (kernel 5.14+); otherwise every pid is signalled.
+    pub kill: bool,
+    pub error: Option<String>,
+}
+
+/// Finds the cgroup v2 mount point in a `mountinfo` text. Prefers a mount of
+/// the hierarchy's root (`/`) when several exist.
+pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mut fallback = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        let mount = PathBuf::from(unescape_mountinfo(fields[4]));
+        if fields[3] == "/" {
+            return Some(mount);
+        }
+        fallback.get_or_insert(mount);
+    }
+    fallback
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The daemon's cgroup tree.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    mount: PathBuf,
+    parent: PathBuf,
+}
+
+impl Cgroups {
+    /// Finds the v2 mount from `mountinfo_path` and creates the daemon's parent
+    /// cgroup `parent_rel` under it.
+    pub fn open(mountinfo_path: &Path, parent_rel: &Path) -> Result<Self, CgroupError> {
+        let text =
+            std::fs::read_to_string(mountinfo_path).map_err(io_err("read", mountinfo_path))?;
+        let mount = find_v2_mount(&text).ok_or_else(|| CgroupError::NoV2Mount {
+            mountinfo: mountinfo_path.to_owned(),
+        })?;
+        let parent = mount.join(parent_rel);
+        std::fs::create_dir_all(&parent).map_err(io_err("create cgroup", &parent))?;
+        Ok(Cgroups { mount, parent })
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    pub fn parent(&self) -> &Path {
+        &self.parent
+    }
+
+    /// What this kernel offers, read from the parent cgroup's interface files.
+    pub fn support(&self) -> CgroupSupport {
+        CgroupSupport {
+            available: true,
+            mount: Some(self.mount.clone()),
+            parent: Some(self.parent.clone()),
+            freeze: self.parent.join("cgroup.freeze").exists(),
+            kill: self.parent.join("cgroup.kill").exists(),
+            error: None,
+        }
+    }
+
+    /// Removes the parent cgroup if nothing lives in it any more (clean
+    /// shutdown), and its `sprited` ancestor when that is empty too.
+    pub fn remove_parent_if_empty(&self) {
+        let mut dir = self.parent.clone();
+        while dir.starts_with(&self.mount) && dir != self.mount {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => tracing::debug!(cgroup = %dir.display(), "removed cgroup"),
+                Err(e) => {
+                    tracing::debug!(cgroup = %dir.display(), error = %e, "cgroup kept");
+                    break;
+                }
+            }
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+}
+
+impl CgroupSupport {
+    /// The report when cgroups are unusable.
+    pub fn unavailable(error: &CgroupError) -> Self {
+        CgroupSupport {
+            available: false,
+            mount: None,
+            parent: None,
+            freeze: false,
+            kill: false,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_unified_on_hybrid_hosts() {
+        assert_eq!(
+            find_v2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn prefers_root_mount_and_unescapes() {
+        let text = "\
+50 1 0:40 /sub /mnt/ns\\040dir rw - cgroup2 cgroup2 rw
+29 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(find_v2_mount(text), Some(PathBuf::from("/sys/fs/cgroup")));
+        let only_sub = text.lines().next().unwrap();
+        assert_eq!(find_v2_mount(only_sub), Some(PathBuf::from("/mnt/ns dir")));
+    }
+
+    #[test]
+    fn none_without_v2() {
+        let text = HYBRID.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(find_v2_mount(&text), None);
+    }
+
+    #[test]
+    fn open_in_a_fake_root() {
+        let d = tempfile::tempdir().unwrap();
+        let mi = d.path().join("mountinfo");
+        let root = d.path().join("cg");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(
+            &mi,
+            format!("41 31 0:38 / {} rw - cgroup2 cgroup2 rw\n", root.display()),
+        )
+        .unwrap();
+        let cg = Cgroups::open(&mi, Path::new("sprited/abc")).unwrap();
+        assert_eq!(cg.parent(), root.join("sprited/abc"));
+        let s = cg.support();
+        assert!(s.available && !s.freeze);
+        cg.remove_parent_if_empty();
+        assert!(!root.join("sprited").exists());
+        assert!(root.exists());
+
+        std::fs::write(&mi, "").unwrap();
+        let e = Cgroups::open(&mi, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains(mi.to_str().unwrap()));
+    }
+}

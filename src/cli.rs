@@ -1,0 +1,233 @@
+//! `sprite-env`: the command-line client of the daemon's Unix socket.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::BodyExt;
+use hyper::Method;
+
+use crate::client::{ClientError, UnixClient, error_message};
+
+/// Exit status when the daemon answered with an HTTP error (as `curl --fail`).
+pub const EXIT_HTTP_ERROR: u8 = 22;
+/// Exit status when the daemon could not be reached (as curl's "couldn't connect").
+pub const EXIT_CONNECT: u8 = 7;
+
+/// Talk to sprited, the sprite's environment daemon, over its Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "sprite-env", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        env = "SPRITE_SOCKET",
+        default_value = "/.sprite/api.sock",
+        global = true,
+        value_name = "PATH"
+    )]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  sprite-env status
+  sprite-env curl /v1/status
+  sprite-env curl -X PUT /v1/services/web -d '{\"cmd\":\"python3\",\"args\":[\"-m\",\"http.server\"]}'
+  sprite-env curl /v1/services/web/logs?duration=30s      # streams as it arrives
+
+Exit status: 0 on success, 22 when the daemon answers with an HTTP error (the
+message goes to stderr), 7 when the daemon cannot be reached, 2 on bad usage.";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a request to the API and stream the response body to stdout.
+    Curl {
+        /// Path and query, e.g. /v1/services or /v1/services/web/logs?lines=10.
+        path: String,
+        /// HTTP method (default GET, or POST when -d is given).
+        #[arg(short = 'X', long = "request", value_name = "METHOD")]
+        method: Option<String>,
+        /// Request body; `@FILE` reads a file, `@-` reads stdin. Sent as JSON unless -H says otherwise.
+        #[arg(short = 'd', long = "data", value_name = "BODY")]
+        data: Option<String>,
+        /// Extra header `Name: value` (repeatable).
+        #[arg(short = 'H', long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+        /// Print the status line and response headers before the body.
+        #[arg(short = 'i', long)]
+        include: bool,
+    },
+    /// Show the daemon's status (state, version, kernel, cgroup and CRIU support).
+    Status,
+}
+
+/// Entry point of the `sprite-env` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sprite-env: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Http { status, message }) => {
+            eprintln!("sprite-env: HTTP {status}: {message}");
+            ExitCode::from(EXIT_HTTP_ERROR)
+        }
+        Err(CliError::Client(e @ ClientError::Connect { .. })) => {
+            eprintln!("sprite-env: {e}");
+            ExitCode::from(EXIT_CONNECT)
+        }
+        Err(e) => {
+            eprintln!("sprite-env: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("HTTP {status}: {message}")]
+    Http { status: u16, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = UnixClient::new(&cli.socket);
+    match cli.command {
+        Command::Curl {
+            path,
+            method,
+            data,
+            headers,
+            include,
+        } => curl(&client, &path, method, data, &headers, include).await,
+        Command::Status => {
+            let (status, body) = client.call(Method::GET, "/v1/status", None).await?;
+            if !status.is_success() {
+                return Err(CliError::Http {
+                    status: status.as_u16(),
+                    message: error_message(&body),
+                });
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Ok(())
+        }
+    }
+}
+
+async fn curl(
+    client: &UnixClient,
+    path: &str,
+    method: Option<String>,
+    data: Option<String>,
+    raw_headers: &[String],
+    include: bool,
+) -> Result<(), CliError> {
+    if !path.starts_with('/') {
+        return Err(CliError::Usage(format!("path {path:?} must start with /")));
+    }
+    let body = match data.as_deref() {
+        None => Bytes::new(),
+        Some("@-") => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|source| {
+                CliError::Io {
+                    what: "read stdin".into(),
+                    source,
+                }
+            })?;
+            Bytes::from(buf)
+        }
+        Some(d) if d.starts_with('@') => {
+            Bytes::from(std::fs::read(&d[1..]).map_err(|source| CliError::Io {
+                what: format!("read {}", &d[1..]),
+                source,
+            })?)
+        }
+        Some(d) => Bytes::from(d.to_owned()),
+    };
+    let method = match method {
+        Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| CliError::Usage(format!("bad method {m:?}")))?,
+        None if data.is_some() => Method::POST,
+        None => Method::GET,
+    };
+    let mut headers = Vec::new();
+    for h in raw_headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| CliError::Usage(format!("header {h:?} is not `Name: value`")))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    if data.is_some()
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type".into(), "application/json".into()));
+    }
+    let resp = client.send(method, path, &headers, body).await?;
+    let status = resp.status();
+    if include {
+        println!("HTTP/1.1 {status}");
+        for (k, v) in resp.headers() {
+            println!("{k}: {}", v.to_str().unwrap_or("<binary>"));
+        }
+        println!();
+    }
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|source| ClientError::Http {
+                path: client.socket().to_owned(),
+                source,
+            })?
+            .to_bytes();
+        return Err(CliError::Http {
+            status: status.as_u16(),
+            message: error_message(&bytes),
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|source| ClientError::Http {
+            path: client.socket().to_owned(),
+            source,
+        })?;
+        if let Some(chunk) = frame.data_ref() {
+            out.write_all(chunk)
+                .and_then(|_| out.flush())
+                .map_err(|source| CliError::Io {
+                    what: "write stdout".into(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! Configuration: every flag, its environment variable and default, and every
+//! path the daemon uses. All paths the daemon writes derive from one state dir,
+//! so several daemons can run side by side in temp dirs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use sha2::{Digest, Sha256};
+
+/// Errors in the daemon's configuration: reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {value:?} is not an address like 0.0.0.0:8181 (or `none` to disable TCP)")]
+    BadListen { value: String },
+    #[error("--wait-for-running {value:?} is not a duration (`30`, `30s`, `1m`)")]
+    BadDuration { value: String },
+    #[error("--sprite-name {value:?} is not a valid name ([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")]
+    BadSpriteName { value: String },
+    #[error(
+        "--cgroup-parent {value:?} must be a relative path of plain names (no `..`, no leading `/`)"
+    )]
+    BadCgroupParent { value: String },
+    #[error(
+        "no API token: set SPRITE_HTTP_API_TOKEN or --token, or pass --insecure-no-token \
+         (local testing only) or --listen none to serve the Unix socket only"
+    )]
+    NoToken,
+    #[error("the API token is empty or contains whitespace")]
+    BadToken,
+    #[error("cannot determine the host name for the default sprite name: {0}")]
+    Hostname(#[source] std::io::Error),
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `sprited`: the root daemon of a sprite.
+///
+/// It supervises services, runs commands, tunnels ports and takes and restores
+/// checkpoints of the environment (files and running processes). It serves one
+/// HTTP API on TCP (token required) and on a Unix socket (no token, mode 0600).
+///
+/// Every flag can also be set by the environment variable shown beside it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sprited", version, about, long_about, after_help = AFTER_HELP)]
+pub struct Args {
+    /// Directory that holds all daemon state: lock, socket, logs, checkpoints.
+    #[arg(
+        long,
+        env = "SPRITED_STATE_DIR",
+        default_value = "/.sprite",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// TCP address of the authenticated API, or `none` to serve only the Unix socket.
+    #[arg(
+        long,
+        env = "SPRITED_LISTEN",
+        default_value = "0.0.0.0:8181",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+
+    /// Unix socket of the API (no token needed; mode 0600). Default: <state-dir>/api.sock.
+    #[arg(long, env = "SPRITE_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Bearer token required on TCP (compared in constant time).
+    #[arg(
+        long,
+        env = "SPRITE_HTTP_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// Serve TCP without any token. For local testing only: anyone who can reach the port
+    /// controls the machine.
+    #[arg(long, env = "SPRITED_INSECURE_NO_TOKEN")]
+    pub insecure_no_token: bool,
+
+    /// This sprite's name; `/v1/sprites/{name}/...` answers 404 for any other. Default: host name.
+    #[arg(long, env = "SPRITE_NAME", value_name = "NAME")]
+    pub sprite_name: Option<String>,
+
+    /// Public URL of this sprite, reported in its record (optional).
+    #[arg(long, env = "SPRITE_URL", value_name = "URL")]
+    pub url: Option<String>,
+
+    /// How long /exec and /proxy wait for the daemon to be running before answering 503.
+    #[arg(
+        long,
+        env = "SPRITED_WAIT_FOR_RUNNING",
+        default_value = "30",
+        value_name = "SECS"
+    )]
+    pub wait_for_running: String,
+
+    /// Parent of the daemon's cgroups, relative to the cgroup v2 root.
+    /// Default: sprited/<daemon-id>, where the id derives from the state dir.
+    #[arg(long, env = "SPRITED_CGROUP_PARENT", value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
+
+    /// Path of the criu binary. Default: /usr/local/sbin/criu, then criu on PATH, then /usr/sbin/criu.
+    #[arg(long, env = "SPRITED_CRIU", value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+
+    /// Do not use CRIU: checkpoints keep files only.
+    #[arg(long, env = "SPRITED_NO_CRIU")]
+    pub no_criu: bool,
+
+    /// How long a SIGTERM waits for in-flight requests before closing them.
+    #[arg(
+        long,
+        env = "SPRITED_SHUTDOWN_TIMEOUT",
+        default_value = "10",
+        value_name = "SECS"
+    )]
+    pub shutdown_timeout: String,
+
+    /// Log filter (tracing syntax, e.g. `info`, `sprited=debug`).
+    #[arg(
+        long,
+        env = "SPRITED_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+
+    /// Test only: stay in `booting` until SIGUSR2 arrives.
+    #[arg(long, hide = true)]
+    pub hold_booting: bool,
+
+    /// Test only: where the cgroup mount table is read from.
+    #[arg(long, hide = true, default_value = "/proc/self/mountinfo")]
+    pub mountinfo: PathBuf,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  sprited --insecure-no-token                      # local testing, API on :8181 and /.sprite/api.sock
+  SPRITE_HTTP_API_TOKEN=secret sprited             # production: TCP needs `Authorization: Bearer secret`
+  sprited --state-dir /tmp/s1 --listen none      # Unix socket only, no token needed
+
+Talk to it:
+  sprite-env status
+  curl --unix-socket /.sprite/api.sock http://sprite/v1/status
+  curl -H 'Authorization: Bearer secret' http://localhost:8181/v1/status
+
+Signals: SIGTERM or SIGINT stop it cleanly (exit 0, socket removed).";
+
+/// An API token. Its `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(value: &str) -> Result<Self, ConfigError> {
+        if value.is_empty() || value.chars().any(char::is_whitespace) {
+            return Err(ConfigError::BadToken);
+        }
+        Ok(Token(value.to_owned()))
+    }
+
+    /// Constant-time comparison against a presented token.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        // Hash both sides first so the comparison does not leak the length.
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(presented);
+        a.ct_eq(&b).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// How TCP requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum TcpAuth {
+    Token(Token),
+    /// `--insecure-no-token`: every request is accepted.
+    Insecure,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub socket_path: PathBuf,
+    pub tcp_auth: TcpAuth,
+    pub sprite_name: String,
+    pub url: Option<String>,
+    pub wait_for_running: Duration,
+    pub shutdown_timeout: Duration,
+    /// Relative to the cgroup v2 mount.
+    pub cgroup_parent: PathBuf,
+    pub daemon_id: String,
+    pub criu_path: Option<PathBuf>,
+    pub no_criu: bool,
+    pub hold_booting: bool,
+    pub mountinfo_path: PathBuf,
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let state_dir = absolute(&args.state_dir)?;
+        let listen = match args.listen.trim() {
+            "none" | "off" | "" => None,
+            s => Some(s.parse().map_err(|_| ConfigError::BadListen {
+                value: s.to_owned(),
+            })?),
+        };
+        let tcp_auth = match (&args.token, args.insecure_no_token) {
+            (Some(t), _) if !t.is_empty() => TcpAuth::Token(Token::new(t)?),
+            (_, true) => TcpAuth::Insecure,
+            (_, false) if listen.is_none() => TcpAuth::Insecure, // no TCP listener at all
+            (_, false) => return Err(ConfigError::NoToken),
+        };
+        let sprite_name = match &args.sprite_name {
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()
+                .map_err(|e| ConfigError::Hostname(e.into()))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        if !valid_name(&sprite_name) {
+            return Err(ConfigError::BadSpriteName { value: sprite_name });
+        }
+        let daemon_id = daemon_id_for(&state_dir);
+        let cgroup_parent = match &args.cgroup_parent {
+            Some(p) => {
+                let path = PathBuf::from(p);
+                let plain = path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !plain || p.is_empty() {
+                    return Err(ConfigError::BadCgroupParent { value: p.clone() });
+                }
+                path
+            }
+            None => PathBuf::from("sprited").join(&daemon_id),
+        };
+        Ok(Config {
+            socket_path: args
+                .socket
+                .clone()
+                .unwrap_or_else(|| state_dir.join("api.sock")),
+            state_dir,
+            listen,
+            tcp_auth,
+            sprite_name,
+            url: args.url.clone(),
+            wait_for_running: parse_secs(&args.wait_for_running)?,
+            shutdown_timeout: parse_secs(&args.shutdown_timeout)?,
+            cgroup_parent,
+            daemon_id,
+            criu_path: args.criu.clone(),
+            no_criu: args.no_criu,
+            hold_booting: args.hold_booting,
+            mountinfo_path: args.mountinfo.clone(),
+        })
+    }
+
+    /// The lock that keeps a second daemon off this state dir.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state_dir.join("sprited.lock")
+    }
+
+    /// The persisted identity of this sprite (id, creation time).
+    pub fn identity_path(&self) -> PathBuf {
+        self.state_dir.join("sprite.json")
+    }
+}
+
+/// Names of sprites (and later services): `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// A short stable id for the daemon owning `state_dir`.
+pub fn daemon_id_for(state_dir: &Path) -> String {
+    let digest = Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `30`, `30s`, `1m`, `500ms`: a bare number is seconds.
+pub fn parse_secs(value: &str) -> Result<Duration, ConfigError> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(v).map_err(|_| ConfigError::BadDuration {
+        value: value.to_owned(),
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path).map_err(|source| ConfigError::StateDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["sprited", "--state-dir", "/tmp/x", "--sprite-name", "s1"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn no_token_refused_unless_insecure_or_no_tcp() {
+        assert!(matches!(
+            Config::from_args(&args(&[])),
+            Err(ConfigError::NoToken)
+        ));
+        let c = Config::from_args(&args(&["--insecure-no-token"])).unwrap();
+        assert!(matches!(c.tcp_auth, TcpAuth::Insecure));
+        let c = Config::from_args(&args(&["--listen", "none"])).unwrap();
+        assert!(c.listen.is_none());
+        let c = Config::from_args(&args(&["--token", "abc"])).unwrap();
+        assert!(matches!(c.tcp_auth, TcpAuth::Token(_)));
+    }
+
+    #[test]
+    fn paths_derive_from_state_dir() {
+        let c = Config::from_args(&args(&["--token", "t"])).unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/x/api.sock"));
+        assert_eq!(c.lock_path(), PathBuf::from("/tmp/x/sprited.lock"));
+        assert!(c.cgroup_parent.starts_with("sprited"));
+        assert_eq!(
+            c.cgroup_parent,
+            PathBuf::from("sprited").join(daemon_id_for(Path::new("/tmp/x")))
+        );
+        assert_ne!(
+            daemon_id_for(Path::new("/tmp/x")),
+            daemon_id_for(Path::new("/tmp/y"))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_args(&args(&["--token", "t", "--listen", "nope"])).unwrap_err();
+        assert!(e.to_string().contains("nope"));
+        let e = Config::from_args(&args(&["--token", "t", "--cgroup-parent", "../x"])).unwrap_err();
+        assert!(matches!(e, ConfigError::BadCgroupParent { .. }));
+        let e =
+            Config::from_args(&args(&["--token", "t", "--wait-for-running", "soon"])).unwrap_err();
+        assert!(e.to_string().contains("soon"));
+        assert!(matches!(Token::new("a b"), Err(ConfigError::BadToken)));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_secs("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_secs("250ms").unwrap(), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("my-sprite.1_a"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn token_compare() {
+        let t = Token::new("secret").unwrap();
+        assert!(t.matches(b"secret"));
+        assert!(!t.matches(b"secreT"));
+        assert!(!t.matches(b"secret2"));
+        assert!(!t.matches(b""));
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    }
+}

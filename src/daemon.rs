@@ -1,0 +1,301 @@
+//! Start-up, the listeners, and shutdown: the wiring of all parts.
+//!
+//! Order on start: configuration → state dir lock (a second daemon on the same
+//! state dir stops here) → TCP listener → Unix socket (a stale one from a
+//! crash is replaced; a live one is refused) → API served, `READY=1` → boot
+//! task (cgroup and CRIU detection) → `running`. On SIGTERM/SIGINT: lifecycle
+//! `shutting_down` (waiters answer 503 at once), long streams are cancelled,
+//! in-flight requests get `--shutdown-timeout` to finish, the socket file is
+//! removed, exit 0.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, Transport};
+use crate::cgroup::{CgroupSupport, Cgroups};
+use crate::config::{Args, Config, ConfigError, TcpAuth};
+use crate::lifecycle::{Lifecycle, Transition};
+use crate::statedir::{StateDir, StateDirError};
+use crate::{criu, notify, sys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("socket {path} is in use by a running process; stop it or choose another --socket")]
+    SocketInUse { path: PathBuf },
+    #[error("{op} socket {path}: {source}")]
+    Socket {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(args: Args) -> Result<(), DaemonError> {
+    let config = Config::from_args(&args)?;
+    init_tracing(&args.log);
+    let state_dir = StateDir::open(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sprited")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let result = runtime.block_on(serve(Arc::new(config), &state_dir));
+    // Streams that ignored cancellation must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(io::stderr)
+        .try_init();
+}
+
+async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonError> {
+    if !sys::is_root() {
+        tracing::warn!("not running as root: cgroups, mounts and CRIU will be unavailable");
+    }
+    let tcp = match config.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    if let (Some(addr), TcpAuth::Insecure) = (tcp_addr, &config.tcp_auth) {
+        tracing::warn!(
+            "!!! INSECURE: the TCP API on {addr} accepts requests WITHOUT A TOKEN (--insecure-no-token)."
+        );
+        tracing::warn!(
+            "!!! Anyone who can reach {addr} controls this machine as root. Use only for local testing."
+        );
+    }
+    let unix = bind_unix_socket(&config.socket_path)?;
+    let socket_id = socket_identity(&config.socket_path);
+
+    // Signal handlers first: once READY=1 is out, a SIGTERM must be handled.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    let boot_gate = if config.hold_booting {
+        Some(
+            signal(SignalKind::user_defined2()).map_err(|source| DaemonError::Signal {
+                signal: "SIGUSR2",
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
+
+    let lifecycle = Lifecycle::spawn();
+    let shutdown = CancellationToken::new();
+    let app = Arc::new(AppState {
+        config: config.clone(),
+        lifecycle: lifecycle.clone(),
+        identity: state_dir.identity.clone(),
+        started: Instant::now(),
+        started_at: SystemTime::now(),
+        kernel: sys::kernel_release(),
+        tcp_addr,
+        cgroups: OnceLock::new(),
+        cgroup: OnceLock::new(),
+        criu: OnceLock::new(),
+        shutdown: shutdown.clone(),
+    });
+
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(listener) = tcp {
+        let svc = api::service(app.clone(), Transport::Tcp);
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(listener, svc)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+    }
+    {
+        let svc = api::service(app.clone(), Transport::Unix);
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(unix, svc)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+    }
+    tracing::info!(
+        tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "disabled".into()),
+        unix = %config.socket_path.display(),
+        state_dir = %config.state_dir.display(),
+        sprite = %config.sprite_name,
+        "sprited {} listening", env!("CARGO_PKG_VERSION"),
+    );
+    notify::notify("READY=1\nSTATUS=booting");
+
+    let boot = tokio::spawn(boot(app.clone(), boot_gate));
+
+    let which = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down");
+    notify::notify("STOPPING=1");
+    let _ = lifecycle.request(Transition::Shutdown).await;
+    boot.abort();
+    shutdown.cancel();
+    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+        while let Some(r) = servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "server error during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight requests did not finish; closing them");
+        servers.abort_all();
+    }
+    remove_socket_if_ours(&config.socket_path, socket_id);
+    if let Some(cg) = app.cgroups.get() {
+        cg.remove_parent_if_empty();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The boot sequence: detect cgroups and CRIU, then become `running` (or wait
+/// for SIGUSR2 first when `--hold-booting` is given, for tests).
+async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
+    let config = &app.config;
+    match Cgroups::open(&config.mountinfo_path, &config.cgroup_parent) {
+        Ok(cg) => {
+            let support = cg.support();
+            tracing::info!(mount = %cg.mount().display(), parent = %cg.parent().display(),
+                freeze = support.freeze, kill = support.kill, "cgroup v2");
+            let _ = app.cgroup.set(support);
+            let _ = app.cgroups.set(cg);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cgroups unavailable: services cannot be supervised");
+            let _ = app.cgroup.set(CgroupSupport::unavailable(&e));
+        }
+    }
+    let criu = criu::detect(config.criu_path.as_deref(), config.no_criu).await;
+    if !criu.available {
+        tracing::warn!(
+            reason = criu.message.as_deref().unwrap_or(""),
+            "CRIU unavailable: checkpoints keep files only"
+        );
+    }
+    let _ = app.criu.set(criu);
+    if let Some(mut gate) = gate {
+        tracing::info!("--hold-booting: staying in booting until SIGUSR2");
+        gate.recv().await;
+    }
+    if app
+        .lifecycle
+        .request(Transition::BootComplete)
+        .await
+        .is_ok()
+    {
+        notify::notify("STATUS=running");
+    }
+}
+
+/// Binds the API socket, mode 0600. A socket file left by a crashed daemon is
+/// replaced; one that a live process still accepts on is refused.
+fn bind_unix_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |op, source| DaemonError::Socket {
+        op,
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err("create dir for", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(DaemonError::SocketInUse {
+                    path: path.to_owned(),
+                });
+            }
+            tracing::info!(socket = %path.display(), "replacing stale socket left by a previous run");
+            std::fs::remove_file(path).map_err(|e| err("remove stale", e))?;
+        }
+        Ok(_) => {
+            return Err(err(
+                "bind",
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a non-socket file is in the way",
+                ),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("stat", e)),
+    }
+    // Bind under a umask so the socket is never reachable by others, even briefly.
+    let old = sys::set_umask(0o177);
+    let listener = UnixListener::bind(path);
+    sys::set_umask(old);
+    let listener = listener.map_err(|e| err("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err("chmod", e))?;
+    Ok(listener)
+}
+
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket file unless something else replaced it meanwhile.
+fn remove_socket_if_ours(path: &Path, id: Option<(u64, u64)>) {
+    if id.is_some() && socket_identity(path) == id {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove socket");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! sprited: the root daemon of a sprite. See `ARCHITECTURE.md` for the map of
+//! which module owns which OS resource.
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod cgroup;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod criu;
+pub mod daemon;
+pub mod durable;
+pub mod lifecycle;
+pub mod notify;
+pub mod statedir;
+pub mod sys;

@@ -1,0 +1,157 @@
+//! The state directory: created on start, locked so that one daemon owns it,
+//! cleaned of what a crash left, and home of the sprite's identity record.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::durable::{self, DurableError};
+use crate::sys::{FileLock, LockError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error(
+        "another sprited already owns state dir {state_dir}: lock {lock} is held{}",
+        holder.map(|p| format!(" by pid {p}")).unwrap_or_default()
+    )]
+    Locked {
+        state_dir: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("identity record {path} is corrupt: {message}")]
+    BadIdentity { path: PathBuf, message: String },
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+}
+
+/// The sprite's persistent identity, created on first start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// An owned state dir. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct StateDir {
+    pub path: PathBuf,
+    pub identity: Identity,
+    _lock: FileLock,
+}
+
+impl StateDir {
+    /// Creates the dir, takes its lock (failing fast when another daemon holds
+    /// it), removes crash leftovers and loads or creates the identity.
+    pub fn open(config: &Config) -> Result<Self, StateDirError> {
+        let path = config.state_dir.clone();
+        std::fs::create_dir_all(&path).map_err(io_err("create", &path))?;
+        let lock_path = config.lock_path();
+        let (lock, mut file) = match FileLock::try_exclusive(&lock_path) {
+            Ok(l) => l,
+            Err(LockError::Held) => {
+                let holder = std::fs::read_to_string(&lock_path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                return Err(StateDirError::Locked {
+                    state_dir: path,
+                    lock: lock_path,
+                    holder,
+                });
+            }
+            Err(LockError::Io(e)) => return Err(io_err("lock", &lock_path)(e)),
+        };
+        // The lock is ours: record our pid for the message a second daemon prints.
+        file.set_len(0)
+            .and_then(|_| writeln!(file, "{}", std::process::id()))
+            .map_err(io_err("write", &lock_path))?;
+        let cleaned = durable::clean_temp_files(&path)?;
+        if cleaned > 0 {
+            tracing::info!(cleaned, dir = %path.display(), "removed temp files left by a crash");
+        }
+        let identity = load_or_create_identity(&config.identity_path())?;
+        Ok(StateDir {
+            path,
+            identity,
+            _lock: lock,
+        })
+    }
+}
+
+fn load_or_create_identity(path: &Path) -> Result<Identity, StateDirError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateDirError::BadIdentity {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let random =
+                crate::sys::random_bytes(8).map_err(io_err("read", Path::new("/dev/urandom")))?;
+            let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            let identity = Identity {
+                id: format!("sprite-{hex}"),
+                created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            };
+            durable::write_json(path, &identity)?;
+            Ok(identity)
+        }
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateDirError + 'a {
+    move |source| StateDirError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(dir: &Path) -> Config {
+        let args = crate::config::Args::try_parse_from([
+            "sprited",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "none",
+            "--sprite-name",
+            "t",
+        ])
+        .unwrap();
+        Config::from_args(&args).unwrap()
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_identity_is_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let c = config(&d.path().join("state"));
+        let first = StateDir::open(&c).unwrap();
+        match StateDir::open(&c) {
+            Err(StateDirError::Locked { lock, holder, .. }) => {
+                assert_eq!(lock, c.lock_path());
+                assert_eq!(holder, Some(std::process::id()));
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        let id = first.identity.id.clone();
+        drop(first);
+        let again = StateDir::open(&c).unwrap();
+        assert_eq!(again.identity.id, id);
+    }
+}

@@ -1,0 +1,272 @@
+//! Test harness: starts the real `sprited` binary in a temp state dir and
+//! talks to it over real HTTP (reqwest on TCP, hyper on the Unix socket).
+//! Readiness is awaited through systemd's `NOTIFY_SOCKET` protocol, never by
+//! sleeping.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use sprited::client::UnixClient;
+use tempfile::TempDir;
+use tokio::net::UnixDatagram;
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sprited");
+pub const CLI: &str = env!("CARGO_BIN_EXE_sprite-env");
+pub const TOKEN: &str = "test-token-0123456789";
+pub const NAME: &str = "testsprite";
+/// Generous bound for a daemon to come up; only reached when something is broken.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether a privileged test can run. Without root it skips, unless
+/// `SPRITED_REQUIRE_PRIVILEGED=1` (CI), where it fails.
+pub fn privileged(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{what}: needs root, and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {what}: needs root");
+    false
+}
+
+pub struct Options {
+    pub token: Option<String>,
+    pub extra: Vec<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: Some(TOKEN.into()),
+            extra: vec![],
+            state_dir: None,
+        }
+    }
+}
+
+pub struct Daemon {
+    pub child: Child,
+    /// Holds the temp dir (state dir, notify socket, log) alive.
+    pub tmp: TempDir,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: Option<std::net::SocketAddr>,
+    pub log: PathBuf,
+    pub unix: UnixClient,
+    pub http: reqwest::Client,
+}
+
+pub struct Spawned {
+    pub child: Child,
+    /// The `NOTIFY_SOCKET` line that means "started": `STATUS=running`, or
+    /// `READY=1` (API answering) for a daemon held in `booting`.
+    ready_line: &'static str,
+    pub tmp: TempDir,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    notify: UnixDatagram,
+}
+
+/// Spawns the daemon without waiting for it.
+pub fn spawn(opts: Options) -> Spawned {
+    let tmp = tempfile::Builder::new()
+        .prefix("sprited-test-")
+        .tempdir()
+        .unwrap();
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("state"));
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let log = tmp.path().join("daemon.log");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--state-dir")
+        .arg(&state_dir)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--sprite-name",
+            NAME,
+            "--log",
+            "sprited=debug,info",
+        ])
+        .args(&opts.extra)
+        .env_remove("SPRITE_HTTP_API_TOKEN")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ))
+        .kill_on_drop(true);
+    if let Some(t) = &opts.token {
+        cmd.args(["--token", t]);
+    }
+    let child = cmd.spawn().expect("spawn sprited");
+    let ready_line = if opts.extra.iter().any(|a| a == "--hold-booting") {
+        "READY=1"
+    } else {
+        "STATUS=running"
+    };
+    Spawned {
+        child,
+        ready_line,
+        tmp,
+        state_dir,
+        log,
+        notify,
+    }
+}
+
+impl Spawned {
+    /// Waits until the daemon is started (or exits, which fails the test with its log).
+    pub async fn ready(mut self) -> Daemon {
+        let mut buf = [0u8; 512];
+        let wait_ready = async {
+            loop {
+                let n = self.notify.recv(&mut buf).await.unwrap();
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == self.ready_line)
+                {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = wait_ready => {}
+            status = self.child.wait() => panic!("sprited exited before ready ({status:?}):\n{}", read(&self.log)),
+            _ = tokio::time::sleep(START_TIMEOUT) => panic!("sprited not ready in {START_TIMEOUT:?}:\n{}", read(&self.log)),
+        }
+        let socket = self.state_dir.join("api.sock");
+        let unix = UnixClient::new(&socket);
+        let (_, status) = unix.get_json("/v1/status").await.unwrap();
+        let tcp = status["listen"]["tcp"].as_str().map(|s| s.parse().unwrap());
+        Daemon {
+            child: self.child,
+            tmp: self.tmp,
+            state_dir: self.state_dir,
+            socket,
+            tcp,
+            log: self.log,
+            unix,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Waits for the daemon to exit (it is expected to fail) and returns its status and log.
+    pub async fn exits(mut self) -> (ExitStatus, String) {
+        let status = tokio::time::timeout(START_TIMEOUT, self.child.wait())
+            .await
+            .expect("daemon did not exit")
+            .unwrap();
+        (status, read(&self.log))
+    }
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        spawn(Options::default()).ready().await
+    }
+
+    pub async fn start_with(opts: Options) -> Daemon {
+        spawn(opts).ready().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.tcp.expect("daemon has no TCP listener"),
+            path
+        )
+    }
+
+    /// An authenticated GET on TCP.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn status(&self) -> Value {
+        let (code, v) = self.unix.get_json("/v1/status").await.unwrap();
+        assert_eq!(code, 200);
+        v
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("daemon already reaped") as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for exit after a signal; a daemon that hangs fails the test.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(s) => s.unwrap(),
+            Err(_) => panic!("daemon did not exit:\n{}", self.log_text()),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        read(&self.log)
+    }
+
+    /// Runs `sprite-env` against this daemon's socket.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(CLI)
+            .env("SPRITE_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+/// Runs `sprite-env` against a socket where no daemon listens.
+pub async fn cli_without_daemon(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(CLI)
+        .env("SPRITE_SOCKET", socket)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+impl Drop for Daemon {
+    /// Stops the daemon as a user would (SIGTERM), so it removes its cgroups;
+    /// SIGKILL only if it does not exit within 10 s.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Some(pid) = self.child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while matches!(self.child.try_wait(), Ok(None))
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let _ = self.child.start_kill();
+        }
+    }
+}
