@@ -11,7 +11,9 @@
 #      distribution's `criu` and keeps it when `criu check` passes; otherwise
 #      builds CRIU (default 4.1.1) from Debian trixie's source package and
 #      installs only the `criu` binary to /usr/local/sbin/criu.
-#   3. Checks that a Rust toolchain (cargo >= 1.85) is present.
+#   3. The official Python SDK (sprites-py, pinned) in a venv, for the tests
+#      that check wire compatibility.
+#   4. Checks that a Rust toolchain (cargo >= 1.85) is present.
 #
 # Environment: SPRITED_CRIU_SUITE (default trixie) picks the Debian suite whose
 # criu source is built; SPRITED_SETUP_CACHE (default /var/cache/sprited-setup)
@@ -137,7 +139,18 @@ else
   fi
 fi
 
-# --- 3. Rust ----------------------------------------------------------------
+# --- 3. the official Python SDK, for the compatibility tests ----------------
+SDK_VENV="$CACHE/sdk-venv"
+SDK_VERSION=0.7.2
+if ! "$SDK_VENV/bin/python" -c "import sprites, importlib.metadata as m; assert m.version('sprites-py') == '$SDK_VERSION'" 2>/dev/null; then
+  say "installing sprites-py $SDK_VERSION into $SDK_VENV"
+  rm -rf "$SDK_VENV"
+  /usr/bin/python3 -m venv "$SDK_VENV"
+  "$SDK_VENV/bin/pip" install -q --disable-pip-version-check "sprites-py==$SDK_VERSION"
+fi
+say "sdk: sprites-py $SDK_VERSION in $SDK_VENV"
+
+# --- 4. Rust ----------------------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then
   install_pkgs cargo rustc

@@ -7,7 +7,12 @@
 //! outside it.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use serde::Serialize;
 
@@ -15,6 +20,14 @@ use serde::Serialize;
 pub enum CgroupError {
     #[error("no cgroup v2 hierarchy is mounted (looked in {mountinfo}); sprited needs cgroup v2")]
     NoV2Mount { mountinfo: PathBuf },
+    #[error("cgroup {path}: {what} did not happen within {timeout:?}")]
+    Timeout {
+        path: PathBuf,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("cgroups are unavailable: {0}")]
+    Unavailable(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -153,6 +166,184 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// The child cgroup `name` (created if missing). Names are validated by
+    /// the caller; a `/` or `..` here would be a bug.
+    pub fn child(&self, name: &str) -> Result<Cgroup, CgroupError> {
+        debug_assert!(!name.contains('/') && name != ".." && name != ".");
+        let path = self.parent.join(name);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create cgroup", &path)(e)),
+        }
+        Ok(Cgroup { path })
+    }
+
+    /// The existing child cgroups (for clean-up after a crash).
+    pub fn children(&self) -> Result<Vec<Cgroup>, CgroupError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.parent).map_err(io_err("read", &self.parent))? {
+            let entry = entry.map_err(io_err("read", &self.parent))?;
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.push(Cgroup { path: entry.path() });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One cgroup the daemon owns (a service's, later an exec session's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An fd open for writing on `cgroup.procs`: a child writes `0` to it
+    /// before `exec` to move itself in (see `sys::join_cgroup_before_exec`),
+    /// so not even a fast-forking child escapes.
+    pub fn procs_fd(&self) -> Result<OwnedFd, CgroupError> {
+        let p = self.path.join("cgroup.procs");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err("open", &p))?;
+        Ok(f.into())
+    }
+
+    /// The pids in this cgroup (not in its children).
+    pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let p = self.path.join("cgroup.procs");
+        let text = std::fs::read_to_string(&p).map_err(io_err("read", &p))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Whether any process lives in this cgroup or below (`populated 1`).
+    pub fn populated(&self) -> Result<bool, CgroupError> {
+        Ok(self.event("populated")? == Some(1))
+    }
+
+    fn event(&self, key: &str) -> Result<Option<u64>, CgroupError> {
+        let p = self.path.join("cgroup.events");
+        let text = std::fs::read_to_string(&p).map_err(io_err("read", &p))?;
+        Ok(parse_events(&text, key))
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<(), CgroupError> {
+        let p = self.path.join(file);
+        std::fs::write(&p, value).map_err(io_err("write", &p))
+    }
+
+    /// Freezes every process in the cgroup and returns once `cgroup.events`
+    /// says `frozen 1`.
+    #[tracing::instrument(name = "freeze", skip(self), fields(cgroup = %self.path.display()))]
+    pub fn freeze(&self, timeout: Duration) -> Result<(), CgroupError> {
+        self.write("cgroup.freeze", "1")?;
+        self.wait_event("frozen", 1, timeout)
+    }
+
+    /// Thaws the cgroup and returns once `frozen 0`.
+    #[tracing::instrument(name = "thaw", skip(self), fields(cgroup = %self.path.display()))]
+    pub fn thaw(&self, timeout: Duration) -> Result<(), CgroupError> {
+        self.write("cgroup.freeze", "0")?;
+        self.wait_event("frozen", 0, timeout)
+    }
+
+    /// SIGKILLs every process in the cgroup and its children, and returns once
+    /// it is empty. Uses `cgroup.kill` (kernel 5.14+); elsewhere freezes, kills
+    /// every listed pid, thaws, and repeats until empty.
+    #[tracing::instrument(name = "kill", skip(self), fields(cgroup = %self.path.display()))]
+    pub fn kill_all(&self, timeout: Duration) -> Result<(), CgroupError> {
+        if !self.populated()? {
+            return Ok(());
+        }
+        if self.path.join("cgroup.kill").exists() {
+            self.write("cgroup.kill", "1")?;
+        } else {
+            let deadline = Instant::now() + timeout;
+            while self.populated()? && Instant::now() < deadline {
+                let _ = self.freeze(timeout);
+                for pid in self.pids()? {
+                    let _ = crate::sys::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                self.thaw(timeout)?;
+            }
+        }
+        self.wait_event("populated", 0, timeout)
+    }
+
+    /// Removes the (empty) cgroup. A missing one is fine.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        match std::fs::remove_dir(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove cgroup", &self.path)(e)),
+        }
+    }
+
+    /// Waits until `key` in `cgroup.events` equals `want`. The kernel signals
+    /// every change of that file as an inotify modify event, so this sleeps in
+    /// `poll(2)` instead of busy-polling.
+    fn wait_event(
+        &self,
+        key: &'static str,
+        want: u64,
+        timeout: Duration,
+    ) -> Result<(), CgroupError> {
+        let events = self.path.join("cgroup.events");
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .map_err(|e| io_err("inotify", &events)(e.into()))?;
+        inotify
+            .add_watch(&events, AddWatchFlags::IN_MODIFY)
+            .map_err(|e| io_err("inotify watch", &events)(e.into()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Read after the watch is set, so no change can slip in between.
+            if self.event(key)? == Some(want) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CgroupError::Timeout {
+                    path: self.path.clone(),
+                    what: key,
+                    timeout,
+                });
+            }
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io_err("poll", &events)(e.into())),
+            }
+            // Drain; the content is irrelevant, the file is re-read above.
+            while let Ok(ev) = inotify.read_events() {
+                if ev.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `populated 1\nfrozen 0\n` → the value of `key`.
+pub fn parse_events(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 impl CgroupSupport {
     /// The report when cgroups are unusable.
     pub fn unavailable(error: &CgroupError) -> Self {
@@ -194,6 +385,16 @@ mod tests {
         assert_eq!(find_v2_mount(text), Some(PathBuf::from("/sys/fs/cgroup")));
         let only_sub = text.lines().next().unwrap();
         assert_eq!(find_v2_mount(only_sub), Some(PathBuf::from("/mnt/ns dir")));
+    }
+
+    #[test]
+    fn events() {
+        assert_eq!(parse_events("populated 1\nfrozen 0\n", "frozen"), Some(0));
+        assert_eq!(
+            parse_events("populated 1\nfrozen 0\n", "populated"),
+            Some(1)
+        );
+        assert_eq!(parse_events("populated 1\n", "frozen"), None);
     }
 
     #[test]

@@ -40,6 +40,8 @@ Examples:
   sprite-env curl /v1/status
   sprite-env curl -X PUT /v1/services/web -d '{\"cmd\":\"python3\",\"args\":[\"-m\",\"http.server\"]}'
   sprite-env curl /v1/services/web/logs?duration=30s      # streams as it arrives
+  sprite-env services create db --cmd postgres --args -D,/var/lib/postgresql/data
+  sprite-env services logs db --lines 20 --duration 1m
 
 Exit status: 0 on success, 22 when the daemon answers with an HTTP error (the
 message goes to stderr), 7 when the daemon cannot be reached, 2 on bad usage.";
@@ -65,6 +67,171 @@ pub enum Command {
     },
     /// Show the daemon's status (state, version, kernel, cgroup and CRIU support).
     Status,
+    /// Manage services (long-running processes the daemon supervises).
+    #[command(subcommand)]
+    Services(ServicesCmd),
+}
+
+/// Service commands. Streaming ones print NDJSON events as they arrive.
+#[derive(Debug, Subcommand)]
+pub enum ServicesCmd {
+    /// List services and their state.
+    List,
+    /// Show one service.
+    Get { name: String },
+    /// Create or update a service, start it, and stream its output for --duration.
+    #[command(
+        after_help = "Example:\n  sprite-env services create web --cmd python3 --args -m,http.server,8000 --http-port 8000"
+    )]
+    Create {
+        name: String,
+        /// Command to run.
+        #[arg(long)]
+        cmd: String,
+        /// Arguments (comma-separated, or repeat the flag).
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Services to start first (comma-separated, or repeat).
+        #[arg(long, value_delimiter = ',')]
+        needs: Vec<String>,
+        /// Environment variable K=V added to the service's environment (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(long)]
+        dir: Option<String>,
+        /// HTTP port the service listens on (one service may declare one).
+        #[arg(long)]
+        http_port: Option<u32>,
+        /// How long to stream output after starting (e.g. 5s, 0).
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// Stop and delete a service (its log file is kept).
+    Delete { name: String },
+    /// Start a service (and what it needs).
+    Start {
+        name: String,
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// Stop a service: SIGTERM, then SIGKILL to its whole cgroup after --timeout.
+    Stop {
+        name: String,
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Restart a service.
+    Restart {
+        name: String,
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// Send a signal (TERM, SIGHUP, 9, …) to a service's main process.
+    Signal { name: String, signal: String },
+    /// Print a service's log: the last --lines lines, then follow for --duration.
+    Logs {
+        name: String,
+        #[arg(long)]
+        lines: Option<usize>,
+        #[arg(long)]
+        duration: Option<String>,
+    },
+}
+
+/// Percent-encodes a path segment or query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn with_query(path: String, pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v))))
+        .collect();
+    if q.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", q.join("&"))
+    }
+}
+
+/// The request a service command makes: method, path, JSON body.
+fn services_request(cmd: ServicesCmd) -> Result<(&'static str, String, Option<String>), CliError> {
+    let svc = |n: &str| format!("/v1/services/{}", enc(n));
+    Ok(match cmd {
+        ServicesCmd::List => ("GET", "/v1/services".into(), None),
+        ServicesCmd::Get { name } => ("GET", svc(&name), None),
+        ServicesCmd::Create {
+            name,
+            cmd,
+            args,
+            needs,
+            env,
+            dir,
+            http_port,
+            duration,
+        } => {
+            let mut envs = serde_json::Map::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| CliError::Usage(format!("--env {kv:?} is not K=V")))?;
+                envs.insert(k.to_owned(), v.into());
+            }
+            let body = serde_json::json!({
+                "cmd": cmd, "args": args, "needs": needs, "env": envs, "dir": dir, "http_port": http_port,
+            });
+            (
+                "PUT",
+                with_query(svc(&name), &[("duration", duration)]),
+                Some(body.to_string()),
+            )
+        }
+        ServicesCmd::Delete { name } => ("DELETE", svc(&name), None),
+        ServicesCmd::Start { name, duration } => (
+            "POST",
+            with_query(svc(&name) + "/start", &[("duration", duration)]),
+            None,
+        ),
+        ServicesCmd::Stop { name, timeout } => (
+            "POST",
+            with_query(svc(&name) + "/stop", &[("timeout", timeout)]),
+            None,
+        ),
+        ServicesCmd::Restart { name, duration } => (
+            "POST",
+            with_query(svc(&name) + "/restart", &[("duration", duration)]),
+            None,
+        ),
+        ServicesCmd::Signal { name, signal } => (
+            "POST",
+            "/v1/services/signal".into(),
+            Some(serde_json::json!({"name": name, "signal": signal}).to_string()),
+        ),
+        ServicesCmd::Logs {
+            name,
+            lines,
+            duration,
+        } => (
+            "GET",
+            with_query(
+                svc(&name) + "/logs",
+                &[
+                    ("lines", lines.map(|l| l.to_string())),
+                    ("duration", duration),
+                ],
+            ),
+            None,
+        ),
+    })
 }
 
 /// Entry point of the `sprite-env` binary.
@@ -123,6 +290,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             headers,
             include,
         } => curl(&client, &path, method, data, &headers, include).await,
+        Command::Services(cmd) => {
+            let (method, path, body) = services_request(cmd)?;
+            curl(&client, &path, Some(method.to_owned()), body, &[], false).await
+        }
         Command::Status => {
             let (status, body) = client.call(Method::GET, "/v1/status", None).await?;
             if !status.is_success() {

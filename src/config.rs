@@ -300,13 +300,63 @@ pub fn daemon_id_for(state_dir: &Path) -> String {
 
 /// Parses `30`, `30s`, `1m`, `500ms`: a bare number is seconds.
 pub fn parse_secs(value: &str) -> Result<Duration, ConfigError> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(v).map_err(|_| ConfigError::BadDuration {
+    parse_duration(value).ok_or_else(|| ConfigError::BadDuration {
         value: value.to_owned(),
     })
+}
+
+/// Parses a duration as the API and the SDKs write them: a bare number of
+/// seconds (`5`, `2.5`) or Go-style units (`5s`, `5.0s`, `1m30s`, `250ms`,
+/// `1h`, `100us`, `10ns`). Negative or absurd values (over 10 years) are refused.
+///
+/// ```
+/// use std::time::Duration;
+/// use sprited::config::parse_duration;
+/// assert_eq!(parse_duration("5.0s"), Some(Duration::from_secs(5)));
+/// assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+/// assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+/// assert_eq!(parse_duration("soon"), None);
+/// ```
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let v = value.trim();
+    if v.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = v.parse::<f64>() {
+        return secs_to_duration(secs);
+    }
+    let mut total = 0f64;
+    let mut rest = v;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_end == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    secs_to_duration(total)
+}
+
+fn secs_to_duration(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && (0.0..=315_360_000.0).contains(&secs))
+        .then(|| Duration::from_secs_f64(secs))
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, ConfigError> {
@@ -370,6 +420,14 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert_eq!(parse_duration("5.0s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1h2m"), Some(Duration::from_secs(3720)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("inf"), None);
         assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_secs("1m").unwrap(), Duration::from_secs(60));
         assert_eq!(parse_secs("250ms").unwrap(), Duration::from_millis(250));

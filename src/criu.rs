@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::process::Command;
+
+use crate::reaper::Reaper;
 
 /// Where to look when no path is configured, in order (setup.sh installs a
 /// source-built CRIU to the first when the distribution's fails `criu check`).
@@ -51,7 +52,7 @@ pub fn locate(configured: Option<&Path>) -> Option<PathBuf> {
 
 /// Detects CRIU and runs `criu check`.
 #[tracing::instrument(name = "criu_detect", skip_all)]
-pub async fn detect(configured: Option<&Path>, disabled: bool) -> CriuSupport {
+pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) -> CriuSupport {
     let none = |path: Option<PathBuf>, message: String| CriuSupport {
         available: false,
         disabled,
@@ -72,7 +73,7 @@ pub async fn detect(configured: Option<&Path>, disabled: bool) -> CriuSupport {
             "criu not found (run scripts/setup.sh): checkpoints keep files only".into(),
         );
     };
-    let version = match run(&path, &["--version"]).await {
+    let version = match run(reaper, &path, &["--version"]).await {
         Ok((true, out)) => parse_version(&out),
         Ok((false, out)) => {
             return none(
@@ -87,7 +88,7 @@ pub async fn detect(configured: Option<&Path>, disabled: bool) -> CriuSupport {
             );
         }
     };
-    let (ok, out) = match run(&path, &["check"]).await {
+    let (ok, out) = match run(reaper, &path, &["check"]).await {
         Ok(r) => r,
         Err(e) => return none(Some(path.clone()), format!("{} check: {e}", path.display())),
     };
@@ -108,23 +109,11 @@ pub async fn detect(configured: Option<&Path>, disabled: bool) -> CriuSupport {
     }
 }
 
-async fn run(path: &Path, args: &[&str]) -> std::io::Result<(bool, String)> {
-    let child = Command::new(path)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(CHECK_TIMEOUT, child)
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("timed out after {CHECK_TIMEOUT:?}"),
-            )
-        })??;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
+async fn run(reaper: &Reaper, path: &Path, args: &[&str]) -> std::io::Result<(bool, String)> {
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(args);
+    let (exit, out) = reaper.output(&mut cmd, CHECK_TIMEOUT).await?;
+    Ok((exit == crate::reaper::Exit::Code(0), out))
 }
 
 /// `Version: 4.1.1` → `4.1.1`.
@@ -171,9 +160,10 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_and_missing() {
-        let s = detect(None, true).await;
+        let reaper = Reaper::start().unwrap();
+        let s = detect(&reaper, None, true).await;
         assert!(s.disabled && !s.available);
-        let s = detect(Some(Path::new("/nonexistent/criu")), false).await;
+        let s = detect(&reaper, Some(Path::new("/nonexistent/criu")), false).await;
         assert!(!s.available);
         assert!(s.message.unwrap().contains("/nonexistent/criu"));
     }

@@ -23,7 +23,9 @@ use crate::api::{self, AppState, Transport};
 use crate::cgroup::{CgroupSupport, Cgroups};
 use crate::config::{Args, Config, ConfigError, TcpAuth};
 use crate::lifecycle::{Lifecycle, Transition};
+use crate::reaper::Reaper;
 use crate::statedir::{StateDir, StateDirError};
+use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::{criu, notify, sys};
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,10 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         None
     };
 
+    let reaper = Reaper::start().map_err(|source| DaemonError::Signal {
+        signal: "SIGCHLD",
+        source,
+    })?;
     let lifecycle = Lifecycle::spawn();
     let shutdown = CancellationToken::new();
     let app = Arc::new(AppState {
@@ -138,6 +144,8 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         started_at: SystemTime::now(),
         kernel: sys::kernel_release(),
         tcp_addr,
+        reaper,
+        supervisor: OnceLock::new(),
         cgroups: OnceLock::new(),
         cgroup: OnceLock::new(),
         criu: OnceLock::new(),
@@ -183,6 +191,9 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     let _ = lifecycle.request(Transition::Shutdown).await;
     boot.abort();
     shutdown.cancel();
+    if let Some(sup) = app.supervisor.get() {
+        sup.shutdown(config.shutdown_timeout).await;
+    }
     let drained = tokio::time::timeout(config.shutdown_timeout, async {
         while let Some(r) = servers.join_next().await {
             if let Ok(Err(e)) = r {
@@ -220,7 +231,23 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             let _ = app.cgroup.set(CgroupSupport::unavailable(&e));
         }
     }
-    let criu = criu::detect(config.criu_path.as_deref(), config.no_criu).await;
+    let supervisor = Supervisor::open(SupervisorConfig {
+        state_dir: config.state_dir.clone(),
+        cgroups: app.cgroups.get().cloned(),
+        reaper: app.reaper.clone(),
+        default_dir: PathBuf::from("/"),
+        base_env: base_env(config),
+        port_wait: config.wait_for_running,
+        max_log_file: crate::supervisor::logs::DEFAULT_MAX_FILE,
+    });
+    let supervisor = match supervisor {
+        Ok(s) => Some(app.supervisor.get_or_init(|| s).clone()),
+        Err(e) => {
+            tracing::error!(error = %e, "services unavailable");
+            None
+        }
+    };
+    let criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
     if !criu.available {
         tracing::warn!(
             reason = criu.message.as_deref().unwrap_or(""),
@@ -228,6 +255,9 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
         );
     }
     let _ = app.criu.set(criu);
+    if let Some(sup) = supervisor {
+        sup.start_all().await;
+    }
     if let Some(mut gate) = gate {
         tracing::info!("--hold-booting: staying in booting until SIGUSR2");
         gate.recv().await;
@@ -240,6 +270,22 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     {
         notify::notify("STATUS=running");
     }
+}
+
+/// The environment every service starts from. The daemon's own environment
+/// (which holds the API token) is not passed on.
+fn base_env(config: &Config) -> Vec<(String, String)> {
+    vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), "/root".into()),
+        ("USER".into(), "root".into()),
+        ("LOGNAME".into(), "root".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("SPRITE_NAME".into(), config.sprite_name.clone()),
+    ]
 }
 
 /// Binds the API socket, mode 0600. A socket file left by a crashed daemon is

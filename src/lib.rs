@@ -12,5 +12,7 @@ pub mod daemon;
 pub mod durable;
 pub mod lifecycle;
 pub mod notify;
+pub mod reaper;
 pub mod statedir;
+pub mod supervisor;
 pub mod sys;

@@ -84,3 +84,68 @@ pub fn random_bytes(n: usize) -> io::Result<Vec<u8>> {
     File::open("/dev/urandom")?.read_exact(&mut buf)?;
     Ok(buf)
 }
+
+/// Makes this process a child subreaper: orphaned descendants are reparented
+/// to it (and must be reaped by it) instead of to init.
+pub fn set_child_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// How a reaped process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The shell convention: the exit code, or 128 + signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Reaps one exited child of any pid without blocking: `Ok(None)` when no
+/// child has exited (or there are none).
+pub fn reap_any() -> io::Result<Option<(i32, Exit)>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => return Ok(Some((pid.as_raw(), Exit::Code(code)))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Ok(Some((pid.as_raw(), Exit::Signal(sig as i32))));
+            }
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            Ok(_) => continue, // stopped/continued: not an exit
+            Err(nix::errno::Errno::ECHILD) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Arranges for the child spawned by `cmd` to move itself into a cgroup
+/// before `exec`, by writing `0` to `procs_fd` (an open `cgroup.procs`). The
+/// fd stays owned by the closure, so it lives until the `Command` is dropped.
+#[allow(unsafe_code)]
+pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, procs_fd: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it calls only write(2) on an fd
+    // opened by the parent, allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let buf = b"0";
+            let n = libc::write(procs_fd.as_raw_fd(), buf.as_ptr().cast(), buf.len());
+            if n == buf.len() as isize {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}

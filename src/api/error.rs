@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::lifecycle::LifecycleError;
+use crate::supervisor::SupervisorError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,8 +20,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotImplemented(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
 }
 
 impl ApiError {
@@ -36,6 +41,19 @@ impl ApiError {
                 LifecycleError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 LifecycleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 LifecycleError::Invalid { .. } => StatusCode::CONFLICT,
+            },
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Supervisor(e) => match e {
+                SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
+                SupervisorError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                SupervisorError::Conflict(_) => StatusCode::CONFLICT,
+                SupervisorError::NotRunning(_) => StatusCode::CONFLICT,
+                SupervisorError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                SupervisorError::Start { .. }
+                | SupervisorError::Cgroup(_)
+                | SupervisorError::Durable(_)
+                | SupervisorError::Io { .. }
+                | SupervisorError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }

@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod gateway;
+mod services;
+pub mod stream;
 mod system;
 
 use std::net::SocketAddr;
@@ -23,7 +25,9 @@ use crate::cgroup::{CgroupSupport, Cgroups};
 use crate::config::Config;
 use crate::criu::CriuSupport;
 use crate::lifecycle::Lifecycle;
+use crate::reaper::Reaper;
 use crate::statedir::Identity;
+use crate::supervisor::Supervisor;
 
 pub use error::{ApiError, PlainError};
 pub use gateway::Transport;
@@ -39,6 +43,10 @@ pub struct AppState {
     pub kernel: String,
     /// The TCP address actually bound (useful with port 0).
     pub tcp_addr: Option<SocketAddr>,
+    /// Spawns and reaps every child process.
+    pub reaper: Reaper,
+    /// The services, once the boot task loaded them.
+    pub supervisor: OnceLock<Supervisor>,
     /// The daemon's cgroup tree, once the boot task found it.
     pub cgroups: OnceLock<Cgroups>,
     pub cgroup: OnceLock<CgroupSupport>,
@@ -53,6 +61,18 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/status", get(system::status))
         .route("/v1/ready", get(system::ready))
         .route("/v1/sprite", get(system::sprite_record))
+        .route("/v1/services", get(services::list))
+        .route("/v1/services/signal", post(services::signal))
+        .route(
+            "/v1/services/{name}",
+            get(services::get)
+                .put(services::put)
+                .delete(services::delete),
+        )
+        .route("/v1/services/{name}/start", post(services::start))
+        .route("/v1/services/{name}/stop", post(services::stop))
+        .route("/v1/services/{name}/restart", post(services::restart))
+        .route("/v1/services/{name}/logs", get(services::logs))
         // Seed-003 root routes. Exec and the proxy wait for `running`.
         .route("/exec", post(system::exec_placeholder))
         .route(

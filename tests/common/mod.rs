@@ -270,3 +270,124 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// An NDJSON response read one event at a time, as it streams.
+pub struct Ndjson {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl Ndjson {
+    pub fn new(resp: reqwest::Response) -> Self {
+        assert!(
+            resp.status().is_success(),
+            "stream answered {}",
+            resp.status()
+        );
+        Ndjson {
+            resp,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(serde_json::from_slice(&line).expect("NDJSON line"));
+            }
+            match tokio::time::timeout(Duration::from_secs(60), self.resp.chunk())
+                .await
+                .expect("stream stalled")
+            {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return None,
+                Err(e) => panic!("stream error: {e}"),
+            }
+        }
+    }
+
+    /// Events until one matches `pred` (returned last); panics at the end.
+    pub async fn until(&mut self, mut pred: impl FnMut(&Value) -> bool) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = self
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before the awaited event; saw {seen:?}"));
+            let done = pred(&ev);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// All remaining events.
+    pub async fn collect(mut self) -> Vec<Value> {
+        let mut all = Vec::new();
+        while let Some(ev) = self.next().await {
+            all.push(ev);
+        }
+        all
+    }
+}
+
+impl Daemon {
+    /// An authenticated request on TCP with an optional JSON body.
+    pub async fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut r = self.http.request(method, self.url(path)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    /// `PUT /v1/services/{name}?duration=…` and its whole event stream.
+    pub async fn put_service(&self, name: &str, spec: Value, duration: &str) -> Vec<Value> {
+        let r = self
+            .req(
+                reqwest::Method::PUT,
+                &format!("/v1/services/{name}?duration={duration}"),
+                Some(spec),
+            )
+            .await;
+        Ndjson::new(r).collect().await
+    }
+
+    pub async fn service(&self, name: &str) -> Value {
+        let r = self.get(&format!("/v1/services/{name}")).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Streams of a POST (start/stop/restart).
+    pub async fn post_stream(&self, path: &str) -> Ndjson {
+        Ndjson::new(self.req(reqwest::Method::POST, path, None).await)
+    }
+}
+
+/// Whether `/proc/<pid>` exists (a zombie counts as gone).
+pub fn alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Events of one type (and service) from a list.
+pub fn of<'a>(events: &'a [Value], kind: &str, service: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind && e["service"] == service)
+        .collect()
+}

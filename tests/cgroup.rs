@@ -1,0 +1,141 @@
+//! The cgroup module on the real cgroup v2 hierarchy (root): freeze, thaw,
+//! kill of a whole tree. Each test owns a parent cgroup of its own.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::privileged;
+use sprited::cgroup::{Cgroups, parse_events};
+use sprited::reaper::Reaper;
+
+fn parent() -> PathBuf {
+    PathBuf::from(format!(
+        "sprited-test/{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ))
+}
+
+fn rand_suffix() -> String {
+    sprited::sys::random_bytes(4)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Kills and removes a test's cgroups even when the test panics.
+struct Cleanup(Cgroups, sprited::cgroup::Cgroup);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = self.1.kill_all(Duration::from_secs(10));
+        let _ = self.1.remove();
+        self.0.remove_parent_if_empty();
+    }
+}
+
+/// A pipe end that reads without blocking (for "nothing arrived" checks).
+fn nonblocking(out: &std::process::ChildStdout) {
+    let flags = nix::fcntl::fcntl(out, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(out, nix::fcntl::FcntlArg::F_SETFL(flags)).unwrap();
+    let _ = out.as_raw_fd();
+}
+
+#[tokio::test]
+async fn freeze_stops_a_counter_and_thaw_resumes_it() {
+    if !privileged("freeze_stops_a_counter_and_thaw_resumes_it") {
+        return;
+    }
+    let reaper = Reaper::start().unwrap();
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    let cg = cgroups.child("counter").unwrap();
+    let _cleanup = Cleanup(cgroups.clone(), cg.clone());
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i; sleep 0.01; done",
+    ])
+    .stdout(Stdio::piped());
+    sprited::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd().unwrap());
+    let mut child = reaper.spawn(&mut cmd).unwrap();
+    let mut out = child.stdout.take().unwrap();
+    assert!(
+        cg.pids().unwrap().contains(&child.pid),
+        "the child joined its cgroup before exec"
+    );
+    let mut buf = [0u8; 4096];
+    assert!(out.read(&mut buf).unwrap() > 0, "the counter counts");
+
+    cg.freeze(Duration::from_secs(10)).unwrap();
+    // The call returned only once the kernel says frozen.
+    let events = std::fs::read_to_string(cg.path().join("cgroup.events")).unwrap();
+    assert_eq!(parse_events(&events, "frozen"), Some(1), "{events}");
+    // Drain what was written before the freeze, then nothing more arrives.
+    nonblocking(&out);
+    while out.read(&mut buf).is_ok_and(|n| n > 0) {}
+    std::thread::sleep(Duration::from_millis(500));
+    let err = out
+        .read(&mut buf)
+        .expect_err("a frozen counter must not write");
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+
+    cg.thaw(Duration::from_secs(10)).unwrap();
+    let events = std::fs::read_to_string(cg.path().join("cgroup.events")).unwrap();
+    assert_eq!(parse_events(&events, "frozen"), Some(0));
+    let mut resumed = tokio::net::unix::pipe::Receiver::from_file(std::fs::File::from(
+        std::os::fd::OwnedFd::from(out),
+    ))
+    .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(30), async {
+        use tokio::io::AsyncReadExt;
+        resumed.read(&mut buf).await.unwrap()
+    })
+    .await
+    .expect("the counter resumes after thaw");
+    assert!(n > 0);
+
+    cg.kill_all(Duration::from_secs(10)).unwrap();
+    assert!(!cg.populated().unwrap());
+    let exit = child.exit.await.unwrap();
+    assert_eq!(exit, sprited::reaper::Exit::Signal(9));
+    cg.remove().unwrap();
+}
+
+#[tokio::test]
+async fn kill_all_empties_a_tree_that_ignores_sigterm() {
+    if !privileged("kill_all_empties_a_tree_that_ignores_sigterm") {
+        return;
+    }
+    let reaper = Reaper::start().unwrap();
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    let cg = cgroups.child("tree").unwrap();
+    let _cleanup = Cleanup(cgroups.clone(), cg.clone());
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "trap '' TERM; for i in 1 2 3; do (trap '' TERM; exec sleep 1000) & done; echo ready; wait",
+    ])
+    .stdout(Stdio::piped());
+    sprited::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd().unwrap());
+    let mut child = reaper.spawn(&mut cmd).unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    assert!(out.read(&mut buf).unwrap() > 0);
+    assert_eq!(
+        cg.pids().unwrap().len(),
+        4,
+        "the shell and its three sleeps"
+    );
+    cg.kill_all(Duration::from_secs(10)).unwrap();
+    assert!(cg.pids().unwrap().is_empty());
+    assert!(!cg.populated().unwrap());
+    child.exit.await.unwrap();
+    cg.remove().unwrap();
+}
