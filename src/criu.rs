@@ -125,10 +125,11 @@ pub fn parse_version(out: &str) -> Option<String> {
     })
 }
 
-/// CRIU's own error line: the first line containing `Error`, else the last line.
+/// CRIU's own error line: the first line containing `Error` that is not a
+/// report of a helper subprocess's exit, else the last line.
 pub fn error_line(out: &str) -> String {
     out.lines()
-        .find(|l| l.contains("Error"))
+        .find(|l| l.contains("Error") && !l.contains("exited, status="))
         .map(|l| l.trim().to_owned())
         .unwrap_or_else(|| last_line(out))
 }
@@ -150,7 +151,8 @@ mod tests {
     fn parses_output() {
         assert_eq!(parse_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
         assert_eq!(parse_version("GitID: x\n"), None);
-        let out = "Warn (criu/kerndat.c:1285): x\nError (criu/vdso.c:300): Unexpected rt vDSO area bounds\nfoo\n";
+        let out = "Warn (criu/kerndat.c:1285): x\nError (criu/util.c:642): exited, status=1\n\
+                   Error (criu/vdso.c:300): Unexpected rt vDSO area bounds\nfoo\n";
         assert_eq!(
             error_line(out),
             "Error (criu/vdso.c:300): Unexpected rt vDSO area bounds"

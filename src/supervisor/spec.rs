@@ -12,16 +12,25 @@ use super::SupervisorError;
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub cmd: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub args: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub dir: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub needs: Vec<String>,
     #[serde(default)]
     pub http_port: Option<u32>,
+}
+
+/// `null` means the same as an absent field.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// A persisted definition: the spec plus whether it should run.
@@ -295,6 +304,13 @@ mod tests {
     fn absent_args_and_needs_deserialize() {
         let s: ServiceSpec = serde_json::from_str(r#"{"cmd":"sleep"}"#).unwrap();
         assert!(s.args.is_empty() && s.needs.is_empty());
+        let s: ServiceSpec = serde_json::from_str(
+            r#"{"cmd":"sleep","args":null,"needs":null,"env":null,"http_port":null}"#,
+        )
+        .unwrap();
+        assert!(
+            s.args.is_empty() && s.needs.is_empty() && s.env.is_empty() && s.http_port.is_none()
+        );
         assert!(serde_json::from_str::<ServiceSpec>(r#"{"cmd":"x","bogus":1}"#).is_err());
     }
 }
