@@ -477,7 +477,11 @@ impl Supervisor {
         })?;
         let def = self.lookup(name, |s| s.def.clone())?;
         let cgroup = cgroups.child(name)?;
-        cgroup.kill_all(KILL_TIMEOUT)?; // nothing from a previous instance survives
+        // Nothing from a previous instance survives (blocking: waits on cgroup.events).
+        let leftover = cgroup.clone();
+        tokio::task::spawn_blocking(move || leftover.kill_all(KILL_TIMEOUT))
+            .await
+            .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
         let procs = cgroup.procs_fd()?;
         let mut cmd = Command::new(&def.spec.cmd);
         cmd.args(&def.spec.args)
