@@ -332,6 +332,49 @@ impl Cgroup {
     }
 }
 
+/// Frozen cgroups, thawed when dropped (also on error paths and panics).
+pub struct FreezeGuard {
+    frozen: Vec<Cgroup>,
+    timeout: Duration,
+}
+
+impl FreezeGuard {
+    /// Freezes every cgroup; on failure thaws those already frozen.
+    pub fn freeze_all(cgroups: Vec<Cgroup>, timeout: Duration) -> Result<Self, CgroupError> {
+        let mut guard = FreezeGuard {
+            frozen: Vec::with_capacity(cgroups.len()),
+            timeout,
+        };
+        // Ask all to freeze first, then wait: the waits overlap.
+        for cg in &cgroups {
+            cg.write("cgroup.freeze", "1")?;
+            guard.frozen.push(cg.clone());
+        }
+        for cg in &cgroups {
+            cg.wait_event("frozen", 1, timeout)?;
+        }
+        Ok(guard)
+    }
+
+    pub fn len(&self) -> usize {
+        self.frozen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frozen.is_empty()
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        for cg in &self.frozen {
+            if let Err(e) = cg.thaw(self.timeout) {
+                tracing::error!(error = %e, "thaw failed");
+            }
+        }
+    }
+}
+
 /// `populated 1\nfrozen 0\n` → the value of `key`.
 pub fn parse_events(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {

@@ -42,6 +42,8 @@ Examples:
   sprite-env curl /v1/services/web/logs?duration=30s      # streams as it arrives
   sprite-env services create db --cmd postgres --args -D,/var/lib/postgresql/data
   sprite-env services logs db --lines 20 --duration 1m
+  sprite-env checkpoint create -m 'before the migration'
+  sprite-env checkpoint restore v3
 
 Exit status: 0 on success, 22 when the daemon answers with an HTTP error (the
 message goes to stderr), 7 when the daemon cannot be reached, 2 on bad usage.";
@@ -70,6 +72,51 @@ pub enum Command {
     /// Manage services (long-running processes the daemon supervises).
     #[command(subcommand)]
     Services(ServicesCmd),
+    /// Take, list, restore and delete checkpoints of the environment.
+    #[command(subcommand, visible_alias = "checkpoints")]
+    Checkpoint(CheckpointCmd),
+}
+
+/// Checkpoint commands. `create` and `restore` stream progress as NDJSON.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCmd {
+    /// Checkpoint the environment now (files and service definitions; services keep running).
+    Create {
+        /// A note stored with the checkpoint.
+        #[arg(long, short = 'm')]
+        comment: Option<String>,
+    },
+    /// List checkpoints, newest first.
+    List {
+        /// Only those descending from this checkpoint.
+        #[arg(long)]
+        history: Option<String>,
+    },
+    /// Show one checkpoint.
+    Get { id: String },
+    /// Restore the environment to a checkpoint (services are restarted).
+    Restore { id: String },
+    /// Delete a checkpoint and free what only it used.
+    Delete { id: String },
+}
+
+fn checkpoint_request(cmd: CheckpointCmd) -> (&'static str, String, Option<String>) {
+    let one = |id: &str| format!("/v1/checkpoints/{}", enc(id));
+    match cmd {
+        CheckpointCmd::Create { comment } => (
+            "POST",
+            "/v1/checkpoint".into(),
+            Some(serde_json::json!({ "comment": comment.unwrap_or_default() }).to_string()),
+        ),
+        CheckpointCmd::List { history } => (
+            "GET",
+            with_query("/v1/checkpoints".into(), &[("history", history)]),
+            None,
+        ),
+        CheckpointCmd::Get { id } => ("GET", one(&id), None),
+        CheckpointCmd::Restore { id } => ("POST", one(&id) + "/restore", None),
+        CheckpointCmd::Delete { id } => ("DELETE", one(&id), None),
+    }
 }
 
 /// Service commands. Streaming ones print NDJSON events as they arrive.
@@ -290,6 +337,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             headers,
             include,
         } => curl(&client, &path, method, data, &headers, include).await,
+        Command::Checkpoint(cmd) => {
+            let (method, path, body) = checkpoint_request(cmd);
+            curl(&client, &path, Some(method.to_owned()), body, &[], false).await
+        }
         Command::Services(cmd) => {
             let (method, path, body) = services_request(cmd)?;
             curl(&client, &path, Some(method.to_owned()), body, &[], false).await

@@ -93,6 +93,15 @@ pub struct Args {
     #[arg(long, env = "SPRITE_URL", value_name = "URL")]
     pub url: Option<String>,
 
+    /// Where the environment (an overlayfs mount the daemon owns) is mounted.
+    /// Services run here by default. Default: <state-dir>/root.
+    #[arg(long, env = "SPRITED_ENV_ROOT", value_name = "DIR")]
+    pub env_root: Option<PathBuf>,
+
+    /// Read-only base tree under the environment (e.g. an OS tree). Default: an empty dir.
+    #[arg(long, env = "SPRITED_ENV_BASE", value_name = "DIR")]
+    pub env_base: Option<PathBuf>,
+
     /// How long /exec and /proxy wait for the daemon to be running before answering 503.
     #[arg(
         long,
@@ -207,6 +216,8 @@ pub struct Config {
     pub daemon_id: String,
     pub criu_path: Option<PathBuf>,
     pub no_criu: bool,
+    pub env_root: PathBuf,
+    pub env_base: Option<PathBuf>,
     pub hold_booting: bool,
     pub mountinfo_path: PathBuf,
 }
@@ -265,6 +276,11 @@ impl Config {
             cgroup_parent,
             daemon_id,
             criu_path: args.criu.clone(),
+            env_root: match &args.env_root {
+                Some(p) => absolute(p)?,
+                None => absolute(&args.state_dir)?.join("root"),
+            },
+            env_base: args.env_base.as_deref().map(absolute).transpose()?,
             no_criu: args.no_criu,
             hold_booting: args.hold_booting,
             mountinfo_path: args.mountinfo.clone(),

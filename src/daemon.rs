@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Transport};
 use crate::cgroup::{CgroupSupport, Cgroups};
+use crate::checkpoint::Checkpoints;
 use crate::config::{Args, Config, ConfigError, TcpAuth};
+use crate::fs::{Env, EnvConfig};
 use crate::lifecycle::{Lifecycle, Transition};
 use crate::reaper::Reaper;
 use crate::statedir::{StateDir, StateDirError};
@@ -146,6 +148,8 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         tcp_addr,
         reaper,
         supervisor: OnceLock::new(),
+        checkpoints: OnceLock::new(),
+        fs_error: OnceLock::new(),
         cgroups: OnceLock::new(),
         cgroup: OnceLock::new(),
         criu: OnceLock::new(),
@@ -194,6 +198,12 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     if let Some(sup) = app.supervisor.get() {
         sup.shutdown(config.shutdown_timeout).await;
     }
+    if let Some(cps) = app.checkpoints.get() {
+        cps.unmount_browsable();
+        if let Err(e) = cps.env().unmount() {
+            tracing::warn!(error = %e, "cannot unmount the environment root");
+        }
+    }
     let drained = tokio::time::timeout(config.shutdown_timeout, async {
         while let Some(r) = servers.join_next().await {
             if let Ok(Err(e)) = r {
@@ -231,11 +241,27 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             let _ = app.cgroup.set(CgroupSupport::unavailable(&e));
         }
     }
+    let env = match Env::open(EnvConfig {
+        state_dir: config.state_dir.clone(),
+        env_root: config.env_root.clone(),
+        base: config.env_base.clone(),
+        mountinfo: config.mountinfo_path.clone(),
+    }) {
+        Ok(env) => Some(Arc::new(env)),
+        Err(e) => {
+            tracing::error!(error = %e, "environment root unavailable: checkpoints are disabled");
+            let _ = app.fs_error.set(e.to_string());
+            None
+        }
+    };
     let supervisor = Supervisor::open(SupervisorConfig {
         state_dir: config.state_dir.clone(),
         cgroups: app.cgroups.get().cloned(),
         reaper: app.reaper.clone(),
-        default_dir: PathBuf::from("/"),
+        default_dir: env
+            .as_ref()
+            .map(|e| e.root().to_owned())
+            .unwrap_or_else(|| PathBuf::from("/")),
         base_env: base_env(config),
         port_wait: config.wait_for_running,
         max_log_file: crate::supervisor::logs::DEFAULT_MAX_FILE,
@@ -247,6 +273,17 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
+    if let (Some(env), Some(sup)) = (env, &supervisor) {
+        match Checkpoints::open(&config.state_dir, env, sup.clone()) {
+            Ok(c) => {
+                let _ = app.checkpoints.set(Arc::new(c));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoints unavailable");
+                let _ = app.fs_error.set(e.to_string());
+            }
+        }
+    }
     let criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
     if !criu.available {
         tracing::warn!(

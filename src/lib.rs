@@ -4,12 +4,14 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod criu;
 pub mod daemon;
 pub mod durable;
+pub mod fs;
 pub mod lifecycle;
 pub mod notify;
 pub mod reaper;

@@ -5,6 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::checkpoint::CheckpointError;
 use crate::lifecycle::LifecycleError;
 use crate::supervisor::SupervisorError;
 
@@ -26,6 +27,8 @@ pub enum ApiError {
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
 }
 
 impl ApiError {
@@ -36,24 +39,24 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::Busy { .. } => StatusCode::CONFLICT,
                 LifecycleError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 LifecycleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 LifecycleError::Invalid { .. } => StatusCode::CONFLICT,
             },
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Supervisor(e) => match e {
-                SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
-                SupervisorError::Invalid { .. } => StatusCode::BAD_REQUEST,
-                SupervisorError::Conflict(_) => StatusCode::CONFLICT,
-                SupervisorError::NotRunning(_) => StatusCode::CONFLICT,
-                SupervisorError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                SupervisorError::Start { .. }
-                | SupervisorError::Cgroup(_)
-                | SupervisorError::Durable(_)
-                | SupervisorError::Io { .. }
-                | SupervisorError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Supervisor(e) => supervisor_status(e),
+            ApiError::Checkpoint(e) => match e {
+                CheckpointError::NotFound(_) => StatusCode::NOT_FOUND,
+                CheckpointError::BadId(_) => StatusCode::BAD_REQUEST,
+                CheckpointError::Exists(_) | CheckpointError::InUse(_) => StatusCode::CONFLICT,
+                CheckpointError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                CheckpointError::Supervisor(inner) => supervisor_status(inner),
+                CheckpointError::Fs(_)
+                | CheckpointError::Cgroup(_)
+                | CheckpointError::Durable(_)
+                | CheckpointError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -80,6 +83,21 @@ impl IntoResponse for ApiError {
             .into_response();
         add_headers(&self, &mut resp);
         resp
+    }
+}
+
+fn supervisor_status(e: &SupervisorError) -> StatusCode {
+    match e {
+        SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
+        SupervisorError::Invalid { .. } => StatusCode::BAD_REQUEST,
+        SupervisorError::Conflict(_) => StatusCode::CONFLICT,
+        SupervisorError::NotRunning(_) => StatusCode::CONFLICT,
+        SupervisorError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        SupervisorError::Start { .. }
+        | SupervisorError::Cgroup(_)
+        | SupervisorError::Durable(_)
+        | SupervisorError::Io { .. }
+        | SupervisorError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

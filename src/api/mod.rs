@@ -5,6 +5,7 @@
 //! [`gateway`], 404 for another sprite's name) and the seed-003 root routes
 //! (`/exec`, `/checkpoint`, `/restore`, `/proxy`).
 
+mod checkpoints;
 pub mod error;
 pub mod gateway;
 mod services;
@@ -22,6 +23,7 @@ use axum::routing::{MethodFilter, get, on, post};
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{CgroupSupport, Cgroups};
+use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::criu::CriuSupport;
 use crate::lifecycle::Lifecycle;
@@ -47,6 +49,10 @@ pub struct AppState {
     pub reaper: Reaper,
     /// The services, once the boot task loaded them.
     pub supervisor: OnceLock<Supervisor>,
+    /// The checkpoint chain, once the environment root is mounted.
+    pub checkpoints: OnceLock<Arc<Checkpoints>>,
+    /// Why checkpoints are unavailable, if they are.
+    pub fs_error: OnceLock<String>,
     /// The daemon's cgroup tree, once the boot task found it.
     pub cgroups: OnceLock<Cgroups>,
     pub cgroup: OnceLock<CgroupSupport>,
@@ -79,8 +85,18 @@ fn routes(state: Arc<AppState>) -> Router {
             "/proxy",
             on(MethodFilter::CONNECT, system::proxy_placeholder),
         )
-        .route("/checkpoint", post(system::checkpoint_placeholder))
-        .route("/restore", post(system::restore_placeholder))
+        .route("/checkpoint", post(checkpoints::root_checkpoint))
+        .route("/restore", post(checkpoints::root_restore))
+        .route("/v1/checkpoint", post(checkpoints::create))
+        .route(
+            "/v1/checkpoints",
+            get(checkpoints::list).post(checkpoints::create),
+        )
+        .route(
+            "/v1/checkpoints/{id}",
+            get(checkpoints::get).delete(checkpoints::delete),
+        )
+        .route("/v1/checkpoints/{id}/restore", post(checkpoints::restore))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -6,7 +6,6 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, PlainError};
@@ -33,6 +32,13 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
         "wait_for_running_secs": c.wait_for_running.as_secs_f64(),
         "cgroup": app.cgroup.get(),
         "criu": app.criu.get(),
+        "fs": match app.checkpoints.get() {
+            Some(c) => {
+                let st = c.env().state();
+                json!({"available": true, "env_root": c.env().root(), "source": st.source, "layer": st.layer})
+            }
+            None => json!({"available": false, "error": app.fs_error.get()}),
+        },
     }))
 }
 
@@ -78,14 +84,4 @@ pub async fn proxy_placeholder(State(app): State<Arc<AppState>>) -> Result<(), P
         .await
         .map_err(|e| ApiError::from(e).plain())?;
     Err(ApiError::NotImplemented("proxy is not implemented yet".into()).plain())
-}
-
-/// `POST /checkpoint` (seed 003): does not wait for `running`.
-pub async fn checkpoint_placeholder() -> impl IntoResponse {
-    ApiError::NotImplemented("checkpoints are not implemented yet".into()).plain()
-}
-
-/// `POST /restore` (seed 003): does not wait for `running`.
-pub async fn restore_placeholder() -> impl IntoResponse {
-    ApiError::NotImplemented("restore is not implemented yet".into()).plain()
 }

@@ -852,6 +852,70 @@ impl Supervisor {
         }
     }
 
+    /// The definitions and which services are running (recorded in a checkpoint).
+    pub fn snapshot(&self) -> (Vec<ServiceDef>, Vec<String>) {
+        let table = self.table();
+        let defs = table.values().map(|s| s.def.clone()).collect();
+        let running = table
+            .values()
+            .filter(|s| s.instance.is_some())
+            .map(|s| s.def.name.clone())
+            .collect();
+        (defs, running)
+    }
+
+    /// Kills every service at once (SIGTERM then SIGKILL to its cgroup, no
+    /// grace period), as a restore does. Definitions are kept.
+    pub async fn kill_all(&self) {
+        let names: Vec<String> = self.table().keys().cloned().collect();
+        for name in names {
+            if let Err(e) = self.stop_if_running(&name, Duration::ZERO).await {
+                tracing::warn!(service = %name, error = %e, "kill failed");
+            }
+        }
+    }
+
+    /// Replaces every definition (all services must be stopped), marking
+    /// `running` ones to be started, and persists them.
+    pub fn replace_definitions(
+        &self,
+        defs: Vec<ServiceDef>,
+        running: &[String],
+    ) -> Result<(), SupervisorError> {
+        let mut table = self.table();
+        let mut old = std::mem::take(&mut *table);
+        for mut def in defs {
+            def.autostart = running.contains(&def.name);
+            let svc = match old.remove(&def.name) {
+                Some(mut svc) if svc.instance.is_none() => {
+                    if let Some(t) = svc.restart_timer.take() {
+                        t.cancel();
+                    }
+                    svc.def = def;
+                    svc.rt = Runtime {
+                        restart_count: svc.rt.restart_count,
+                        ..Runtime::default()
+                    };
+                    svc
+                }
+                _ => {
+                    let log = Arc::new(LogSink::open(
+                        self.inner.logs_dir.join(format!("{}.log", def.name)),
+                        self.inner.cfg.max_log_file,
+                    ));
+                    new_svc(def, log)
+                }
+            };
+            table.insert(svc.def.name.clone(), svc);
+        }
+        for (_, svc) in old {
+            if let Some(t) = svc.restart_timer {
+                t.cancel();
+            }
+        }
+        self.persist(&table)
+    }
+
     /// The cgroups of running services (for freezing, later).
     pub fn running_cgroups(&self) -> Vec<(String, Cgroup)> {
         self.table()

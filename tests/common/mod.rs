@@ -391,3 +391,124 @@ pub fn of<'a>(events: &'a [Value], kind: &str, service: &str) -> Vec<&'a Value> 
         .filter(|e| e["type"] == kind && e["service"] == service)
         .collect()
 }
+
+/// A tree walk: path → a line describing type, mode, owner, size, content
+/// hash, mtime, symlink target, user xattrs, and which earlier path a file is
+/// hard-linked to. Two equal maps mean equal trees.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let ft = md.file_type();
+            let mut xattrs: Vec<String> = if ft.is_symlink() {
+                vec![]
+            } else {
+                xattr::list(&p)
+                    .unwrap()
+                    .filter(|n| n.to_string_lossy().starts_with("user."))
+                    .map(|n| format!("{}={:?}", n.to_string_lossy(), xattr::get(&p, &n).unwrap()))
+                    .collect()
+            };
+            xattrs.sort();
+            let common = format!(
+                "mode={:o} uid={} gid={} xattrs={xattrs:?}",
+                md.mode() & 0o7777,
+                md.uid(),
+                md.gid()
+            );
+            let desc = if ft.is_dir() {
+                stack.push(p.clone());
+                format!("dir {common}")
+            } else if ft.is_symlink() {
+                format!(
+                    "symlink -> {} uid={} mtime={}",
+                    std::fs::read_link(&p).unwrap().display(),
+                    md.uid(),
+                    md.mtime()
+                )
+            } else if ft.is_file() {
+                let hash: String = Sha256::digest(std::fs::read(&p).unwrap())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let link = if md.nlink() > 1 {
+                    match inodes.get(&md.ino()) {
+                        Some(first) => format!(" linked-to={first}"),
+                        None => {
+                            inodes.insert(md.ino(), rel.clone());
+                            String::new()
+                        }
+                    }
+                } else {
+                    String::new()
+                };
+                format!(
+                    "file {common} size={} sha256={hash} mtime={}.{}{link}",
+                    md.size(),
+                    md.mtime(),
+                    md.mtime_nsec()
+                )
+            } else {
+                format!("special {common} rdev={}", md.rdev())
+            };
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+impl Daemon {
+    /// The environment root this daemon mounted.
+    pub fn env_root(&self) -> PathBuf {
+        self.state_dir.join("root")
+    }
+
+    /// Runs a streaming checkpoint call and returns its events; the last must be `complete`.
+    pub async fn checkpoint(&self, comment: &str) -> Vec<Value> {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                "/v1/checkpoint",
+                Some(serde_json::json!({"comment": comment})),
+            )
+            .await;
+        let events = Ndjson::new(r).collect().await;
+        assert_eq!(
+            events.last().map(|e| e["type"].clone()),
+            Some("complete".into()),
+            "{events:?}\n{}",
+            self.log_text()
+        );
+        events
+    }
+
+    pub async fn restore(&self, id: &str) -> Vec<Value> {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/checkpoints/{id}/restore"),
+                None,
+            )
+            .await;
+        let events = Ndjson::new(r).collect().await;
+        assert_eq!(
+            events.last().map(|e| e["type"].clone()),
+            Some("complete".into()),
+            "{events:?}\n{}",
+            self.log_text()
+        );
+        events
+    }
+}

@@ -1,0 +1,505 @@
+//! The checkpoint chain `v1, v2, …`: capture, restore, delete, and the
+//! metadata that makes a checkpoint visible only once it is complete.
+//!
+//! ```text
+//! <state>/checkpoints/counter        last vN number handed out (ids are never reused)
+//! <state>/checkpoints/<id>/meta.json  a complete checkpoint (the dir appears by rename)
+//! <state>/checkpoints/.capturing      journal: a capture is under way
+//! ```
+//!
+//! Capture: freeze every service cgroup → scan the upper dir and store what
+//! changed → record the service definitions → thaw → `syncfs` the store →
+//! store the manifest → write `meta.json` in a temp dir, fsync, rename. A
+//! crash before the rename leaves no checkpoint; the journal makes the next
+//! start collect the objects the half capture wrote.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{CgroupError, FreezeGuard};
+use crate::durable::{self, DurableError};
+use crate::fs::manifest::{self, Manifest};
+use crate::fs::{Env, FsError};
+use crate::supervisor::{ServiceDef, Supervisor, SupervisorError};
+
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many of the newest checkpoints are browsable under `<id>/root`.
+const BROWSABLE: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {0:?} not found")]
+    NotFound(String),
+    #[error("checkpoint id {0:?} is invalid ([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")]
+    BadId(String),
+    #[error("checkpoint {0:?} already exists")]
+    Exists(String),
+    #[error(
+        "checkpoint {0:?} is the one the environment descends from; restore or checkpoint another first"
+    )]
+    InUse(String),
+    #[error("checkpoints are unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
+    move |source| CheckpointError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How a capture went, for the metadata and the `info` events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CaptureStats {
+    pub freeze_ms: f64,
+    pub capture_ms: f64,
+    pub entries: u64,
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    pub files_cached: u64,
+}
+
+/// A checkpoint's metadata (`meta.json`); the API shows the public fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub id: String,
+    pub create_time: String,
+    pub source_id: Option<String>,
+    pub comment: String,
+    /// Ancestry, nearest first.
+    pub history: Vec<String>,
+    pub is_auto: bool,
+    pub health: String,
+    /// Store object holding the manifest.
+    pub manifest: String,
+    pub services: Vec<ServiceDef>,
+    pub running: Vec<String>,
+    pub stats: CaptureStats,
+}
+
+impl CheckpointMeta {
+    /// The API object.
+    pub fn public(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "create_time": self.create_time,
+            "source_id": self.source_id,
+            "comment": self.comment,
+            "history": self.history,
+            "is_auto": self.is_auto,
+            "health": self.health,
+            "services": self.running,
+            "freeze_ms": self.stats.freeze_ms,
+            "capture_ms": self.stats.capture_ms,
+            "files": self.stats.entries,
+        })
+    }
+}
+
+pub struct Checkpoints {
+    dir: PathBuf,
+    env: Arc<Env>,
+    sup: Supervisor,
+    metas: Mutex<BTreeMap<String, CheckpointMeta>>,
+    /// The decoded manifest of the mounted layer (the parent of captures).
+    parent: Mutex<Option<(String, Arc<Manifest>)>>,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// `v12` → 12.
+fn vnum(id: &str) -> Option<u64> {
+    id.strip_prefix('v')?.parse().ok()
+}
+
+impl Checkpoints {
+    /// Loads the chain; finishes what a crash interrupted.
+    pub fn open(state_dir: &Path, env: Arc<Env>, sup: Supervisor) -> Result<Self, CheckpointError> {
+        let dir = state_dir.join("checkpoints");
+        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let mut metas = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)
+            .map_err(io_err("read dir", &dir))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(durable::TEMP_PREFIX) {
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            if !entry.path().is_dir() {
+                continue;
+            }
+            match std::fs::read(entry.path().join("meta.json"))
+                .map(|b| serde_json::from_slice::<CheckpointMeta>(&b))
+            {
+                Ok(Ok(m)) => {
+                    metas.insert(m.id.clone(), m);
+                }
+                other => {
+                    tracing::warn!(checkpoint = %name, ?other, "ignoring unreadable checkpoint")
+                }
+            }
+        }
+        let cps = Checkpoints {
+            dir,
+            env,
+            sup,
+            metas: Mutex::new(metas),
+            parent: Mutex::new(None),
+        };
+        cps.refresh_browsable();
+        if cps.journal().exists() {
+            tracing::warn!("a capture was interrupted: collecting the objects it wrote");
+            cps.collect_garbage()?;
+            std::fs::remove_file(cps.journal()).map_err(io_err("remove", &cps.journal()))?;
+        }
+        Ok(cps)
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.dir.join(".capturing")
+    }
+
+    pub fn env(&self) -> &Env {
+        &self.env
+    }
+
+    /// Newest first; with `history`, only those whose ancestry contains it.
+    pub fn list(&self, history: Option<&str>) -> Vec<CheckpointMeta> {
+        let metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<CheckpointMeta> = metas
+            .values()
+            .filter(|m| history.is_none_or(|h| m.history.iter().any(|x| x == h)))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            b.create_time
+                .cmp(&a.create_time)
+                .then_with(|| vnum(&b.id).cmp(&vnum(&a.id)))
+        });
+        out
+    }
+
+    pub fn get(&self, id: &str) -> Result<CheckpointMeta, CheckpointError> {
+        self.metas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CheckpointError::NotFound(id.to_owned()))
+    }
+
+    /// Validates an id a client chose (seed-003 `POST /checkpoint`).
+    pub fn check_new_id(&self, id: &str) -> Result<(), CheckpointError> {
+        if !crate::config::valid_name(id) {
+            return Err(CheckpointError::BadId(id.to_owned()));
+        }
+        if self
+            .metas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+            || self.dir.join(id).exists()
+        {
+            return Err(CheckpointError::Exists(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Hands out the next `vN` (persisted first: ids are never reused).
+    fn next_id(&self) -> Result<String, CheckpointError> {
+        let path = self.dir.join("counter");
+        let last: u64 = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let seen = self
+            .metas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter_map(|k| vnum(k))
+            .max()
+            .unwrap_or(0);
+        let mut n = last.max(seen) + 1;
+        while self.dir.join(format!("v{n}")).exists() {
+            n += 1;
+        }
+        durable::write_atomic(&path, n.to_string().as_bytes(), 0o644)?;
+        Ok(format!("v{n}"))
+    }
+
+    fn parent_manifest(&self, layer: Option<&str>) -> Result<Arc<Manifest>, CheckpointError> {
+        let Some(layer) = layer else {
+            return Ok(Arc::new(Manifest::default()));
+        };
+        let mut cached = self.parent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, m)) = cached.as_ref() {
+            if id == layer {
+                return Ok(m.clone());
+            }
+        }
+        let meta = self.get(layer)?;
+        let m = Arc::new(manifest::decode(&self.env.store().read(&meta.manifest)?)?);
+        *cached = Some((layer.to_owned(), m.clone()));
+        Ok(m)
+    }
+
+    /// Takes a checkpoint. Blocking (disk work): run it off the async workers.
+    /// `progress` receives human-readable steps.
+    #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty))]
+    pub fn capture(
+        &self,
+        comment: String,
+        id: Option<String>,
+        progress: &dyn Fn(String),
+    ) -> Result<CheckpointMeta, CheckpointError> {
+        let started = Instant::now();
+        let id = match id {
+            Some(id) => {
+                self.check_new_id(&id)?;
+                id
+            }
+            None => self.next_id()?,
+        };
+        tracing::Span::current().record("id", id.as_str());
+        let st = self.env.state();
+        let parent = self.parent_manifest(st.layer.as_deref())?;
+        durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
+        let result = (|| {
+            let cgroups: Vec<_> = self
+                .sup
+                .running_cgroups()
+                .into_iter()
+                .map(|(_, cg)| cg)
+                .collect();
+            progress(format!("Freezing {} service(s)...", cgroups.len()));
+            let freeze_start = Instant::now();
+            let guard = FreezeGuard::freeze_all(cgroups, FREEZE_TIMEOUT)?;
+            let (manifest, scan, cache) = self.env.capture(&parent)?;
+            let (services, running) = self.sup.snapshot();
+            drop(guard);
+            let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
+            progress(format!(
+                "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) stored ({} bytes), {} unchanged",
+                scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
+            ));
+            progress("Saving filesystem state...".to_owned());
+            let manifest_id = self.env.store().put_bytes(&manifest::encode(&manifest))?;
+            self.env.store().sync()?;
+            let source = st.source.clone();
+            let mut history = Vec::new();
+            if let Some(src) = &source {
+                history.push(src.clone());
+                if let Ok(m) = self.get(src) {
+                    history.extend(m.history);
+                }
+            }
+            let meta = CheckpointMeta {
+                id: id.clone(),
+                create_time: now_rfc3339(),
+                source_id: source,
+                comment: comment.clone(),
+                history,
+                is_auto: false,
+                health: "ok".into(),
+                manifest: manifest_id,
+                services,
+                running,
+                stats: CaptureStats {
+                    freeze_ms,
+                    capture_ms: started.elapsed().as_secs_f64() * 1e3,
+                    entries: manifest.entries.len() as u64,
+                    files_hashed: scan.files_hashed,
+                    bytes_hashed: scan.bytes_hashed,
+                    files_cached: scan.files_cached,
+                },
+            };
+            // Visible only once complete: a temp dir renamed into place.
+            let tmp = self.dir.join(format!("{}{id}", durable::TEMP_PREFIX));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+            durable::write_json(&tmp.join("meta.json"), &meta)?;
+            let dest = self.dir.join(&id);
+            std::fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+            durable::sync_dir(&self.dir)?;
+            self.env.keep_scan(cache);
+            Ok(meta)
+        })();
+        match &result {
+            Ok(meta) => {
+                self.metas
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), meta.clone());
+                self.env.set_source(Some(id.clone()))?;
+                let _ = std::fs::remove_file(self.journal());
+                tracing::info!(
+                    freeze_ms = meta.stats.freeze_ms,
+                    capture_ms = meta.stats.capture_ms,
+                    "checkpoint created"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
+                let _ = self.collect_garbage();
+                let _ = std::fs::remove_file(self.journal());
+            }
+        }
+        result
+    }
+
+    /// Restores `id`: kills every service, mounts the checkpoint's layer with
+    /// a fresh upper dir, restores the service definitions and starts those
+    /// that were running.
+    #[tracing::instrument(name = "restore", skip(self, progress), fields(checkpoint = id))]
+    pub async fn restore(
+        self: &Arc<Self>,
+        id: &str,
+        progress: &(dyn Fn(String) + Sync),
+    ) -> Result<(), CheckpointError> {
+        let meta = self.get(id)?;
+        progress("Stopping services...".to_owned());
+        self.sup.kill_all().await;
+        progress("Restoring filesystem...".to_owned());
+        let me = self.clone();
+        let target = meta.clone();
+        let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
+            let m = me.parent_manifest(Some(&target.id))?;
+            let built = me.env.ensure_layer(&target.id, &m)?;
+            me.env.switch_to(&target.id)?;
+            Ok(built)
+        })
+        .await
+        .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
+        if !built {
+            progress(format!("Layer of {id} reused from cache"));
+        }
+        self.sup
+            .replace_definitions(meta.services.clone(), &meta.running)?;
+        if !meta.running.is_empty() {
+            progress(format!("Starting services: {}", meta.running.join(", ")));
+        }
+        self.sup.start_all().await;
+        Ok(())
+    }
+
+    /// Deletes a checkpoint and frees the objects no other one references.
+    /// Returns bytes freed.
+    pub fn delete(&self, id: &str) -> Result<u64, CheckpointError> {
+        self.get(id)?;
+        let st = self.env.state();
+        if st.source.as_deref() == Some(id) || st.layer.as_deref() == Some(id) {
+            return Err(CheckpointError::InUse(id.to_owned()));
+        }
+        let dir = self.dir.join(id);
+        self.env.unmount_path(&self.root_of(id));
+        // Out of sight first (atomic), then gone.
+        let trash = self
+            .dir
+            .join(format!("{}deleted-{id}", durable::TEMP_PREFIX));
+        std::fs::rename(&dir, &trash).map_err(io_err("rename", &dir))?;
+        self.metas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let _ = std::fs::remove_dir_all(&trash);
+        self.env.remove_layer(id);
+        let (_, bytes) = self.collect_garbage()?;
+        self.refresh_browsable();
+        Ok(bytes)
+    }
+
+    /// Where checkpoint `id` is browsable read-only.
+    pub fn root_of(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("root")
+    }
+
+    /// Makes the newest checkpoints browsable read-only (building their
+    /// layers, which later restores reuse) and unmounts the older ones.
+    pub fn refresh_browsable(&self) {
+        let all = self.list(None);
+        for (i, m) in all.iter().enumerate() {
+            let root = self.root_of(&m.id);
+            if i >= BROWSABLE {
+                self.env.unmount_path(&root);
+                let _ = std::fs::remove_dir(&root);
+                continue;
+            }
+            if self.is_browsable(&root) {
+                continue;
+            }
+            let result = self
+                .parent_manifest_uncached(&m.id)
+                .and_then(|manifest| Ok(self.env.ensure_layer(&m.id, &manifest)?))
+                .and_then(|_| Ok(self.env.mount_readonly(&m.id, &root)?));
+            if let Err(e) = result {
+                tracing::warn!(checkpoint = %m.id, error = %e, "cannot make checkpoint browsable");
+            }
+        }
+    }
+
+    fn is_browsable(&self, root: &Path) -> bool {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let target = root.to_string_lossy();
+        text.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
+    }
+
+    /// Unmounts every browsable root (shutdown).
+    pub fn unmount_browsable(&self) {
+        for m in self.list(None) {
+            self.env.unmount_path(&self.root_of(&m.id));
+        }
+    }
+
+    fn parent_manifest_uncached(&self, id: &str) -> Result<Manifest, CheckpointError> {
+        let meta = self.get(id)?;
+        Ok(manifest::decode(&self.env.store().read(&meta.manifest)?)?)
+    }
+
+    /// Deletes every store object no checkpoint references.
+    fn collect_garbage(&self) -> Result<(u64, u64), CheckpointError> {
+        let metas: Vec<CheckpointMeta> = self
+            .metas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut keep = HashSet::new();
+        for m in metas {
+            keep.insert(m.manifest.clone());
+            let manifest = manifest::decode(&self.env.store().read(&m.manifest)?)?;
+            keep.extend(manifest.entries.into_values().filter_map(|e| e.object));
+        }
+        Ok(self.env.store().collect_garbage(&keep)?)
+    }
+}

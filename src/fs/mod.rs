@@ -1,0 +1,385 @@
+//! The snapshot engine's side of the filesystem: the environment root (an
+//! overlayfs mount the daemon owns), its upper/work dirs, the layers built
+//! from checkpoints, and the content-addressed store.
+//!
+//! ```text
+//! <state>/env/state.json      which layer is mounted, upper generation, source checkpoint
+//! <state>/env/upper-<gen>/    all changes since the last restore
+//! <state>/env/work-<gen>/     overlay's work dir
+//! <state>/env/base/           the default (empty) base when --env-base is not given
+//! <state>/layers/<id>/        a checkpoint's tree as hard links into the store (cached)
+//! <state>/store/              see [`store`]
+//! mount: lowerdir=<layer>:<base>,upperdir=upper-<gen>,workdir=work-<gen> on --env-root
+//! ```
+//!
+//! A restore mounts a *new* generation and only then switches `state.json`
+//! (written atomically), so a crash at any point leaves either the old
+//! environment or the new one, never a mix; the stale generation is deleted
+//! afterwards (or on the next start).
+
+pub mod manifest;
+pub mod store;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable::{self, DurableError};
+use manifest::{Manifest, ScanCache, ScanStats};
+use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mount overlay on {target} ({options}): {source}")]
+    Mount {
+        target: PathBuf,
+        options: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unmount {target}: {source}")]
+    Unmount {
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("path {0} cannot be used in overlay options (contains `,`, `:` or a newline)")]
+    BadPath(PathBuf),
+    #[error("corrupt snapshot data: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |source| FsError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where things are.
+#[derive(Debug, Clone)]
+pub struct EnvConfig {
+    pub state_dir: PathBuf,
+    /// Where the merged tree is mounted.
+    pub env_root: PathBuf,
+    /// Read-only lowest layer; default `<state>/env/base` (empty).
+    pub base: Option<PathBuf>,
+    pub mountinfo: PathBuf,
+}
+
+/// What is mounted, persisted in `env/state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvState {
+    /// The checkpoint whose layer is the lower dir (none: the bare base).
+    pub layer: Option<String>,
+    /// Generation of the upper/work dirs in use.
+    pub generation: u64,
+    /// The checkpoint the environment descends from (last created or restored).
+    pub source: Option<String>,
+}
+
+pub struct Env {
+    cfg: EnvConfig,
+    base: PathBuf,
+    store: Store,
+    state: Mutex<EnvState>,
+    /// What the last capture saw in the current upper dir.
+    cache: Mutex<ScanCache>,
+}
+
+impl Env {
+    /// Prepares the directories, cleans what a crash left, and mounts the
+    /// environment root as `state.json` says (replacing a mount a crash left).
+    pub fn open(cfg: EnvConfig) -> Result<Self, FsError> {
+        let env_dir = cfg.state_dir.join("env");
+        let layers = cfg.state_dir.join("layers");
+        let base = cfg.base.clone().unwrap_or_else(|| env_dir.join("base"));
+        for d in [&env_dir, &layers, &base, &cfg.env_root] {
+            std::fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        durable::clean_temp_files(&env_dir)?;
+        let store = Store::open(&cfg.state_dir.join("store"))?;
+        let state: EnvState = match std::fs::read(env_dir.join("state.json")) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| FsError::Corrupt(format!("env/state.json: {e}")))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => EnvState::default(),
+            Err(e) => return Err(io_err("read", &env_dir.join("state.json"))(e)),
+        };
+        let env = Env {
+            cfg,
+            base,
+            store,
+            state: Mutex::new(state),
+            cache: Mutex::new(ScanCache::new()),
+        };
+        env.clean_stale()?;
+        if env.is_mounted() {
+            tracing::info!(root = %env.cfg.env_root.display(), "replacing the environment mount a previous run left");
+            env.unmount()?;
+        }
+        let st = env.state();
+        env.mount(st.layer.as_deref(), st.generation)?;
+        Ok(env)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.cfg.env_root
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn state(&self) -> EnvState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn env_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("env")
+    }
+
+    pub fn upper(&self) -> PathBuf {
+        self.env_dir()
+            .join(format!("upper-{}", self.state().generation))
+    }
+
+    pub fn layer_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("layers").join(id)
+    }
+
+    fn save_state(&self, st: EnvState) -> Result<(), FsError> {
+        durable::write_json(&self.env_dir().join("state.json"), &st)?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(())
+    }
+
+    /// Records the checkpoint the environment now descends from.
+    pub fn set_source(&self, id: Option<String>) -> Result<(), FsError> {
+        let mut st = self.state();
+        st.source = id;
+        self.save_state(st)
+    }
+
+    /// Removes upper/work generations not in use and half-built layers.
+    fn clean_stale(&self) -> Result<(), FsError> {
+        let generation = self.state().generation;
+        let keep = [format!("upper-{generation}"), format!("work-{generation}")];
+        for entry in std::fs::read_dir(self.env_dir())
+            .map_err(io_err("read dir", &self.env_dir()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("upper-") || name.starts_with("work-")) && !keep.contains(&name) {
+                remove_tree(&entry.path());
+            }
+        }
+        let layers = self.cfg.state_dir.join("layers");
+        for entry in std::fs::read_dir(&layers)
+            .map_err(io_err("read dir", &layers))?
+            .flatten()
+        {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(durable::TEMP_PREFIX)
+            {
+                remove_tree(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn is_mounted(&self) -> bool {
+        let text = std::fs::read_to_string(&self.cfg.mountinfo).unwrap_or_default();
+        let target = self.cfg.env_root.to_string_lossy();
+        text.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
+    }
+
+    #[tracing::instrument(name = "mount", skip(self), fields(root = %self.cfg.env_root.display()))]
+    fn mount(&self, layer: Option<&str>, generation: u64) -> Result<(), FsError> {
+        let upper = self.env_dir().join(format!("upper-{generation}"));
+        let work = self.env_dir().join(format!("work-{generation}"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        let mut lower = Vec::new();
+        if let Some(id) = layer {
+            lower.push(self.layer_dir(id));
+        }
+        lower.push(self.base.clone());
+        for p in lower.iter().chain([&upper, &work]) {
+            let s = p.to_string_lossy();
+            if s.contains([',', ':', '\n']) {
+                return Err(FsError::BadPath(p.clone()));
+            }
+        }
+        let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+            lowers.join(":"),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &self.cfg.env_root,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| FsError::Mount {
+            target: self.cfg.env_root.clone(),
+            options,
+            source: e.into(),
+        })?;
+        tracing::info!(
+            layer = layer.unwrap_or("-"),
+            generation,
+            "environment mounted"
+        );
+        Ok(())
+    }
+
+    /// Unmounts the environment root (lazily if something still uses it).
+    pub fn unmount(&self) -> Result<(), FsError> {
+        use nix::mount::{MntFlags, umount2};
+        let target = &self.cfg.env_root;
+        match umount2(target, MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => {
+                tracing::warn!(root = %target.display(), "environment busy; detaching it");
+                umount2(target, MntFlags::MNT_DETACH).map_err(|e| FsError::Unmount {
+                    target: target.clone(),
+                    source: e.into(),
+                })
+            }
+            Err(nix::errno::Errno::EINVAL) => Ok(()), // not mounted
+            Err(e) => Err(FsError::Unmount {
+                target: target.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Scans the upper dir (reading only what changed since the last scan)
+    /// and merges it onto `parent`, the manifest of the mounted layer.
+    pub fn capture(&self, parent: &Manifest) -> Result<(Manifest, ScanStats, ScanCache), FsError> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut next = ScanCache::with_capacity(cache.len());
+        let mut stats = ScanStats::default();
+        let upper =
+            manifest::scan_upper(&self.upper(), &self.store, &cache, &mut next, &mut stats)?;
+        Ok((manifest::merge(parent, upper, &self.base), stats, next))
+    }
+
+    /// Keeps what a successful capture saw, for the next one.
+    pub fn keep_scan(&self, cache: ScanCache) {
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = cache;
+    }
+
+    /// Builds the layer of checkpoint `id` unless it is already built.
+    #[tracing::instrument(name = "build_layer", skip(self, manifest), fields(checkpoint = id))]
+    pub fn ensure_layer(&self, id: &str, manifest: &Manifest) -> Result<bool, FsError> {
+        let dir = self.layer_dir(id);
+        if dir.exists() {
+            return Ok(false);
+        }
+        let tmp = self
+            .cfg
+            .state_dir
+            .join("layers")
+            .join(format!("{}{id}", durable::TEMP_PREFIX));
+        remove_tree(&tmp);
+        manifest::materialize(manifest, &self.store, &tmp)?;
+        std::fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
+        Ok(true)
+    }
+
+    /// Mounts checkpoint `id`'s tree read-only at `target` (its layer over
+    /// the base, no upper dir). The layer must exist.
+    pub fn mount_readonly(&self, id: &str, target: &Path) -> Result<(), FsError> {
+        std::fs::create_dir_all(target).map_err(io_err("create", target))?;
+        let options = format!(
+            "lowerdir={}:{}",
+            self.layer_dir(id).display(),
+            self.base.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(options.as_str()),
+        )
+        .map_err(|e| FsError::Mount {
+            target: target.to_owned(),
+            options,
+            source: e.into(),
+        })
+    }
+
+    /// Unmounts `target` if something is mounted there (lazily when busy).
+    pub fn unmount_path(&self, target: &Path) {
+        use nix::mount::{MntFlags, umount2};
+        match umount2(target, MntFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(_) => {
+                let _ = umount2(target, MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    pub fn remove_layer(&self, id: &str) {
+        remove_tree(&self.layer_dir(id));
+    }
+
+    /// Switches the environment to checkpoint `id`'s layer with an empty
+    /// upper dir. Nothing may be running in the environment.
+    #[tracing::instrument(name = "restore_mount", skip(self), fields(checkpoint = id))]
+    pub fn switch_to(&self, id: &str) -> Result<(), FsError> {
+        let old = self.state();
+        let generation = old.generation + 1;
+        self.unmount()?;
+        if let Err(e) = self.mount(Some(id), generation) {
+            // Put the old environment back; the error is what the caller sees.
+            let _ = self.mount(old.layer.as_deref(), old.generation);
+            return Err(e);
+        }
+        self.save_state(EnvState {
+            layer: Some(id.to_owned()),
+            generation,
+            source: Some(id.to_owned()),
+        })?;
+        self.keep_scan(ScanCache::new());
+        for stale in [
+            format!("upper-{}", old.generation),
+            format!("work-{}", old.generation),
+        ] {
+            let p = self.env_dir().join(stale);
+            std::thread::spawn(move || remove_tree(&p));
+        }
+        Ok(())
+    }
+}
+
+/// Removes a tree, logging (not failing) on error.
+fn remove_tree(path: &Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
+    }
+}

@@ -1,0 +1,360 @@
+//! The content-addressed store: `objects/<aa>/<sha256>-<meta>` where the
+//! name is the SHA-256 of the content plus a short digest of the inode
+//! metadata (mode, owner, mtime, xattrs). Layers hard-link objects, and
+//! metadata lives in the inode, so each metadata variant of some content is
+//! its own object; unchanged files across checkpoints share one.
+//!
+//! Objects are written to `tmp/` and renamed into place, never modified
+//! after. Writes are not fsynced one by one: [`Store::sync`] (one `syncfs`)
+//! makes them durable before any manifest that references them is published.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::FsError;
+
+const CHUNK: usize = 1 << 20;
+
+/// Inode metadata an object carries.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    /// Hex-encoded values.
+    pub xattrs: BTreeMap<String, String>,
+}
+
+impl Meta {
+    fn key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{:o}:{}:{}:{}",
+            self.mode, self.uid, self.gid, self.mtime_ns
+        ));
+        for (k, v) in &self.xattrs {
+            h.update(format!("|{k}={v}"));
+        }
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |source| FsError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() > 64 && id.len() < 100 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+impl Store {
+    /// Opens the store at `root`, removing temp files a crash left.
+    pub fn open(root: &Path) -> Result<Self, FsError> {
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err("clean", &tmp))?;
+        }
+        for d in [root.join("objects"), tmp] {
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        Ok(Store {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn object_path(&self, id: &str) -> PathBuf {
+        let prefix = id.get(..2).unwrap_or("xx");
+        self.root.join("objects").join(prefix).join(id)
+    }
+
+    pub fn has(&self, id: &str) -> bool {
+        valid_id(id) && self.object_path(id).exists()
+    }
+
+    fn temp(&self) -> Result<(PathBuf, File), FsError> {
+        let rnd =
+            crate::sys::random_bytes(8).map_err(io_err("random", Path::new("/dev/urandom")))?;
+        let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.root.join("tmp").join(name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        Ok((path, f))
+    }
+
+    fn publish(&self, tmp: &Path, id: &str) -> Result<(), FsError> {
+        let dest = self.object_path(id);
+        if dest.exists() {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        fs::rename(tmp, &dest).map_err(io_err("rename", &dest))
+    }
+
+    /// Copies `src` into the store (holes stay holes), with `meta` applied to
+    /// the object's inode. Returns the object id.
+    pub fn put_file(&self, src: &Path, meta: &Meta) -> Result<String, FsError> {
+        let (tmp, mut out) = self.temp()?;
+        let result = (|| {
+            let mut input = File::open(src).map_err(io_err("open", src))?;
+            let len = input.metadata().map_err(io_err("stat", src))?.len();
+            let hash = copy_sparse(&mut input, &mut out, len, src, &tmp)?;
+            let id = format!("{hash}-{}", meta.key());
+            if self.object_path(&id).exists() {
+                return Ok((id, false));
+            }
+            apply_meta(&out, &tmp, meta)?;
+            Ok((id, true))
+        })();
+        drop(out);
+        match result {
+            Ok((id, true)) => {
+                self.publish(&tmp, &id)?;
+                Ok(id)
+            }
+            Ok((id, false)) => {
+                let _ = fs::remove_file(&tmp);
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores bytes (a manifest) as an object (mode 0600, root).
+    pub fn put_bytes(&self, data: &[u8]) -> Result<String, FsError> {
+        let hash = hex(&Sha256::digest(data));
+        let meta = Meta {
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            xattrs: BTreeMap::new(),
+        };
+        let id = format!("{hash}-{}", meta.key());
+        if self.object_path(&id).exists() {
+            return Ok(id);
+        }
+        let (tmp, mut out) = self.temp()?;
+        out.write_all(data).map_err(io_err("write", &tmp))?;
+        drop(out);
+        self.publish(&tmp, &id)?;
+        Ok(id)
+    }
+
+    pub fn read(&self, id: &str) -> Result<Vec<u8>, FsError> {
+        if !valid_id(id) {
+            return Err(FsError::Corrupt(format!("bad object id {id:?}")));
+        }
+        let p = self.object_path(id);
+        fs::read(&p).map_err(io_err("read", &p))
+    }
+
+    /// Makes every object written so far durable (one `syncfs`).
+    pub fn sync(&self) -> Result<(), FsError> {
+        let dir = File::open(&self.root).map_err(io_err("open", &self.root))?;
+        nix::unistd::syncfs(dir.as_fd()).map_err(|e| io_err("syncfs", &self.root)(e.into()))
+    }
+
+    /// Deletes every object not in `keep`. Returns (objects, bytes) freed.
+    pub fn collect_garbage(&self, keep: &HashSet<String>) -> Result<(u64, u64), FsError> {
+        let (mut n, mut bytes) = (0, 0);
+        let objects = self.root.join("objects");
+        for dir in fs::read_dir(&objects).map_err(io_err("read dir", &objects))? {
+            let dir = dir.map_err(io_err("read dir", &objects))?.path();
+            for obj in fs::read_dir(&dir).map_err(io_err("read dir", &dir))? {
+                let obj = obj.map_err(io_err("read dir", &dir))?;
+                let name = obj.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    let size = obj.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                    fs::remove_file(obj.path()).map_err(io_err("remove", &obj.path()))?;
+                    n += 1;
+                    bytes += size;
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+
+    /// Bytes on disk (allocated blocks) of all objects.
+    pub fn disk_usage(&self) -> u64 {
+        let mut total = 0;
+        let Ok(dirs) = fs::read_dir(self.root.join("objects")) else {
+            return 0;
+        };
+        for d in dirs.flatten() {
+            for o in fs::read_dir(d.path()).into_iter().flatten().flatten() {
+                total += o.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            }
+        }
+        total
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Copies `len` bytes, seeking over holes (SEEK_DATA/SEEK_HOLE), and returns
+/// the SHA-256 of the logical content (holes hash as zeros).
+fn copy_sparse(
+    input: &mut File,
+    out: &mut File,
+    len: u64,
+    src: &Path,
+    dst: &Path,
+) -> Result<String, FsError> {
+    use nix::unistd::{Whence, lseek};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let zeros = vec![0u8; CHUNK];
+    let mut pos: u64 = 0;
+    while pos < len {
+        let data = match lseek(input.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => len, // only a hole remains
+            Err(_) => pos,                        // no hole support: copy everything
+        };
+        // Hash the hole [pos, data).
+        let mut hole = data.min(len) - pos;
+        while hole > 0 {
+            let n = hole.min(CHUNK as u64) as usize;
+            h.update(&zeros[..n]);
+            hole -= n as u64;
+        }
+        if data >= len {
+            break;
+        }
+        let end = match lseek(input.as_fd(), data as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(_) => len,
+        };
+        input
+            .seek(SeekFrom::Start(data))
+            .map_err(io_err("seek", src))?;
+        out.seek(SeekFrom::Start(data))
+            .map_err(io_err("seek", dst))?;
+        let mut left = end - data;
+        while left > 0 {
+            let want = left.min(CHUNK as u64) as usize;
+            let n = input.read(&mut buf[..want]).map_err(io_err("read", src))?;
+            if n == 0 {
+                break; // shrank while copying: services are frozen, so only a concurrent writer could do this
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err("write", dst))?;
+            left -= n as u64;
+        }
+        pos = end;
+    }
+    out.set_len(len).map_err(io_err("truncate", dst))?;
+    Ok(hex(&h.finalize()))
+}
+
+fn apply_meta(f: &File, path: &Path, meta: &Meta) -> Result<(), FsError> {
+    use nix::sys::stat::{Mode, fchmod, futimens};
+    use nix::sys::time::TimeSpec;
+    use nix::unistd::{Gid, Uid, fchown};
+    fchown(
+        f.as_fd(),
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+    )
+    .map_err(|e| io_err("chown", path)(e.into()))?;
+    fchmod(f.as_fd(), Mode::from_bits_truncate(meta.mode))
+        .map_err(|e| io_err("chmod", path)(e.into()))?;
+    for (k, v) in &meta.xattrs {
+        let val: Vec<u8> = (0..v.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        xattr::set(path, k, &val).map_err(io_err("setxattr", path))?;
+    }
+    let ts = TimeSpec::new(
+        meta.mtime_ns.div_euclid(1_000_000_000),
+        meta.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    futimens(f.as_fd(), &ts, &ts).map_err(|e| io_err("utimens", path)(e.into()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn dedups_and_keeps_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("store")).unwrap();
+        let src = d.path().join("sparse");
+        let mut f = File::create(&src).unwrap();
+        f.seek(SeekFrom::Start(64 << 20)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        let meta = Meta {
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1_700_000_000_123_456_789,
+            xattrs: BTreeMap::new(),
+        };
+        let id = store.put_file(&src, &meta).unwrap();
+        let again = store.put_file(&src, &meta).unwrap();
+        assert_eq!(id, again);
+        let md = fs::metadata(store.object_path(&id)).unwrap();
+        assert_eq!(md.len(), (64 << 20) + 3);
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "holes were filled: {} blocks",
+            md.blocks()
+        );
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!(md.mtime_nsec(), 123_456_789);
+        let other = store
+            .put_file(
+                &src,
+                &Meta {
+                    mode: 0o600,
+                    ..meta.clone()
+                },
+            )
+            .unwrap();
+        assert_ne!(id, other, "another mode is another object");
+        assert_eq!(id[..64], other[..64], "same content hash");
+        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        let keep: HashSet<String> = [id.clone()].into();
+        assert_eq!(store.collect_garbage(&keep).unwrap().0, 1);
+        assert!(store.has(&id) && !store.has(&other));
+    }
+}

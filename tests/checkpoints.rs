@@ -1,0 +1,433 @@
+//! Filesystem checkpoints against the real daemon: real overlayfs, real
+//! cgroup freezer, real processes (root).
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::{Daemon, Ndjson, Options, privileged, tree};
+use nix::sys::signal::Signal;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+#[tokio::test]
+async fn restore_brings_back_each_tree_exactly() {
+    if !privileged("restore_brings_back_each_tree_exactly") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    write(&root, "keep.txt", b"unchanged");
+    write(&root, "edit.txt", b"version one");
+    write(&root, "gone.txt", b"to be deleted");
+    write(&root, "dir/deep/file", b"deep");
+    write(&root, "dir/doomed/x", b"doomed dir");
+    let mut sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.seek(SeekFrom::Start(256 << 20)).unwrap();
+    sparse.write_all(b"tail").unwrap();
+    drop(sparse);
+    let v1_tree = tree(&root);
+    d.checkpoint("v1").await;
+
+    // Modify, delete and add, including the awkward kinds of entry.
+    write(&root, "edit.txt", b"version two, longer");
+    std::fs::remove_file(root.join("gone.txt")).unwrap();
+    std::fs::remove_dir_all(root.join("dir/doomed")).unwrap();
+    std::os::unix::fs::symlink("keep.txt", root.join("link")).unwrap();
+    write(&root, "attr.txt", b"has an xattr");
+    xattr::set(root.join("attr.txt"), "user.sprite", b"value").unwrap();
+    write(&root, "pair/a", b"hard-linked pair");
+    std::fs::hard_link(root.join("pair/a"), root.join("pair/b")).unwrap();
+    write(&root, "secret", b"for uid 1000 only");
+    std::fs::set_permissions(root.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    nix::unistd::chown(&root.join("secret"), Some(1000.into()), Some(1000.into())).unwrap();
+    let v2_tree = tree(&root);
+    assert_ne!(v1_tree, v2_tree);
+    let events = d.checkpoint("v2").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["data"].as_str().is_some_and(|s| s.contains("unchanged"))),
+        "{events:?}"
+    );
+
+    let events = d.restore("v1").await;
+    assert_eq!(events.last().unwrap()["data"], "Restored to v1");
+    assert_eq!(tree(&root), v1_tree, "restore of v1");
+    let blocks = std::fs::metadata(root.join("sparse.img")).unwrap().blocks();
+    assert!(
+        blocks * 512 < 1 << 20,
+        "the sparse file came back dense ({blocks} blocks)"
+    );
+
+    d.restore("v2").await;
+    assert_eq!(tree(&root), v2_tree, "restore of v2 after v1");
+    let a = std::fs::metadata(root.join("pair/a")).unwrap();
+    let b = std::fs::metadata(root.join("pair/b")).unwrap();
+    assert_eq!(a.ino(), b.ino(), "the hard-linked pair is still one file");
+
+    // Writes after a restore do not leak into the checkpoint (copy-up).
+    write(&root, "keep.txt", b"scribbled over");
+    d.restore("v2").await;
+    assert_eq!(
+        tree(&root),
+        v2_tree,
+        "a second restore of the same checkpoint"
+    );
+}
+
+#[tokio::test]
+async fn the_chain_records_where_each_checkpoint_came_from() {
+    if !privileged("the_chain_records_where_each_checkpoint_came_from") {
+        return;
+    }
+    let d = Daemon::start().await;
+    write(&d.env_root(), "f", b"1");
+    d.checkpoint("first").await; // v1
+    write(&d.env_root(), "f", b"2");
+    d.checkpoint("second").await; // v2, from v1
+    d.restore("v1").await;
+    write(&d.env_root(), "f", b"3");
+    d.checkpoint("branch").await; // v3, from v1
+
+    let v3: Value = d.get("/v1/checkpoints/v3").await.json().await.unwrap();
+    assert_eq!(v3["source_id"], "v1");
+    assert_eq!(v3["history"][0], "v1");
+    assert_eq!(v3["comment"], "branch");
+    let v2: Value = d.get("/v1/checkpoints/v2").await.json().await.unwrap();
+    assert_eq!(v2["history"], json!(["v1"]));
+    let list: Vec<Value> = d.get("/v1/checkpoints").await.json().await.unwrap();
+    let ids: Vec<&str> = list.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["v3", "v2", "v1"], "newest first");
+    let from_v1: Vec<Value> = d
+        .get("/v1/checkpoints?history=v1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = from_v1.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["v2", "v3"]);
+    // The external path shape and the browsable roots.
+    let via_sprite = d
+        .get(&format!("/v1/sprites/{}/checkpoints/v1", common::NAME))
+        .await;
+    assert_eq!(via_sprite.status(), 200);
+    assert_eq!(
+        std::fs::read(d.state_dir.join("checkpoints/v2/root/f")).unwrap(),
+        b"2"
+    );
+    assert!(
+        std::fs::write(d.state_dir.join("checkpoints/v2/root/f"), b"x").is_err(),
+        "browsable roots are read-only"
+    );
+}
+
+#[tokio::test]
+async fn a_service_keeps_running_through_a_checkpoint() {
+    if !privileged("a_service_keeps_running_through_a_checkpoint") {
+        return;
+    }
+    let d = Daemon::start().await;
+    // Writes its counter atomically every 50 ms, in the environment root.
+    let script = "i=0; while :; do i=$((i+1)); echo $i > counter.tmp; mv counter.tmp counter; echo $i; sleep 0.05; done";
+    let r = d
+        .req(
+            Method::PUT,
+            "/v1/services/counter?duration=30s",
+            Some(json!({"cmd": "sh", "args": ["-c", script]})),
+        )
+        .await;
+    let mut s = Ndjson::new(r);
+    s.until(|e| e["data"] == "3\n").await;
+    drop(s);
+    let before = d.service("counter").await["state"].clone();
+    let low: u64 = std::fs::read_to_string(d.env_root().join("counter"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let events = d.checkpoint("live").await;
+    assert!(
+        events.iter().any(|e| e["data"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Freezing 1 service"))),
+        "{events:?}"
+    );
+    let high: u64 = std::fs::read_to_string(d.env_root().join("counter"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let after = d.service("counter").await["state"].clone();
+    assert_eq!(after["pid"], before["pid"], "the service was not restarted");
+    assert_eq!(after["status"], "running");
+    assert_eq!(after["restart_count"], before["restart_count"]);
+
+    let captured =
+        std::fs::read_to_string(d.state_dir.join("checkpoints/v1/root/counter")).unwrap();
+    let value: u64 = captured
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("torn counter file: {captured:?}"));
+    assert!(
+        (low..=high).contains(&value),
+        "captured {value}, not between {low} and {high}"
+    );
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    assert!(meta["freeze_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(meta["services"], json!(["counter"]));
+
+    // Restoring brings the service back (started afresh) on the restored files.
+    d.restore("v1").await;
+    let state = d.service("counter").await["state"].clone();
+    assert_eq!(state["status"], "running", "{state}");
+    assert_ne!(state["pid"], before["pid"]);
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_capture_leaves_nothing_half_done() {
+    if !privileged("a_daemon_killed_mid_capture_leaves_nothing_half_done") {
+        return;
+    }
+    let mut d = Daemon::start().await;
+    let root = d.env_root();
+    // Large enough that the capture takes a while (about 400 MiB, unique content).
+    let mut block = vec![0u8; 256 * 1024];
+    for i in 0..1600u32 {
+        block[..4].copy_from_slice(&i.to_le_bytes());
+        write(&root, &format!("big/{}/{i}", i % 16), &block);
+    }
+    let r = d.req(Method::POST, "/v1/checkpoint", Some(json!({}))).await;
+    let mut s = Ndjson::new(r);
+    s.until(|e| {
+        e["data"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Freezing"))
+    })
+    .await;
+    // While it runs, a second one is refused.
+    let busy = d.req(Method::POST, "/v1/checkpoint", Some(json!({}))).await;
+    assert_eq!(busy.status(), 409);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit().await;
+    drop(s);
+
+    let state_dir = d.state_dir.clone();
+    let d2 = Daemon::start_with(Options {
+        state_dir: Some(state_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let list: Vec<Value> = d2.get("/v1/checkpoints").await.json().await.unwrap();
+    let store_tmp = std::fs::read_dir(state_dir.join("store/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(store_tmp, 0, "temp objects left behind");
+    let leftovers: Vec<String> = std::fs::read_dir(state_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    eprintln!(
+        "killed {} the capture completed",
+        if list.is_empty() { "before" } else { "after" }
+    );
+    if list.is_empty() {
+        // Killed mid-capture: the objects it wrote were collected.
+        let objects = walk_count(&state_dir.join("store/objects"));
+        assert_eq!(objects, 0, "orphaned objects of the interrupted capture");
+    }
+    // Either way a new checkpoint and a restore work.
+    d2.checkpoint("after crash").await;
+    std::fs::remove_dir_all(root.join("big/0")).unwrap();
+    let id = d2
+        .get("/v1/checkpoints")
+        .await
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d2.restore(&id).await;
+    assert!(root.join("big/0/0").exists());
+    drop(d);
+}
+
+fn walk_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn conflicts_unknown_ids_and_deletes_that_free_space() {
+    if !privileged("conflicts_unknown_ids_and_deletes_that_free_space") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    write(&root, "small", b"shared by both");
+    d.checkpoint("base").await; // v1
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    write(&root, "big.bin", &big);
+    d.checkpoint("with big").await; // v2
+    let store = d.state_dir.join("store");
+    let before = du(&store);
+
+    assert_eq!(
+        d.req(Method::POST, "/v1/checkpoints/v99/restore", None)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        d.req(Method::GET, "/v1/checkpoints/v99", None)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        d.req(Method::DELETE, "/v1/checkpoints/v99", None)
+            .await
+            .status(),
+        404
+    );
+    // The checkpoint the environment descends from cannot go.
+    assert_eq!(
+        d.req(Method::DELETE, "/v1/checkpoints/v2", None)
+            .await
+            .status(),
+        409
+    );
+
+    d.restore("v1").await;
+    assert_eq!(
+        d.req(Method::DELETE, "/v1/checkpoints/v2", None)
+            .await
+            .status(),
+        204
+    );
+    let after = du(&store);
+    assert!(
+        after + (7 << 20) < before,
+        "store did not shrink by the big file: {before} -> {after}"
+    );
+    assert_eq!(
+        d.req(Method::GET, "/v1/checkpoints/v2", None)
+            .await
+            .status(),
+        404
+    );
+    // The other checkpoint is intact and restorable.
+    write(&root, "small", b"scribble");
+    d.restore("v1").await;
+    assert_eq!(
+        std::fs::read(root.join("small")).unwrap(),
+        b"shared by both"
+    );
+    assert!(!root.join("big.bin").exists());
+
+    // Seed 003: background checkpoint with a chosen id, then a restore.
+    let r = d
+        .req(
+            Method::POST,
+            "/checkpoint",
+            Some(json!({"checkpoint_id": "before-deploy"})),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "checkpoint requested");
+    // The daemon is `checkpointing` until it is done; /v1/ready waits for `running`.
+    assert_eq!(d.get("/v1/ready").await.status(), 200);
+    assert_eq!(d.get("/v1/checkpoints/before-deploy").await.status(), 200);
+    let r = d
+        .req(
+            Method::POST,
+            "/checkpoint",
+            Some(json!({"checkpoint_id": "../etc"})),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = d
+        .req(
+            Method::POST,
+            "/restore",
+            Some(json!({"checkpoint_id": "nope"})),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+}
+
+fn du(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let md = std::fs::symlink_metadata(e.path()).unwrap();
+                    if md.is_dir() {
+                        du(&e.path())
+                    } else {
+                        md.blocks() * 512
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn sprite_env_checkpoint_commands() {
+    if !privileged("sprite_env_checkpoint_commands") {
+        return;
+    }
+    let d = Daemon::start().await;
+    write(&d.env_root(), "note", b"one");
+    let out = d.cli(&["checkpoint", "create", "-m", "from the cli"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Checkpoint v1 created"));
+    write(&d.env_root(), "note", b"two");
+    let list: Vec<Value> =
+        serde_json::from_slice(&d.cli(&["checkpoint", "list"]).await.stdout).unwrap();
+    assert_eq!(list[0]["comment"], "from the cli");
+    let out = d.cli(&["checkpoint", "restore", "v1"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Restored to v1"));
+    assert_eq!(std::fs::read(d.env_root().join("note")).unwrap(), b"one");
+    let out = d.cli(&["checkpoint", "get", "v7"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(sprited::cli::EXIT_HTTP_ERROR as i32)
+    );
+}
