@@ -1,1 +1,267 @@
-fn main() {}
+//! Capture and restore latency of filesystem checkpoints (needs root: it
+//! mounts overlayfs), beside the naive baseline measured in the same run:
+//! tar + zstd of the whole upper dir.
+//!
+//! - `capture_1pct_of_10k`: 10,000 files / 1 GiB in the upper dir, 100 of
+//!   them rewritten before each capture;
+//! - `capture_unchanged_10k`: nothing changed since the last capture;
+//! - `restore_cached_10k` / `restore_uncached_10k`: restore with the layer
+//!   already built / built from the store;
+//! - `tar_zstd_upper_10k`: the baseline;
+//! - `capture_100_changed_of_100k`: 100,000 unchanged files plus the same
+//!   100 changed ones (cost must follow what changed, not the tree).
+//!
+//! The freeze window of each capture and the store growth of an unchanged
+//! capture are printed after the criterion figures.
+//!
+//! Run: `sudo cargo bench --bench snapshot` (about five minutes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sprited::checkpoint::Checkpoints;
+use sprited::fs::{Env, EnvConfig};
+use sprited::reaper::Reaper;
+use sprited::supervisor::{Supervisor, SupervisorConfig};
+
+const FILE_SIZE: usize = 100 * 1024; // 10,000 × 100 KiB ≈ 1 GiB
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    cps: Arc<Checkpoints>,
+    root: PathBuf,
+    state: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.cps.env().unmount();
+    }
+}
+
+fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
+    let tmp = tempfile::Builder::new()
+        .prefix("sprited-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let state = tmp.path().join("state");
+    let root = state.join("root");
+    let env = Arc::new(
+        Env::open(EnvConfig {
+            state_dir: state.clone(),
+            env_root: root.clone(),
+            base: None,
+            mountinfo: "/proc/self/mountinfo".into(),
+        })
+        .expect("mount the environment (run as root)"),
+    );
+    let sup = rt.block_on(async {
+        Supervisor::open(SupervisorConfig {
+            state_dir: state.clone(),
+            cgroups: None,
+            reaper: Reaper::start().unwrap(),
+            default_dir: root.clone(),
+            base_env: vec![],
+            port_wait: Duration::from_secs(1),
+            max_log_file: 1 << 20,
+        })
+        .unwrap()
+    });
+    let cps = Arc::new(Checkpoints::open(&state, env, sup).unwrap());
+    let t = Instant::now();
+    let mut block = vec![0u8; size];
+    for i in 0..files {
+        fill(&mut block, i as u64, 0);
+        let p = root.join(format!("d{:03}/f{i}", i % 100));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, &block).unwrap();
+    }
+    eprintln!(
+        "setup: {files} files x {size} bytes written in {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    cps.capture("initial".into(), None, &|_| {}).unwrap();
+    eprintln!("setup: first (full) capture in {:?}", t.elapsed());
+    Setup {
+        _tmp: tmp,
+        cps,
+        root,
+        state,
+    }
+}
+
+/// Unique, incompressible-ish content per (file, round).
+fn fill(block: &mut [u8], file: u64, round: u64) {
+    let mut x =
+        file.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+    for chunk in block.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// Rewrites `n` files spread over the tree.
+fn change(root: &Path, files: usize, n: usize, size: usize, round: u64) {
+    let mut block = vec![0u8; size];
+    for k in 0..n {
+        let i = k * (files / n);
+        fill(&mut block, i as u64, round);
+        std::fs::write(root.join(format!("d{:03}/f{i}", i % 100)), &block).unwrap();
+    }
+}
+
+fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let md = std::fs::symlink_metadata(e.path()).unwrap();
+                    if md.is_dir() {
+                        du(&e.path())
+                    } else {
+                        md.blocks() * 512
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn bench(c: &mut Criterion) {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("benches/snapshot.rs needs root (it mounts overlayfs); skipped");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = setup(&rt, 10_000, FILE_SIZE);
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+
+    let mut freeze_1pct = Vec::new();
+    let mut round = 0u64;
+    g.bench_function("capture_1pct_of_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                round += 1;
+                change(&s.root, 10_000, 100, FILE_SIZE, round);
+                let t = Instant::now();
+                let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                total += t.elapsed();
+                freeze_1pct.push(meta.stats.freeze_ms);
+            }
+            total
+        })
+    });
+
+    let mut freeze_none = Vec::new();
+    let store = s.state.join("store");
+    let mut growth = Vec::new();
+    g.bench_function("capture_unchanged_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let before = du(&store);
+                let t = Instant::now();
+                let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                total += t.elapsed();
+                growth.push(du(&store) as f64 - before as f64);
+                freeze_none.push(meta.stats.freeze_ms);
+            }
+            total
+        })
+    });
+
+    let upper = s.cps.env().upper();
+    g.bench_function("tar_zstd_upper_10k", |b| {
+        b.iter(|| {
+            let enc = zstd::Encoder::new(std::io::sink(), 3).unwrap();
+            let mut tar = tar::Builder::new(enc);
+            tar.append_dir_all(".", &upper).unwrap();
+            tar.into_inner().unwrap().finish().unwrap();
+        })
+    });
+    // Two checkpoints to restore back and forth between.
+    let a = s.cps.capture("a".into(), None, &|_| {}).unwrap().id;
+    change(&s.root, 10_000, 100, FILE_SIZE, 9999);
+    let b_id = s.cps.capture("b".into(), None, &|_| {}).unwrap().id;
+    let mut flip = false;
+    g.bench_function("restore_cached_10k", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let id = if flip { &a } else { &b_id };
+            rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
+        })
+    });
+    g.bench_function("restore_uncached_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                flip = !flip;
+                let id = if flip { &a } else { &b_id };
+                // The layer of the checkpoint not mounted is dropped from the cache.
+                s.cps.env().remove_layer(id);
+                let t = Instant::now();
+                rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+
+    drop(s);
+
+    let big = setup(&rt, 100_000, 1024);
+    let mut freeze_big = Vec::new();
+    let mut round = 0u64;
+    g.bench_function("capture_100_changed_of_100k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                round += 1;
+                change(&big.root, 100_000, 100, 1024, round);
+                let t = Instant::now();
+                let meta = big.cps.capture(String::new(), None, &|_| {}).unwrap();
+                total += t.elapsed();
+                freeze_big.push(meta.stats.freeze_ms);
+            }
+            total
+        })
+    });
+    g.finish();
+    drop(big);
+    eprintln!(
+        "freeze window, median: 1% of 10k {:.1} ms; unchanged 10k {:.1} ms; 100 of 100k {:.1} ms",
+        median(&mut freeze_1pct),
+        median(&mut freeze_none),
+        median(&mut freeze_big)
+    );
+    eprintln!(
+        "store growth of an unchanged capture, median: {:.0} bytes",
+        median(&mut growth)
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -252,7 +252,11 @@ impl Checkpoints {
         while self.dir.join(format!("v{n}")).exists() {
             n += 1;
         }
-        durable::write_atomic(&path, n.to_string().as_bytes(), 0o644)?;
+        // Not fsynced here: the store's syncfs makes it durable before any
+        // checkpoint with this id is published.
+        let tmp = self.dir.join(format!("{}counter", durable::TEMP_PREFIX));
+        std::fs::write(&tmp, n.to_string()).map_err(io_err("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         Ok(format!("v{n}"))
     }
 
@@ -303,14 +307,16 @@ impl Checkpoints {
             progress(format!("Freezing {} service(s)...", cgroups.len()));
             let freeze_start = Instant::now();
             let guard = FreezeGuard::freeze_all(cgroups, FREEZE_TIMEOUT)?;
-            let (manifest, scan, cache) = self.env.capture(&parent)?;
+            let frozen = self.env.scan_frozen()?;
             let (services, running) = self.sup.snapshot();
             drop(guard);
             let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
+            let scan = frozen.stats;
             progress(format!(
-                "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) stored ({} bytes), {} unchanged",
+                "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) changed ({} bytes), {} unchanged",
                 scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
             ));
+            let (manifest, cache) = self.env.finish_capture(frozen, &parent)?;
             progress("Saving filesystem state...".to_owned());
             let manifest_id = self.env.store().put_bytes(&manifest::encode(&manifest))?;
             self.env.store().sync()?;
@@ -494,7 +500,7 @@ impl Checkpoints {
             .values()
             .cloned()
             .collect();
-        let mut keep = HashSet::new();
+        let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
         for m in metas {
             keep.insert(m.manifest.clone());
             let manifest = manifest::decode(&self.env.store().read(&m.manifest)?)?;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::FsError;
-use super::store::{Meta, Store};
+use super::store::{Meta, Staged, Store};
 
 /// Overlay's own xattrs: interpreted, never recorded as file xattrs.
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
@@ -150,19 +150,29 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsE
     }
 }
 
-/// What a previous scan learned about an upper file: if its inode, size,
-/// mtime and ctime are unchanged, its object is too.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a previous scan learned about an upper entry: while its inode,
+/// size, mtime and ctime are unchanged, so is its entry (any chmod, chown,
+/// xattr or content change moves ctime), content object included.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
-    pub object: String,
+    pub entry: Entry,
 }
 
+/// What one scan produces: the new cache, its counters, and the staged copies
+/// of changed files (by path) still to be committed to the store.
+pub type ScanResult = (ScanCache, ScanStats, Vec<(String, Staged)>);
+
 /// path → what the last scan saw.
-pub type ScanCache = HashMap<String, Seen>;
+pub type ScanCache = HashMap<String, Seen, rustc_hash::FxBuildHasher>;
+
+/// An empty cache sized for `n` entries.
+pub fn new_cache(n: usize) -> ScanCache {
+    HashMap::with_capacity_and_hasher(n, rustc_hash::FxBuildHasher)
+}
 
 /// Counters of one scan.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
@@ -199,131 +209,222 @@ fn xattrs_of(path: &Path, symlink: bool) -> Result<(BTreeMap<String, String>, bo
     Ok((out, opaque))
 }
 
-/// Scans the upper dir into entries, storing the content of changed files.
+/// Scans the upper dir into `next` (path → what is there now), reading and
+/// storing only entries whose inode/size/mtime/ctime differ from `cache`.
+/// Directories are shared out to `threads` workers. Changed files are only
+/// staged (copied, not hashed): their entries get an object once
+/// [`Store::commit`] ran on the returned list.
 pub fn scan_upper(
     upper: &Path,
     store: &Store,
     cache: &ScanCache,
-    next_cache: &mut ScanCache,
-    stats: &mut ScanStats,
-) -> Result<BTreeMap<String, Entry>, FsError> {
-    let mut out = BTreeMap::new();
-    let mut stack: Vec<(PathBuf, String)> = vec![(upper.to_owned(), String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let rd = fs::read_dir(&dir).map_err(io_err("read dir", &dir))?;
-        for item in rd {
-            let item = item.map_err(io_err("read dir", &dir))?;
-            let name = encode_path(item.file_name().as_bytes());
-            let rel_path = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let path = item.path();
-            let md = item.metadata().map_err(io_err("stat", &path))?;
-            let ft = md.file_type();
-            stats.entries += 1;
-            let base = |kind| Entry {
-                kind,
-                mode: md.mode() & 0o7777,
-                uid: md.uid(),
-                gid: md.gid(),
-                mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-                xattrs: BTreeMap::new(),
-                object: None,
-                size: 0,
-                target: None,
-                opaque: false,
-                rdev: 0,
-                link: None,
-            };
-            let entry = if ft.is_char_device() && md.rdev() == 0 {
-                base(Kind::Whiteout)
-            } else if ft.is_dir() {
-                let (xattrs, opaque) = xattrs_of(&path, false)?;
-                stack.push((path.clone(), rel_path.clone()));
-                Entry {
-                    xattrs,
-                    opaque,
-                    ..base(Kind::Dir)
-                }
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&path).map_err(io_err("readlink", &path))?;
-                Entry {
-                    target: Some(encode_path(target.as_os_str().as_bytes())),
-                    ..base(Kind::Symlink)
-                }
-            } else if ft.is_file() {
-                let (xattrs, _) = xattrs_of(&path, false)?;
-                let mut e = Entry {
-                    xattrs,
-                    size: md.size(),
-                    ..base(Kind::File)
-                };
-                if md.nlink() > 1 {
-                    e.link = Some(md.ino());
-                }
-                let seen_now = |object: String| Seen {
-                    ino: md.ino(),
-                    size: md.size(),
-                    mtime_ns: e.mtime_ns,
-                    ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-                    object,
-                };
-                let probe = seen_now(String::new());
-                let object = match cache.get(&rel_path) {
-                    Some(s)
-                        if s.ino == probe.ino
-                            && s.size == probe.size
-                            && s.mtime_ns == probe.mtime_ns
-                            && s.ctime_ns == probe.ctime_ns
-                            && store.has(&s.object) =>
-                    {
-                        stats.files_cached += 1;
-                        s.object.clone()
+    threads: usize,
+) -> Result<ScanResult, FsError> {
+    use std::sync::Mutex;
+    let queue: Mutex<(Vec<(PathBuf, String)>, usize)> =
+        Mutex::new((vec![(upper.to_owned(), String::new())], 0));
+    let ready = std::sync::Condvar::new();
+    let worker = || -> Result<ScanResult, FsError> {
+        let mut next = new_cache(cache.len() / threads.max(1) + 16);
+        let mut stats = ScanStats::default();
+        let mut staged = Vec::new();
+        loop {
+            // Take a directory; stop when none is queued and no worker may add one.
+            let (dir, rel) = {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(d) = q.0.pop() {
+                        q.1 += 1;
+                        break d;
                     }
-                    _ => {
-                        stats.files_hashed += 1;
-                        stats.bytes_hashed += md.size();
-                        let meta = Meta {
-                            mode: e.mode,
-                            uid: e.uid,
-                            gid: e.gid,
-                            mtime_ns: e.mtime_ns,
-                            xattrs: e.xattrs.clone(),
-                        };
-                        store.put_file(&path, &meta)?
+                    if q.1 == 0 {
+                        ready.notify_all();
+                        return Ok((next, stats, staged));
                     }
-                };
-                next_cache.insert(rel_path.clone(), seen_now(object.clone()));
-                Entry {
-                    object: Some(object),
-                    ..e
-                }
-            } else {
-                let kind = if ft.is_fifo() {
-                    Kind::Fifo
-                } else if ft.is_char_device() {
-                    Kind::Char
-                } else if ft.is_block_device() {
-                    Kind::Block
-                } else {
-                    Kind::Socket
-                };
-                Entry {
-                    rdev: md.rdev(),
-                    ..base(kind)
+                    q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            out.insert(rel_path, entry);
+            let result = scan_dir(&dir, &rel, store, cache, &mut next, &mut stats, &mut staged);
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.1 -= 1;
+            match result {
+                Ok(subdirs) => q.0.extend(subdirs),
+                Err(e) => {
+                    q.0.clear();
+                    ready.notify_all();
+                    return Err(e);
+                }
+            }
+            ready.notify_all();
         }
+    };
+    let results: Vec<Result<ScanResult, FsError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(worker)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(FsError::Corrupt("scan worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut all = new_cache(cache.len() + 16);
+    let mut total = ScanStats::default();
+    let mut all_staged = Vec::new();
+    for r in results {
+        let (part, stats, staged) = r?;
+        all.extend(part);
+        all_staged.extend(staged);
+        total.entries += stats.entries;
+        total.files_hashed += stats.files_hashed;
+        total.bytes_hashed += stats.bytes_hashed;
+        total.files_cached += stats.files_cached;
     }
-    Ok(out)
+    Ok((all, total, all_staged))
+}
+
+/// Scans one directory's entries; returns its subdirectories.
+fn scan_dir(
+    dir: &Path,
+    rel: &str,
+    store: &Store,
+    cache: &ScanCache,
+    next: &mut ScanCache,
+    stats: &mut ScanStats,
+    staged: &mut Vec<(String, Staged)>,
+) -> Result<Vec<(PathBuf, String)>, FsError> {
+    let mut subdirs = Vec::new();
+    let rd = fs::read_dir(dir).map_err(io_err("read dir", dir))?;
+    for item in rd {
+        let item = item.map_err(io_err("read dir", dir))?;
+        let name = encode_path(item.file_name().as_bytes());
+        let rel_path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let path = item.path();
+        let md = item.metadata().map_err(io_err("stat", &path))?;
+        let ft = md.file_type();
+        stats.entries += 1;
+        let (mtime_ns, ctime_ns) = (
+            md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        );
+        let unchanged = cache.get(&rel_path).filter(|s| {
+            s.ino == md.ino()
+                && s.size == md.size()
+                && s.mtime_ns == mtime_ns
+                && s.ctime_ns == ctime_ns
+        });
+        let entry = match unchanged {
+            Some(seen) => {
+                if ft.is_file() {
+                    stats.files_cached += 1;
+                }
+                seen.entry.clone()
+            }
+            None => read_entry(&path, &rel_path, &md, store, stats, staged)?,
+        };
+        if ft.is_dir() {
+            subdirs.push((path, rel_path.clone()));
+        }
+        next.insert(
+            rel_path,
+            Seen {
+                ino: md.ino(),
+                size: md.size(),
+                mtime_ns,
+                ctime_ns,
+                entry,
+            },
+        );
+    }
+    Ok(subdirs)
+}
+
+/// Reads one upper entry that the cache does not cover (storing a file's content).
+fn read_entry(
+    path: &Path,
+    rel_path: &str,
+    md: &fs::Metadata,
+    store: &Store,
+    stats: &mut ScanStats,
+    staged: &mut Vec<(String, Staged)>,
+) -> Result<Entry, FsError> {
+    let ft = md.file_type();
+    let base = |kind| Entry {
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        xattrs: BTreeMap::new(),
+        object: None,
+        size: 0,
+        target: None,
+        opaque: false,
+        rdev: 0,
+        link: None,
+    };
+    Ok(if ft.is_char_device() && md.rdev() == 0 {
+        base(Kind::Whiteout)
+    } else if ft.is_dir() {
+        let (xattrs, opaque) = xattrs_of(path, false)?;
+        Entry {
+            xattrs,
+            opaque,
+            ..base(Kind::Dir)
+        }
+    } else if ft.is_symlink() {
+        let target = fs::read_link(path).map_err(io_err("readlink", path))?;
+        Entry {
+            target: Some(encode_path(target.as_os_str().as_bytes())),
+            ..base(Kind::Symlink)
+        }
+    } else if ft.is_file() {
+        let (xattrs, _) = xattrs_of(path, false)?;
+        let mut e = Entry {
+            xattrs,
+            size: md.size(),
+            ..base(Kind::File)
+        };
+        if md.nlink() > 1 {
+            e.link = Some(md.ino());
+        }
+        stats.files_hashed += 1;
+        stats.bytes_hashed += md.size();
+        let meta = Meta {
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime_ns: e.mtime_ns,
+            xattrs: e.xattrs.clone(),
+        };
+        staged.push((rel_path.to_owned(), store.stage_file(path, &meta)?));
+        e
+    } else {
+        let kind = if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_char_device() {
+            Kind::Char
+        } else if ft.is_block_device() {
+            Kind::Block
+        } else {
+            Kind::Socket
+        };
+        Entry {
+            rdev: md.rdev(),
+            ..base(kind)
+        }
+    })
 }
 
 /// Applies an upper scan onto the manifest of the layer below it. A whiteout
 /// is kept only where the base still has the path (elsewhere it hides nothing).
-pub fn merge(parent: &Manifest, upper: BTreeMap<String, Entry>, base: &Path) -> Manifest {
+pub fn merge(parent: &Manifest, scan: &ScanCache, base: &Path) -> Manifest {
+    let mut upper: Vec<(&String, &Entry)> = scan.iter().map(|(k, s)| (k, &s.entry)).collect();
+    upper.sort_unstable_by(|a, b| a.0.cmp(b.0)); // parents before children
     let mut entries = parent.entries.clone();
     fn remove_below(entries: &mut BTreeMap<String, Entry>, p: &str) {
         let prefix = format!("{p}/");
@@ -336,27 +437,30 @@ pub fn merge(parent: &Manifest, upper: BTreeMap<String, Entry>, base: &Path) -> 
             entries.remove(&k);
         }
     }
+    let parent_empty = parent.entries.is_empty();
     for (p, e) in upper {
         match e.kind {
             Kind::Whiteout => {
-                remove_below(&mut entries, &p);
-                entries.remove(&p);
+                remove_below(&mut entries, p);
+                entries.remove(p);
                 let in_base =
-                    fs::symlink_metadata(base.join(OsStr::from_bytes(&decode_path(&p)))).is_ok();
+                    fs::symlink_metadata(base.join(OsStr::from_bytes(&decode_path(p)))).is_ok();
                 if in_base {
-                    entries.insert(p, e);
+                    entries.insert(p.clone(), e.clone());
                 }
             }
             Kind::Dir => {
-                if e.opaque {
-                    remove_below(&mut entries, &p);
+                if e.opaque && !parent_empty {
+                    remove_below(&mut entries, p);
                 }
-                entries.insert(p, e);
+                entries.insert(p.clone(), e.clone());
             }
             _ => {
                 // A non-directory hides whatever lower tree was at this path.
-                remove_below(&mut entries, &p);
-                entries.insert(p, e);
+                if !parent_empty {
+                    remove_below(&mut entries, p);
+                }
+                entries.insert(p.clone(), e.clone());
             }
         }
     }
@@ -508,26 +612,31 @@ mod tests {
         for p in ["a", "d/x", "d/y", "e/z", "f/g"] {
             parent.entries.insert(p.into(), file(p));
         }
-        let mut upper = BTreeMap::new();
+        let mut upper = new_cache(8);
+        let seen = |entry: Entry| Seen {
+            ino: 0,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            entry,
+        };
         let wh = Entry {
             kind: Kind::Whiteout,
             object: None,
             ..file("")
         };
-        upper.insert("a".to_string(), wh.clone());
-        upper.insert("in-base".to_string(), wh.clone());
-        upper.insert(
-            "d".to_string(),
-            Entry {
-                kind: Kind::Dir,
-                opaque: true,
-                object: None,
-                ..file("")
-            },
-        );
-        upper.insert("d/new".to_string(), file("n"));
-        upper.insert("f".to_string(), file("now-a-file"));
-        let m = merge(&parent, upper, base.path());
+        upper.insert("a".to_string(), seen(wh.clone()));
+        upper.insert("in-base".to_string(), seen(wh.clone()));
+        let dir = Entry {
+            kind: Kind::Dir,
+            opaque: true,
+            object: None,
+            ..file("")
+        };
+        upper.insert("d".to_string(), seen(dir));
+        upper.insert("d/new".to_string(), seen(file("n")));
+        upper.insert("f".to_string(), seen(file("now-a-file")));
+        let m = merge(&parent, &upper, base.path());
         let keys: Vec<&str> = m.entries.keys().map(String::as_str).collect();
         assert_eq!(keys, ["d", "d/new", "e/z", "f", "in-base"]);
         assert_eq!(m.entries["in-base"].kind, Kind::Whiteout);

@@ -60,6 +60,16 @@ pub enum FsError {
     Durable(#[from] DurableError),
 }
 
+/// What the frozen part of a capture found.
+pub struct FrozenScan {
+    next: ScanCache,
+    pub stats: ScanStats,
+    staged: Vec<(String, store::Staged)>,
+}
+
+/// Workers sharing out the directories of a scan.
+const SCAN_THREADS: usize = 2;
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
     move |source| FsError::Io {
         op,
@@ -122,7 +132,7 @@ impl Env {
             base,
             store,
             state: Mutex::new(state),
-            cache: Mutex::new(ScanCache::new()),
+            cache: Mutex::new(manifest::new_cache(0)),
         };
         env.clean_stale()?;
         if env.is_mounted() {
@@ -274,20 +284,80 @@ impl Env {
         }
     }
 
-    /// Scans the upper dir (reading only what changed since the last scan)
-    /// and merges it onto `parent`, the manifest of the mounted layer.
-    pub fn capture(&self, parent: &Manifest) -> Result<(Manifest, ScanStats, ScanCache), FsError> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut next = ScanCache::with_capacity(cache.len());
-        let mut stats = ScanStats::default();
-        let upper =
-            manifest::scan_upper(&self.upper(), &self.store, &cache, &mut next, &mut stats)?;
-        Ok((manifest::merge(parent, upper, &self.base), stats, next))
+    /// The part of a capture that runs while services are frozen: one stat
+    /// of every upper entry, and an in-kernel copy of what changed since the
+    /// last capture (no hashing).
+    pub fn scan_frozen(&self) -> Result<FrozenScan, FsError> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, stats, staged) =
+            manifest::scan_upper(&self.upper(), &self.store, &cache, SCAN_THREADS)?;
+        Ok(FrozenScan {
+            next,
+            stats,
+            staged,
+        })
+    }
+
+    /// The rest, after the thaw: hashes the staged copies into the store and
+    /// merges the scan onto `parent`, the manifest of the mounted layer.
+    pub fn finish_capture(
+        &self,
+        frozen: FrozenScan,
+        parent: &Manifest,
+    ) -> Result<(Manifest, ScanCache), FsError> {
+        let FrozenScan {
+            mut next, staged, ..
+        } = frozen;
+        let store = &self.store;
+        let chunk = staged.len().div_ceil(SCAN_THREADS).max(1);
+        let mut parts: Vec<Vec<(String, store::Staged)>> = Vec::new();
+        let mut it = staged.into_iter().peekable();
+        while it.peek().is_some() {
+            parts.push(it.by_ref().take(chunk).collect());
+        }
+        let committed: Vec<Result<Vec<(String, String)>, FsError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.into_iter()
+                            .map(|(p, s)| Ok((p, store.commit(s)?)))
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(FsError::Corrupt("commit worker panicked".into())))
+                })
+                .collect()
+        });
+        for part in committed {
+            for (path, id) in part? {
+                if let Some(seen) = next.get_mut(&path) {
+                    seen.entry.object = Some(id);
+                }
+            }
+        }
+        let manifest = manifest::merge(parent, &next, &self.base);
+        Ok((manifest, next))
     }
 
     /// Keeps what a successful capture saw, for the next one.
     pub fn keep_scan(&self, cache: ScanCache) {
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = cache;
+    }
+
+    /// Store objects the scan cache refers to (garbage collection keeps them).
+    pub fn cached_objects(&self) -> Vec<String> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|s| s.entry.object.clone())
+            .collect()
     }
 
     /// Builds the layer of checkpoint `id` unless it is already built.
@@ -363,7 +433,7 @@ impl Env {
             generation,
             source: Some(id.to_owned()),
         })?;
-        self.keep_scan(ScanCache::new());
+        self.keep_scan(manifest::new_cache(0));
         for stale in [
             format!("upper-{}", old.generation),
             format!("work-{}", old.generation),

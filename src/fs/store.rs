@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -47,6 +47,13 @@ impl Meta {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// A file copied into the store's temp dir, not yet hashed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    meta: Meta,
 }
 
 #[derive(Debug, Clone)]
@@ -95,10 +102,12 @@ impl Store {
     }
 
     fn temp(&self) -> Result<(PathBuf, File), FsError> {
-        let rnd =
-            crate::sys::random_bytes(8).map_err(io_err("random", Path::new("/dev/urandom")))?;
-        let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-        let path = self.root.join("tmp").join(name);
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{n}", std::process::id()));
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -123,30 +132,61 @@ impl Store {
     /// Copies `src` into the store (holes stay holes), with `meta` applied to
     /// the object's inode. Returns the object id.
     pub fn put_file(&self, src: &Path, meta: &Meta) -> Result<String, FsError> {
-        let (tmp, mut out) = self.temp()?;
+        let staged = self.stage_file(src, meta)?;
+        self.commit(staged)
+    }
+
+    /// The fast half of [`Store::put_file`], for while services are frozen:
+    /// an in-kernel copy (`copy_file_range`, data segments only) into the
+    /// store's temp dir, no hashing.
+    pub fn stage_file(&self, src: &Path, meta: &Meta) -> Result<Staged, FsError> {
+        let (tmp, out) = self.temp()?;
+        let staged = Staged {
+            tmp: tmp.clone(),
+            meta: meta.clone(),
+        };
         let result = (|| {
-            let mut input = File::open(src).map_err(io_err("open", src))?;
+            let input = File::open(src).map_err(io_err("open", src))?;
             let len = input.metadata().map_err(io_err("stat", src))?.len();
-            let hash = copy_sparse(&mut input, &mut out, len, src, &tmp)?;
-            let id = format!("{hash}-{}", meta.key());
+            copy_segments(&input, &out, len, src, &tmp)
+        })();
+        match result {
+            Ok(()) => Ok(staged),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// The slow half: hashes a staged copy, applies its metadata and makes it
+    /// an object (or drops it when the object exists). Returns the object id.
+    pub fn commit(&self, staged: Staged) -> Result<String, FsError> {
+        let result = (|| {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&staged.tmp)
+                .map_err(io_err("open", &staged.tmp))?;
+            let hash = hash_sparse(&f, &staged.tmp)?;
+            let id = format!("{hash}-{}", staged.meta.key());
             if self.object_path(&id).exists() {
                 return Ok((id, false));
             }
-            apply_meta(&out, &tmp, meta)?;
+            apply_meta(&f, &staged.tmp, &staged.meta)?;
             Ok((id, true))
         })();
-        drop(out);
         match result {
             Ok((id, true)) => {
-                self.publish(&tmp, &id)?;
+                self.publish(&staged.tmp, &id)?;
                 Ok(id)
             }
             Ok((id, false)) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&staged.tmp);
                 Ok(id)
             }
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&staged.tmp);
                 Err(e)
             }
         }
@@ -226,59 +266,92 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Copies `len` bytes, seeking over holes (SEEK_DATA/SEEK_HOLE), and returns
-/// the SHA-256 of the logical content (holes hash as zeros).
-fn copy_sparse(
-    input: &mut File,
-    out: &mut File,
-    len: u64,
-    src: &Path,
-    dst: &Path,
-) -> Result<String, FsError> {
+/// The data segments of a file below `len`: `(start, end)` pairs found with
+/// SEEK_DATA/SEEK_HOLE (the whole file where holes are not supported).
+fn data_segments(f: &File, len: u64) -> Vec<(u64, u64)> {
     use nix::unistd::{Whence, lseek};
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let zeros = vec![0u8; CHUNK];
-    let mut pos: u64 = 0;
+    let mut out = Vec::new();
+    let mut pos = 0u64;
     while pos < len {
-        let data = match lseek(input.as_fd(), pos as i64, Whence::SeekData) {
+        let start = match lseek(f.as_fd(), pos as i64, Whence::SeekData) {
             Ok(d) => d as u64,
-            Err(nix::errno::Errno::ENXIO) => len, // only a hole remains
-            Err(_) => pos,                        // no hole support: copy everything
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+            Err(_) => return vec![(0, len)],
         };
-        // Hash the hole [pos, data).
-        let mut hole = data.min(len) - pos;
-        while hole > 0 {
-            let n = hole.min(CHUNK as u64) as usize;
-            h.update(&zeros[..n]);
-            hole -= n as u64;
-        }
-        if data >= len {
+        if start >= len {
             break;
         }
-        let end = match lseek(input.as_fd(), data as i64, Whence::SeekHole) {
+        let end = match lseek(f.as_fd(), start as i64, Whence::SeekHole) {
             Ok(e) => (e as u64).min(len),
             Err(_) => len,
         };
-        input
-            .seek(SeekFrom::Start(data))
-            .map_err(io_err("seek", src))?;
-        out.seek(SeekFrom::Start(data))
-            .map_err(io_err("seek", dst))?;
-        let mut left = end - data;
-        while left > 0 {
-            let want = left.min(CHUNK as u64) as usize;
-            let n = input.read(&mut buf[..want]).map_err(io_err("read", src))?;
-            if n == 0 {
-                break; // shrank while copying: services are frozen, so only a concurrent writer could do this
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_err("write", dst))?;
-            left -= n as u64;
-        }
+        out.push((start, end));
         pos = end;
     }
-    out.set_len(len).map_err(io_err("truncate", dst))?;
+    out
+}
+
+/// Copies the data segments of `input` in the kernel; holes stay holes.
+fn copy_segments(
+    input: &File,
+    out: &File,
+    len: u64,
+    src: &Path,
+    dst: &Path,
+) -> Result<(), FsError> {
+    for (start, end) in data_segments(input, len) {
+        let (mut off_in, mut off_out) = (start as i64, start as i64);
+        let mut left = end - start;
+        while left > 0 {
+            let n = nix::fcntl::copy_file_range(
+                input.as_fd(),
+                Some(&mut off_in),
+                out.as_fd(),
+                Some(&mut off_out),
+                left as usize,
+            )
+            .map_err(|e| io_err("copy_file_range", src)(e.into()))?;
+            if n == 0 {
+                break; // shrank meanwhile: only a writer outside the freeze could do this
+            }
+            left -= n as u64;
+        }
+    }
+    out.set_len(len).map_err(io_err("truncate", dst))
+}
+
+/// SHA-256 of a file's logical content (holes hash as zeros).
+fn hash_sparse(f: &File, path: &Path) -> Result<String, FsError> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map_err(io_err("stat", path))?.len();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let zeros = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    let feed_zeros = |h: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(CHUNK as u64) as usize;
+            h.update(&zeros[..k]);
+            n -= k as u64;
+        }
+    };
+    for (start, end) in data_segments(f, len) {
+        feed_zeros(&mut h, start - pos);
+        let mut off = start;
+        while off < end {
+            let want = ((end - off) as usize).min(CHUNK);
+            let n = f
+                .read_at(&mut buf[..want], off)
+                .map_err(io_err("read", path))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        pos = off;
+    }
+    feed_zeros(&mut h, len - pos);
     Ok(hex(&h.finalize()))
 }
 
@@ -311,6 +384,7 @@ fn apply_meta(f: &File, path: &Path, meta: &Meta) -> Result<(), FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::MetadataExt;
 
     #[test]
