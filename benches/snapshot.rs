@@ -63,6 +63,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
             cgroups: None,
             reaper: Reaper::start().unwrap(),
             default_dir: root.clone(),
+            chroot: None,
             base_env: vec![],
             port_wait: Duration::from_secs(1),
             max_log_file: 1 << 20,

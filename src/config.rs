@@ -31,6 +31,11 @@ pub enum ConfigError {
     BadToken,
     #[error("cannot determine the host name for the default sprite name: {0}")]
     Hostname(#[source] std::io::Error),
+    #[error(
+        "--env-base {base} contains the state dir {state}: overlayfs refuses a lower layer that contains \
+         another layer, so restores would fail. Put the state dir outside the base tree"
+    )]
+    BaseContainsState { base: PathBuf, state: PathBuf },
     #[error("state dir {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -101,6 +106,12 @@ pub struct Args {
     /// Read-only base tree under the environment (e.g. an OS tree). Default: an empty dir.
     #[arg(long, env = "SPRITED_ENV_BASE", value_name = "DIR")]
     pub env_base: Option<PathBuf>,
+
+    /// Run services with the environment tree as their root, in their own mount
+    /// namespace with /proc, /dev and /sys bound in and the checkpoints at
+    /// /.sprite/checkpoints (read-only). Use with an OS tree as --env-base.
+    #[arg(long, env = "SPRITED_CHROOT")]
+    pub chroot: bool,
 
     /// How long /exec and /proxy wait for the daemon to be running before answering 503.
     #[arg(
@@ -218,6 +229,7 @@ pub struct Config {
     pub no_criu: bool,
     pub env_root: PathBuf,
     pub env_base: Option<PathBuf>,
+    pub chroot: bool,
     pub hold_booting: bool,
     pub mountinfo_path: PathBuf,
 }
@@ -246,6 +258,15 @@ impl Config {
         };
         if !valid_name(&sprite_name) {
             return Err(ConfigError::BadSpriteName { value: sprite_name });
+        }
+        if let Some(base) = &args.env_base {
+            let base = absolute(base)?;
+            if state_dir.starts_with(&base) {
+                return Err(ConfigError::BaseContainsState {
+                    base,
+                    state: state_dir,
+                });
+            }
         }
         let daemon_id = daemon_id_for(&state_dir);
         let cgroup_parent = match &args.cgroup_parent {
@@ -281,6 +302,7 @@ impl Config {
                 None => absolute(&args.state_dir)?.join("root"),
             },
             env_base: args.env_base.as_deref().map(absolute).transpose()?,
+            chroot: args.chroot,
             no_criu: args.no_criu,
             hold_booting: args.hold_booting,
             mountinfo_path: args.mountinfo.clone(),
@@ -432,6 +454,13 @@ mod tests {
             Config::from_args(&args(&["--token", "t", "--wait-for-running", "soon"])).unwrap_err();
         assert!(e.to_string().contains("soon"));
         assert!(matches!(Token::new("a b"), Err(ConfigError::BadToken)));
+    }
+
+    #[test]
+    fn a_base_may_not_contain_the_state_dir() {
+        let e = Config::from_args(&args(&["--listen", "none", "--env-base", "/"])).unwrap_err();
+        assert!(matches!(e, ConfigError::BaseContainsState { .. }), "{e}");
+        assert!(Config::from_args(&args(&["--listen", "none", "--env-base", "/srv/base"])).is_ok());
     }
 
     #[test]

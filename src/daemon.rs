@@ -200,6 +200,10 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     }
     if let Some(cps) = app.checkpoints.get() {
         cps.unmount_browsable();
+        if config.chroot {
+            cps.env()
+                .unmount_path(&config.state_dir.join("checkpoints"));
+        }
         if let Err(e) = cps.env().unmount() {
             tracing::warn!(error = %e, "cannot unmount the environment root");
         }
@@ -262,6 +266,16 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             .as_ref()
             .map(|e| e.root().to_owned())
             .unwrap_or_else(|| PathBuf::from("/")),
+        chroot: match (&env, config.chroot) {
+            (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints")),
+            (None, true) => {
+                tracing::error!(
+                    "--chroot needs the environment root, which is unavailable: services run unconfined"
+                );
+                None
+            }
+            (_, false) => None,
+        },
         base_env: base_env(config),
         port_wait: config.wait_for_running,
         max_log_file: crate::supervisor::logs::DEFAULT_MAX_FILE,
@@ -307,6 +321,35 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     {
         notify::notify("STATUS=running");
     }
+}
+
+/// Creates the mount points a chrooted service needs inside the environment.
+fn prepare_chroot(env: &Env, checkpoints: &Path) -> Option<crate::sys::Chroot> {
+    let root = env.root();
+    let inside = PathBuf::from("/.sprite/checkpoints");
+    let binds: Vec<PathBuf> = ["/proc", "/dev", "/sys"]
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    for p in binds.iter().chain([&inside]) {
+        let dir = root.join(p.strip_prefix("/").unwrap_or(p));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot prepare --chroot; services run unconfined");
+            return None;
+        }
+    }
+    if let Err(e) = std::fs::create_dir_all(checkpoints) {
+        tracing::error!(dir = %checkpoints.display(), error = %e, "cannot prepare --chroot");
+        return None;
+    }
+    if let Err(e) = env.share(checkpoints) {
+        tracing::warn!(error = %e, "checkpoints taken later will not be visible inside running services");
+    }
+    Some(crate::sys::Chroot {
+        root: root.to_owned(),
+        binds,
+        read_only: Some((checkpoints.to_owned(), inside)),
+    })
 }
 
 /// The environment every service starts from. The daemon's own environment

@@ -149,3 +149,99 @@ pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, procs_fd: std::o
         });
     }
 }
+
+/// Where and how a service is confined in `--chroot` mode.
+#[derive(Debug, Clone)]
+pub struct Chroot {
+    /// The merged environment tree: the service's `/`.
+    pub root: std::path::PathBuf,
+    /// Host paths bound (recursively) at the same path inside: `/proc`, `/dev`, `/sys`.
+    pub binds: Vec<std::path::PathBuf>,
+    /// Host dir bound read-only at `inside` (the checkpoints, at `/.sprite/checkpoints`).
+    pub read_only: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Arranges for the child of `cmd` to enter its own mount namespace, bind
+/// the host's `/proc`, `/dev`, `/sys` (and the read-only bind) into
+/// `chroot.root`, `chroot(2)` there and `chdir(2)` to `dir` (a path inside).
+/// The mount points must exist. Everything the child needs is prepared here,
+/// before the fork.
+#[allow(unsafe_code)]
+pub fn chroot_before_exec(
+    cmd: &mut std::process::Command,
+    chroot: &Chroot,
+    dir: &str,
+) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let c = |p: &std::path::Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let root = c(&chroot.root)?;
+    let mut binds = Vec::new();
+    for b in &chroot.binds {
+        let inside = chroot.root.join(b.strip_prefix("/").unwrap_or(b));
+        binds.push((c(b)?, c(&inside)?));
+    }
+    let ro = match &chroot.read_only {
+        Some((host, inside)) => Some((
+            c(host)?,
+            c(&chroot.root.join(inside.strip_prefix("/").unwrap_or(inside)))?,
+        )),
+        None => None,
+    };
+    let dir = CString::new(dir).map_err(io::Error::other)?;
+    let slash = CString::new("/").map_err(io::Error::other)?;
+    // SAFETY: the closure runs in the forked child before exec. It only makes
+    // raw system calls (unshare, mount, chroot, chdir) on C strings built
+    // above, allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            // Slave: mounts the daemon makes later (new checkpoints' roots)
+            // propagate in; nothing mounted in here propagates back out.
+            check(libc::mount(
+                std::ptr::null(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            for (src, dst) in &binds {
+                check(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+            }
+            if let Some((src, dst)) = &ro {
+                check(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                check(libc::mount(
+                    std::ptr::null(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                ))?;
+            }
+            check(libc::chroot(root.as_ptr()))?;
+            check(libc::chdir(dir.as_ptr()))
+        });
+    }
+    Ok(())
+}

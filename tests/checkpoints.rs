@@ -431,3 +431,111 @@ async fn sprite_env_checkpoint_commands() {
         Some(sprited::cli::EXIT_HTTP_ERROR as i32)
     );
 }
+
+/// A minimal OS tree: `/bin/sh`, `/bin/sleep` and the libraries `ldd` names.
+fn minimal_os_tree(dest: &Path) {
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+    let mut files = vec![sh.clone(), sleep.clone()];
+    for bin in [&sh, &sleep] {
+        let ldd = std::process::Command::new("ldd").arg(bin).output().unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                files.push(std::path::PathBuf::from(p));
+            }
+        }
+    }
+    for f in files {
+        let target = dest.join(f.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(std::fs::canonicalize(&f).unwrap(), &target).unwrap();
+    }
+    std::fs::create_dir_all(dest.join("bin")).unwrap();
+    for (src, name) in [(&sh, "sh"), (&sleep, "sleep")] {
+        if !dest.join("bin").join(name).exists() {
+            std::fs::copy(src, dest.join("bin").join(name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn chroot_services_live_inside_the_environment() {
+    if !privileged("chroot_services_live_inside_the_environment") {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("sprited-base-")
+        .tempdir()
+        .unwrap();
+    minimal_os_tree(base.path());
+    let d = Daemon::start_with(Options {
+        extra: vec![
+            "--chroot".into(),
+            "--env-base".into(),
+            base.path().display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // The base has nothing but sh and sleep.
+    let script = "echo inside > /marker; test -e /proc/self/status && echo proc-ok; test -c /dev/null && echo dev-ok; \
+                  test -d /.sprite/checkpoints && echo checkpoints-ok; echo x > /.sprite/checkpoints/x || echo read-only; \
+                  echo cwd=$PWD; trap 'read v < /.sprite/checkpoints/v1/root/marker; echo seen=$v' HUP; \
+                  while :; do sleep 0.2; done";
+    let r = d
+        .req(
+            Method::PUT,
+            "/v1/services/jail?duration=30s",
+            Some(json!({"cmd": "sh", "args": ["-c", script]})),
+        )
+        .await;
+    let mut s = Ndjson::new(r);
+    let events = s
+        .until(|e| e["data"].as_str().is_some_and(|t| t.starts_with("cwd=")))
+        .await;
+    drop(s);
+    let out: Vec<&str> = events.iter().filter_map(|e| e["data"].as_str()).collect();
+    for want in [
+        "proc-ok\n",
+        "dev-ok\n",
+        "checkpoints-ok\n",
+        "read-only\n",
+        "cwd=/\n",
+    ] {
+        assert!(out.contains(&want), "{want:?} missing from {out:?}");
+    }
+    // Its `/` is the environment: the file is there, not on the host.
+    assert_eq!(
+        std::fs::read(d.env_root().join("marker")).unwrap(),
+        b"inside\n"
+    );
+    assert!(!Path::new("/marker").exists());
+    assert!(
+        !base.path().join("marker").exists(),
+        "the base is read-only to the environment"
+    );
+
+    // A checkpoint is browsable from inside.
+    d.checkpoint("jail").await;
+    let mut follow = Ndjson::new(d.get("/v1/services/jail/logs?lines=0&duration=20s").await);
+    let hup = json!({"name": "jail", "signal": "HUP"});
+    assert_eq!(
+        d.req(Method::POST, "/v1/services/signal", Some(hup))
+            .await
+            .status(),
+        204
+    );
+    follow.until(|e| e["data"] == "seen=inside\n").await;
+}
+
+#[tokio::test]
+async fn a_base_containing_the_state_dir_is_refused() {
+    let (status, log) = common::spawn(Options {
+        extra: vec!["--env-base".into(), "/".into()],
+        ..Default::default()
+    })
+    .exits()
+    .await;
+    assert!(!status.success());
+    assert!(log.contains("contains the state dir"), "{log}");
+}

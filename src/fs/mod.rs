@@ -401,6 +401,38 @@ impl Env {
         })
     }
 
+    /// Makes `dir` a shared mount point (a bind of itself), so that mounts
+    /// made below it later propagate into services' (slave) namespaces.
+    pub fn share(&self, dir: &Path) -> Result<(), FsError> {
+        use nix::mount::{MsFlags, mount};
+        let text = std::fs::read_to_string(&self.cfg.mountinfo).unwrap_or_default();
+        let target = dir.to_string_lossy();
+        if !text
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
+        {
+            mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
+                FsError::Mount {
+                    target: dir.to_owned(),
+                    options: "bind".into(),
+                    source: e.into(),
+                }
+            })?;
+        }
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| FsError::Mount {
+            target: dir.to_owned(),
+            options: "shared".into(),
+            source: e.into(),
+        })
+    }
+
     /// Unmounts `target` if something is mounted there (lazily when busy).
     pub fn unmount_path(&self, target: &Path) {
         use nix::mount::{MntFlags, umount2};

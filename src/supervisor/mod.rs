@@ -209,6 +209,8 @@ pub struct SupervisorConfig {
     pub default_dir: PathBuf,
     /// The environment every service starts from (its `env` is added on top).
     pub base_env: Vec<(String, String)>,
+    /// `--chroot`: services run with the environment tree as `/`.
+    pub chroot: Option<crate::sys::Chroot>,
     /// How long a start waits for a declared `http_port` to accept.
     pub port_wait: Duration,
     pub max_log_file: u64,
@@ -488,18 +490,32 @@ impl Supervisor {
             .env_clear()
             .envs(self.inner.cfg.base_env.iter().map(|(k, v)| (k, v)))
             .envs(&def.spec.env)
-            .current_dir(
-                def.spec
-                    .dir
-                    .as_deref()
-                    .map(Path::new)
-                    .unwrap_or(&self.inner.cfg.default_dir),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         crate::sys::join_cgroup_before_exec(&mut cmd, procs);
+        match &self.inner.cfg.chroot {
+            // The working dir is a path inside the chroot, entered after it.
+            Some(chroot) => {
+                let dir = def.spec.dir.as_deref().unwrap_or("/");
+                crate::sys::chroot_before_exec(&mut cmd, chroot, dir).map_err(|e| {
+                    SupervisorError::Start {
+                        name: name.to_owned(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+            None => {
+                cmd.current_dir(
+                    def.spec
+                        .dir
+                        .as_deref()
+                        .map(Path::new)
+                        .unwrap_or(&self.inner.cfg.default_dir),
+                );
+            }
+        }
         let spawned = self.inner.cfg.reaper.spawn(&mut cmd);
         drop(cmd); // closes our copy of the cgroup.procs fd
         let mut child = match spawned {

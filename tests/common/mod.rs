@@ -312,10 +312,13 @@ impl Ndjson {
     pub async fn until(&mut self, mut pred: impl FnMut(&Value) -> bool) -> Vec<Value> {
         let mut seen = Vec::new();
         loop {
-            let ev = self
-                .next()
-                .await
-                .unwrap_or_else(|| panic!("stream ended before the awaited event; saw {seen:?}"));
+            let Some(ev) = self.next().await else {
+                let tail = &seen[seen.len().saturating_sub(20)..];
+                panic!(
+                    "stream ended before the awaited event; {} events, the last: {tail:?}",
+                    seen.len()
+                );
+            };
             let done = pred(&ev);
             seen.push(ev);
             if done {
