@@ -24,16 +24,14 @@ fn sdk_python() -> Option<PathBuf> {
     None
 }
 
-#[tokio::test]
-async fn sprites_py_manages_services() {
-    if !privileged("sprites_py_manages_services") {
-        return;
-    }
+/// Runs one SDK script against a fresh daemon; it must print `done`.
+async fn run_script(name: &str, done: &str) {
     let Some(python) = sdk_python() else { return };
     let d = Daemon::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/services.py");
+    let script = format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new(python)
         .arg(script)
+        .env("SPRITED_ENV_ROOT", d.env_root())
         .env("SPRITED_URL", format!("http://{}", d.tcp.unwrap()))
         .env("SPRITED_TOKEN", TOKEN)
         .env("SPRITED_NAME", NAME)
@@ -48,5 +46,19 @@ async fn sprites_py_manages_services() {
         "SDK script failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
         d.log_text()
     );
-    assert!(stdout.contains("SDK services: all passed"), "{stdout}");
+    assert!(stdout.contains(done), "{stdout}");
+}
+
+#[tokio::test]
+async fn sprites_py_manages_services() {
+    if privileged("sprites_py_manages_services") {
+        run_script("services.py", "SDK services: all passed").await;
+    }
+}
+
+#[tokio::test]
+async fn sprites_py_takes_and_restores_checkpoints() {
+    if privileged("sprites_py_takes_and_restores_checkpoints") {
+        run_script("checkpoints.py", "SDK checkpoints: all passed").await;
+    }
 }
