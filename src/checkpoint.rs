@@ -319,7 +319,6 @@ impl Checkpoints {
             let (manifest, cache) = self.env.finish_capture(frozen, &parent)?;
             progress("Saving filesystem state...".to_owned());
             let manifest_id = self.env.store().put_bytes(&manifest::encode(&manifest))?;
-            self.env.store().sync()?;
             let source = st.source.clone();
             let mut history = Vec::new();
             if let Some(src) = &source {
@@ -348,14 +347,23 @@ impl Checkpoints {
                     files_cached: scan.files_cached,
                 },
             };
-            // Visible only once complete: a temp dir renamed into place.
+            // Visible only once complete: a temp dir renamed into place. One
+            // syncfs makes the objects, the manifest, the id counter and
+            // meta.json durable together, before the rename publishes them.
             let tmp = self.dir.join(format!("{}{id}", durable::TEMP_PREFIX));
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
-            durable::write_json(&tmp.join("meta.json"), &meta)?;
+            let meta_path = tmp.join("meta.json");
+            let json = serde_json::to_vec_pretty(&meta)
+                .map_err(|e| io_err("serialize", &meta_path)(e.into()))?;
+            std::fs::write(&meta_path, json).map_err(io_err("write", &meta_path))?;
+            let pending = self.env.prepare_source(&id)?;
+            self.env.store().sync()?;
             let dest = self.dir.join(&id);
             std::fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
             durable::sync_dir(&self.dir)?;
+            // Published: from here on the environment descends from it.
+            self.env.publish_source(pending)?;
             self.env.keep_scan(cache);
             Ok(meta)
         })();
@@ -365,7 +373,6 @@ impl Checkpoints {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), meta.clone());
-                self.env.set_source(Some(id.clone()))?;
                 let _ = std::fs::remove_file(self.journal());
                 tracing::info!(
                     freeze_ms = meta.stats.freeze_ms,

@@ -562,7 +562,7 @@ fn set_owner_times(path: &Path, e: &Entry, nofollow: bool) -> Result<(), FsError
 /// Serialises a manifest (JSON, zstd).
 pub fn encode(manifest: &Manifest) -> Vec<u8> {
     let json = serde_json::to_vec(manifest).unwrap_or_default();
-    zstd::encode_all(&json[..], 3).unwrap_or(json)
+    zstd::encode_all(&json[..], 1).unwrap_or(json)
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Manifest, FsError> {

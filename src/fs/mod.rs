@@ -60,6 +60,12 @@ pub enum FsError {
     Durable(#[from] DurableError),
 }
 
+/// A state update written but not yet renamed into place.
+pub struct PendingSource {
+    tmp: PathBuf,
+    state: EnvState,
+}
+
 /// What the frozen part of a capture found.
 pub struct FrozenScan {
     next: ScanCache,
@@ -175,11 +181,27 @@ impl Env {
         Ok(())
     }
 
-    /// Records the checkpoint the environment now descends from.
-    pub fn set_source(&self, id: Option<String>) -> Result<(), FsError> {
+    /// Writes (not yet durably, not yet visible) the state with a new source:
+    /// the caller's `syncfs` makes it durable, [`Env::publish_source`] visible.
+    pub fn prepare_source(&self, id: &str) -> Result<PendingSource, FsError> {
         let mut st = self.state();
-        st.source = id;
-        self.save_state(st)
+        st.source = Some(id.to_owned());
+        let tmp = self
+            .env_dir()
+            .join(format!("{}state.json", durable::TEMP_PREFIX));
+        let json =
+            serde_json::to_vec_pretty(&st).map_err(|e| io_err("serialize", &tmp)(e.into()))?;
+        std::fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
+        Ok(PendingSource { tmp, state: st })
+    }
+
+    /// Renames a prepared state into place and fsyncs its directory.
+    pub fn publish_source(&self, pending: PendingSource) -> Result<(), FsError> {
+        let dest = self.env_dir().join("state.json");
+        std::fs::rename(&pending.tmp, &dest).map_err(io_err("rename", &dest))?;
+        durable::sync_dir(&self.env_dir())?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = pending.state;
+        Ok(())
     }
 
     /// Removes upper/work generations not in use and half-built layers.
