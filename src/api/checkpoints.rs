@@ -82,10 +82,7 @@ fn spawn_capture(
     guard: OperationGuard,
     comment: String,
     id: Option<String>,
-) -> (
-    mpsc::UnboundedReceiver<String>,
-    tokio::task::JoinHandle<Result<String, String>>,
-) {
+) -> Progress {
     let (tx, rx) = mpsc::unbounded_channel();
     let done = tokio::task::spawn_blocking(move || {
         let _guard = guard;
@@ -102,14 +99,7 @@ fn spawn_capture(
     (rx, done)
 }
 
-fn spawn_restore(
-    cps: Arc<Checkpoints>,
-    guard: OperationGuard,
-    id: String,
-) -> (
-    mpsc::UnboundedReceiver<String>,
-    tokio::task::JoinHandle<Result<String, String>>,
-) {
+fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Progress {
     let (tx, rx) = mpsc::unbounded_channel();
     let done = tokio::spawn(async move {
         let _guard = guard;
@@ -125,20 +115,50 @@ fn spawn_restore(
     (rx, done)
 }
 
-/// `POST /v1/checkpoint`, `POST /v1/checkpoints`: streams progress.
-pub async fn create(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let cps = checkpoints(&app)?;
-    let req: CreateBody = parse_body(&body)?;
+type Progress = (
+    mpsc::UnboundedReceiver<String>,
+    tokio::task::JoinHandle<Result<String, String>>,
+);
+
+/// Validates a create request and starts the capture (409 while busy).
+async fn begin_capture(
+    app: &AppState,
+    body: &Bytes,
+) -> Result<(Progress, Option<String>), ApiError> {
+    let cps = checkpoints(app)?;
+    let req: CreateBody = parse_body(body)?;
     if let Some(id) = &req.checkpoint_id {
         cps.check_new_id(id)?;
     }
     let guard = app.lifecycle.begin(Transition::BeginCheckpoint).await?;
-    let (rx, done) = spawn_capture(
-        cps,
-        guard,
-        req.comment.unwrap_or_default(),
-        req.checkpoint_id,
-    );
+    let id = req.checkpoint_id.clone();
+    Ok((
+        spawn_capture(
+            cps,
+            guard,
+            req.comment.unwrap_or_default(),
+            req.checkpoint_id,
+        ),
+        id,
+    ))
+}
+
+/// Seed-003 operations run unobserved: their outcome goes to the log.
+fn log_when_done(progress: Progress, what: &'static str) {
+    let (rx, done) = progress;
+    drop(rx);
+    tokio::spawn(async move {
+        match done.await {
+            Ok(Ok(msg)) => tracing::info!("{msg}"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "background {what} failed"),
+            Err(e) => tracing::warn!(error = %e, "background {what} panicked"),
+        }
+    });
+}
+
+/// `POST /v1/checkpoint`, `POST /v1/checkpoints`: streams progress.
+pub async fn create(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let ((rx, done), _) = begin_capture(&app, &body).await?;
     Ok(ndjson(app.shutdown.clone(), move |em| {
         forward(em, rx, done)
     }))
@@ -204,30 +224,8 @@ pub async fn root_checkpoint(
     State(app): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<Response, PlainError> {
-    let run = async {
-        let cps = checkpoints(&app)?;
-        let req: CreateBody = parse_body(&body)?;
-        if let Some(id) = &req.checkpoint_id {
-            cps.check_new_id(id)?;
-        }
-        let guard = app.lifecycle.begin(Transition::BeginCheckpoint).await?;
-        let (rx, done) = spawn_capture(
-            cps,
-            guard,
-            req.comment.unwrap_or_default(),
-            req.checkpoint_id.clone(),
-        );
-        drop(rx);
-        tokio::spawn(async move {
-            match done.await {
-                Ok(Ok(msg)) => tracing::info!("{msg}"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "background checkpoint failed"),
-                Err(e) => tracing::warn!(error = %e, "background checkpoint panicked"),
-            }
-        });
-        Ok::<_, ApiError>(req.checkpoint_id)
-    };
-    let id = run.await.map_err(ApiError::plain)?;
+    let (progress, id) = begin_capture(&app, &body).await.map_err(ApiError::plain)?;
+    log_when_done(progress, "checkpoint");
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"status": "checkpoint requested", "checkpoint_id": id})),
@@ -254,15 +252,7 @@ pub async fn root_restore(
             .ok_or_else(|| ApiError::BadRequest("checkpoint_id is required".into()))?;
         cps.get(&id)?;
         let guard = app.lifecycle.begin(Transition::BeginRestore).await?;
-        let (rx, done) = spawn_restore(cps, guard, id.clone());
-        drop(rx);
-        tokio::spawn(async move {
-            match done.await {
-                Ok(Ok(msg)) => tracing::info!("{msg}"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "background restore failed"),
-                Err(e) => tracing::warn!(error = %e, "background restore panicked"),
-            }
-        });
+        log_when_done(spawn_restore(cps, guard, id.clone()), "restore");
         Ok::<_, ApiError>(id)
     };
     let id = run.await.map_err(ApiError::plain)?;
