@@ -76,34 +76,13 @@ pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
         if fields.len() < 5 {
             continue;
         }
-        let mount = PathBuf::from(unescape_mountinfo(fields[4]));
+        let mount = PathBuf::from(crate::sys::unescape_mountinfo(fields[4]));
         if fields[3] == "/" {
             return Some(mount);
         }
         fallback.get_or_insert(mount);
     }
     fallback
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The daemon's cgroup tree.

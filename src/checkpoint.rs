@@ -466,7 +466,7 @@ impl Checkpoints {
                 let _ = std::fs::remove_dir(&root);
                 continue;
             }
-            if self.is_browsable(&root) {
+            if self.env.is_mount_point(&root) {
                 continue;
             }
             let result = self
@@ -477,13 +477,6 @@ impl Checkpoints {
                 tracing::warn!(checkpoint = %m.id, error = %e, "cannot make checkpoint browsable");
             }
         }
-    }
-
-    fn is_browsable(&self, root: &Path) -> bool {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let target = root.to_string_lossy();
-        text.lines()
-            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
     }
 
     /// Unmounts every browsable root (shutdown).

@@ -245,3 +245,31 @@ pub fn chroot_before_exec(
     }
     Ok(())
 }
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether something is mounted at `target`, per the mount table at `mountinfo`.
+pub fn is_mount_point(mountinfo: &Path, target: &Path) -> bool {
+    let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|m| Path::new(&unescape_mountinfo(m)) == target)
+}

@@ -234,10 +234,12 @@ impl Env {
     }
 
     fn is_mounted(&self) -> bool {
-        let text = std::fs::read_to_string(&self.cfg.mountinfo).unwrap_or_default();
-        let target = self.cfg.env_root.to_string_lossy();
-        text.lines()
-            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
+        self.is_mount_point(&self.cfg.env_root)
+    }
+
+    /// Whether something is mounted at `path` (per the injected mount table).
+    pub fn is_mount_point(&self, path: &Path) -> bool {
+        crate::sys::is_mount_point(&self.cfg.mountinfo, path)
     }
 
     #[tracing::instrument(name = "mount", skip(self), fields(root = %self.cfg.env_root.display()))]
@@ -427,12 +429,7 @@ impl Env {
     /// made below it later propagate into services' (slave) namespaces.
     pub fn share(&self, dir: &Path) -> Result<(), FsError> {
         use nix::mount::{MsFlags, mount};
-        let text = std::fs::read_to_string(&self.cfg.mountinfo).unwrap_or_default();
-        let target = dir.to_string_lossy();
-        if !text
-            .lines()
-            .any(|l| l.split_whitespace().nth(4) == Some(&*target))
-        {
+        if !self.is_mount_point(dir) {
             mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
                 FsError::Mount {
                     target: dir.to_owned(),

@@ -246,20 +246,6 @@ impl Store {
         }
         Ok((n, bytes))
     }
-
-    /// Bytes on disk (allocated blocks) of all objects.
-    pub fn disk_usage(&self) -> u64 {
-        let mut total = 0;
-        let Ok(dirs) = fs::read_dir(self.root.join("objects")) else {
-            return 0;
-        };
-        for d in dirs.flatten() {
-            for o in fs::read_dir(d.path()).into_iter().flatten().flatten() {
-                total += o.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-            }
-        }
-        total
-    }
 }
 
 fn hex(b: &[u8]) -> String {

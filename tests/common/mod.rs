@@ -478,18 +478,14 @@ impl Daemon {
         self.state_dir.join("root")
     }
 
-    /// Runs a streaming checkpoint call and returns its events; the last must be `complete`.
-    pub async fn checkpoint(&self, comment: &str) -> Vec<Value> {
-        let r = self
-            .req(
-                reqwest::Method::POST,
-                "/v1/checkpoint",
-                Some(serde_json::json!({"comment": comment})),
-            )
+    /// POSTs a streaming call and returns its events; the last must be `complete`.
+    pub async fn post_to_complete(&self, path: &str, body: Option<Value>) -> Vec<Value> {
+        let events = Ndjson::new(self.req(reqwest::Method::POST, path, body).await)
+            .collect()
             .await;
-        let events = Ndjson::new(r).collect().await;
+        let last = events.last().map(|e| e["type"].clone());
         assert_eq!(
-            events.last().map(|e| e["type"].clone()),
+            last,
             Some("complete".into()),
             "{events:?}\n{}",
             self.log_text()
@@ -497,21 +493,16 @@ impl Daemon {
         events
     }
 
+    pub async fn checkpoint(&self, comment: &str) -> Vec<Value> {
+        self.post_to_complete(
+            "/v1/checkpoint",
+            Some(serde_json::json!({"comment": comment})),
+        )
+        .await
+    }
+
     pub async fn restore(&self, id: &str) -> Vec<Value> {
-        let r = self
-            .req(
-                reqwest::Method::POST,
-                &format!("/v1/checkpoints/{id}/restore"),
-                None,
-            )
-            .await;
-        let events = Ndjson::new(r).collect().await;
-        assert_eq!(
-            events.last().map(|e| e["type"].clone()),
-            Some("complete".into()),
-            "{events:?}\n{}",
-            self.log_text()
-        );
-        events
+        self.post_to_complete(&format!("/v1/checkpoints/{id}/restore"), None)
+            .await
     }
 }
