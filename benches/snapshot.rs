@@ -109,14 +109,20 @@ fn fill(block: &mut [u8], file: u64, round: u64) {
     }
 }
 
-/// Rewrites `n` files spread over the tree.
-fn change(root: &Path, files: usize, n: usize, size: usize, round: u64) {
+/// Rewrites files `ids` (spread over the tree's 100 dirs) with `size` bytes.
+fn change(root: &Path, ids: impl Iterator<Item = usize>, size: usize, round: u64) {
     let mut block = vec![0u8; size];
-    for k in 0..n {
-        let i = k * (files / n);
+    for i in ids {
         fill(&mut block, i as u64, round);
-        std::fs::write(root.join(format!("d{:03}/f{i}", i % 100)), &block).unwrap();
+        let p = root.join(format!("d{:03}/f{i}", i % 100));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, &block).unwrap();
     }
+}
+
+/// The 1% of the 10k tree that changes: every 100th file.
+fn one_pct() -> impl Iterator<Item = usize> {
+    (0..100).map(|k| k * 100)
 }
 
 fn du(dir: &Path) -> u64 {
@@ -155,87 +161,93 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let s = setup(&rt, 10_000, FILE_SIZE);
     let mut g = c.benchmark_group("snapshot");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_millis(500));
+    let (mut freeze_1pct, mut freeze_none, mut growth) = (Vec::new(), Vec::new(), Vec::new());
+    // SPRITED_BENCH_100K_ONLY=1 skips the 10k benches (for profiling the big one).
+    if std::env::var_os("SPRITED_BENCH_100K_ONLY").is_none() {
+        let s = setup(&rt, 10_000, FILE_SIZE);
 
-    let mut freeze_1pct = Vec::new();
-    let mut round = 0u64;
-    g.bench_function("capture_1pct_of_10k", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                round += 1;
-                change(&s.root, 10_000, 100, FILE_SIZE, round);
-                let t = Instant::now();
-                let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
-                total += t.elapsed();
-                freeze_1pct.push(meta.stats.freeze_ms);
-            }
-            total
-        })
-    });
+        let mut round = 0u64;
+        g.bench_function("capture_1pct_of_10k", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    round += 1;
+                    change(&s.root, one_pct(), FILE_SIZE, round);
+                    let t = Instant::now();
+                    let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                    total += t.elapsed();
+                    freeze_1pct.push(meta.stats.freeze_ms);
+                }
+                total
+            })
+        });
 
-    let mut freeze_none = Vec::new();
-    let store = s.state.join("store");
-    let mut growth = Vec::new();
-    g.bench_function("capture_unchanged_10k", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let before = du(&store);
-                let t = Instant::now();
-                let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
-                total += t.elapsed();
-                growth.push(du(&store) as f64 - before as f64);
-                freeze_none.push(meta.stats.freeze_ms);
-            }
-            total
-        })
-    });
+        let store = s.state.join("store");
+        g.bench_function("capture_unchanged_10k", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let before = du(&store);
+                    let t = Instant::now();
+                    let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                    total += t.elapsed();
+                    growth.push(du(&store) as f64 - before as f64);
+                    freeze_none.push(meta.stats.freeze_ms);
+                }
+                total
+            })
+        });
 
-    let upper = s.cps.env().upper();
-    g.bench_function("tar_zstd_upper_10k", |b| {
-        b.iter(|| {
-            let enc = zstd::Encoder::new(std::io::sink(), 3).unwrap();
-            let mut tar = tar::Builder::new(enc);
-            tar.append_dir_all(".", &upper).unwrap();
-            tar.into_inner().unwrap().finish().unwrap();
-        })
-    });
-    // Two checkpoints to restore back and forth between.
-    let a = s.cps.capture("a".into(), None, &|_| {}).unwrap().id;
-    change(&s.root, 10_000, 100, FILE_SIZE, 9999);
-    let b_id = s.cps.capture("b".into(), None, &|_| {}).unwrap().id;
-    let mut flip = false;
-    g.bench_function("restore_cached_10k", |b| {
-        b.iter(|| {
-            flip = !flip;
-            let id = if flip { &a } else { &b_id };
-            rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
-        })
-    });
-    g.bench_function("restore_uncached_10k", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+        let upper = s.cps.env().upper();
+        g.bench_function("tar_zstd_upper_10k", |b| {
+            b.iter(|| {
+                let enc = zstd::Encoder::new(std::io::sink(), 3).unwrap();
+                let mut tar = tar::Builder::new(enc);
+                tar.append_dir_all(".", &upper).unwrap();
+                tar.into_inner().unwrap().finish().unwrap();
+            })
+        });
+        // Two checkpoints to restore back and forth between.
+        let a = s.cps.capture("a".into(), None, &|_| {}).unwrap().id;
+        change(&s.root, one_pct(), FILE_SIZE, 9999);
+        let b_id = s.cps.capture("b".into(), None, &|_| {}).unwrap().id;
+        let mut flip = false;
+        g.bench_function("restore_cached_10k", |b| {
+            b.iter(|| {
                 flip = !flip;
                 let id = if flip { &a } else { &b_id };
-                // The layer of the checkpoint not mounted is dropped from the cache.
-                s.cps.env().remove_layer(id);
-                let t = Instant::now();
                 rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
-                total += t.elapsed();
-            }
-            total
-        })
-    });
+            })
+        });
+        g.bench_function("restore_uncached_10k", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    flip = !flip;
+                    let id = if flip { &a } else { &b_id };
+                    // The layer of the checkpoint not mounted is dropped from the cache.
+                    s.cps.env().remove_layer(id);
+                    let t = Instant::now();
+                    rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
 
-    drop(s);
+        drop(s);
+    }
 
+    // 100,000 small files that never change, plus the same 100 files of
+    // 100 KiB as in the 10k case, changed before each capture.
+    const HOT: std::ops::Range<usize> = 100_000..100_100;
     let big = setup(&rt, 100_000, 1024);
+    change(&big.root, HOT.clone(), FILE_SIZE, 0);
+    big.cps.capture("hot files".into(), None, &|_| {}).unwrap();
     let mut freeze_big = Vec::new();
     let mut round = 0u64;
     g.bench_function("capture_100_changed_of_100k", |b| {
@@ -243,7 +255,7 @@ fn bench(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 round += 1;
-                change(&big.root, 100_000, 100, 1024, round);
+                change(&big.root, HOT.clone(), FILE_SIZE, round);
                 let t = Instant::now();
                 let meta = big.cps.capture(String::new(), None, &|_| {}).unwrap();
                 total += t.elapsed();

@@ -271,7 +271,7 @@ impl Checkpoints {
             }
         }
         let meta = self.get(layer)?;
-        let m = Arc::new(manifest::decode(&self.env.store().read(&meta.manifest)?)?);
+        let m = Arc::new(Manifest::load(self.env.store(), &meta.manifest)?);
         *cached = Some((layer.to_owned(), m.clone()));
         Ok(m)
     }
@@ -311,14 +311,14 @@ impl Checkpoints {
             let (services, running) = self.sup.snapshot();
             drop(guard);
             let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
-            let scan = frozen.stats;
+            let scan = frozen.stats();
             progress(format!(
                 "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) changed ({} bytes), {} unchanged",
                 scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
             ));
-            let (manifest, cache) = self.env.finish_capture(frozen, &parent)?;
+            let mut captured = self.env.finish_capture(frozen, &parent)?;
             progress("Saving filesystem state...".to_owned());
-            let manifest_id = self.env.store().put_bytes(&manifest::encode(&manifest))?;
+            let manifest_id = captured.manifest.store(self.env.store())?;
             let source = st.source.clone();
             let mut history = Vec::new();
             if let Some(src) = &source {
@@ -341,7 +341,7 @@ impl Checkpoints {
                 stats: CaptureStats {
                     freeze_ms,
                     capture_ms: started.elapsed().as_secs_f64() * 1e3,
-                    entries: manifest.entries.len() as u64,
+                    entries: captured.manifest.len() as u64,
                     files_hashed: scan.files_hashed,
                     bytes_hashed: scan.bytes_hashed,
                     files_cached: scan.files_cached,
@@ -364,7 +364,7 @@ impl Checkpoints {
             durable::sync_dir(&self.dir)?;
             // Published: from here on the environment descends from it.
             self.env.publish_source(pending)?;
-            self.env.keep_scan(cache);
+            self.env.keep_scan(captured);
             Ok(meta)
         })();
         match &result {
@@ -382,6 +382,7 @@ impl Checkpoints {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
+                self.env.store().clean_temp();
                 let _ = self.collect_garbage();
                 let _ = std::fs::remove_file(self.journal());
             }
@@ -488,7 +489,7 @@ impl Checkpoints {
 
     fn parent_manifest_uncached(&self, id: &str) -> Result<Manifest, CheckpointError> {
         let meta = self.get(id)?;
-        Ok(manifest::decode(&self.env.store().read(&meta.manifest)?)?)
+        Ok(Manifest::load(self.env.store(), &meta.manifest)?)
     }
 
     /// Deletes every store object no checkpoint references.
@@ -502,9 +503,7 @@ impl Checkpoints {
             .collect();
         let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
         for m in metas {
-            keep.insert(m.manifest.clone());
-            let manifest = manifest::decode(&self.env.store().read(&m.manifest)?)?;
-            keep.extend(manifest.entries.into_values().filter_map(|e| e.object));
+            manifest::references(self.env.store(), &m.manifest, &mut keep)?;
         }
         Ok(self.env.store().collect_garbage(&keep)?)
     }

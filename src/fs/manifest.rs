@@ -4,22 +4,27 @@
 //! manifest of the layer the environment was restored from; turned back into
 //! a layer dir of hard links into the store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::FsError;
-use super::store::{Meta, Staged, Store};
+use super::scan::OPAQUE_XATTR;
+use super::store::Store;
 
-/// Overlay's own xattrs: interpreted, never recorded as file xattrs.
-const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// A shard holds about this many entries (the shard count is a power of
+/// two chosen from the manifest's size).
+const SHARD_TARGET: usize = 256;
+const MAX_SHARD_BITS: u8 = 14;
+/// The stored form: an index naming one store object per shard.
+const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,26 +78,309 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-/// A checkpoint's tree: relative path (no leading `/`, path-encoded) → entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A checkpoint's tree: relative path (no leading `/`, path-encoded) →
+/// entry, split into shards by a hash of the path. Each shard is its own
+/// store object, so a capture re-encodes and stores only the shards that
+/// hold a changed path; shards are shared (`Arc`) between the manifests of
+/// successive captures and updated copy-on-write.
+#[derive(Debug, Clone)]
 pub struct Manifest {
-    pub entries: BTreeMap<String, Entry>,
+    bits: u8,
+    shards: Vec<Arc<Shard>>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Shard {
+    entries: BTreeMap<String, Entry>,
+    /// The store object holding exactly `entries`, once stored.
+    stored: Option<String>,
+}
+
+/// What the manifest object of a checkpoint holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Index {
+    format: u32,
+    bits: u8,
+    len: usize,
+    shards: Vec<String>,
+}
+
+/// The first format: the whole tree in one object.
+#[derive(Debug, Deserialize)]
+struct Flat {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        Manifest {
+            bits: 0,
+            shards: vec![Arc::default()],
+            len: 0,
+        }
+    }
+}
+
+/// FNV-1a: stable across builds and platforms (shard numbers are stored).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn shard_of(path: &str, bits: u8) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        (fnv1a(path.as_bytes()) >> (64 - u32::from(bits))) as usize
+    }
+}
+
+fn bits_for(len: usize) -> u8 {
+    (0..MAX_SHARD_BITS)
+        .find(|b| len <= SHARD_TARGET << b)
+        .unwrap_or(MAX_SHARD_BITS)
+}
+
+impl Manifest {
+    /// A manifest of `entries`, sharing the shards of `like` that hold the
+    /// same entries (so they need not be stored again).
+    pub fn build(entries: BTreeMap<String, Entry>, like: Option<&Manifest>) -> Manifest {
+        let bits = bits_for(entries.len());
+        let len = entries.len();
+        let mut parts: Vec<BTreeMap<String, Entry>> =
+            (0..1usize << bits).map(|_| BTreeMap::new()).collect();
+        for (k, v) in entries {
+            parts[shard_of(&k, bits)].insert(k, v);
+        }
+        let shards = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, entries)| match like {
+                Some(l) if l.bits == bits && l.shards[i].entries == entries => l.shards[i].clone(),
+                _ => Arc::new(Shard {
+                    entries,
+                    stored: None,
+                }),
+            })
+            .collect();
+        Manifest { bits, shards, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.shards[shard_of(path, self.bits)].entries.get(path)
+    }
+
+    pub fn insert(&mut self, path: String, entry: Entry) {
+        let i = shard_of(&path, self.bits);
+        if self.shards[i].entries.get(&path) == Some(&entry) {
+            return;
+        }
+        let shard = Arc::make_mut(&mut self.shards[i]);
+        shard.stored = None;
+        if shard.entries.insert(path, entry).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, path: &str) -> Option<Entry> {
+        let i = shard_of(path, self.bits);
+        if !self.shards[i].entries.contains_key(path) {
+            return None;
+        }
+        let shard = Arc::make_mut(&mut self.shards[i]);
+        shard.stored = None;
+        self.len -= 1;
+        shard.entries.remove(path)
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.shards.iter().flat_map(|s| s.entries.iter())
+    }
+
+    /// Every entry in path order (parents before children).
+    pub fn sorted(&self) -> Vec<(&String, &Entry)> {
+        let mut all: Vec<_> = self.iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
+    pub fn to_map(&self) -> BTreeMap<String, Entry> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Stores the shards not stored yet (two threads), then the index.
+    /// Returns the index's object id, the manifest's id.
+    pub fn store(&mut self, store: &Store) -> Result<String, FsError> {
+        if self.len > (SHARD_TARGET * 4) << self.bits {
+            // Grown well past its shard count: reshard (stores everything once).
+            *self = Manifest::build(self.to_map(), None);
+        }
+        let dirty: Vec<usize> = (0..self.shards.len())
+            .filter(|i| self.shards[*i].stored.is_none())
+            .collect();
+        let encoded: Vec<Result<Vec<(usize, String)>, FsError>> = std::thread::scope(|scope| {
+            let shards = &self.shards;
+            let handles: Vec<_> = dirty
+                .chunks(dirty.len().div_ceil(2).max(1))
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|&i| Ok((i, store.put_bytes(&encode_shard(&shards[i].entries))?)))
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(FsError::Corrupt("manifest encoder panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for part in encoded {
+            for (i, id) in part? {
+                Arc::make_mut(&mut self.shards[i]).stored = Some(id);
+            }
+        }
+        let index = Index {
+            format: FORMAT,
+            bits: self.bits,
+            len: self.len,
+            shards: self
+                .shards
+                .iter()
+                .map(|s| s.stored.clone().unwrap_or_default())
+                .collect(),
+        };
+        store.put_bytes(&compress(&serde_json::to_vec(&index).unwrap_or_default()))
+    }
+
+    /// Loads the manifest stored as object `id`.
+    pub fn load(store: &Store, id: &str) -> Result<Manifest, FsError> {
+        match read_index(store, id)? {
+            Stored::Sharded(index) => {
+                let mut shards = Vec::with_capacity(index.shards.len());
+                let mut len = 0;
+                for sid in index.shards {
+                    let entries = decode_shard(&store.read(&sid)?)?;
+                    len += entries.len();
+                    shards.push(Arc::new(Shard {
+                        entries,
+                        stored: Some(sid),
+                    }));
+                }
+                if shards.len() != 1 << index.bits {
+                    return Err(FsError::Corrupt(format!("manifest {id}: shard count")));
+                }
+                Ok(Manifest {
+                    bits: index.bits,
+                    shards,
+                    len,
+                })
+            }
+            Stored::Flat(entries) => Ok(Manifest::build(entries, None)),
+        }
+    }
+}
+
+enum Stored {
+    Sharded(Index),
+    Flat(BTreeMap<String, Entry>),
+}
+
+fn compress(json: &[u8]) -> Vec<u8> {
+    zstd::encode_all(json, 1).unwrap_or_else(|_| json.to_vec())
+}
+
+fn decompress(bytes: &[u8], what: &str) -> Result<Vec<u8>, FsError> {
+    zstd::decode_all(bytes).map_err(|e| FsError::Corrupt(format!("{what}: {e}")))
+}
+
+fn read_index(store: &Store, id: &str) -> Result<Stored, FsError> {
+    let json = decompress(&store.read(id)?, "manifest")?;
+    if let Ok(index) = serde_json::from_slice::<Index>(&json) {
+        if index.format != FORMAT || index.bits > MAX_SHARD_BITS {
+            return Err(FsError::Corrupt(format!(
+                "manifest {id}: format {} with {} shard bits is not supported",
+                index.format, index.bits
+            )));
+        }
+        return Ok(Stored::Sharded(index));
+    }
+    let flat: Flat = serde_json::from_slice(&json)
+        .map_err(|e| FsError::Corrupt(format!("manifest {id}: {e}")))?;
+    Ok(Stored::Flat(flat.entries))
+}
+
+fn encode_shard(entries: &BTreeMap<String, Entry>) -> Vec<u8> {
+    compress(&serde_json::to_vec(entries).unwrap_or_default())
+}
+
+fn decode_shard(bytes: &[u8]) -> Result<BTreeMap<String, Entry>, FsError> {
+    serde_json::from_slice(&decompress(bytes, "manifest shard")?)
+        .map_err(|e| FsError::Corrupt(format!("manifest shard: {e}")))
+}
+
+/// Adds to `keep` every store object manifest `id` references (itself, its
+/// shards, its files). Shards already in `keep` are not read again, so
+/// walking many checkpoints costs one read per distinct shard.
+pub fn references(store: &Store, id: &str, keep: &mut HashSet<String>) -> Result<(), FsError> {
+    keep.insert(id.to_owned());
+    let add = |entries: BTreeMap<String, Entry>, keep: &mut HashSet<String>| {
+        keep.extend(entries.into_values().filter_map(|e| e.object));
+    };
+    match read_index(store, id)? {
+        Stored::Sharded(index) => {
+            for sid in index.shards {
+                if keep.insert(sid.clone()) {
+                    add(decode_shard(&store.read(&sid)?)?, keep);
+                }
+            }
+        }
+        Stored::Flat(entries) => add(entries, keep),
+    }
+    Ok(())
 }
 
 /// Paths are bytes; the manifest stores them as UTF-8 with `%` and invalid
 /// bytes percent-escaped, so every name round-trips.
 pub fn encode_path(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
+    push_encoded(&mut out, bytes);
+    out
+}
+
+/// Appends the encoding of `bytes` to `out` (no allocation for plain names).
+pub fn push_encoded(out: &mut String, bytes: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        if !s.contains('%') {
+            out.push_str(s);
+            return;
+        }
+    }
     let mut rest = bytes;
     while !rest.is_empty() {
         match std::str::from_utf8(rest) {
             Ok(s) => {
-                push_escaped(&mut out, s);
+                push_escaped(out, s);
                 break;
             }
             Err(e) => {
                 let (good, bad) = rest.split_at(e.valid_up_to());
-                push_escaped(&mut out, std::str::from_utf8(good).unwrap_or_default());
+                push_escaped(out, std::str::from_utf8(good).unwrap_or_default());
                 let n = e.error_len().unwrap_or(bad.len());
                 for b in &bad[..n] {
                     out.push_str(&format!("%{b:02X}"));
@@ -101,7 +389,6 @@ pub fn encode_path(bytes: &[u8]) -> String {
             }
         }
     }
-    out
 }
 
 fn push_escaped(out: &mut String, s: &str) {
@@ -132,10 +419,6 @@ pub fn decode_path(s: &str) -> Vec<u8> {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
@@ -150,282 +433,19 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsE
     }
 }
 
-/// What a previous scan learned about an upper entry: while its inode,
-/// size, mtime and ctime are unchanged, so is its entry (any chmod, chown,
-/// xattr or content change moves ctime), content object included.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-    pub entry: Entry,
-}
-
-/// What one scan produces: the new cache, its counters, and the staged copies
-/// of changed files (by path) still to be committed to the store.
-pub type ScanResult = (ScanCache, ScanStats, Vec<(String, Staged)>);
-
-/// path → what the last scan saw.
-pub type ScanCache = HashMap<String, Seen, rustc_hash::FxBuildHasher>;
-
-/// An empty cache sized for `n` entries.
-pub fn new_cache(n: usize) -> ScanCache {
-    HashMap::with_capacity_and_hasher(n, rustc_hash::FxBuildHasher)
-}
-
-/// Counters of one scan.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct ScanStats {
-    pub entries: u64,
-    pub files_hashed: u64,
-    pub bytes_hashed: u64,
-    pub files_cached: u64,
-}
-
-fn xattrs_of(path: &Path, symlink: bool) -> Result<(BTreeMap<String, String>, bool), FsError> {
-    let mut out = BTreeMap::new();
-    let mut opaque = false;
-    if symlink {
-        return Ok((out, false)); // user xattrs are not allowed on symlinks
-    }
-    let names = xattr::list(path).map_err(io_err("listxattr", path))?;
-    for name in names {
-        let Some(n) = name.to_str() else { continue };
-        if n == OPAQUE_XATTR {
-            opaque = xattr::get(path, &name)
-                .ok()
-                .flatten()
-                .is_some_and(|v| v == b"y");
-            continue;
-        }
-        if n.starts_with(OVERLAY_XATTR_PREFIX) {
-            continue;
-        }
-        if let Some(v) = xattr::get(path, &name).map_err(io_err("getxattr", path))? {
-            out.insert(n.to_owned(), hex(&v));
-        }
-    }
-    Ok((out, opaque))
-}
-
-/// Scans the upper dir into `next` (path → what is there now), reading and
-/// storing only entries whose inode/size/mtime/ctime differ from `cache`.
-/// Directories are shared out to `threads` workers. Changed files are only
-/// staged (copied, not hashed): their entries get an object once
-/// [`Store::commit`] ran on the returned list.
-pub fn scan_upper(
-    upper: &Path,
-    store: &Store,
-    cache: &ScanCache,
-    threads: usize,
-) -> Result<ScanResult, FsError> {
-    use std::sync::Mutex;
-    let queue: Mutex<(Vec<(PathBuf, String)>, usize)> =
-        Mutex::new((vec![(upper.to_owned(), String::new())], 0));
-    let ready = std::sync::Condvar::new();
-    let worker = || -> Result<ScanResult, FsError> {
-        let mut next = new_cache(cache.len() / threads.max(1) + 16);
-        let mut stats = ScanStats::default();
-        let mut staged = Vec::new();
-        loop {
-            // Take a directory; stop when none is queued and no worker may add one.
-            let (dir, rel) = {
-                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    if let Some(d) = q.0.pop() {
-                        q.1 += 1;
-                        break d;
-                    }
-                    if q.1 == 0 {
-                        ready.notify_all();
-                        return Ok((next, stats, staged));
-                    }
-                    q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
-                }
-            };
-            let result = scan_dir(&dir, &rel, store, cache, &mut next, &mut stats, &mut staged);
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.1 -= 1;
-            match result {
-                Ok(subdirs) => q.0.extend(subdirs),
-                Err(e) => {
-                    q.0.clear();
-                    ready.notify_all();
-                    return Err(e);
-                }
-            }
-            ready.notify_all();
-        }
-    };
-    let results: Vec<Result<ScanResult, FsError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(worker)).collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(FsError::Corrupt("scan worker panicked".into())))
-            })
-            .collect()
-    });
-    let mut all = new_cache(cache.len() + 16);
-    let mut total = ScanStats::default();
-    let mut all_staged = Vec::new();
-    for r in results {
-        let (part, stats, staged) = r?;
-        all.extend(part);
-        all_staged.extend(staged);
-        total.entries += stats.entries;
-        total.files_hashed += stats.files_hashed;
-        total.bytes_hashed += stats.bytes_hashed;
-        total.files_cached += stats.files_cached;
-    }
-    Ok((all, total, all_staged))
-}
-
-/// Scans one directory's entries; returns its subdirectories.
-fn scan_dir(
-    dir: &Path,
-    rel: &str,
-    store: &Store,
-    cache: &ScanCache,
-    next: &mut ScanCache,
-    stats: &mut ScanStats,
-    staged: &mut Vec<(String, Staged)>,
-) -> Result<Vec<(PathBuf, String)>, FsError> {
-    let mut subdirs = Vec::new();
-    let rd = fs::read_dir(dir).map_err(io_err("read dir", dir))?;
-    for item in rd {
-        let item = item.map_err(io_err("read dir", dir))?;
-        let name = encode_path(item.file_name().as_bytes());
-        let rel_path = if rel.is_empty() {
-            name
-        } else {
-            format!("{rel}/{name}")
-        };
-        let path = item.path();
-        let md = item.metadata().map_err(io_err("stat", &path))?;
-        let ft = md.file_type();
-        stats.entries += 1;
-        let (mtime_ns, ctime_ns) = (
-            md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        );
-        let unchanged = cache.get(&rel_path).filter(|s| {
-            s.ino == md.ino()
-                && s.size == md.size()
-                && s.mtime_ns == mtime_ns
-                && s.ctime_ns == ctime_ns
-        });
-        let entry = match unchanged {
-            Some(seen) => {
-                if ft.is_file() {
-                    stats.files_cached += 1;
-                }
-                seen.entry.clone()
-            }
-            None => read_entry(&path, &rel_path, &md, store, stats, staged)?,
-        };
-        if ft.is_dir() {
-            subdirs.push((path, rel_path.clone()));
-        }
-        next.insert(
-            rel_path,
-            Seen {
-                ino: md.ino(),
-                size: md.size(),
-                mtime_ns,
-                ctime_ns,
-                entry,
-            },
-        );
-    }
-    Ok(subdirs)
-}
-
-/// Reads one upper entry that the cache does not cover (storing a file's content).
-fn read_entry(
-    path: &Path,
-    rel_path: &str,
-    md: &fs::Metadata,
-    store: &Store,
-    stats: &mut ScanStats,
-    staged: &mut Vec<(String, Staged)>,
-) -> Result<Entry, FsError> {
-    let ft = md.file_type();
-    let base = |kind| Entry {
-        kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        xattrs: BTreeMap::new(),
-        object: None,
-        size: 0,
-        target: None,
-        opaque: false,
-        rdev: 0,
-        link: None,
-    };
-    Ok(if ft.is_char_device() && md.rdev() == 0 {
-        base(Kind::Whiteout)
-    } else if ft.is_dir() {
-        let (xattrs, opaque) = xattrs_of(path, false)?;
-        Entry {
-            xattrs,
-            opaque,
-            ..base(Kind::Dir)
-        }
-    } else if ft.is_symlink() {
-        let target = fs::read_link(path).map_err(io_err("readlink", path))?;
-        Entry {
-            target: Some(encode_path(target.as_os_str().as_bytes())),
-            ..base(Kind::Symlink)
-        }
-    } else if ft.is_file() {
-        let (xattrs, _) = xattrs_of(path, false)?;
-        let mut e = Entry {
-            xattrs,
-            size: md.size(),
-            ..base(Kind::File)
-        };
-        if md.nlink() > 1 {
-            e.link = Some(md.ino());
-        }
-        stats.files_hashed += 1;
-        stats.bytes_hashed += md.size();
-        let meta = Meta {
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            mtime_ns: e.mtime_ns,
-            xattrs: e.xattrs.clone(),
-        };
-        staged.push((rel_path.to_owned(), store.stage_file(path, &meta)?));
-        e
-    } else {
-        let kind = if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_char_device() {
-            Kind::Char
-        } else if ft.is_block_device() {
-            Kind::Block
-        } else {
-            Kind::Socket
-        };
-        Entry {
-            rdev: md.rdev(),
-            ..base(kind)
-        }
-    })
-}
-
-/// Applies an upper scan onto the manifest of the layer below it. A whiteout
-/// is kept only where the base still has the path (elsewhere it hides nothing).
-pub fn merge(parent: &Manifest, scan: &ScanCache, base: &Path) -> Manifest {
-    let mut upper: Vec<(&String, &Entry)> = scan.iter().map(|(k, s)| (k, &s.entry)).collect();
+/// Applies the upper dir's entries onto `parent`, the manifest of the layer
+/// below it (the full merge). A whiteout is kept only where the base still
+/// has the path (elsewhere it hides nothing). Shards equal to those of
+/// `like` (or of `parent`) are shared with it.
+pub fn merge<'a>(
+    parent: &Manifest,
+    upper: impl Iterator<Item = (&'a str, &'a Entry)>,
+    base: &Path,
+    like: Option<&Manifest>,
+) -> Manifest {
+    let mut upper: Vec<(&str, &Entry)> = upper.collect();
     upper.sort_unstable_by(|a, b| a.0.cmp(b.0)); // parents before children
-    let mut entries = parent.entries.clone();
+    let mut entries = parent.to_map();
     fn remove_below(entries: &mut BTreeMap<String, Entry>, p: &str) {
         let prefix = format!("{p}/");
         let doomed: Vec<String> = entries
@@ -437,7 +457,7 @@ pub fn merge(parent: &Manifest, scan: &ScanCache, base: &Path) -> Manifest {
             entries.remove(&k);
         }
     }
-    let parent_empty = parent.entries.is_empty();
+    let parent_empty = parent.is_empty();
     for (p, e) in upper {
         match e.kind {
             Kind::Whiteout => {
@@ -446,25 +466,64 @@ pub fn merge(parent: &Manifest, scan: &ScanCache, base: &Path) -> Manifest {
                 let in_base =
                     fs::symlink_metadata(base.join(OsStr::from_bytes(&decode_path(p)))).is_ok();
                 if in_base {
-                    entries.insert(p.clone(), e.clone());
+                    entries.insert(p.to_owned(), e.clone());
                 }
             }
             Kind::Dir => {
                 if e.opaque && !parent_empty {
                     remove_below(&mut entries, p);
                 }
-                entries.insert(p.clone(), e.clone());
+                entries.insert(p.to_owned(), e.clone());
             }
             _ => {
                 // A non-directory hides whatever lower tree was at this path.
                 if !parent_empty {
                     remove_below(&mut entries, p);
                 }
-                entries.insert(p.clone(), e.clone());
+                entries.insert(p.to_owned(), e.clone());
             }
         }
     }
-    Manifest { entries }
+    Manifest::build(entries, like.or(Some(parent)))
+}
+
+/// The merge of an upper dir that changed by a delta, as an update of the
+/// previous merge `prev` (both onto `parent`), in time proportional to the
+/// delta. `changed`: (path, its previous upper entry if any, its new one);
+/// `removed`: (path, its previous upper entry). `None` when the delta holds
+/// something only the full [`merge`] gets right: a whiteout or opaque dir
+/// coming or going, a directory turning into something else, or a removed
+/// path the parent has.
+///
+/// Why the rest is exact: a path leaves the upper dir only when no lower
+/// layer has it (deleting a lower path leaves a whiteout), so it leaves the
+/// merge too, children included (each is removed as well); a changed entry
+/// that is not a whiteout, an opaque dir, or replacing a dir hides nothing
+/// below it, so it simply takes the path.
+pub fn apply_delta<'a>(
+    prev: &Manifest,
+    parent: &Manifest,
+    changed: impl Iterator<Item = (&'a str, Option<&'a Entry>, &'a Entry)>,
+    removed: impl Iterator<Item = (&'a str, &'a Entry)>,
+) -> Option<Manifest> {
+    let hides = |e: &Entry| e.kind == Kind::Whiteout || (e.kind == Kind::Dir && e.opaque);
+    let mut m = prev.clone();
+    for (p, old, new) in changed {
+        if hides(new) || old.is_some_and(hides) {
+            return None;
+        }
+        if m.get(p).is_some_and(|cur| cur.kind == Kind::Dir) && new.kind != Kind::Dir {
+            return None;
+        }
+        m.insert(p.to_owned(), new.clone());
+    }
+    for (p, old) in removed {
+        if hides(old) || parent.get(p).is_some() {
+            return None;
+        }
+        m.remove(p);
+    }
+    Some(m)
 }
 
 /// Builds a layer dir for `manifest` at `dest` (which must not exist): dirs
@@ -474,7 +533,7 @@ pub fn materialize(manifest: &Manifest, store: &Store, dest: &Path) -> Result<()
     use nix::sys::stat::{Mode, SFlag, mknod};
     fs::create_dir(dest).map_err(io_err("create", dest))?;
     let mut dirs = Vec::new();
-    for (p, e) in &manifest.entries {
+    for (p, e) in manifest.sorted() {
         let path = dest.join(OsStr::from_bytes(&decode_path(p)));
         match e.kind {
             Kind::Dir => {
@@ -559,17 +618,6 @@ fn set_owner_times(path: &Path, e: &Entry, nofollow: bool) -> Result<(), FsError
     Ok(())
 }
 
-/// Serialises a manifest (JSON, zstd).
-pub fn encode(manifest: &Manifest) -> Vec<u8> {
-    let json = serde_json::to_vec(manifest).unwrap_or_default();
-    zstd::encode_all(&json[..], 1).unwrap_or(json)
-}
-
-pub fn decode(bytes: &[u8]) -> Result<Manifest, FsError> {
-    let json = zstd::decode_all(bytes).map_err(|e| FsError::Corrupt(format!("manifest: {e}")))?;
-    serde_json::from_slice(&json).map_err(|e| FsError::Corrupt(format!("manifest: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,41 +652,149 @@ mod tests {
         }
     }
 
+    fn parent_of(paths: &[&str]) -> Manifest {
+        Manifest::build(
+            paths.iter().map(|p| (p.to_string(), file(p))).collect(),
+            None,
+        )
+    }
+
     #[test]
     fn merge_applies_whiteouts_opaque_dirs_and_replacements() {
         let base = tempfile::tempdir().unwrap();
         std::fs::write(base.path().join("in-base"), b"x").unwrap();
-        let mut parent = Manifest::default();
-        for p in ["a", "d/x", "d/y", "e/z", "f/g"] {
-            parent.entries.insert(p.into(), file(p));
-        }
-        let mut upper = new_cache(8);
-        let seen = |entry: Entry| Seen {
-            ino: 0,
-            size: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            entry,
-        };
+        let parent = parent_of(&["a", "d/x", "d/y", "e/z", "f/g"]);
         let wh = Entry {
             kind: Kind::Whiteout,
             object: None,
             ..file("")
         };
-        upper.insert("a".to_string(), seen(wh.clone()));
-        upper.insert("in-base".to_string(), seen(wh.clone()));
         let dir = Entry {
             kind: Kind::Dir,
             opaque: true,
             object: None,
             ..file("")
         };
-        upper.insert("d".to_string(), seen(dir));
-        upper.insert("d/new".to_string(), seen(file("n")));
-        upper.insert("f".to_string(), seen(file("now-a-file")));
-        let m = merge(&parent, &upper, base.path());
-        let keys: Vec<&str> = m.entries.keys().map(String::as_str).collect();
+        let upper = [
+            ("a", wh.clone()),
+            ("in-base", wh),
+            ("d", dir),
+            ("d/new", file("n")),
+            ("f", file("now-a-file")),
+        ];
+        let m = merge(
+            &parent,
+            upper.iter().map(|(p, e)| (*p, e)),
+            base.path(),
+            None,
+        );
+        let map = m.to_map();
+        let keys: Vec<&str> = map.keys().map(String::as_str).collect();
         assert_eq!(keys, ["d", "d/new", "e/z", "f", "in-base"]);
-        assert_eq!(m.entries["in-base"].kind, Kind::Whiteout);
+        assert_eq!(map["in-base"].kind, Kind::Whiteout);
+        assert_eq!(m.len(), 5);
+    }
+
+    #[test]
+    fn delta_updates_match_the_full_merge_or_defer_to_it() {
+        let base = tempfile::tempdir().unwrap();
+        let parent = parent_of(&["p", "q/r"]);
+        let u1: Vec<(&str, Entry)> = vec![("n1", file("1")), ("n2", file("2")), ("p", file("p2"))];
+        let prev = merge(&parent, u1.iter().map(|(p, e)| (*p, e)), base.path(), None);
+        // n1 changes, n3 appears, n2 goes: an update does it.
+        let u2: Vec<(&str, Entry)> = vec![("n1", file("1b")), ("n3", file("3")), ("p", file("p2"))];
+        let full = merge(
+            &parent,
+            u2.iter().map(|(p, e)| (*p, e)),
+            base.path(),
+            Some(&prev),
+        );
+        let old = |p: &str| u1.iter().find(|(q, _)| *q == p).map(|(_, e)| e);
+        let inc = apply_delta(
+            &prev,
+            &parent,
+            [("n1", old("n1"), &u2[0].1), ("n3", None, &u2[1].1)].into_iter(),
+            [("n2", old("n2").unwrap())].into_iter(),
+        )
+        .expect("a plain delta is applied");
+        assert_eq!(inc.to_map(), full.to_map());
+        // A path of the parent leaving the upper dir, a whiteout, a dir
+        // turning into a file: left to the full merge.
+        assert!(
+            apply_delta(
+                &prev,
+                &parent,
+                [].into_iter(),
+                [("p", old("p").unwrap())].into_iter()
+            )
+            .is_none()
+        );
+        let wh = Entry {
+            kind: Kind::Whiteout,
+            ..file("")
+        };
+        assert!(
+            apply_delta(
+                &prev,
+                &parent,
+                [("n1", old("n1"), &wh)].into_iter(),
+                [].into_iter()
+            )
+            .is_none()
+        );
+        assert!(
+            apply_delta(
+                &prev,
+                &parent,
+                [("q", None, &file("x"))].into_iter(),
+                [].into_iter()
+            )
+            .is_some()
+        );
+        let mut with_dir = prev.clone();
+        with_dir.insert(
+            "q".into(),
+            Entry {
+                kind: Kind::Dir,
+                ..file("")
+            },
+        );
+        assert!(
+            apply_delta(
+                &with_dir,
+                &parent,
+                [("q", None, &file("x"))].into_iter(),
+                [].into_iter()
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn shards_round_trip_and_unchanged_shards_are_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entries: BTreeMap<String, Entry> = (0..5000)
+            .map(|i| (format!("d{}/f{i}", i % 7), file(&format!("{i:0>70}"))))
+            .collect();
+        let mut m = Manifest::build(entries.clone(), None);
+        assert!(m.shards.len() > 1, "5000 entries are sharded");
+        let id = m.store(&store).unwrap();
+        let loaded = Manifest::load(&store, &id).unwrap();
+        assert_eq!(loaded.to_map(), entries);
+        assert_eq!(loaded.len(), 5000);
+        // One changed path: one shard to store again; the rest are shared.
+        let mut next = loaded.clone();
+        next.insert("d1/f1".into(), file("changed"));
+        let dirty = next.shards.iter().filter(|s| s.stored.is_none()).count();
+        assert_eq!(dirty, 1);
+        let id2 = next.store(&store).unwrap();
+        assert_ne!(id, id2);
+        let mut keep = HashSet::new();
+        references(&store, &id2, &mut keep).unwrap();
+        assert!(keep.contains("changed") && keep.contains(&id2));
+        assert!(!keep.contains(&format!("{:0>70}", 1)));
+        // Storing the same tree again gives the same id (no growth).
+        assert_eq!(Manifest::build(entries, None).store(&store).unwrap(), id);
     }
 }

@@ -18,6 +18,7 @@
 //! afterwards (or on the next start).
 
 pub mod manifest;
+pub mod scan;
 pub mod store;
 
 use std::io;
@@ -27,7 +28,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::durable::{self, DurableError};
-use manifest::{Manifest, ScanCache, ScanStats};
+use manifest::Manifest;
+use scan::{Delta, ScanStats, Tracked};
 use store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +70,19 @@ pub struct PendingSource {
 
 /// What the frozen part of a capture found.
 pub struct FrozenScan {
-    next: ScanCache,
-    pub stats: ScanStats,
-    staged: Vec<(String, store::Staged)>,
+    delta: Delta,
+}
+
+impl FrozenScan {
+    pub fn stats(&self) -> ScanStats {
+        self.delta.stats
+    }
+}
+
+/// A capture's manifest, and what to remember of its scan once it is published.
+pub struct Captured {
+    pub manifest: Manifest,
+    delta: Delta,
 }
 
 /// Workers sharing out the directories of a scan.
@@ -112,7 +124,7 @@ pub struct Env {
     store: Store,
     state: Mutex<EnvState>,
     /// What the last capture saw in the current upper dir.
-    cache: Mutex<ScanCache>,
+    tracked: Mutex<Tracked>,
 }
 
 impl Env {
@@ -138,7 +150,7 @@ impl Env {
             base,
             store,
             state: Mutex::new(state),
-            cache: Mutex::new(manifest::new_cache(0)),
+            tracked: Mutex::new(Tracked::default()),
         };
         env.clean_stale()?;
         if env.is_mounted() {
@@ -312,14 +324,9 @@ impl Env {
     /// of every upper entry, and an in-kernel copy of what changed since the
     /// last capture (no hashing).
     pub fn scan_frozen(&self) -> Result<FrozenScan, FsError> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, stats, staged) =
-            manifest::scan_upper(&self.upper(), &self.store, &cache, SCAN_THREADS)?;
-        Ok(FrozenScan {
-            next,
-            stats,
-            staged,
-        })
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = scan::scan_upper(&self.upper(), &self.store, &mut tracked, SCAN_THREADS)?;
+        Ok(FrozenScan { delta })
     }
 
     /// The rest, after the thaw: hashes the staged copies into the store and
@@ -328,24 +335,23 @@ impl Env {
         &self,
         frozen: FrozenScan,
         parent: &Manifest,
-    ) -> Result<(Manifest, ScanCache), FsError> {
-        let FrozenScan {
-            mut next, staged, ..
-        } = frozen;
+    ) -> Result<Captured, FsError> {
+        let FrozenScan { mut delta } = frozen;
         let store = &self.store;
+        let staged = std::mem::take(&mut delta.staged);
         let chunk = staged.len().div_ceil(SCAN_THREADS).max(1);
-        let mut parts: Vec<Vec<(String, store::Staged)>> = Vec::new();
+        let mut parts: Vec<Vec<(usize, store::Staged)>> = Vec::new();
         let mut it = staged.into_iter().peekable();
         while it.peek().is_some() {
             parts.push(it.by_ref().take(chunk).collect());
         }
-        let committed: Vec<Result<Vec<(String, String)>, FsError>> = std::thread::scope(|scope| {
+        let committed: Vec<Result<Vec<(usize, String)>, FsError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = parts
                 .into_iter()
                 .map(|part| {
                     scope.spawn(move || {
                         part.into_iter()
-                            .map(|(p, s)| Ok((p, store.commit(s)?)))
+                            .map(|(i, s)| Ok((i, store.commit(s)?)))
                             .collect()
                     })
                 })
@@ -359,26 +365,30 @@ impl Env {
                 .collect()
         });
         for part in committed {
-            for (path, id) in part? {
-                if let Some(seen) = next.get_mut(&path) {
-                    seen.entry.object = Some(id);
-                }
+            for (i, id) in part? {
+                delta.changed[i].1.entry.object = Some(id);
             }
         }
-        let manifest = manifest::merge(parent, &next, &self.base);
-        Ok((manifest, next))
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        tracked.find_removed(&mut delta);
+        let manifest = tracked.merge(&delta, parent, &self.base);
+        Ok(Captured { manifest, delta })
     }
 
-    /// Keeps what a successful capture saw, for the next one.
-    pub fn keep_scan(&self, cache: ScanCache) {
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = cache;
+    /// Remembers what a published capture saw, for the next one.
+    pub fn keep_scan(&self, captured: Captured) {
+        self.tracked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(captured.delta, captured.manifest);
     }
 
     /// Store objects the scan cache refers to (garbage collection keeps them).
     pub fn cached_objects(&self) -> Vec<String> {
-        self.cache
+        self.tracked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .seen
             .values()
             .filter_map(|s| s.entry.object.clone())
             .collect()
@@ -484,7 +494,7 @@ impl Env {
             generation,
             source: Some(id.to_owned()),
         })?;
-        self.keep_scan(manifest::new_cache(0));
+        *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = Tracked::default();
         for stale in [
             format!("upper-{}", old.generation),
             format!("work-{}", old.generation),

@@ -88,6 +88,15 @@ impl Store {
         })
     }
 
+    /// Removes every temp file (staged copies a failed capture left). Only
+    /// while no capture runs.
+    pub fn clean_temp(&self) {
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
