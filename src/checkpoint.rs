@@ -298,6 +298,15 @@ impl Checkpoints {
         let parent = self.parent_manifest(st.layer.as_deref())?;
         durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
         let result = (|| {
+            if self.env.cache_is_cold() {
+                progress("Indexing files before freezing...".to_owned());
+            }
+            if let Some(warm) = self.env.warm_scan()? {
+                progress(format!(
+                    "Indexed {} entries before freezing ({} files, {} bytes stored)",
+                    warm.entries, warm.files_hashed, warm.bytes_hashed
+                ));
+            }
             let cgroups: Vec<_> = self
                 .sup
                 .running_cgroups()

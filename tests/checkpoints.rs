@@ -209,10 +209,11 @@ async fn a_daemon_killed_mid_capture_leaves_nothing_half_done() {
     }
     let r = d.req(Method::POST, "/v1/checkpoint", Some(json!({}))).await;
     let mut s = Ndjson::new(r);
+    // The first capture reads every file (before freezing): kill it there.
     s.until(|e| {
         e["data"]
             .as_str()
-            .is_some_and(|t| t.starts_with("Freezing"))
+            .is_some_and(|t| t.starts_with("Indexing"))
     })
     .await;
     // While it runs, a second one is refused.

@@ -74,6 +74,26 @@ pub struct Entry {
     pub link: Option<u64>,
 }
 
+impl Entry {
+    /// An entry of `kind` with every other field zero or empty.
+    pub fn new(kind: Kind) -> Entry {
+        Entry {
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            xattrs: BTreeMap::new(),
+            object: None,
+            size: 0,
+            target: None,
+            opaque: false,
+            rdev: 0,
+            link: None,
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -637,18 +657,10 @@ mod tests {
 
     fn file(obj: &str) -> Entry {
         Entry {
-            kind: Kind::File,
             mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            xattrs: BTreeMap::new(),
             object: Some(obj.into()),
             size: 1,
-            target: None,
-            opaque: false,
-            rdev: 0,
-            link: None,
+            ..Entry::new(Kind::File)
         }
     }
 

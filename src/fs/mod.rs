@@ -329,6 +329,35 @@ impl Env {
         Ok(FrozenScan { delta })
     }
 
+    /// Whether nothing is cached (first capture since start or restore).
+    pub fn cache_is_cold(&self) -> bool {
+        self.tracked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .is_empty()
+    }
+
+    /// Before a capture whose scan would read the whole upper dir (the
+    /// cache is cold), the same scan with services running, so the frozen
+    /// one only reads what changed since. Returns what it found, or `None`
+    /// when the cache was warm.
+    pub fn warm_scan(&self) -> Result<Option<ScanStats>, FsError> {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if !tracked.seen.is_empty() {
+            return Ok(None);
+        }
+        let mut delta = scan::scan_upper(&self.upper(), &self.store, &mut tracked, SCAN_THREADS)?;
+        drop(tracked);
+        self.commit_staged(&mut delta)?;
+        let stats = delta.stats;
+        self.tracked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warm(delta);
+        Ok(Some(stats))
+    }
+
     /// The rest, after the thaw: hashes the staged copies into the store and
     /// merges the scan onto `parent`, the manifest of the mounted layer.
     pub fn finish_capture(
@@ -337,6 +366,16 @@ impl Env {
         parent: &Manifest,
     ) -> Result<Captured, FsError> {
         let FrozenScan { mut delta } = frozen;
+        self.commit_staged(&mut delta)?;
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        tracked.find_removed(&mut delta);
+        let manifest = tracked.merge(&delta, parent, &self.base);
+        Ok(Captured { manifest, delta })
+    }
+
+    /// Hashes a scan's staged copies into the store (both cores) and gives
+    /// their entries the objects.
+    fn commit_staged(&self, delta: &mut Delta) -> Result<(), FsError> {
         let store = &self.store;
         let staged = std::mem::take(&mut delta.staged);
         let chunk = staged.len().div_ceil(SCAN_THREADS).max(1);
@@ -369,10 +408,7 @@ impl Env {
                 delta.changed[i].1.entry.object = Some(id);
             }
         }
-        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        tracked.find_removed(&mut delta);
-        let manifest = tracked.merge(&delta, parent, &self.base);
-        Ok(Captured { manifest, delta })
+        Ok(())
     }
 
     /// Remembers what a published capture saw, for the next one.

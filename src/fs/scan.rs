@@ -93,6 +93,23 @@ pub struct Delta {
     /// Cached paths the scan met, changed or not.
     met: u64,
     epoch: u32,
+    /// Wall-clock time (ns since the epoch) when the scan started.
+    started_ns: i64,
+}
+
+/// Timestamps come from a coarse clock (one tick: 1–10 ms), so a file
+/// written again within the tick of a write the scan saw could keep its
+/// ctime, size and mtime. An entry whose ctime is this close to the scan
+/// ("racy", as git calls it) is not trusted by the next scan.
+const RACY_NS: i64 = 50_000_000;
+
+/// Never equal to a real ctime: the next scan reads the entry again.
+const UNTRUSTED: i64 = i64::MIN;
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 impl Tracked {
@@ -131,11 +148,21 @@ impl Tracked {
         for p in &delta.removed {
             self.seen.remove(p);
         }
-        for (p, s) in delta.changed {
+        for (p, mut s) in delta.changed {
             s.visited.store(delta.epoch, Ordering::Relaxed);
+            if s.ctime_ns >= delta.started_ns - RACY_NS {
+                s.ctime_ns = UNTRUSTED;
+            }
             self.seen.insert(p, s);
         }
         self.merged = Some(merged);
+    }
+
+    /// Makes a scan taken outside a capture (nothing published) part of
+    /// the cache. The next capture merges in full.
+    pub fn warm(&mut self, delta: Delta) {
+        self.apply(delta, Manifest::default());
+        self.merged = None;
     }
 
     /// The manifest of the upper dir after `delta`, merged onto `parent`
@@ -182,6 +209,17 @@ pub fn scan_upper(
     store: &Store,
     tracked: &mut Tracked,
     threads: usize,
+) -> Result<Delta, FsError> {
+    scan_upper_at(upper, store, tracked, threads, now_ns())
+}
+
+/// [`scan_upper`] with the clock given (ns since the epoch).
+fn scan_upper_at(
+    upper: &Path,
+    store: &Store,
+    tracked: &mut Tracked,
+    threads: usize,
+    started_ns: i64,
 ) -> Result<Delta, FsError> {
     tracked.epoch = tracked.epoch.wrapping_add(1);
     let epoch = tracked.epoch;
@@ -237,6 +275,7 @@ pub fn scan_upper(
     });
     let mut all = Delta {
         epoch,
+        started_ns,
         ..Delta::default()
     };
     for r in results {
@@ -419,18 +458,11 @@ fn read_entry(
 ) -> Result<(Entry, Option<Meta>), FsError> {
     let kind = kind_of(st);
     let base = |kind| Entry {
-        kind,
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,
         mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
-        xattrs: BTreeMap::new(),
-        object: None,
-        size: 0,
-        target: None,
-        opaque: false,
-        rdev: 0,
-        link: None,
+        ..Entry::new(kind)
     };
     let entry = if kind == SFlag::S_IFCHR && st.st_rdev == 0 {
         base(Kind::Whiteout)
@@ -481,4 +513,95 @@ fn read_entry(
         }
     };
     Ok((entry, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capture(dir: &Path, store: &Store, t: &mut Tracked, now: i64) -> Delta {
+        let mut d = scan_upper_at(dir, store, t, 2, now).unwrap();
+        for (i, staged) in std::mem::take(&mut d.staged) {
+            d.changed[i].1.entry.object = Some(store.commit(staged).unwrap());
+        }
+        t.find_removed(&mut d);
+        let stats = Delta {
+            changed: d
+                .changed
+                .iter()
+                .map(|(p, _)| (p.clone(), seen_stub()))
+                .collect(),
+            removed: d.removed.clone(),
+            stats: d.stats,
+            ..Delta::default()
+        };
+        t.apply(d, Manifest::default());
+        stats
+    }
+
+    fn seen_stub() -> Seen {
+        Seen {
+            ino: 0,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            entry: Entry::new(Kind::File),
+            visited: AtomicU32::new(0),
+        }
+    }
+
+    #[test]
+    fn unchanged_entries_are_skipped_changed_and_removed_ones_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (upper, store) = (
+            tmp.path().join("upper"),
+            Store::open(&tmp.path().join("store")).unwrap(),
+        );
+        std::fs::create_dir_all(upper.join("d")).unwrap();
+        std::fs::write(upper.join("d/a"), b"a").unwrap();
+        std::fs::write(upper.join("b"), b"b").unwrap();
+        let mut t = Tracked::default();
+        let later = now_ns() + 10_000_000_000; // past the racy window
+        let d = capture(&upper, &store, &mut t, later);
+        assert_eq!((d.changed.len(), d.stats.files_hashed), (3, 2));
+        let d = capture(&upper, &store, &mut t, later);
+        assert_eq!(
+            (d.changed.len(), d.stats.files_cached),
+            (0, 2),
+            "nothing changed"
+        );
+        std::fs::write(upper.join("d/a"), b"a2").unwrap();
+        std::fs::remove_file(upper.join("b")).unwrap();
+        let d = capture(&upper, &store, &mut t, later + 1);
+        let changed: Vec<&str> = d.changed.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(changed, ["d/a"], "only the rewritten file");
+        assert_eq!(d.removed, ["b"]);
+        assert_eq!(t.seen.len(), 2);
+    }
+
+    #[test]
+    fn entries_changed_just_before_a_scan_are_read_again_next_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (upper, store) = (
+            tmp.path().join("upper"),
+            Store::open(&tmp.path().join("store")).unwrap(),
+        );
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::write(upper.join("hot"), b"1").unwrap();
+        let mut t = Tracked::default();
+        let now = now_ns();
+        assert_eq!(capture(&upper, &store, &mut t, now).stats.files_hashed, 1);
+        // Written within the window of that scan: a same-tick rewrite could
+        // look unchanged, so the next scan reads it again.
+        assert_eq!(
+            capture(&upper, &store, &mut t, now).stats.files_hashed,
+            1,
+            "racy entry trusted"
+        );
+        // Once a scan starts well after its ctime, it is trusted.
+        let later = now + 10_000_000_000;
+        assert_eq!(capture(&upper, &store, &mut t, later).stats.files_hashed, 1);
+        let d = capture(&upper, &store, &mut t, later);
+        assert_eq!((d.stats.files_hashed, d.stats.files_cached), (0, 1));
+    }
 }
