@@ -70,7 +70,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
         })
         .unwrap()
     });
-    let cps = Arc::new(Checkpoints::open(&state, env, sup).unwrap());
+    let cps = Arc::new(Checkpoints::open(&state, env, sup, None).unwrap());
     let t = Instant::now();
     let mut block = vec![0u8; size];
     for i in 0..files {
@@ -84,7 +84,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
         t.elapsed()
     );
     let t = Instant::now();
-    cps.capture("initial".into(), None, &|_| {}).unwrap();
+    cps.capture("initial".into(), None, false, &|_| {}).unwrap();
     eprintln!("setup: first (full) capture in {:?}", t.elapsed());
     // The setup's writeback must not land inside the measured captures.
     nix::unistd::sync();
@@ -178,7 +178,7 @@ fn bench(c: &mut Criterion) {
                     round += 1;
                     change(&s.root, one_pct(), FILE_SIZE, round);
                     let t = Instant::now();
-                    let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                    let meta = s.cps.capture(String::new(), None, false, &|_| {}).unwrap();
                     total += t.elapsed();
                     freeze_1pct.push(meta.stats.freeze_ms);
                 }
@@ -193,7 +193,7 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     let before = du(&store);
                     let t = Instant::now();
-                    let meta = s.cps.capture(String::new(), None, &|_| {}).unwrap();
+                    let meta = s.cps.capture(String::new(), None, false, &|_| {}).unwrap();
                     total += t.elapsed();
                     growth.push(du(&store) as f64 - before as f64);
                     freeze_none.push(meta.stats.freeze_ms);
@@ -212,9 +212,9 @@ fn bench(c: &mut Criterion) {
             })
         });
         // Two checkpoints to restore back and forth between.
-        let a = s.cps.capture("a".into(), None, &|_| {}).unwrap().id;
+        let a = s.cps.capture("a".into(), None, false, &|_| {}).unwrap().id;
         change(&s.root, one_pct(), FILE_SIZE, 9999);
-        let b_id = s.cps.capture("b".into(), None, &|_| {}).unwrap().id;
+        let b_id = s.cps.capture("b".into(), None, false, &|_| {}).unwrap().id;
         let mut flip = false;
         g.bench_function("restore_cached_10k", |b| {
             b.iter(|| {
@@ -247,7 +247,9 @@ fn bench(c: &mut Criterion) {
     const HOT: std::ops::Range<usize> = 100_000..100_100;
     let big = setup(&rt, 100_000, 1024);
     change(&big.root, HOT.clone(), FILE_SIZE, 0);
-    big.cps.capture("hot files".into(), None, &|_| {}).unwrap();
+    big.cps
+        .capture("hot files".into(), None, false, &|_| {})
+        .unwrap();
     let mut freeze_big = Vec::new();
     let mut round = 0u64;
     g.bench_function("capture_100_changed_of_100k", |b| {
@@ -257,7 +259,10 @@ fn bench(c: &mut Criterion) {
                 round += 1;
                 change(&big.root, HOT.clone(), FILE_SIZE, round);
                 let t = Instant::now();
-                let meta = big.cps.capture(String::new(), None, &|_| {}).unwrap();
+                let meta = big
+                    .cps
+                    .capture(String::new(), None, false, &|_| {})
+                    .unwrap();
                 total += t.elapsed();
                 freeze_big.push(meta.stats.freeze_ms);
             }

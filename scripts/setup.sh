@@ -8,19 +8,22 @@
 # What it does:
 #   1. Debian packages for the build and the tests (only the missing ones).
 #   2. CRIU: keeps a working /usr/local/sbin/criu; otherwise installs the
-#      distribution's `criu` and keeps it when `criu check` passes; otherwise
-#      builds CRIU (default 4.1.1) from Debian trixie's source package and
-#      installs only the `criu` binary to /usr/local/sbin/criu.
+#      distribution's `criu` and keeps it when it works; otherwise builds
+#      CRIU from Debian sid's source package (4.2.1 today) and installs only
+#      the `criu` binary to /usr/local/sbin/criu. "Works" means `criu check`
+#      passes and, on kernels 6.16 and later, the version is at least 4.2:
+#      older CRIU cannot dump a process holding a TCP socket there (the
+#      kernel refuses SO_PASSCRED on it; CRIU issue #2718).
 #   3. The official Python SDK (sprites-py, pinned) in a venv, for the tests
 #      that check wire compatibility.
 #   4. Checks that a Rust toolchain (cargo >= 1.85) is present.
 #
-# Environment: SPRITED_CRIU_SUITE (default trixie) picks the Debian suite whose
+# Environment: SPRITED_CRIU_SUITE (default sid) picks the Debian suite whose
 # criu source is built; SPRITED_SETUP_CACHE (default /var/cache/sprited-setup)
 # keeps the downloaded source and the build between runs.
 set -euo pipefail
 
-CRIU_SUITE=${SPRITED_CRIU_SUITE:-trixie}
+CRIU_SUITE=${SPRITED_CRIU_SUITE:-sid}
 CACHE=${SPRITED_SETUP_CACHE:-/var/cache/sprited-setup}
 CRIU_DEST=/usr/local/sbin/criu
 MIN_RUST=1.85
@@ -69,8 +72,23 @@ install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}"
 say "packages: ok"
 
 # --- 2. CRIU ----------------------------------------------------------------
-criu_works() { # PATH → 0 when `criu check` passes
-  [ -x "$1" ] && "$1" check >/dev/null 2>&1
+# The oldest CRIU that works on this kernel: 4.2 from Linux 6.16 on.
+kernel_at_least() { # MAJOR MINOR
+  local k; k=$(uname -r); k=${k%%-*}
+  local maj=${k%%.*} rest=${k#*.}; local min=${rest%%.*}
+  [ "$maj" -gt "$1" ] || { [ "$maj" -eq "$1" ] && [ "$min" -ge "$2" ]; }
+}
+MIN_CRIU=3.17
+if kernel_at_least 6 16; then MIN_CRIU=4.2; fi
+
+version_at_least() { # HAVE WANT
+  [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
+
+criu_works() { # PATH → 0 when `criu check` passes and the version is recent enough
+  [ -x "$1" ] && "$1" check >/dev/null 2>&1 || return 1
+  local v; v=$("$1" --version 2>/dev/null | awk '/^Version/ {print $2}')
+  version_at_least "${v:-0}" "$MIN_CRIU"
 }
 
 build_criu() {
@@ -127,7 +145,7 @@ else
       distro_ok=1
       say "criu: the distribution's $(/usr/sbin/criu --version | awk '/^Version/ {print $2}') passes criu check"
     else
-      say "criu: the distribution's criu fails criu check on $(uname -r): $(/usr/sbin/criu check 2>&1 | grep Error | grep -v -m1 'exited, status=' || true)"
+      say "criu: the distribution's $(/usr/sbin/criu --version | awk '/^Version/ {print $2}') does not work on $(uname -r) (needs criu check and >= $MIN_CRIU): $(/usr/sbin/criu check 2>&1 | grep Error | grep -v -m1 'exited, status=' || true)"
     fi
   else
     say "criu: the distribution has no criu package"

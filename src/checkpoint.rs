@@ -21,12 +21,30 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{CgroupError, FreezeGuard};
+use crate::criu::{Criu, Dumped};
 use crate::durable::{self, DurableError};
 use crate::fs::manifest::{self, Manifest};
 use crate::fs::{Env, FsError};
 use crate::supervisor::{ServiceDef, Supervisor, SupervisorError};
 
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Raw CRIU images are kept on disk for this many of the newest
+/// checkpoints (restoring them skips the decompression).
+const RAW_IMAGES_KEPT: usize = 2;
+/// How long a restore waits for the pids of killed services to be free.
+const PIDS_FREE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A line of progress for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    Info(String),
+    /// Something failed without failing the operation (a service's dump).
+    Error(String),
+}
+
+fn info(progress: &dyn Fn(Note), s: impl Into<String>) {
+    progress(Note::Info(s.into()));
+}
 /// How many of the newest checkpoints are browsable under `<id>/root`.
 const BROWSABLE: usize = 5;
 
@@ -75,6 +93,7 @@ fn io_err<'a>(
 /// How a capture went, for the metadata and the `info` events.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CaptureStats {
+    /// Freeze → thaw: the pause every service saw (CRIU dumps included).
     pub freeze_ms: f64,
     pub capture_ms: f64,
     pub entries: u64,
@@ -99,6 +118,26 @@ pub struct CheckpointMeta {
     pub services: Vec<ServiceDef>,
     pub running: Vec<String>,
     pub stats: CaptureStats,
+    /// CRIU images of the services that were running (none: files only).
+    #[serde(default)]
+    pub processes: Vec<ProcessImages>,
+    /// Whether process state was asked for (`processes: false`: files only).
+    #[serde(default)]
+    pub with_processes: bool,
+}
+
+/// One service's process tree in a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessImages {
+    pub service: String,
+    pub restart_count: u32,
+    /// When the dumped instance started (ms since the Unix epoch).
+    #[serde(default)]
+    pub started_at_ms: u64,
+    #[serde(flatten)]
+    pub dumped: Dumped,
+    /// Image file name → store object (zstd).
+    pub images: BTreeMap<String, String>,
 }
 
 impl CheckpointMeta {
@@ -114,6 +153,12 @@ impl CheckpointMeta {
             "health": self.health,
             "services": self.running,
             "freeze_ms": self.stats.freeze_ms,
+            "processes": self.processes.iter().map(|p| serde_json::json!({
+                "service": p.service,
+                "pid": p.dumped.pid,
+                "dump_ms": p.dumped.dump_ms,
+                "bytes": p.dumped.bytes,
+            })).collect::<Vec<_>>(),
             "capture_ms": self.stats.capture_ms,
             "files": self.stats.entries,
         })
@@ -122,8 +167,11 @@ impl CheckpointMeta {
 
 pub struct Checkpoints {
     dir: PathBuf,
+    /// Raw CRIU images: `<state>/criu/<id>/<service>/`.
+    images: PathBuf,
     env: Arc<Env>,
     sup: Supervisor,
+    criu: Option<Criu>,
     metas: Mutex<BTreeMap<String, CheckpointMeta>>,
     /// The decoded manifest of the mounted layer (the parent of captures).
     parent: Mutex<Option<(String, Arc<Manifest>)>>,
@@ -140,9 +188,31 @@ fn vnum(id: &str) -> Option<u64> {
 
 impl Checkpoints {
     /// Loads the chain; finishes what a crash interrupted.
-    pub fn open(state_dir: &Path, env: Arc<Env>, sup: Supervisor) -> Result<Self, CheckpointError> {
+    /// `criu`: process checkpoints (none: files only).
+    pub fn open(
+        state_dir: &Path,
+        env: Arc<Env>,
+        sup: Supervisor,
+        criu: Option<Criu>,
+    ) -> Result<Self, CheckpointError> {
         let dir = state_dir.join("checkpoints");
-        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let images = state_dir.join("criu");
+        for d in [&dir, &images] {
+            std::fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        // Dumps a crash interrupted.
+        for entry in std::fs::read_dir(&images)
+            .map_err(io_err("read dir", &images))?
+            .flatten()
+        {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(durable::TEMP_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let mut metas = BTreeMap::new();
         for entry in std::fs::read_dir(&dir)
             .map_err(io_err("read dir", &dir))?
@@ -169,8 +239,10 @@ impl Checkpoints {
         }
         let cps = Checkpoints {
             dir,
+            images,
             env,
             sup,
+            criu,
             metas: Mutex::new(metas),
             parent: Mutex::new(None),
         };
@@ -276,14 +348,16 @@ impl Checkpoints {
         Ok(m)
     }
 
-    /// Takes a checkpoint. Blocking (disk work): run it off the async workers.
-    /// `progress` receives human-readable steps.
+    /// Takes a checkpoint: files, and with `processes` (and CRIU) the
+    /// memory of every running service. Blocking (disk work, CRIU): run it
+    /// off the async workers. `progress` receives human-readable steps.
     #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty))]
     pub fn capture(
         &self,
         comment: String,
         id: Option<String>,
-        progress: &dyn Fn(String),
+        processes: bool,
+        progress: &dyn Fn(Note),
     ) -> Result<CheckpointMeta, CheckpointError> {
         let started = Instant::now();
         let id = match id {
@@ -299,35 +373,100 @@ impl Checkpoints {
         durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
         let result = (|| {
             if self.env.cache_is_cold() {
-                progress("Indexing files before freezing...".to_owned());
+                info(progress, "Indexing files before freezing...");
             }
             if let Some(warm) = self.env.warm_scan()? {
-                progress(format!(
-                    "Indexed {} entries before freezing ({} files, {} bytes stored)",
-                    warm.entries, warm.files_hashed, warm.bytes_hashed
-                ));
+                info(
+                    progress,
+                    format!(
+                        "Indexed {} entries before freezing ({} files, {} bytes stored)",
+                        warm.entries, warm.files_hashed, warm.bytes_hashed
+                    ),
+                );
             }
-            let cgroups: Vec<_> = self
-                .sup
-                .running_cgroups()
-                .into_iter()
-                .map(|(_, cg)| cg)
-                .collect();
-            progress(format!("Freezing {} service(s)...", cgroups.len()));
+            let services_running = self.sup.running();
+            let criu = self.criu.as_ref().filter(|_| processes);
+            info(
+                progress,
+                format!(
+                    "Freezing {} service(s){}...",
+                    services_running.len(),
+                    if criu.is_some() && !services_running.is_empty() {
+                        " and dumping their processes"
+                    } else {
+                        ""
+                    }
+                ),
+            );
             let freeze_start = Instant::now();
-            let guard = FreezeGuard::freeze_all(cgroups, FREEZE_TIMEOUT)?;
+            let guard = FreezeGuard::freeze_all(
+                services_running.iter().map(|r| r.cgroup.clone()).collect(),
+                FREEZE_TIMEOUT,
+            )?;
+            // While frozen: each service's process tree, then the files.
+            let tmp_images = self.images.join(format!("{}{id}", durable::TEMP_PREFIX));
+            let mut dumps = Vec::new();
+            let mut failed = Vec::new();
+            if let Some(criu) = criu {
+                for r in &services_running {
+                    let dir = tmp_images.join(&r.name);
+                    match criu.dump(&r.name, r.pid, r.cgroup.path(), &dir) {
+                        Ok(d) => dumps.push((r, d, dir)),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+            }
             let frozen = self.env.scan_frozen()?;
             let (services, running) = self.sup.snapshot();
             drop(guard);
             let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
             let scan = frozen.stats();
-            progress(format!(
-                "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) changed ({} bytes), {} unchanged",
-                scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
-            ));
+            for e in failed {
+                progress(Note::Error(format!(
+                    "{e}; the checkpoint keeps its files and other services"
+                )));
+            }
+            info(
+                progress,
+                format!(
+                    "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) changed ({} bytes), {} unchanged",
+                    scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
+                ),
+            );
+            for (r, d, _) in &dumps {
+                info(
+                    progress,
+                    format!(
+                        "Dumped {} (pid {}): {} bytes in {:.1} ms",
+                        r.name, d.pid, d.bytes, d.dump_ms
+                    ),
+                );
+            }
             let mut captured = self.env.finish_capture(frozen, &parent)?;
-            progress("Saving filesystem state...".to_owned());
+            info(progress, "Saving filesystem state...");
             let manifest_id = captured.manifest.store(self.env.store())?;
+            let mut process_images = Vec::new();
+            for (r, dumped, dir) in dumps {
+                let mut images = BTreeMap::new();
+                for entry in std::fs::read_dir(&dir)
+                    .map_err(io_err("read dir", &dir))?
+                    .flatten()
+                {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".log") {
+                        continue;
+                    }
+                    let (object, _) = self.env.store().put_file_compressed(&entry.path())?;
+                    images.insert(name, object);
+                }
+                process_images.push(ProcessImages {
+                    service: r.name.clone(),
+                    restart_count: r.restart_count,
+                    started_at_ms: r.started_at_ms,
+                    dumped,
+                    images,
+                });
+            }
             let source = st.source.clone();
             let mut history = Vec::new();
             if let Some(src) = &source {
@@ -347,6 +486,8 @@ impl Checkpoints {
                 manifest: manifest_id,
                 services,
                 running,
+                processes: process_images,
+                with_processes: criu.is_some(),
                 stats: CaptureStats {
                     freeze_ms,
                     capture_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -373,6 +514,9 @@ impl Checkpoints {
             durable::sync_dir(&self.dir)?;
             // Published: from here on the environment descends from it.
             self.env.publish_source(pending)?;
+            if tmp_images.exists() {
+                let _ = std::fs::rename(&tmp_images, self.images.join(&id));
+            }
             self.env.keep_scan(captured);
             Ok(meta)
         })();
@@ -383,6 +527,7 @@ impl Checkpoints {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), meta.clone());
                 let _ = std::fs::remove_file(self.journal());
+                self.prune_raw_images();
                 tracing::info!(
                     freeze_ms = meta.stats.freeze_ms,
                     capture_ms = meta.stats.capture_ms,
@@ -391,6 +536,9 @@ impl Checkpoints {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
+                let _ = std::fs::remove_dir_all(
+                    self.images.join(format!("{}{id}", durable::TEMP_PREFIX)),
+                );
                 self.env.store().clean_temp();
                 let _ = self.collect_garbage();
                 let _ = std::fs::remove_file(self.journal());
@@ -406,12 +554,12 @@ impl Checkpoints {
     pub async fn restore(
         self: &Arc<Self>,
         id: &str,
-        progress: &(dyn Fn(String) + Sync),
+        progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
-        progress("Stopping services...".to_owned());
+        info(progress, "Stopping services...");
         self.sup.kill_all().await;
-        progress("Restoring filesystem...".to_owned());
+        info(progress, "Restoring filesystem...");
         let me = self.clone();
         let target = meta.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
@@ -423,15 +571,123 @@ impl Checkpoints {
         .await
         .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
         if !built {
-            progress(format!("Layer of {id} reused from cache"));
+            info(progress, format!("Layer of {id} reused from cache"));
         }
         self.sup
             .replace_definitions(meta.services.clone(), &meta.running)?;
-        if !meta.running.is_empty() {
-            progress(format!("Starting services: {}", meta.running.join(", ")));
+        // Processes after the files, so they see the restored tree.
+        for name in &meta.running {
+            let why = match (
+                meta.processes.iter().find(|p| &p.service == name),
+                &self.criu,
+            ) {
+                (Some(p), Some(criu)) => match self.restore_process(&meta.id, p, criu).await {
+                    Ok(()) => {
+                        info(
+                            progress,
+                            format!(
+                                "Service {name} restored with its memory (pid {})",
+                                p.dumped.pid
+                            ),
+                        );
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                (Some(_), None) => "CRIU is unavailable".to_owned(),
+                (None, _) if !meta.with_processes => "the checkpoint keeps files only".to_owned(),
+                (None, _) => "its processes were not dumped".to_owned(),
+            };
+            info(progress, format!("Service {name} starts fresh: {why}"));
         }
         self.sup.start_all().await;
         Ok(())
+    }
+
+    /// Restores one service's process tree with CRIU into a fresh cgroup
+    /// and hands it to the supervisor. The error is the reason to start it
+    /// fresh instead.
+    async fn restore_process(
+        self: &Arc<Self>,
+        id: &str,
+        p: &ProcessImages,
+        criu: &Criu,
+    ) -> Result<(), String> {
+        let (cgroup, procs) = self
+            .sup
+            .fresh_cgroup(&p.service)
+            .await
+            .map_err(|e| e.to_string())?;
+        let was = crate::supervisor::RunningService {
+            name: p.service.clone(),
+            pid: p.dumped.pid,
+            cgroup,
+            restart_count: p.restart_count,
+            started_at_ms: p.started_at_ms,
+        };
+        let me = self.clone();
+        let (id, p2, criu) = (id.to_owned(), p.clone(), criu.clone());
+        let restored = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let dir = me.raw_images(&id, &p2).map_err(|e| e.to_string())?;
+            if !Criu::wait_free(&p2.dumped.tids, PIDS_FREE_TIMEOUT) {
+                return Err(format!("its pids ({:?}) are still in use", p2.dumped.tids));
+            }
+            criu.restore(&p2.service, &p2.dumped, &dir, procs)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.sup
+            .adopt(&was, [restored.stdout, restored.stderr], restored.exit)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The raw images of a service in checkpoint `id`: the cached dir, or
+    /// decompressed from the store into it.
+    fn raw_images(&self, id: &str, p: &ProcessImages) -> Result<PathBuf, CheckpointError> {
+        let dir = self.images.join(id).join(&p.service);
+        if p.images.keys().all(|n| dir.join(n).exists()) {
+            return Ok(dir);
+        }
+        let tmp = self
+            .images
+            .join(format!("{}{id}-{}", durable::TEMP_PREFIX, p.service));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+        for (name, object) in &p.images {
+            if name.contains('/') || name.starts_with('.') {
+                return Err(CheckpointError::Unavailable(format!(
+                    "bad image name {name:?}"
+                )));
+            }
+            self.env
+                .store()
+                .extract_compressed(object, &tmp.join(name))?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(self.images.join(id)).map_err(io_err("create", &dir))?;
+        std::fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
+        Ok(dir)
+    }
+
+    /// Keeps raw images only for the newest [`RAW_IMAGES_KEPT`] checkpoints.
+    fn prune_raw_images(&self) {
+        let keep: HashSet<String> = self
+            .list(None)
+            .into_iter()
+            .take(RAW_IMAGES_KEPT)
+            .map(|m| m.id)
+            .collect();
+        for entry in std::fs::read_dir(&self.images)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(durable::TEMP_PREFIX) && !keep.contains(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Deletes a checkpoint and frees the objects no other one references.
@@ -455,6 +711,7 @@ impl Checkpoints {
             .remove(id);
         let _ = std::fs::remove_dir_all(&trash);
         self.env.remove_layer(id);
+        let _ = std::fs::remove_dir_all(self.images.join(id));
         let (_, bytes) = self.collect_garbage()?;
         self.refresh_browsable();
         Ok(bytes)
@@ -513,6 +770,9 @@ impl Checkpoints {
         let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
         for m in metas {
             manifest::references(self.env.store(), &m.manifest, &mut keep)?;
+            for p in &m.processes {
+                keep.extend(p.images.values().cloned());
+            }
         }
         Ok(self.env.store().collect_garbage(&keep)?)
     }

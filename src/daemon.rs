@@ -287,8 +287,28 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
+    let mut criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
+    if criu.available && config.chroot {
+        criu.available = false;
+        criu.message = Some(
+            "process checkpoints are not supported with --chroot yet: checkpoints keep files only"
+                .into(),
+        );
+    }
+    if !criu.available {
+        tracing::warn!(
+            reason = criu.message.as_deref().unwrap_or(""),
+            "CRIU unavailable: checkpoints keep files only"
+        );
+    }
+    let dumper = criu
+        .path
+        .clone()
+        .filter(|_| criu.available)
+        .map(|p| criu::Criu::new(p, app.reaper.clone(), config.state_dir.join("criu-logs")));
+    let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {
-        match Checkpoints::open(&config.state_dir, env, sup.clone()) {
+        match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper) {
             Ok(c) => {
                 let _ = app.checkpoints.set(Arc::new(c));
             }
@@ -298,14 +318,6 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             }
         }
     }
-    let criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
-    if !criu.available {
-        tracing::warn!(
-            reason = criu.message.as_deref().unwrap_or(""),
-            "CRIU unavailable: checkpoints keep files only"
-        );
-    }
-    let _ = app.criu.set(criu);
     if let Some(sup) = supervisor {
         sup.start_all().await;
     }

@@ -86,6 +86,29 @@ impl Reaper {
         // `child` (std) is dropped without waiting: the reaper owns the wait.
     }
 
+    /// Registers `pid`, a process about to appear under the daemon without
+    /// being spawned by it (a CRIU restore's root, reparented to the daemon
+    /// as the subreaper), so its exit is handed over instead of being
+    /// reaped as an orphan's. [`Reaper::forget`] undoes it.
+    pub fn expect(&self, pid: i32) -> oneshot::Receiver<Exit> {
+        let (tx, rx) = oneshot::channel();
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiters
+            .insert(pid, tx);
+        rx
+    }
+
+    /// Drops the registration of a pid that did not appear.
+    pub fn forget(&self, pid: i32) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiters
+            .remove(&pid);
+    }
+
     /// Runs `cmd` to completion with a time limit and returns its exit and
     /// combined stdout+stderr. On timeout the process is killed.
     pub async fn output(&self, cmd: &mut Command, timeout: Duration) -> io::Result<(Exit, String)> {

@@ -150,6 +150,25 @@ pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, procs_fd: std::o
     }
 }
 
+/// Arranges for the child spawned by `cmd` to start a new session (and
+/// process group) before `exec`: a service's tree is then self-contained,
+/// which CRIU needs to dump it without `--shell-job`.
+#[allow(unsafe_code)]
+pub fn new_session_before_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec; setsid(2) is
+    // async-signal-safe, and nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
 /// Where and how a service is confined in `--chroot` mode.
 #[derive(Debug, Clone)]
 pub struct Chroot {

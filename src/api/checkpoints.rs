@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::stream::{Emitter, ndjson};
 use super::{ApiError, AppState, PlainError};
-use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::checkpoint::{CheckpointError, Checkpoints, Note};
 use crate::lifecycle::{OperationGuard, Transition};
 
 fn checkpoints(app: &AppState) -> Result<Arc<Checkpoints>, ApiError> {
@@ -44,6 +44,10 @@ struct CreateBody {
     /// Seed 003: the client may name the checkpoint.
     #[serde(default)]
     checkpoint_id: Option<String>,
+    /// `false`: files only, no process state (default: with processes
+    /// when CRIU is available).
+    #[serde(default)]
+    processes: Option<bool>,
 }
 
 fn parse_body<T: Default + for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
@@ -57,13 +61,17 @@ fn parse_body<T: Default + for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T,
 /// Forwards progress lines from blocking work into the stream, then the end.
 async fn forward(
     em: Emitter,
-    mut rx: mpsc::UnboundedReceiver<String>,
+    mut rx: mpsc::UnboundedReceiver<Note>,
     done: tokio::task::JoinHandle<Result<String, String>>,
 ) {
     let mut client = true;
-    while let Some(line) = rx.recv().await {
+    while let Some(note) = rx.recv().await {
         if client {
-            client = em.send(&event("info", &line)).await;
+            let ev = match &note {
+                Note::Info(line) => event("info", line),
+                Note::Error(line) => event("error", line),
+            };
+            client = em.send(&ev).await;
         }
     }
     let end = match done.await {
@@ -82,16 +90,17 @@ fn spawn_capture(
     guard: OperationGuard,
     comment: String,
     id: Option<String>,
+    processes: bool,
 ) -> Progress {
     let (tx, rx) = mpsc::unbounded_channel();
     let done = tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        let _ = tx.send("Creating checkpoint...".into());
-        let progress = |s: String| {
-            let _ = tx.send(s);
+        let _ = tx.send(Note::Info("Creating checkpoint...".into()));
+        let progress = |n: Note| {
+            let _ = tx.send(n);
         };
         let meta = cps
-            .capture(comment, id, &progress)
+            .capture(comment, id, processes, &progress)
             .map_err(|e| e.to_string())?;
         cps.refresh_browsable();
         Ok(format!("Checkpoint {} created", meta.id))
@@ -103,9 +112,9 @@ fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Pr
     let (tx, rx) = mpsc::unbounded_channel();
     let done = tokio::spawn(async move {
         let _guard = guard;
-        let _ = tx.send(format!("Restoring to checkpoint {id}..."));
-        let progress = |s: String| {
-            let _ = tx.send(s);
+        let _ = tx.send(Note::Info(format!("Restoring to checkpoint {id}...")));
+        let progress = |n: Note| {
+            let _ = tx.send(n);
         };
         cps.restore(&id, &progress)
             .await
@@ -116,7 +125,7 @@ fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Pr
 }
 
 type Progress = (
-    mpsc::UnboundedReceiver<String>,
+    mpsc::UnboundedReceiver<Note>,
     tokio::task::JoinHandle<Result<String, String>>,
 );
 
@@ -138,6 +147,7 @@ async fn begin_capture(
             guard,
             req.comment.unwrap_or_default(),
             req.checkpoint_id,
+            req.processes.unwrap_or(true),
         ),
         id,
     ))

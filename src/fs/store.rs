@@ -201,17 +201,21 @@ impl Store {
         }
     }
 
-    /// Stores bytes (a manifest) as an object (mode 0600, root).
-    pub fn put_bytes(&self, data: &[u8]) -> Result<String, FsError> {
-        let hash = hex(&Sha256::digest(data));
-        let meta = Meta {
+    /// The metadata of objects that are not files of the environment.
+    fn bytes_meta() -> Meta {
+        Meta {
             mode: 0o600,
             uid: 0,
             gid: 0,
             mtime_ns: 0,
             xattrs: BTreeMap::new(),
-        };
-        let id = format!("{hash}-{}", meta.key());
+        }
+    }
+
+    /// Stores bytes (a manifest) as an object (mode 0600, root).
+    pub fn put_bytes(&self, data: &[u8]) -> Result<String, FsError> {
+        let hash = hex(&Sha256::digest(data));
+        let id = format!("{hash}-{}", Self::bytes_meta().key());
         if self.object_path(&id).exists() {
             return Ok(id);
         }
@@ -220,6 +224,64 @@ impl Store {
         drop(out);
         self.publish(&tmp, &id)?;
         Ok(id)
+    }
+
+    /// Stores a file compressed (zstd, streaming: any size). Returns the
+    /// object id and the compressed size.
+    pub fn put_file_compressed(&self, src: &Path) -> Result<(String, u64), FsError> {
+        struct Hashing {
+            file: File,
+            hash: Sha256,
+            len: u64,
+        }
+        impl Write for Hashing {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = self.file.write(buf)?;
+                self.hash.update(&buf[..n]);
+                self.len += n as u64;
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                self.file.flush()
+            }
+        }
+        let (tmp, out) = self.temp()?;
+        let result = (|| {
+            let mut input = File::open(src).map_err(io_err("open", src))?;
+            let sink = Hashing {
+                file: out,
+                hash: Sha256::new(),
+                len: 0,
+            };
+            let mut enc = zstd::stream::Encoder::new(sink, 1).map_err(io_err("compress", src))?;
+            io::copy(&mut input, &mut enc).map_err(io_err("compress", src))?;
+            let sink = enc.finish().map_err(io_err("compress", src))?;
+            Ok((hex(&sink.hash.finalize()), sink.len))
+        })();
+        let (hash, len) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let id = format!("{hash}-{}", Self::bytes_meta().key());
+        self.publish(&tmp, &id)?;
+        Ok((id, len))
+    }
+
+    /// Writes the decompressed content of object `id` (stored by
+    /// [`Store::put_file_compressed`]) to `dest`.
+    pub fn extract_compressed(&self, id: &str, dest: &Path) -> Result<(), FsError> {
+        if !valid_id(id) {
+            return Err(FsError::Corrupt(format!("bad object id {id:?}")));
+        }
+        let src = self.object_path(id);
+        let input = File::open(&src).map_err(io_err("open", &src))?;
+        let mut out = File::create(dest).map_err(io_err("create", dest))?;
+        let mut dec = zstd::stream::Decoder::new(input).map_err(io_err("decompress", &src))?;
+        io::copy(&mut dec, &mut out).map_err(io_err("decompress", &src))?;
+        Ok(())
     }
 
     pub fn read(&self, id: &str) -> Result<Vec<u8>, FsError> {

@@ -29,6 +29,7 @@ pub mod spec;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -474,17 +475,9 @@ impl Supervisor {
 
     #[tracing::instrument(name = "service", skip(self), fields(name = %name, pid = tracing::field::Empty))]
     async fn spawn_instance(&self, name: &str) -> Result<(), SupervisorError> {
-        let cgroups = self.inner.cfg.cgroups.clone().ok_or_else(|| {
-            SupervisorError::Unavailable("no cgroup v2 hierarchy: see /v1/status".into())
-        })?;
         let def = self.lookup(name, |s| s.def.clone())?;
-        let cgroup = cgroups.child(name)?;
-        // Nothing from a previous instance survives (blocking: waits on cgroup.events).
-        let leftover = cgroup.clone();
-        tokio::task::spawn_blocking(move || leftover.kill_all(KILL_TIMEOUT))
-            .await
-            .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
-        let procs = cgroup.procs_fd()?;
+        // Nothing from a previous instance survives.
+        let (cgroup, procs) = self.fresh_cgroup(name).await?;
         let mut cmd = Command::new(&def.spec.cmd);
         cmd.args(&def.spec.args)
             .env_clear()
@@ -493,7 +486,7 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        crate::sys::new_session_before_exec(&mut cmd);
         crate::sys::join_cgroup_before_exec(&mut cmd, procs);
         match &self.inner.cfg.chroot {
             // The working dir is a path inside the chroot, entered after it.
@@ -552,48 +545,18 @@ impl Supervisor {
         };
         tracing::Span::current().record("pid", child.pid);
         tracing::info!("started");
-        let generation = self
-            .inner
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let log = {
-            let mut table = self.table();
-            let svc = table
-                .get_mut(name)
-                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-            svc.rt.status = Some(Status::Starting);
-            svc.rt.pid = Some(child.pid);
-            svc.rt.started_at = Some(SystemTime::now());
-            svc.rt.error = None;
-            // exit_code keeps the previous exit, so a restarted crash loop shows why.
-            svc.rt.next_restart_at = None;
-            svc.instance = Some(Instance {
-                generation,
-                pid: child.pid,
-                cgroup: cgroup.clone(),
-                exited: exit_rx.clone(),
-                stopping: false,
-                up_since: Instant::now(),
-            });
-            svc.log.clone()
-        };
-        self.emit(Event::new(EventKind::Started, name).data(format!("Service {name} started")));
-        for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| p.into())),
-            (Stream::Stderr, child.stderr.take().map(|p| p.into())),
-        ] {
-            if let Some(fd) = pipe {
-                tokio::spawn(pump(self.clone(), name.to_owned(), stream, fd, log.clone()));
-            }
-        }
-        let me = self.clone();
-        let svc_name = name.to_owned();
-        tokio::spawn(async move {
-            let exit = child.exit.await.unwrap_or(Exit::Signal(9));
-            let _ = exit_tx.send(Some(exit));
-            me.on_exit(svc_name, generation, exit).await;
-        });
+        let (generation, exit_rx) = self.attach(
+            name,
+            cgroup,
+            child.pid,
+            [
+                child.stdout.take().map(OwnedFd::from),
+                child.stderr.take().map(OwnedFd::from),
+            ],
+            child.exit,
+            Status::Starting,
+            format!("Service {name} started"),
+        )?;
         // Up: spawned, and its declared http_port accepts connections.
         if let Some(port) = def.spec.http_port {
             let mut exited = exit_rx;
@@ -629,6 +592,120 @@ impl Supervisor {
                 svc.rt.status = Some(Status::Running);
             }
         }
+        Ok(())
+    }
+
+    /// Makes `pid` (in `cgroup`, its stdout/stderr read from `pipes`) the
+    /// running instance of `name`: pumps its output, watches its exit.
+    /// Returns the instance's generation and its exit watch.
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        name: &str,
+        cgroup: Cgroup,
+        pid: i32,
+        pipes: [Option<OwnedFd>; 2],
+        exit: tokio::sync::oneshot::Receiver<Exit>,
+        status: Status,
+        message: String,
+    ) -> Result<(u64, watch::Receiver<Option<Exit>>), SupervisorError> {
+        let generation = self
+            .inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let log = {
+            let mut table = self.table();
+            let svc = table
+                .get_mut(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            svc.rt.status = Some(status);
+            svc.rt.pid = Some(pid);
+            svc.rt.started_at = Some(SystemTime::now());
+            svc.rt.error = None;
+            // exit_code keeps the previous exit, so a restarted crash loop shows why.
+            svc.rt.next_restart_at = None;
+            svc.instance = Some(Instance {
+                generation,
+                pid,
+                cgroup,
+                exited: exit_rx.clone(),
+                stopping: false,
+                up_since: Instant::now(),
+            });
+            svc.log.clone()
+        };
+        self.emit(Event::new(EventKind::Started, name).data(message));
+        for (stream, pipe) in [Stream::Stdout, Stream::Stderr].into_iter().zip(pipes) {
+            if let Some(fd) = pipe {
+                tokio::spawn(pump(self.clone(), name.to_owned(), stream, fd, log.clone()));
+            }
+        }
+        let me = self.clone();
+        let svc_name = name.to_owned();
+        tokio::spawn(async move {
+            let exit = exit.await.unwrap_or(Exit::Signal(9));
+            let _ = exit_tx.send(Some(exit));
+            me.on_exit(svc_name, generation, exit).await;
+        });
+        Ok((generation, exit_rx))
+    }
+
+    /// The cgroup a service's next instance runs in, emptied of anything a
+    /// previous instance left, and its `cgroup.procs` opened for joining.
+    pub async fn fresh_cgroup(&self, name: &str) -> Result<(Cgroup, OwnedFd), SupervisorError> {
+        let cgroups = self.inner.cfg.cgroups.clone().ok_or_else(|| {
+            SupervisorError::Unavailable("no cgroup v2 hierarchy: see /v1/status".into())
+        })?;
+        self.lookup(name, |_| ())?;
+        let cgroup = cgroups.child(name)?;
+        let leftover = cgroup.clone();
+        tokio::task::spawn_blocking(move || leftover.kill_all(KILL_TIMEOUT))
+            .await
+            .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
+        let procs = cgroup.procs_fd()?;
+        Ok((cgroup, procs))
+    }
+
+    /// Adopts a process tree restored by CRIU into `cgroup` as the running
+    /// instance of `name`: the pid, `restart_count` and start time of the
+    /// checkpointed instance (`was`) carry over.
+    #[tracing::instrument(name = "service", skip_all, fields(name = %was.name, pid = was.pid))]
+    pub fn adopt(
+        &self,
+        was: &RunningService,
+        pipes: [Option<OwnedFd>; 2],
+        exit: tokio::sync::oneshot::Receiver<Exit>,
+    ) -> Result<(), SupervisorError> {
+        let (name, pid) = (was.name.as_str(), was.pid);
+        {
+            let mut table = self.table();
+            let svc = table
+                .get_mut(name)
+                .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
+            if let Some(t) = svc.restart_timer.take() {
+                t.cancel();
+            }
+            svc.rt.restart_count = was.restart_count;
+            if !svc.def.autostart {
+                svc.def.autostart = true;
+                self.persist(&table)?;
+            }
+        }
+        self.attach(
+            name,
+            was.cgroup.clone(),
+            pid,
+            pipes,
+            exit,
+            Status::Running,
+            format!("Service {name} restored with its memory (pid {pid})"),
+        )?;
+        if let Some(svc) = self.table().get_mut(name) {
+            svc.rt.started_at =
+                Some(SystemTime::UNIX_EPOCH + Duration::from_millis(was.started_at_ms));
+        }
+        tracing::info!("adopted a restored process tree");
         Ok(())
     }
 
@@ -932,6 +1009,26 @@ impl Supervisor {
         self.persist(&table)
     }
 
+    /// The running services: what a capture freezes and dumps.
+    pub fn running(&self) -> Vec<RunningService> {
+        self.table()
+            .values()
+            .filter_map(|s| {
+                s.instance.as_ref().map(|i| RunningService {
+                    name: s.def.name.clone(),
+                    pid: i.pid,
+                    cgroup: i.cgroup.clone(),
+                    restart_count: s.rt.restart_count,
+                    started_at_ms: s
+                        .rt
+                        .started_at
+                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64),
+                })
+            })
+            .collect()
+    }
+
     /// The cgroups of running services (for freezing, later).
     pub fn running_cgroups(&self) -> Vec<(String, Cgroup)> {
         self.table()
@@ -943,6 +1040,17 @@ impl Supervisor {
             })
             .collect()
     }
+}
+
+/// A running service's main process and cgroup.
+#[derive(Debug, Clone)]
+pub struct RunningService {
+    pub name: String,
+    pub pid: i32,
+    pub cgroup: Cgroup,
+    pub restart_count: u32,
+    /// When this instance started (ms since the Unix epoch).
+    pub started_at_ms: u64,
 }
 
 /// What `put` did.

@@ -34,6 +34,32 @@ pub fn privileged(what: &str) -> bool {
     false
 }
 
+/// Whether a test that needs CRIU can run, given where CRIU was `found`:
+/// without it the test skips, unless `require` (CI:
+/// `SPRITED_REQUIRE_PRIVILEGED=1`), where it fails.
+pub fn criu_gate(found: Option<PathBuf>, require: bool, what: &str) -> bool {
+    if found.is_some() {
+        return true;
+    }
+    if require {
+        panic!(
+            "{what}: criu not found (scripts/setup.sh installs it), and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping"
+        );
+    }
+    eprintln!("SKIPPED {what}: criu not found");
+    false
+}
+
+/// A privileged test that also needs CRIU.
+pub fn with_criu(what: &str) -> bool {
+    privileged(what)
+        && criu_gate(
+            sprited::criu::locate(None),
+            std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1"),
+            what,
+        )
+}
+
 pub struct Options {
     pub token: Option<String>,
     pub extra: Vec<String>,

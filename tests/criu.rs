@@ -1,0 +1,361 @@
+//! Process checkpoints against the real daemon and the real `criu`:
+//! services come back from a restore with their memory, their pid, their
+//! open files and their listening sockets (root; CRIU from scripts/setup.sh).
+
+mod common;
+
+use common::{Daemon, Ndjson, Options, with_criu};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Counts in memory every 10 ms; prints `value N` on SIGUSR1 and `tick N`
+/// every 100 counts.
+const COUNTER: &str = r#"
+import signal, sys, time
+n = 0
+def show(*_):
+    sys.stdout.write(f"value {n}\n"); sys.stdout.flush()
+signal.signal(signal.SIGUSR1, show)
+while True:
+    n += 1
+    if n % 100 == 0:
+        sys.stdout.write(f"tick {n}\n"); sys.stdout.flush()
+    time.sleep(0.01)
+"#;
+
+fn data(e: &Value) -> &str {
+    e["data"].as_str().unwrap_or("")
+}
+
+/// `prefix N` in a stdout event → N.
+fn number(e: &Value, prefix: &str) -> Option<u64> {
+    (e["type"] == "stdout")
+        .then(|| data(e).trim().strip_prefix(prefix)?.trim().parse().ok())
+        .flatten()
+}
+
+/// The service's log stream from now on (with the last `lines` lines first).
+async fn follow_from(d: &Daemon, name: &str, lines: usize) -> Ndjson {
+    Ndjson::new(
+        d.req(
+            Method::GET,
+            &format!("/v1/services/{name}/logs?lines={lines}&duration=60s"),
+            None,
+        )
+        .await,
+    )
+}
+
+async fn follow(d: &Daemon, name: &str) -> Ndjson {
+    follow_from(d, name, 0).await
+}
+
+/// Asks the counter for its value (SIGUSR1) and reads the answer from the
+/// service's log stream.
+async fn ask(d: &Daemon, name: &str, pid: i32) -> u64 {
+    let mut s = follow(d, name).await;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    let evs = s.until(|e| number(e, "value").is_some()).await;
+    number(evs.last().unwrap(), "value").unwrap()
+}
+
+async fn start(d: &Daemon, name: &str, spec: Value) -> Value {
+    d.put_service(name, spec, "1s").await;
+    let st = d.service(name).await["state"].clone();
+    assert_eq!(st["status"], "running", "{st}\n{}", d.log_text());
+    st
+}
+
+fn pid_of(state: &Value) -> i32 {
+    state["pid"].as_i64().unwrap() as i32
+}
+
+async fn checkpoint_with(d: &Daemon, body: Value) -> Vec<Value> {
+    d.post_to_complete("/v1/checkpoint", Some(body)).await
+}
+
+fn infos(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "info")
+        .map(data)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restored_counter_continues_from_its_checkpointed_memory() {
+    if !with_criu("a_restored_counter_continues_from_its_checkpointed_memory") {
+        return;
+    }
+    let d = Daemon::start().await;
+    assert_eq!(d.status().await["criu"]["available"], true);
+    let before = start(
+        &d,
+        "counter",
+        json!({"cmd": "python3", "args": ["-u", "-c", COUNTER]}),
+    )
+    .await;
+    let pid = pid_of(&before);
+    let low = ask(&d, "counter", pid).await;
+    let events = d.checkpoint("counter").await;
+    let high = ask(&d, "counter", pid).await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Dumped counter (pid")),
+        "{events:?}"
+    );
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    let p = &meta["processes"][0];
+    assert_eq!(p["service"], "counter");
+    assert_eq!(p["pid"], pid);
+    assert!(
+        p["bytes"].as_u64().unwrap() > 0 && p["dump_ms"].as_f64().unwrap() > 0.0,
+        "{meta}"
+    );
+    assert!(meta["freeze_ms"].as_f64().unwrap() > 0.0);
+
+    // Let it run well past the checkpoint.
+    let mut s = follow(&d, "counter").await;
+    s.until(|e| number(e, "tick").is_some_and(|n| n >= high + 300))
+        .await;
+    drop(s);
+    let later = ask(&d, "counter", pid).await;
+
+    let events = d.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service counter restored with its memory")),
+        "{events:?}"
+    );
+    let after = d.service("counter").await["state"].clone();
+    assert_eq!(after["pid"], pid, "same pid");
+    assert_eq!(after["status"], "running");
+    assert_eq!(after["restart_count"], before["restart_count"]);
+    assert_eq!(after["started_at"], before["started_at"]);
+    let value = ask(&d, "counter", pid).await;
+    assert!(
+        value >= low && value < later,
+        "restored counter at {value}: checkpointed between {low} and {high}, later {later}"
+    );
+}
+
+#[tokio::test]
+async fn a_restored_http_server_answers_on_its_port_without_a_restart() {
+    if !with_criu("a_restored_http_server_answers_on_its_port_without_a_restart") {
+        return;
+    }
+    let d = Daemon::start().await;
+    std::fs::write(d.env_root().join("hello.txt"), b"hello from the sprite").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = json!({
+        "cmd": "python3",
+        "args": ["-m", "http.server", port.to_string(), "--bind", "127.0.0.1"],
+        "http_port": port,
+    });
+    let before = start(&d, "web", spec).await;
+    let url = format!("http://127.0.0.1:{port}/hello.txt");
+    let get = || async {
+        let r = reqwest::get(&url).await.expect("the server answers");
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    assert_eq!(get().await, "hello from the sprite");
+    let events = d.checkpoint("web").await;
+    assert!(
+        !events.iter().any(|e| e["type"] == "error"),
+        "{events:?}\n{}",
+        common::read(&d.state_dir.join("criu-logs/web.dump.log"))
+    );
+    // Changes after the checkpoint are undone by the restore.
+    std::fs::write(d.env_root().join("hello.txt"), b"changed").unwrap();
+    assert_eq!(get().await, "changed");
+
+    let events = d.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service web restored with its memory")),
+        "{events:?}"
+    );
+    assert_eq!(get().await, "hello from the sprite");
+    let after = d.service("web").await["state"].clone();
+    assert_eq!(after["pid"], before["pid"], "not restarted: same pid");
+    assert_eq!(
+        after["started_at"], before["started_at"],
+        "not restarted: same start"
+    );
+    assert_eq!(after["restart_count"], before["restart_count"]);
+}
+
+#[tokio::test]
+async fn a_restored_process_keeps_its_file_offset_and_sees_the_checkpointed_file() {
+    if !with_criu("a_restored_process_keeps_its_file_offset_and_sees_the_checkpointed_file") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let file = d.env_root().join("data.txt");
+    std::fs::write(&file, b"0123456789abcdef").unwrap();
+    let script = r#"
+import os, time
+fd = os.open("data.txt", os.O_RDONLY)
+os.lseek(fd, 7, os.SEEK_SET)
+print("ready", fd, flush=True)
+while True:
+    time.sleep(1)
+"#;
+    let state = start(
+        &d,
+        "reader",
+        json!({"cmd": "python3", "args": ["-u", "-c", script]}),
+    )
+    .await;
+    let mut s = follow_from(&d, "reader", 10).await;
+    let evs = s.until(|e| data(e).starts_with("ready")).await;
+    drop(s);
+    let fd: u32 = data(evs.last().unwrap()).trim()[6..].parse().unwrap();
+    let pid = pid_of(&state);
+    let pos = |pid: i32| -> u64 {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("pos:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(pos(pid), 7);
+    d.checkpoint("reader").await;
+    std::fs::write(&file, b"").unwrap(); // truncated after the checkpoint
+
+    d.restore("v1").await;
+    let after = d.service("reader").await["state"].clone();
+    assert_eq!(pid_of(&after), pid);
+    assert_eq!(pos(pid), 7, "the restored offset");
+    assert_eq!(std::fs::read(&file).unwrap(), b"0123456789abcdef");
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    assert_eq!(target, file, "the fd is the restored file");
+}
+
+const SLEEPER: &str = "while :; do sleep 1; done";
+
+#[tokio::test]
+async fn a_files_only_checkpoint_restores_services_fresh_and_says_so() {
+    if !with_criu("a_files_only_checkpoint_restores_services_fresh_and_says_so") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut pids = Vec::new();
+    for name in ["one", "two"] {
+        let st = start(&d, name, json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
+        pids.push(pid_of(&st));
+    }
+    let events = checkpoint_with(&d, json!({"comment": "files", "processes": false})).await;
+    assert!(
+        !infos(&events).iter().any(|l| l.starts_with("Dumped")),
+        "{events:?}"
+    );
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    assert_eq!(meta["processes"], json!([]));
+    let events = d.restore("v1").await;
+    for (name, pid) in ["one", "two"].iter().zip(pids) {
+        let line = format!("Service {name} starts fresh: the checkpoint keeps files only");
+        assert!(infos(&events).contains(&line.as_str()), "{events:?}");
+        let st = d.service(name).await["state"].clone();
+        assert_eq!(st["status"], "running");
+        assert_ne!(pid_of(&st), pid, "started afresh");
+    }
+}
+
+#[tokio::test]
+async fn without_criu_checkpoints_keep_files_and_status_says_so() {
+    if !with_criu("without_criu_checkpoints_keep_files_and_status_says_so") {
+        return;
+    }
+    for flags in [vec!["--no-criu"], vec!["--criu", "/nonexistent/criu"]] {
+        let d = Daemon::start_with(Options {
+            extra: flags.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+        let criu = d.status().await["criu"].clone();
+        assert_eq!(criu["available"], false, "{flags:?}: {criu}");
+        assert!(criu["message"].as_str().is_some(), "{criu}");
+        let st = start(&d, "svc", json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
+        std::fs::write(d.env_root().join("f"), b"kept").unwrap();
+        d.checkpoint("files").await;
+        std::fs::write(d.env_root().join("f"), b"lost").unwrap();
+        let events = d.restore("v1").await;
+        assert_eq!(std::fs::read(d.env_root().join("f")).unwrap(), b"kept");
+        assert!(
+            infos(&events)
+                .iter()
+                .any(|l| l.starts_with("Service svc starts fresh")),
+            "{events:?}"
+        );
+        assert_ne!(pid_of(&d.service("svc").await["state"]), pid_of(&st));
+    }
+}
+
+#[test]
+fn in_ci_a_missing_criu_fails_the_criu_tests_instead_of_skipping_them() {
+    let found = Some(std::path::PathBuf::from("/usr/local/sbin/criu"));
+    assert!(common::criu_gate(found, true, "x"));
+    assert!(
+        !common::criu_gate(None, false, "x"),
+        "skips on a developer machine"
+    );
+    let ci = std::panic::catch_unwind(|| common::criu_gate(None, true, "x"));
+    assert!(ci.is_err(), "with SPRITED_REQUIRE_PRIVILEGED=1 it fails");
+}
+
+/// A CRIU that works for `check` but fails every dump: the checkpoint still
+/// completes for files and says which service failed, with CRIU's own line.
+#[tokio::test]
+async fn a_failing_dump_is_an_error_event_and_the_checkpoint_completes() {
+    if !with_criu("a_failing_dump_is_an_error_event_and_the_checkpoint_completes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("criu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\ncase \"$1\" in\n--version) echo 'Version: 9.9.9';;\ncheck) echo 'Looks good.';;\n\
+         dump) for a; do case \"$prev\" in --log-file) echo 'Error (criu/cr-dump.c:1): fake dump failure' > \"$a\";; esac; prev=$a; done; exit 1;;\n\
+         *) exit 1;;\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start_with(Options {
+        extra: vec!["--criu".into(), fake.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(d.status().await["criu"]["available"], true);
+    start(&d, "svc", json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
+    let events = d.checkpoint("partial").await;
+    let errors: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "error")
+        .map(|e| e["error"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 1, "{events:?}");
+    assert!(
+        errors[0].contains("service svc") && errors[0].contains("fake dump failure"),
+        "{errors:?}"
+    );
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    assert_eq!(meta["processes"], json!([]));
+    let events = d.restore("v1").await;
+    assert!(
+        infos(&events).contains(&"Service svc starts fresh: its processes were not dumped"),
+        "{events:?}"
+    );
+}
