@@ -8,7 +8,9 @@
 //! - `plain_dump_<size>`: `criu dump --leave-running` of the copy;
 //! - `daemon_restore_<size>`: a whole restore (kill, files, CRIU restore
 //!   from the cached images, adoption);
-//! - `plain_restore_<size>`: `criu restore --restore-detached` of the copy.
+//! - `plain_restore_<size>`: killing the copy, waiting until its pid is free,
+//!   and `criu restore --restore-detached` (a restore of a running service
+//!   has to stop it first; the daemon's restore does the same).
 //!
 //! After the criterion figures it prints the ratios, and the end-to-end
 //! capture time (the freeze window plus storing the images, zstd, in the
@@ -52,7 +54,9 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// A copy of the program outside the daemon, for plain CRIU.
+/// A copy of the program outside the daemon, for plain CRIU. Killed by the
+/// bench; the `Reaper` (this process is a subreaper) collects it.
+#[allow(clippy::zombie_processes)]
 fn spawn_plain(mib: u64) -> i32 {
     let mut child = Command::new("python3")
         .args(["-u", "-c", HOLDER, &mib.to_string()])
@@ -172,7 +176,7 @@ fn bench(c: &mut Criterion) {
         });
 
         let (mut freeze, mut capture, mut restore) = (Vec::new(), Vec::new(), Vec::new());
-        let mut last: Option<String> = None;
+        let mut taken: Vec<String> = Vec::new();
         g.bench_function(format!("daemon_freeze_window_{label}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -183,15 +187,14 @@ fn bench(c: &mut Criterion) {
                     assert_eq!(meta.processes.len(), 1, "the service was dumped");
                     freeze.push(meta.stats.freeze_ms);
                     total += Duration::from_secs_f64(meta.stats.freeze_ms / 1e3);
-                    // Only the newest is kept (the store would grow by the images).
-                    if let Some(old) = last.replace(meta.id) {
-                        cps.delete(&old).unwrap();
-                    }
+                    // Deleted after the group: deleting gigabytes between
+                    // captures (online discard) would disturb them.
+                    taken.push(meta.id);
                 }
                 total
             })
         });
-        let id = last.clone().unwrap();
+        let id = taken.last().cloned().unwrap();
         g.bench_function(format!("daemon_restore_{label}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -236,6 +239,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    let t = Instant::now();
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
@@ -243,7 +247,6 @@ fn bench(c: &mut Criterion) {
                     while !gone(pid) {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    let t = Instant::now();
                     run(&criu_path, &["restore", "--restore-detached"], &images);
                     let took = t.elapsed();
                     prestore.push(took.as_secs_f64() * 1e3);
@@ -256,7 +259,9 @@ fn bench(c: &mut Criterion) {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
-        cps.delete(&id).ok();
+        for old in &taken {
+            cps.delete(old).ok();
+        }
         report.push((
             label,
             median(&mut freeze),

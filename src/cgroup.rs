@@ -229,8 +229,15 @@ impl Cgroup {
     /// Thaws the cgroup and returns once `frozen 0`.
     #[tracing::instrument(name = "thaw", skip(self), fields(cgroup = %self.path.display()))]
     pub fn thaw(&self, timeout: Duration) -> Result<(), CgroupError> {
-        self.write("cgroup.freeze", "0")?;
+        self.release()?;
         self.wait_event("frozen", 0, timeout)
+    }
+
+    /// Thaws without waiting: the tasks are released at once, but
+    /// `cgroup.events` says `frozen 0` only once each has been scheduled
+    /// again, which on a busy machine can take a scheduler tick or two.
+    pub fn release(&self) -> Result<(), CgroupError> {
+        self.write("cgroup.freeze", "0")
     }
 
     /// SIGKILLs every process in the cgroup and its children, and returns once
@@ -266,8 +273,10 @@ impl Cgroup {
     }
 
     /// Waits until `key` in `cgroup.events` equals `want`. The kernel signals
-    /// every change of that file as an inotify modify event, so this sleeps in
-    /// `poll(2)` instead of busy-polling.
+    /// changes of that file as inotify modify events, so this sleeps in
+    /// `poll(2)`; but it rate-limits them to one per 10 ms per file (a freeze
+    /// right after a thaw would wait for the timer), so the file is also
+    /// re-read every millisecond while waiting.
     fn wait_event(
         &self,
         key: &'static str,
@@ -294,7 +303,7 @@ impl Cgroup {
                     timeout,
                 });
             }
-            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+            let ms = PollTimeout::try_from(left.as_millis().clamp(1, 1) as i32)
                 .unwrap_or(PollTimeout::MAX);
             let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, ms) {
@@ -314,25 +323,45 @@ impl Cgroup {
 /// Frozen cgroups, thawed when dropped (also on error paths and panics).
 pub struct FreezeGuard {
     frozen: Vec<Cgroup>,
-    timeout: Duration,
 }
 
 impl FreezeGuard {
     /// Freezes every cgroup; on failure thaws those already frozen.
     pub fn freeze_all(cgroups: Vec<Cgroup>, timeout: Duration) -> Result<Self, CgroupError> {
+        let guard = Self::begin(cgroups)?;
+        guard.wait(timeout)?;
+        Ok(guard)
+    }
+
+    /// Asks every cgroup to freeze without waiting (a CRIU dump can start
+    /// on a cgroup still freezing: it seizes the tasks itself); call
+    /// [`FreezeGuard::wait`] before relying on the freeze.
+    pub fn begin(cgroups: Vec<Cgroup>) -> Result<Self, CgroupError> {
         let mut guard = FreezeGuard {
             frozen: Vec::with_capacity(cgroups.len()),
-            timeout,
         };
-        // Ask all to freeze first, then wait: the waits overlap.
         for cg in &cgroups {
             cg.write("cgroup.freeze", "1")?;
             guard.frozen.push(cg.clone());
         }
-        for cg in &cgroups {
-            cg.wait_event("frozen", 1, timeout)?;
-        }
         Ok(guard)
+    }
+
+    /// Returns once every cgroup is frozen (no task of theirs in a system
+    /// call any more).
+    pub fn wait(&self, timeout: Duration) -> Result<(), CgroupError> {
+        self.wait_except(&[], timeout)
+    }
+
+    /// [`FreezeGuard::wait`] for every cgroup but those at `settled` (paths
+    /// whose tasks are known to be stopped already).
+    pub fn wait_except(&self, settled: &[&Path], timeout: Duration) -> Result<(), CgroupError> {
+        for cg in &self.frozen {
+            if !settled.contains(&cg.path()) {
+                cg.wait_event("frozen", 1, timeout)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -345,9 +374,11 @@ impl FreezeGuard {
 }
 
 impl Drop for FreezeGuard {
+    /// Releases every cgroup (not waiting for each task to run again: the
+    /// freeze window ends when the services may run).
     fn drop(&mut self) {
         for cg in &self.frozen {
-            if let Err(e) = cg.thaw(self.timeout) {
+            if let Err(e) = cg.release() {
                 tracing::error!(error = %e, "thaw failed");
             }
         }

@@ -399,11 +399,11 @@ impl Checkpoints {
                 ),
             );
             let freeze_start = Instant::now();
-            let guard = FreezeGuard::freeze_all(
-                services_running.iter().map(|r| r.cgroup.clone()).collect(),
-                FREEZE_TIMEOUT,
-            )?;
-            // While frozen: each service's process tree, then the files.
+            // CRIU dumps start while the cgroups are still freezing (CRIU
+            // seizes the tasks itself and leaves each cgroup frozen); the
+            // file scan waits until every service is frozen.
+            let guard =
+                FreezeGuard::begin(services_running.iter().map(|r| r.cgroup.clone()).collect())?;
             let tmp_images = self.images.join(format!("{}{id}", durable::TEMP_PREFIX));
             let mut dumps = Vec::new();
             let mut failed = Vec::new();
@@ -416,10 +416,26 @@ impl Checkpoints {
                     }
                 }
             }
+            let dumped_at = freeze_start.elapsed();
+            // A dumped service is settled: CRIU seized every task of its
+            // cgroup (each stopped out of any system call), set the cgroup
+            // frozen again and only then let go of them, so none runs a user
+            // instruction before the thaw. The others must reach the freezer.
+            let settled: Vec<&Path> = dumps.iter().map(|(r, _, _)| r.cgroup.path()).collect();
+            guard.wait_except(&settled, FREEZE_TIMEOUT)?;
+            let frozen_at = freeze_start.elapsed();
             let frozen = self.env.scan_frozen()?;
             let (services, running) = self.sup.snapshot();
+            let scanned_at = freeze_start.elapsed();
             drop(guard);
             let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(
+                ?dumped_at,
+                ?frozen_at,
+                ?scanned_at,
+                freeze_ms,
+                "freeze window"
+            );
             let scan = frozen.stats();
             for e in failed {
                 progress(Note::Error(format!(
@@ -557,8 +573,10 @@ impl Checkpoints {
         progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
+        let t0 = Instant::now();
         info(progress, "Stopping services...");
         self.sup.kill_all().await;
+        let killed = t0.elapsed();
         info(progress, "Restoring filesystem...");
         let me = self.clone();
         let target = meta.clone();
@@ -575,6 +593,7 @@ impl Checkpoints {
         }
         self.sup
             .replace_definitions(meta.services.clone(), &meta.running)?;
+        let files = t0.elapsed();
         // Processes after the files, so they see the restored tree.
         for name in &meta.running {
             let why = match (
@@ -600,7 +619,9 @@ impl Checkpoints {
             };
             info(progress, format!("Service {name} starts fresh: {why}"));
         }
+        let processes = t0.elapsed();
         self.sup.start_all().await;
+        tracing::debug!(?killed, ?files, ?processes, total = ?t0.elapsed(), "restore timing");
         Ok(())
     }
 

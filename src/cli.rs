@@ -85,6 +85,9 @@ pub enum CheckpointCmd {
         /// A note stored with the checkpoint.
         #[arg(long, short = 'm')]
         comment: Option<String>,
+        /// Keep files only: no process state (services restart fresh on restore).
+        #[arg(long)]
+        files_only: bool,
     },
     /// List checkpoints, newest first.
     List {
@@ -103,10 +106,19 @@ pub enum CheckpointCmd {
 fn checkpoint_request(cmd: CheckpointCmd) -> (&'static str, String, Option<String>) {
     let one = |id: &str| format!("/v1/checkpoints/{}", enc(id));
     match cmd {
-        CheckpointCmd::Create { comment } => (
+        CheckpointCmd::Create {
+            comment,
+            files_only,
+        } => (
             "POST",
             "/v1/checkpoint".into(),
-            Some(serde_json::json!({ "comment": comment.unwrap_or_default() }).to_string()),
+            Some(
+                serde_json::json!({
+                    "comment": comment.unwrap_or_default(),
+                    "processes": !files_only,
+                })
+                .to_string(),
+            ),
         ),
         CheckpointCmd::List { history } => (
             "GET",
