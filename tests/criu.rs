@@ -359,3 +359,72 @@ async fn a_failing_dump_is_an_error_event_and_the_checkpoint_completes() {
         "{events:?}"
     );
 }
+
+/// A parent and child joined by a pipe and a unix socket pair, holding a file
+/// lock and a file deleted while open: all of it comes back.
+const PLUMBING: &str = r#"
+import fcntl, os, signal, socket, sys, time
+r, w = os.pipe()
+a, b = socket.socketpair()
+lock = open("lock.txt", "w")
+fcntl.lockf(lock, fcntl.LOCK_EX)
+ghost = open("ghost.txt", "w+")
+ghost.write("ghost content")
+ghost.flush()
+os.unlink("ghost.txt")
+if os.fork() == 0:
+    while True:  # child: pipe -> socket
+        b.sendall(os.read(r, 100))
+def ask(*_):
+    os.write(w, b"ping")
+    echoed = a.recv(100).decode()
+    ghost.seek(0)
+    print("answer", echoed, ghost.read(), flush=True)
+signal.signal(signal.SIGUSR1, ask)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"#;
+
+async fn ask_plumbing(d: &Daemon, pid: i32) -> String {
+    let mut s = follow(d, "plumbing").await;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    let evs = s
+        .until(|e| e["type"] == "stdout" && data(e).starts_with("answer"))
+        .await;
+    data(evs.last().unwrap()).trim().to_owned()
+}
+
+fn holds_lock(pid: i32) -> bool {
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(pid.to_string().as_str()))
+}
+
+#[tokio::test]
+async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
+    if !with_criu("pipes_unix_sockets_locks_and_deleted_files_come_back") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let st = start(
+        &d,
+        "plumbing",
+        json!({"cmd": "python3", "args": ["-u", "-c", PLUMBING]}),
+    )
+    .await;
+    let pid = pid_of(&st);
+    follow_from(&d, "plumbing", 10)
+        .await
+        .until(|e| data(e).starts_with("ready"))
+        .await;
+    assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
+    assert!(holds_lock(pid));
+    let events = checkpoint_with(&d, json!({})).await;
+    assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
+    d.restore("v1").await;
+    assert_eq!(pid_of(&d.service("plumbing").await["state"]), pid);
+    assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
+    assert!(holds_lock(pid), "the restored process holds its lock again");
+}
