@@ -12,6 +12,15 @@
 //!   and `criu restore --restore-detached` (a restore of a running service
 //!   has to stop it first; the daemon's restore does the same).
 //!
+//! Before each timed operation, daemon or plain, the bench runs `sync(2)`
+//! (untimed), so that the writeback and discards of the previous one (the
+//! daemon writes the images to its store after the thaw, and prunes older
+//! raw images) do not land inside the next.
+//!
+//! Each daemon operation is also followed by the same plain operation on
+//! the copy, and the median of those pairs' ratios is printed too (less
+//! sensitive to the machine drifting between the criterion groups).
+//!
 //! After the criterion figures it prints the ratios, and the end-to-end
 //! capture time (the freeze window plus storing the images, zstd, in the
 //! content-addressed store after the thaw).
@@ -97,6 +106,40 @@ fn gone(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A plain `criu dump --leave-running` of `pid` into `images`: ms.
+fn plain_dump(criu: &Path, pid: i32, images: &Path) -> f64 {
+    let _ = std::fs::remove_dir_all(images);
+    std::fs::create_dir_all(images).unwrap();
+    nix::unistd::sync();
+    let t = Instant::now();
+    run(
+        criu,
+        &["dump", "--tree", &pid.to_string(), "--leave-running"],
+        images,
+    );
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Kill `pid`, wait until it is gone, `criu restore --restore-detached`: ms.
+fn plain_restore(criu: &Path, pid: i32, images: &Path) -> f64 {
+    nix::unistd::sync();
+    let t = Instant::now();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    while !gone(pid) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    run(criu, &["restore", "--restore-detached"], images);
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&mut r)
+}
+
 fn bench(c: &mut Criterion) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("benches/criu.rs needs root; skipped");
@@ -123,6 +166,7 @@ fn bench(c: &mut Criterion) {
             env_root: root.clone(),
             base: None,
             mountinfo: "/proc/self/mountinfo".into(),
+            layer_manifest: None,
         })
         .unwrap(),
     );
@@ -135,7 +179,7 @@ fn bench(c: &mut Criterion) {
             cgroups: Some(cgroups.clone()),
             reaper: reaper.clone(),
             default_dir: root.clone(),
-            chroot: None,
+            chroot: Ok(None),
             base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             port_wait: Duration::from_secs(1),
             max_log_file: 1 << 20,
@@ -175,12 +219,18 @@ fn bench(c: &mut Criterion) {
             }
         });
 
+        // The plain copy runs beside the service: every daemon operation is
+        // followed by the same plain one, so each pair saw the same machine.
+        let pid = spawn_plain(mib);
+        let images = tmp.path().join(format!("plain-{mib}"));
         let (mut freeze, mut capture, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut paired_dump, mut paired_restore) = (Vec::new(), Vec::new());
         let mut taken: Vec<String> = Vec::new();
         g.bench_function(format!("daemon_freeze_window_{label}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    nix::unistd::sync();
                     let t = Instant::now();
                     let meta = cps.capture(String::new(), None, true, &|_| {}).unwrap();
                     capture.push(t.elapsed().as_secs_f64() * 1e3);
@@ -190,6 +240,7 @@ fn bench(c: &mut Criterion) {
                     // Deleted after the group: deleting gigabytes between
                     // captures (online discard) would disturb them.
                     taken.push(meta.id);
+                    paired_dump.push(plain_dump(&criu_path, pid, &images));
                 }
                 total
             })
@@ -199,6 +250,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    nix::unistd::sync();
                     let t = Instant::now();
                     rt.block_on(cps.restore(&id, &|_| {})).unwrap();
                     let took = t.elapsed();
@@ -206,6 +258,7 @@ fn bench(c: &mut Criterion) {
                     total += took;
                     let st = sup.get(&name).unwrap();
                     assert_eq!(st.state.status, Status::Running);
+                    paired_restore.push(plain_restore(&criu_path, pid, &images));
                 }
                 total
             })
@@ -213,46 +266,23 @@ fn bench(c: &mut Criterion) {
         rt.block_on(sup.stop_if_running(&name, Duration::ZERO))
             .unwrap();
 
-        let pid = spawn_plain(mib);
-        let images = tmp.path().join(format!("plain-{mib}"));
         let (mut pdump, mut prestore) = (Vec::new(), Vec::new());
         g.bench_function(format!("plain_dump_{label}"), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let _ = std::fs::remove_dir_all(&images);
-                    std::fs::create_dir_all(&images).unwrap();
-                    let t = Instant::now();
-                    run(
-                        &criu_path,
-                        &["dump", "--tree", &pid.to_string(), "--leave-running"],
-                        &images,
-                    );
-                    let took = t.elapsed();
-                    pdump.push(took.as_secs_f64() * 1e3);
-                    total += took;
-                }
-                total
+                let ms: f64 = (0..iters)
+                    .map(|_| plain_dump(&criu_path, pid, &images))
+                    .inspect(|ms| pdump.push(*ms))
+                    .sum();
+                Duration::from_secs_f64(ms / 1e3)
             })
         });
         g.bench_function(format!("plain_restore_{label}"), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    while !gone(pid) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    run(&criu_path, &["restore", "--restore-detached"], &images);
-                    let took = t.elapsed();
-                    prestore.push(took.as_secs_f64() * 1e3);
-                    total += took;
-                }
-                total
+                let ms: f64 = (0..iters)
+                    .map(|_| plain_restore(&criu_path, pid, &images))
+                    .inspect(|ms| prestore.push(*ms))
+                    .sum();
+                Duration::from_secs_f64(ms / 1e3)
             })
         });
         let _ = nix::sys::signal::kill(
@@ -264,20 +294,26 @@ fn bench(c: &mut Criterion) {
         }
         report.push((
             label,
-            median(&mut freeze),
-            median(&mut pdump),
-            median(&mut restore),
-            median(&mut prestore),
-            median(&mut capture),
+            [
+                median(&mut freeze.clone()),
+                median(&mut pdump),
+                median(&mut restore.clone()),
+                median(&mut prestore),
+                median(&mut capture),
+                median_ratio(&freeze, &paired_dump),
+                median_ratio(&restore, &paired_restore),
+            ],
         ));
     }
     g.finish();
     rt.block_on(sup.shutdown(Duration::from_secs(5)));
+    cps.unmount_browsable(); // deletes made the newest checkpoints browsable
     let _ = env.unmount();
     cgroups.remove_parent_if_empty();
-    for (label, f, pd, r, pr, cap) in report {
+    for (label, [f, pd, r, pr, cap, dump_pairs, restore_pairs]) in report {
         eprintln!(
-            "{label}: freeze window {f:.1} ms vs plain dump {pd:.1} ms ({:.2}x); restore {r:.1} ms vs plain {pr:.1} ms ({:.2}x); whole capture {cap:.1} ms",
+            "{label}: freeze window {f:.1} ms vs plain dump {pd:.1} ms ({:.2}x; paired runs {dump_pairs:.2}x); \
+             restore {r:.1} ms vs plain {pr:.1} ms ({:.2}x; paired runs {restore_pairs:.2}x); whole capture {cap:.1} ms",
             f / pd,
             r / pr
         );

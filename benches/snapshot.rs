@@ -54,6 +54,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
             env_root: root.clone(),
             base: None,
             mountinfo: "/proc/self/mountinfo".into(),
+            layer_manifest: None,
         })
         .expect("mount the environment (run as root)"),
     );
@@ -63,7 +64,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
             cgroups: None,
             reaper: Reaper::start().unwrap(),
             default_dir: root.clone(),
-            chroot: None,
+            chroot: Ok(None),
             base_env: vec![],
             port_wait: Duration::from_secs(1),
             max_log_file: 1 << 20,

@@ -140,6 +140,19 @@ pub struct ProcessImages {
     pub images: BTreeMap<String, String>,
 }
 
+/// The manifest object of checkpoint `id` under `state_dir`, read from its
+/// `meta.json` (for [`crate::fs::EnvConfig::layer_manifest`], before the
+/// chain is loaded).
+pub fn manifest_of(state_dir: &Path, id: &str) -> Option<String> {
+    if !crate::config::valid_name(id) {
+        return None;
+    }
+    let bytes = std::fs::read(state_dir.join("checkpoints").join(id).join("meta.json")).ok()?;
+    serde_json::from_slice::<CheckpointMeta>(&bytes)
+        .ok()
+        .map(|m| m.manifest)
+}
+
 impl CheckpointMeta {
     /// The API object.
     pub fn public(&self) -> serde_json::Value {

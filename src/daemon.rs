@@ -250,6 +250,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
         env_root: config.env_root.clone(),
         base: config.env_base.clone(),
         mountinfo: config.mountinfo_path.clone(),
+        layer_manifest: Some(crate::checkpoint::manifest_of),
     }) {
         Ok(env) => Some(Arc::new(env)),
         Err(e) => {
@@ -267,14 +268,18 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             .map(|e| e.root().to_owned())
             .unwrap_or_else(|| PathBuf::from("/")),
         chroot: match (&env, config.chroot) {
-            (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints")),
+            (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints"))
+                .map(Some)
+                .inspect_err(|e| {
+                    tracing::error!(error = %e, "cannot prepare --chroot: services will not start")
+                }),
             (None, true) => {
                 tracing::error!(
-                    "--chroot needs the environment root, which is unavailable: services run unconfined"
+                    "--chroot needs the environment root, which is unavailable: services will not start"
                 );
-                None
+                Err("the environment root is unavailable".into())
             }
-            (_, false) => None,
+            (_, false) => Ok(None),
         },
         base_env: base_env(config),
         port_wait: config.wait_for_running,
@@ -336,7 +341,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
 }
 
 /// Creates the mount points a chrooted service needs inside the environment.
-fn prepare_chroot(env: &Env, checkpoints: &Path) -> Option<crate::sys::Chroot> {
+fn prepare_chroot(env: &Env, checkpoints: &Path) -> Result<crate::sys::Chroot, String> {
     let root = env.root();
     let inside = PathBuf::from("/.sprite/checkpoints");
     let binds: Vec<PathBuf> = ["/proc", "/dev", "/sys"]
@@ -345,19 +350,14 @@ fn prepare_chroot(env: &Env, checkpoints: &Path) -> Option<crate::sys::Chroot> {
         .collect();
     for p in binds.iter().chain([&inside]) {
         let dir = root.join(p.strip_prefix("/").unwrap_or(p));
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot prepare --chroot; services run unconfined");
-            return None;
-        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
-    if let Err(e) = std::fs::create_dir_all(checkpoints) {
-        tracing::error!(dir = %checkpoints.display(), error = %e, "cannot prepare --chroot");
-        return None;
-    }
+    std::fs::create_dir_all(checkpoints)
+        .map_err(|e| format!("create {}: {e}", checkpoints.display()))?;
     if let Err(e) = env.share(checkpoints) {
         tracing::warn!(error = %e, "checkpoints taken later will not be visible inside running services");
     }
-    Some(crate::sys::Chroot {
+    Ok(crate::sys::Chroot {
         root: root.to_owned(),
         binds,
         read_only: Some((checkpoints.to_owned(), inside)),

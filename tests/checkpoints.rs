@@ -468,25 +468,34 @@ fn minimal_os_tree(dest: &Path) {
     }
 }
 
+fn base_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sprited-base-")
+        .tempdir()
+        .unwrap()
+}
+
+/// A daemon with `--chroot` over `base`.
+async fn start_chroot(base: &Path) -> Daemon {
+    Daemon::start_with(Options {
+        extra: vec![
+            "--chroot".into(),
+            "--env-base".into(),
+            base.display().to_string(),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
 #[tokio::test]
 async fn chroot_services_live_inside_the_environment() {
     if !privileged("chroot_services_live_inside_the_environment") {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("sprited-base-")
-        .tempdir()
-        .unwrap();
+    let base = base_dir();
     minimal_os_tree(base.path());
-    let d = Daemon::start_with(Options {
-        extra: vec![
-            "--chroot".into(),
-            "--env-base".into(),
-            base.path().display().to_string(),
-        ],
-        ..Default::default()
-    })
-    .await;
+    let d = start_chroot(base.path()).await;
     // The base has nothing but sh and sleep.
     let script = "echo inside > /marker; test -e /proc/self/status && echo proc-ok; test -c /dev/null && echo dev-ok; \
                   test -d /.sprite/checkpoints && echo checkpoints-ok; echo x > /.sprite/checkpoints/x || echo read-only; \
@@ -616,4 +625,64 @@ async fn random_edits_over_many_checkpoints_all_restore_exactly() {
     for way in ["incremental=true", "incremental=false"] {
         assert!(log.contains(way), "no capture merged with {way}");
     }
+}
+
+/// A layer dir is a cache: when the mounted one is deleted while the daemon
+/// is down, the next start builds it again from the store.
+#[tokio::test]
+async fn a_missing_layer_dir_is_rebuilt_at_start() {
+    if !privileged("a_missing_layer_dir_is_rebuilt_at_start") {
+        return;
+    }
+    let mut d = Daemon::start().await;
+    write(&d.env_root(), "kept/file", b"from v1");
+    d.checkpoint("v1").await;
+    d.restore("v1").await; // v1's layer is now the mounted lower dir
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit().await.success());
+    let state_dir = d.state_dir.clone();
+    std::fs::remove_dir_all(state_dir.join("layers/v1")).unwrap();
+    let d2 = Daemon::start_with(Options {
+        state_dir: Some(state_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(d2.env_root().join("kept/file")).unwrap(),
+        b"from v1",
+        "{}",
+        d2.log_text()
+    );
+    assert!(d2.log_text().contains("rebuilding it"));
+    d2.checkpoint("after").await;
+}
+
+/// `--chroot` that cannot be prepared (here a file where `/proc` must be
+/// mounted) starts no service, rather than running it unconfined.
+#[tokio::test]
+async fn a_chroot_that_cannot_be_prepared_starts_nothing_unconfined() {
+    if !privileged("a_chroot_that_cannot_be_prepared_starts_nothing_unconfined") {
+        return;
+    }
+    let base = base_dir();
+    std::fs::write(base.path().join("proc"), b"not a directory").unwrap();
+    let d = start_chroot(base.path()).await;
+    let marker = base.path().join("ran-unconfined");
+    let events = d
+        .put_service(
+            "jail",
+            json!({"cmd": "touch", "args": [marker.display().to_string()]}),
+            "1s",
+        )
+        .await;
+    assert!(
+        events.iter().any(|e| e["type"] == "error"
+            && e["data"]
+                .as_str()
+                .is_some_and(|s| s.contains("--chroot is unavailable"))),
+        "{events:?}"
+    );
+    let st = d.service("jail").await["state"].clone();
+    assert_ne!(st["status"], "running", "{st}");
+    assert!(!marker.exists(), "the service ran outside its chroot");
 }

@@ -105,6 +105,9 @@ pub struct EnvConfig {
     /// Read-only lowest layer; default `<state>/env/base` (empty).
     pub base: Option<PathBuf>,
     pub mountinfo: PathBuf,
+    /// (state dir, checkpoint id) → the store object of its manifest: lets
+    /// start-up rebuild a mounted layer whose dir went missing.
+    pub layer_manifest: Option<fn(&Path, &str) -> Option<String>>,
 }
 
 /// What is mounted, persisted in `env/state.json`.
@@ -158,8 +161,33 @@ impl Env {
             env.unmount()?;
         }
         let st = env.state();
+        if let Some(id) = st.layer.as_deref() {
+            env.rebuild_missing_layer(id)?;
+        }
         env.mount(st.layer.as_deref(), st.generation)?;
         Ok(env)
+    }
+
+    /// A layer is a cache of its manifest: when the mounted one's dir is
+    /// gone (deleted by hand, a disk cleaned), it is built again.
+    fn rebuild_missing_layer(&self, id: &str) -> Result<(), FsError> {
+        if self.layer_dir(id).exists() {
+            return Ok(());
+        }
+        let Some(object) = self
+            .cfg
+            .layer_manifest
+            .and_then(|f| f(&self.cfg.state_dir, id))
+        else {
+            return Ok(()); // the mount reports the missing dir
+        };
+        tracing::warn!(
+            checkpoint = id,
+            "the mounted layer's dir is missing: rebuilding it"
+        );
+        let manifest = Manifest::load(&self.store, &object)?;
+        self.ensure_layer(id, &manifest)?;
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

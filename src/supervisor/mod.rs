@@ -210,8 +210,10 @@ pub struct SupervisorConfig {
     pub default_dir: PathBuf,
     /// The environment every service starts from (its `env` is added on top).
     pub base_env: Vec<(String, String)>,
-    /// `--chroot`: services run with the environment tree as `/`.
-    pub chroot: Option<crate::sys::Chroot>,
+    /// `--chroot`: services run with the environment tree as `/`. `Err`:
+    /// it was asked for but could not be prepared, and no service starts
+    /// (never unconfined).
+    pub chroot: Result<Option<crate::sys::Chroot>, String>,
     /// How long a start waits for a declared `http_port` to accept.
     pub port_wait: Duration,
     pub max_log_file: u64,
@@ -489,8 +491,13 @@ impl Supervisor {
         crate::sys::new_session_before_exec(&mut cmd);
         crate::sys::join_cgroup_before_exec(&mut cmd, procs);
         match &self.inner.cfg.chroot {
+            Err(why) => {
+                let message =
+                    format!("--chroot is unavailable ({why}); not starting it unconfined");
+                return Err(self.failed_start(name, &cgroup, message));
+            }
             // The working dir is a path inside the chroot, entered after it.
-            Some(chroot) => {
+            Ok(Some(chroot)) => {
                 let dir = def.spec.dir.as_deref().unwrap_or("/");
                 crate::sys::chroot_before_exec(&mut cmd, chroot, dir).map_err(|e| {
                     SupervisorError::Start {
@@ -499,7 +506,7 @@ impl Supervisor {
                     }
                 })?;
             }
-            None => {
+            Ok(None) => {
                 cmd.current_dir(
                     def.spec
                         .dir
@@ -524,23 +531,7 @@ impl Supervisor {
                     }
                     _ => e.to_string(),
                 };
-                {
-                    let mut table = self.table();
-                    if let Some(svc) = table.get_mut(name) {
-                        svc.rt.status = Some(Status::Failed);
-                        svc.rt.error = Some(message.clone());
-                        svc.rt.pid = None;
-                    }
-                }
-                let _ = cgroup.remove();
-                self.emit(
-                    Event::new(EventKind::Error, name)
-                        .data(format!("Failed to start service: {message}")),
-                );
-                return Err(SupervisorError::Start {
-                    name: name.to_owned(),
-                    message,
-                });
+                return Err(self.failed_start(name, &cgroup, message));
             }
         };
         tracing::Span::current().record("pid", child.pid);
@@ -593,6 +584,27 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Records a start that failed before a process existed: status
+    /// `failed` with the reason, an `error` event, the cgroup removed.
+    fn failed_start(&self, name: &str, cgroup: &Cgroup, message: String) -> SupervisorError {
+        {
+            let mut table = self.table();
+            if let Some(svc) = table.get_mut(name) {
+                svc.rt.status = Some(Status::Failed);
+                svc.rt.error = Some(message.clone());
+                svc.rt.pid = None;
+            }
+        }
+        let _ = cgroup.remove();
+        self.emit(
+            Event::new(EventKind::Error, name).data(format!("Failed to start service: {message}")),
+        );
+        SupervisorError::Start {
+            name: name.to_owned(),
+            message,
+        }
     }
 
     /// Makes `pid` (in `cgroup`, its stdout/stderr read from `pipes`) the
