@@ -199,6 +199,9 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         sup.shutdown(config.shutdown_timeout).await;
     }
     if let Some(cps) = app.checkpoints.get() {
+        if let Err(e) = cps.env().save_scan_cache() {
+            tracing::warn!(error = %e, "cannot save the scan cache: the next first capture reads everything");
+        }
         cps.unmount_browsable();
         if config.chroot {
             cps.env()

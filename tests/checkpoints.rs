@@ -686,3 +686,58 @@ async fn a_chroot_that_cannot_be_prepared_starts_nothing_unconfined() {
     assert_ne!(st["status"], "running", "{st}");
     assert!(!marker.exists(), "the service ran outside its chroot");
 }
+
+/// A clean shutdown saves what the scans learned: the first capture of the
+/// next run does not read and store the whole tree again.
+#[tokio::test]
+async fn the_scan_cache_survives_a_clean_restart() {
+    if !privileged("the_scan_cache_survives_a_clean_restart") {
+        return;
+    }
+    let mut d = Daemon::start().await;
+    for i in 0..50 {
+        write(
+            &d.env_root(),
+            &format!("many/{i}"),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    let first = d.checkpoint("v1").await;
+    let indexing = |evs: &[Value]| {
+        evs.iter().any(|e| {
+            e["data"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Indexing"))
+        })
+    };
+    assert!(
+        indexing(&first),
+        "the first capture reads everything: {first:?}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit().await.success());
+    let state_dir = d.state_dir.clone();
+    assert!(state_dir.join("env/scan-cache.zst").exists());
+    let d2 = Daemon::start_with(Options {
+        state_dir: Some(state_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        !state_dir.join("env/scan-cache.zst").exists(),
+        "consumed at start"
+    );
+    write(&d2.env_root(), "many/7", b"changed after the restart");
+    let second = d2.checkpoint("v2").await;
+    assert!(!indexing(&second), "the cache was loaded: {second:?}");
+    std::fs::remove_file(d2.env_root().join("many/8")).unwrap();
+    d2.restore("v2").await;
+    assert_eq!(
+        std::fs::read(d2.env_root().join("many/7")).unwrap(),
+        b"changed after the restart"
+    );
+    assert_eq!(
+        std::fs::read(d2.env_root().join("many/8")).unwrap(),
+        b"file 8"
+    );
+}

@@ -165,7 +165,43 @@ impl Env {
             env.rebuild_missing_layer(id)?;
         }
         env.mount(st.layer.as_deref(), st.generation)?;
+        env.load_scan_cache(st.generation);
         Ok(env)
+    }
+
+    fn scan_cache_path(&self) -> PathBuf {
+        self.env_dir().join("scan-cache.zst")
+    }
+
+    /// Takes the scan cache a clean shutdown saved (the file is consumed:
+    /// after a crash the next start scans from nothing).
+    fn load_scan_cache(&self, generation: u64) {
+        let path = self.scan_cache_path();
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let _ = std::fs::remove_file(&path);
+        match Tracked::load(&bytes, generation) {
+            Some(t) => {
+                tracing::info!(entries = t.seen.len(), "scan cache of the last run loaded");
+                *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = t;
+            }
+            None => tracing::info!("the saved scan cache is for another upper dir; ignored"),
+        }
+    }
+
+    /// Saves the scan cache (clean shutdown), so the first capture of the
+    /// next run does not read and store the whole upper dir again.
+    pub fn save_scan_cache(&self) -> Result<(), FsError> {
+        let bytes = {
+            let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+            if tracked.seen.is_empty() {
+                return Ok(());
+            }
+            tracked.save(self.state().generation)
+        };
+        durable::write_atomic(&self.scan_cache_path(), &bytes, 0o600)?;
+        Ok(())
     }
 
     /// A layer is a cache of its manifest: when the mounted one's dir is

@@ -17,7 +17,7 @@ use std::sync::{Condvar, Mutex};
 
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, SFlag, fstatat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::FsError;
 use super::manifest::{self, Entry, Kind, Manifest};
@@ -112,7 +112,69 @@ fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// The cache as saved at a clean shutdown (`env/scan-cache.zst`).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    /// The upper dir generation it describes.
+    generation: u64,
+    entries: Vec<(String, u64, u64, i64, i64, Entry)>,
+}
+
 impl Tracked {
+    /// The cache, compressed, for [`Tracked::load`] at the next start.
+    pub fn save(&self, generation: u64) -> Vec<u8> {
+        let saved = Saved {
+            generation,
+            entries: self
+                .seen
+                .iter()
+                .map(|(p, s)| {
+                    (
+                        p.clone(),
+                        s.ino,
+                        s.size,
+                        s.mtime_ns,
+                        s.ctime_ns,
+                        s.entry.clone(),
+                    )
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec(&saved).unwrap_or_default();
+        zstd::encode_all(&json[..], 1).unwrap_or_default()
+    }
+
+    /// A saved cache, if it describes upper dir `generation`. Safe even if
+    /// the tree changed while the daemon was down: every entry is checked
+    /// against a fresh `fstatat` (a change moves ctime, which nobody can set
+    /// back) before it is trusted.
+    pub fn load(bytes: &[u8], generation: u64) -> Option<Tracked> {
+        let json = zstd::decode_all(bytes).ok()?;
+        let saved: Saved = serde_json::from_slice(&json).ok()?;
+        if saved.generation != generation {
+            return None;
+        }
+        let mut seen = ScanCache::with_capacity_and_hasher(saved.entries.len(), Default::default());
+        for (p, ino, size, mtime_ns, ctime_ns, entry) in saved.entries {
+            seen.insert(
+                p,
+                Seen {
+                    ino,
+                    size,
+                    mtime_ns,
+                    ctime_ns,
+                    entry,
+                    visited: AtomicU32::new(0),
+                },
+            );
+        }
+        Some(Tracked {
+            seen,
+            epoch: 0,
+            merged: None,
+        })
+    }
+
     /// Fills `delta.removed`: the cached paths the scan did not meet. Costs
     /// nothing when every cached path was met.
     pub fn find_removed(&self, delta: &mut Delta) {
@@ -539,6 +601,15 @@ mod tests {
         stats
     }
 
+    /// A temp dir with an empty `upper` and a store.
+    fn dirs() -> (tempfile::TempDir, PathBuf, Store) {
+        let tmp = tempfile::tempdir().unwrap();
+        let upper = tmp.path().join("upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        (tmp, upper, store)
+    }
+
     fn seen_stub() -> Seen {
         Seen {
             ino: 0,
@@ -552,11 +623,7 @@ mod tests {
 
     #[test]
     fn unchanged_entries_are_skipped_changed_and_removed_ones_found() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (upper, store) = (
-            tmp.path().join("upper"),
-            Store::open(&tmp.path().join("store")).unwrap(),
-        );
+        let (_tmp, upper, store) = dirs();
         std::fs::create_dir_all(upper.join("d")).unwrap();
         std::fs::write(upper.join("d/a"), b"a").unwrap();
         std::fs::write(upper.join("b"), b"b").unwrap();
@@ -581,12 +648,7 @@ mod tests {
 
     #[test]
     fn entries_changed_just_before_a_scan_are_read_again_next_time() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (upper, store) = (
-            tmp.path().join("upper"),
-            Store::open(&tmp.path().join("store")).unwrap(),
-        );
-        std::fs::create_dir_all(&upper).unwrap();
+        let (_tmp, upper, store) = dirs();
         std::fs::write(upper.join("hot"), b"1").unwrap();
         let mut t = Tracked::default();
         let now = now_ns();
@@ -603,5 +665,24 @@ mod tests {
         assert_eq!(capture(&upper, &store, &mut t, later).stats.files_hashed, 1);
         let d = capture(&upper, &store, &mut t, later);
         assert_eq!((d.stats.files_hashed, d.stats.files_cached), (0, 1));
+    }
+
+    #[test]
+    fn a_saved_cache_loads_only_for_its_generation() {
+        let (_tmp, upper, store) = dirs();
+        std::fs::write(upper.join("f"), b"1").unwrap();
+        let mut t = Tracked::default();
+        capture(&upper, &store, &mut t, now_ns() + 10_000_000_000);
+        let bytes = t.save(3);
+        assert!(Tracked::load(&bytes, 4).is_none(), "another upper dir");
+        let mut loaded = Tracked::load(&bytes, 3).expect("same generation");
+        assert_eq!(loaded.seen.len(), 1);
+        let d = capture(&upper, &store, &mut loaded, now_ns() + 20_000_000_000);
+        assert_eq!(
+            (d.stats.files_hashed, d.stats.files_cached),
+            (0, 1),
+            "trusted after load"
+        );
+        assert!(Tracked::load(b"garbage", 3).is_none());
     }
 }
