@@ -428,3 +428,37 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
     assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
     assert!(holds_lock(pid), "the restored process holds its lock again");
 }
+
+/// A restore CRIU cannot do (its images damaged) starts the service fresh
+/// and says why, with CRIU's own error line; the files are restored anyway.
+#[tokio::test]
+async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
+    if !with_criu("a_failed_process_restore_starts_the_service_fresh_and_says_why") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let st = start(&d, "svc", json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
+    std::fs::write(d.env_root().join("f"), b"checkpointed").unwrap();
+    d.checkpoint("v1").await;
+    std::fs::write(d.env_root().join("f"), b"later").unwrap();
+    // Damage the images the restore would use (the raw copy kept on disk).
+    let pstree = d.state_dir.join("criu/v1/svc/pstree.img");
+    assert!(
+        pstree.exists(),
+        "raw images are kept for the newest checkpoints"
+    );
+    std::fs::write(&pstree, b"not an image").unwrap();
+    let events = d.restore("v1").await;
+    let line = infos(&events)
+        .into_iter()
+        .find(|l| l.starts_with("Service svc starts fresh: criu restore of service svc"))
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert!(line.contains("Error"), "names CRIU's error: {line}");
+    assert_eq!(
+        std::fs::read(d.env_root().join("f")).unwrap(),
+        b"checkpointed"
+    );
+    let after = d.service("svc").await["state"].clone();
+    assert_eq!(after["status"], "running", "{after}");
+    assert_ne!(pid_of(&after), pid_of(&st), "started fresh");
+}
