@@ -149,6 +149,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         reaper,
         supervisor: OnceLock::new(),
         checkpoints: OnceLock::new(),
+        env: OnceLock::new(),
         fs_error: OnceLock::new(),
         cgroups: OnceLock::new(),
         cgroup: OnceLock::new(),
@@ -194,20 +195,23 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     notify::notify("STOPPING=1");
     let _ = lifecycle.request(Transition::Shutdown).await;
     boot.abort();
+    // Wait until it really stopped: it may be mounting the environment.
+    let _ = boot.await;
     shutdown.cancel();
     if let Some(sup) = app.supervisor.get() {
         sup.shutdown(config.shutdown_timeout).await;
     }
     if let Some(cps) = app.checkpoints.get() {
-        if let Err(e) = cps.env().save_scan_cache() {
+        cps.unmount_browsable();
+    }
+    if let Some(env) = app.env.get() {
+        if let Err(e) = env.save_scan_cache() {
             tracing::warn!(error = %e, "cannot save the scan cache: the next first capture reads everything");
         }
-        cps.unmount_browsable();
         if config.chroot {
-            cps.env()
-                .unmount_path(&config.state_dir.join("checkpoints"));
+            env.unmount_path(&config.state_dir.join("checkpoints"));
         }
-        if let Err(e) = cps.env().unmount() {
+        if let Err(e) = env.unmount() {
             tracing::warn!(error = %e, "cannot unmount the environment root");
         }
     }
@@ -255,7 +259,11 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
         mountinfo: config.mountinfo_path.clone(),
         layer_manifest: Some(crate::checkpoint::manifest_of),
     }) {
-        Ok(env) => Some(Arc::new(env)),
+        Ok(env) => {
+            let env = Arc::new(env);
+            let _ = app.env.set(env.clone());
+            Some(env)
+        }
         Err(e) => {
             tracing::error!(error = %e, "environment root unavailable: checkpoints are disabled");
             let _ = app.fs_error.set(e.to_string());

@@ -273,6 +273,8 @@ async fn sigterm_releases_waiting_requests() {
     // not hang: answered 503 (shutting down) or refused (listener closed).
     d.signal(Signal::SIGINT);
     assert_eq!(d.wait_exit().await.code(), Some(0), "{}", d.log_text());
+    // A shutdown that cuts the boot short still unmounts what it mounted.
+    assert!(!common::is_mounted(&d.env_root()), "{}", d.log_text());
     match pending.await.unwrap() {
         Ok(r) => assert_eq!(r.status(), 503),
         Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),

@@ -51,6 +51,9 @@ pub struct AppState {
     pub supervisor: OnceLock<Supervisor>,
     /// The checkpoint chain, once the environment root is mounted.
     pub checkpoints: OnceLock<Arc<Checkpoints>>,
+    /// The environment root, as soon as it is mounted (shutdown unmounts it
+    /// even when the boot was cut short).
+    pub env: OnceLock<Arc<crate::fs::Env>>,
     /// Why checkpoints are unavailable, if they are.
     pub fs_error: OnceLock<String>,
     /// The daemon's cgroup tree, once the boot task found it.

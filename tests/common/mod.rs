@@ -402,6 +402,15 @@ impl Daemon {
     }
 }
 
+/// Whether something is mounted at `path` (per `/proc/self/mountinfo`).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
 /// Whether `/proc/<pid>` exists (a zombie counts as gone).
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
