@@ -303,8 +303,8 @@ impl Cgroup {
                     timeout,
                 });
             }
-            let ms = PollTimeout::try_from(left.as_millis().clamp(1, 1) as i32)
-                .unwrap_or(PollTimeout::MAX);
+            // One millisecond: the re-read above is the real check.
+            let ms = PollTimeout::from(1u8);
             let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, ms) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}

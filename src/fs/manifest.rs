@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
-use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -15,9 +14,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::FsError;
 use super::scan::OPAQUE_XATTR;
 use super::store::Store;
+use super::{FsError, io_err};
 
 /// A shard holds about this many entries (the shard count is a power of
 /// two chosen from the manifest's size).
@@ -249,31 +248,12 @@ impl Manifest {
         let dirty: Vec<usize> = (0..self.shards.len())
             .filter(|i| self.shards[*i].stored.is_none())
             .collect();
-        let encoded: Vec<Result<Vec<(usize, String)>, FsError>> = std::thread::scope(|scope| {
-            let shards = &self.shards;
-            let handles: Vec<_> = dirty
-                .chunks(dirty.len().div_ceil(2).max(1))
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|&i| Ok((i, store.put_bytes(&encode_shard(&shards[i].entries))?)))
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(FsError::Corrupt("manifest encoder panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        for part in encoded {
-            for (i, id) in part? {
-                Arc::make_mut(&mut self.shards[i]).stored = Some(id);
-            }
+        let shards = &self.shards;
+        let encoded = super::par_map(dirty, 2, "manifest encoder", |i| {
+            Ok((i, store.put_bytes(&encode_shard(&shards[i].entries))?))
+        })?;
+        for (i, id) in encoded {
+            Arc::make_mut(&mut self.shards[i]).stored = Some(id);
         }
         let index = Index {
             format: FORMAT,
@@ -443,14 +423,6 @@ fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
         .collect()
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
-    move |source| FsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Applies the upper dir's entries onto `parent`, the manifest of the layer

@@ -88,12 +88,52 @@ pub struct Captured {
 /// Workers sharing out the directories of a scan.
 const SCAN_THREADS: usize = 2;
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+/// The `map_err` of every I/O call in `fs` and its submodules.
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> FsError + 'a {
     move |source| FsError::Io {
         op,
         path: path.to_owned(),
         source,
     }
+}
+
+/// `f` over `items` on `threads` scoped threads (contiguous chunks),
+/// results in order; the first error wins. `what` names the work in the
+/// error a panicking worker turns into.
+pub(crate) fn par_map<T: Send, R: Send>(
+    items: Vec<T>,
+    threads: usize,
+    what: &str,
+    f: impl Fn(T) -> Result<R, FsError> + Sync,
+) -> Result<Vec<R>, FsError> {
+    let chunk = items.len().div_ceil(threads.max(1)).max(1);
+    let mut parts: Vec<Vec<T>> = Vec::new();
+    let mut it = items.into_iter().peekable();
+    while it.peek().is_some() {
+        parts.push(it.by_ref().take(chunk).collect());
+    }
+    let f = &f;
+    let done: Vec<Result<Vec<R>, FsError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || part.into_iter().map(f).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(FsError::Corrupt(format!("{what} worker panicked"))))
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for part in done {
+        out.extend(part?);
+    }
+    Ok(out)
 }
 
 /// Where things are.
@@ -440,37 +480,12 @@ impl Env {
     /// Hashes a scan's staged copies into the store (both cores) and gives
     /// their entries the objects.
     fn commit_staged(&self, delta: &mut Delta) -> Result<(), FsError> {
-        let store = &self.store;
         let staged = std::mem::take(&mut delta.staged);
-        let chunk = staged.len().div_ceil(SCAN_THREADS).max(1);
-        let mut parts: Vec<Vec<(usize, store::Staged)>> = Vec::new();
-        let mut it = staged.into_iter().peekable();
-        while it.peek().is_some() {
-            parts.push(it.by_ref().take(chunk).collect());
-        }
-        let committed: Vec<Result<Vec<(usize, String)>, FsError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.into_iter()
-                            .map(|(i, s)| Ok((i, store.commit(s)?)))
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(FsError::Corrupt("commit worker panicked".into())))
-                })
-                .collect()
-        });
-        for part in committed {
-            for (i, id) in part? {
-                delta.changed[i].1.entry.object = Some(id);
-            }
+        let committed = par_map(staged, SCAN_THREADS, "commit", |(i, s)| {
+            Ok((i, self.store.commit(s)?))
+        })?;
+        for (i, id) in committed {
+            delta.changed[i].1.entry.object = Some(id);
         }
         Ok(())
     }

@@ -19,21 +19,13 @@ use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, SFlag, fstatat};
 use serde::{Deserialize, Serialize};
 
-use super::FsError;
 use super::manifest::{self, Entry, Kind, Manifest};
 use super::store::{Meta, Staged, Store};
+use super::{FsError, io_err};
 
 /// Overlay's own xattrs: interpreted, never recorded as file xattrs.
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FsError + 'a {
-    move |source| FsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
 
 fn errno<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::errno::Errno) -> FsError + 'a {
     move |e| io_err(op, path)(e.into())
@@ -366,33 +358,11 @@ fn stage_all(
     files: Vec<(usize, PathBuf, Meta)>,
     threads: usize,
 ) -> Result<Vec<(usize, Staged)>, FsError> {
-    let chunk = files.len().div_ceil(threads.max(1)).max(1);
-    let parts: Vec<Result<Vec<(usize, Staged)>, FsError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(i, path, meta)| Ok((*i, store.stage_file(path, meta)?)))
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(FsError::Corrupt("stage worker panicked".into())))
-            })
-            .collect()
-    });
     // On an error, the copies already made stay in the store's temp dir
     // until the failed capture cleans it.
-    let mut out = Vec::with_capacity(files.len());
-    for p in parts {
-        out.extend(p?);
-    }
-    Ok(out)
+    super::par_map(files, threads, "stage", |(i, path, meta)| {
+        Ok((i, store.stage_file(&path, &meta)?))
+    })
 }
 
 fn ns(secs: i64, nsec: i64) -> i64 {
@@ -484,10 +454,6 @@ fn scan_dir(
     Ok(subdirs)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn xattrs_of(path: &Path) -> Result<(BTreeMap<String, String>, bool), FsError> {
     let mut out = BTreeMap::new();
     let mut opaque = false;
@@ -505,7 +471,7 @@ fn xattrs_of(path: &Path) -> Result<(BTreeMap<String, String>, bool), FsError> {
             continue;
         }
         if let Some(v) = xattr::get(path, &name).map_err(io_err("getxattr", path))? {
-            out.insert(n.to_owned(), hex(&v));
+            out.insert(n.to_owned(), super::store::hex(&v));
         }
     }
     Ok((out, opaque))

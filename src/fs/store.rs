@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::FsError;
+use super::{FsError, io_err};
 
 const CHUNK: usize = 1 << 20;
 
@@ -59,14 +59,6 @@ pub struct Staged {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
-    move |source| FsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 fn valid_id(id: &str) -> bool {
@@ -319,7 +311,8 @@ impl Store {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lowercase hex of `b` (object names, xattr values).
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -402,13 +402,9 @@ impl Daemon {
     }
 }
 
-/// Whether something is mounted at `path` (per `/proc/self/mountinfo`).
+/// Whether something is mounted at `path` (the daemon's own check).
 pub fn is_mounted(path: &Path) -> bool {
-    let want = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    sprited::sys::is_mount_point(Path::new("/proc/self/mountinfo"), path)
 }
 
 /// Whether `/proc/<pid>` exists (a zombie counts as gone).
