@@ -188,6 +188,8 @@ pub struct Checkpoints {
     metas: Mutex<BTreeMap<String, CheckpointMeta>>,
     /// The decoded manifest of the mounted layer (the parent of captures).
     parent: Mutex<Option<(String, Arc<Manifest>)>>,
+    /// Exec sessions: frozen with the services, killed by a restore.
+    sessions: std::sync::OnceLock<crate::exec::Sessions>,
 }
 
 fn now_rfc3339() -> String {
@@ -258,6 +260,7 @@ impl Checkpoints {
             criu,
             metas: Mutex::new(metas),
             parent: Mutex::new(None),
+            sessions: std::sync::OnceLock::new(),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -266,6 +269,11 @@ impl Checkpoints {
             std::fs::remove_file(cps.journal()).map_err(io_err("remove", &cps.journal()))?;
         }
         Ok(cps)
+    }
+
+    /// Exec sessions to freeze during captures and to kill on restores.
+    pub fn set_sessions(&self, sessions: crate::exec::Sessions) {
+        let _ = self.sessions.set(sessions);
     }
 
     fn journal(&self) -> PathBuf {
@@ -415,8 +423,11 @@ impl Checkpoints {
             // CRIU dumps start while the cgroups are still freezing (CRIU
             // seizes the tasks itself and leaves each cgroup frozen); the
             // file scan waits until every service is frozen.
-            let guard =
-                FreezeGuard::begin(services_running.iter().map(|r| r.cgroup.clone()).collect())?;
+            let mut to_freeze: Vec<_> = services_running.iter().map(|r| r.cgroup.clone()).collect();
+            if let Some(s) = self.sessions.get() {
+                to_freeze.extend(s.cgroups());
+            }
+            let guard = FreezeGuard::begin(to_freeze)?;
             let tmp_images = self.images.join(format!("{}{id}", durable::TEMP_PREFIX));
             let mut dumps = Vec::new();
             let mut failed = Vec::new();
@@ -589,6 +600,9 @@ impl Checkpoints {
         let t0 = Instant::now();
         info(progress, "Stopping services...");
         self.sup.kill_all().await;
+        if let Some(s) = self.sessions.get() {
+            s.kill_all().await;
+        }
         let killed = t0.elapsed();
         info(progress, "Restoring filesystem...");
         let me = self.clone();

@@ -154,8 +154,14 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         cgroups: OnceLock::new(),
         cgroup: OnceLock::new(),
         criu: OnceLock::new(),
+        sessions: OnceLock::new(),
+        ports: OnceLock::new(),
         shutdown: shutdown.clone(),
     });
+
+    let _ = app
+        .ports
+        .set(crate::ports::Ports::spawn(PathBuf::from("/proc")));
 
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listener) = tcp {
@@ -200,6 +206,9 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     shutdown.cancel();
     if let Some(sup) = app.supervisor.get() {
         sup.shutdown(config.shutdown_timeout).await;
+    }
+    if let Some(sessions) = app.sessions.get() {
+        sessions.kill_all().await;
     }
     if let Some(cps) = app.checkpoints.get() {
         cps.unmount_browsable();
@@ -270,28 +279,39 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
+    let chroot = match (&env, config.chroot) {
+        (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints"))
+            .map(Some)
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "cannot prepare --chroot: services and commands will not start")
+            }),
+        (None, true) => {
+            tracing::error!(
+                "--chroot needs the environment root, which is unavailable: services will not start"
+            );
+            Err("the environment root is unavailable".into())
+        }
+        (_, false) => Ok(None),
+    };
+    let default_dir = env
+        .as_ref()
+        .map(|e| e.root().to_owned())
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let _ = app
+        .sessions
+        .set(crate::exec::Sessions::new(crate::exec::SessionsConfig {
+            reaper: app.reaper.clone(),
+            cgroups: app.cgroups.get().cloned(),
+            default_dir: default_dir.clone(),
+            base_env: base_env(config),
+            chroot: chroot.clone(),
+        }));
     let supervisor = Supervisor::open(SupervisorConfig {
         state_dir: config.state_dir.clone(),
         cgroups: app.cgroups.get().cloned(),
         reaper: app.reaper.clone(),
-        default_dir: env
-            .as_ref()
-            .map(|e| e.root().to_owned())
-            .unwrap_or_else(|| PathBuf::from("/")),
-        chroot: match (&env, config.chroot) {
-            (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints"))
-                .map(Some)
-                .inspect_err(|e| {
-                    tracing::error!(error = %e, "cannot prepare --chroot: services will not start")
-                }),
-            (None, true) => {
-                tracing::error!(
-                    "--chroot needs the environment root, which is unavailable: services will not start"
-                );
-                Err("the environment root is unavailable".into())
-            }
-            (_, false) => Ok(None),
-        },
+        default_dir,
+        chroot,
         base_env: base_env(config),
         port_wait: config.wait_for_running,
         max_log_file: crate::supervisor::logs::DEFAULT_MAX_FILE,
@@ -326,6 +346,9 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     if let (Some(env), Some(sup)) = (env, &supervisor) {
         match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper) {
             Ok(c) => {
+                if let Some(sessions) = app.sessions.get() {
+                    c.set_sessions(sessions.clone());
+                }
                 let _ = app.checkpoints.set(Arc::new(c));
             }
             Err(e) => {

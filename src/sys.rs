@@ -292,3 +292,113 @@ pub fn is_mount_point(mountinfo: &Path, target: &Path) -> bool {
         .filter_map(|l| l.split_whitespace().nth(4))
         .any(|m| Path::new(&unescape_mountinfo(m)) == target)
 }
+
+/// A new pseudo-terminal pair, both ends close-on-exec (the slave is handed
+/// to a child as its stdio, which clears the flag on the copies).
+pub struct Pty {
+    pub master: std::os::fd::OwnedFd,
+    pub slave: std::os::fd::OwnedFd,
+}
+
+/// Opens a pseudo-terminal of `rows` × `cols`.
+pub fn open_pty(rows: u16, cols: u16) -> io::Result<Pty> {
+    use nix::fcntl::OFlag;
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname_r(&master)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&name)?;
+    let master: std::os::fd::OwnedFd = master.into();
+    set_winsize(&master, rows, cols)?;
+    Ok(Pty {
+        master,
+        slave: slave.into(),
+    })
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`); the foreground process
+/// group gets `SIGWINCH`.
+#[allow(unsafe_code)]
+pub fn set_winsize(fd: &impl std::os::fd::AsFd, rows: u16, cols: u16) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which points
+    // at a live local for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A terminal's window size (`TIOCGWINSZ`) as (rows, cols).
+#[allow(unsafe_code)]
+pub fn get_winsize(fd: &impl std::os::fd::AsFd) -> io::Result<(u16, u16)> {
+    use std::os::fd::AsRawFd;
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which
+    // points at a live local for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok((ws.ws_row, ws.ws_col))
+    }
+}
+
+/// Arranges for the child of `cmd` to start a new session and take its
+/// stdin (a pty slave) as its controlling terminal, before `exec`. Stdio is
+/// set up before `pre_exec` closures run, so fd 0 is already the slave.
+#[allow(unsafe_code)]
+pub fn controlling_tty_before_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec; setsid(2)
+    // and ioctl(TIOCSCTTY) are async-signal-safe raw system calls, and
+    // nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to every process of the process group `pgid`.
+pub fn kill_group(pgid: i32, signal: nix::sys::signal::Signal) -> io::Result<()> {
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal).map_err(io::Error::from)
+}
+
+/// Registers an owned fd (set non-blocking here) with the tokio reactor.
+#[allow(unsafe_code)]
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+    fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    // SAFETY: the fd is moved into the AsyncFd, which owns it from here on:
+    // it stays open exactly as long as the registration (closed when the
+    // AsyncFd is dropped, after deregistering), and no other code holds it.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}

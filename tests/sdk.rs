@@ -62,3 +62,10 @@ async fn sprites_py_takes_and_restores_checkpoints() {
         run_script("checkpoints.py", "SDK checkpoints: all passed").await;
     }
 }
+
+#[tokio::test]
+async fn sprites_py_runs_commands_and_uses_files() {
+    if privileged("sprites_py_runs_commands_and_uses_files") {
+        run_script("exec_fs.py", "SDK exec and fs: all passed").await;
+    }
+}

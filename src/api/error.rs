@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::checkpoint::CheckpointError;
+use crate::exec::ExecError;
+use crate::files::FilesError;
 use crate::lifecycle::LifecycleError;
 use crate::supervisor::SupervisorError;
 
@@ -23,6 +25,14 @@ pub enum ApiError {
     NotImplemented(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
@@ -40,6 +50,19 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Exec(e) => match e {
+                ExecError::Invalid(_) => StatusCode::BAD_REQUEST,
+                ExecError::NotFound(_) => StatusCode::NOT_FOUND,
+                ExecError::Start { .. } => StatusCode::BAD_REQUEST,
+                ExecError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                ExecError::Cgroup(_) | ExecError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::Files(e) => match e {
+                FilesError::Outside { .. } | FilesError::Invalid(_) => StatusCode::BAD_REQUEST,
+                FilesError::Os { errno, .. } => errno_status(*errno),
+            },
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::Busy { .. } => StatusCode::CONFLICT,
                 LifecycleError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,11 +99,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(%status, error = %self, "request failed");
         }
-        let mut resp = (
-            status,
-            axum::Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let ApiError::Files(e) = &self {
+            // The SDKs read `path` and the POSIX `code`.
+            body["path"] = e.path().into();
+            body["code"] = e.code().into();
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
         add_headers(&self, &mut resp);
         resp
     }
@@ -98,6 +123,26 @@ fn supervisor_status(e: &SupervisorError) -> StatusCode {
         | SupervisorError::Durable(_)
         | SupervisorError::Io { .. }
         | SupervisorError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// What a failed system call on a request's path means to the client.
+fn errno_status(e: nix::errno::Errno) -> StatusCode {
+    use nix::errno::Errno;
+    match e {
+        Errno::ENOENT => StatusCode::NOT_FOUND,
+        Errno::EEXIST => StatusCode::CONFLICT,
+        Errno::EACCES | Errno::EPERM | Errno::EROFS => StatusCode::FORBIDDEN,
+        Errno::EISDIR
+        | Errno::ENOTDIR
+        | Errno::ENOTEMPTY
+        | Errno::EINVAL
+        | Errno::ELOOP
+        | Errno::ENAMETOOLONG
+        | Errno::EXDEV
+        | Errno::EBUSY => StatusCode::BAD_REQUEST,
+        Errno::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

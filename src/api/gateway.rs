@@ -29,11 +29,16 @@ pub struct Gateway {
     pub transport: Transport,
 }
 
-/// The credentials a request presents: the Bearer token and the `api:` token of
+/// The credentials a request presents: the Bearer token (in `Authorization`,
+/// or `Proxy-Authorization` for CONNECT clients) and the `api:` token of
 /// every `state=` pair in `fly-replay-src` (pairs are `;`-separated, any order).
 pub fn presented_tokens(headers: &HeaderMap) -> Vec<&[u8]> {
     let mut out = Vec::new();
-    for value in headers.get_all(header::AUTHORIZATION) {
+    let bearer = headers
+        .get_all(header::AUTHORIZATION)
+        .into_iter()
+        .chain(headers.get_all(header::PROXY_AUTHORIZATION));
+    for value in bearer {
         let v = value.as_bytes();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
             out.push(trim(&v[7..]));
@@ -134,6 +139,9 @@ pub async fn gateway(State(gw): State<Gateway>, mut req: Request, next: Next) ->
                 Err(e) => return ApiError::BadRequest(format!("bad path: {e}")).into_response(),
             }
         }
+    }
+    if req.method() == axum::http::Method::CONNECT {
+        return super::proxy::connect(gw.state.clone(), req).await;
     }
     let resp = next.run(req).await;
     tracing::debug!(transport = ?gw.transport, %method, %path, status = resp.status().as_u16(),

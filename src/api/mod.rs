@@ -7,7 +7,10 @@
 
 mod checkpoints;
 pub mod error;
+pub mod exec;
+mod files;
 pub mod gateway;
+mod proxy;
 mod services;
 pub mod stream;
 mod system;
@@ -17,9 +20,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::Request;
+use axum::handler::Handler;
 use axum::http::Method;
-use axum::routing::{MethodFilter, get, on, post};
+use axum::routing::{delete, get, post, put};
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{CgroupSupport, Cgroups};
@@ -60,6 +65,10 @@ pub struct AppState {
     pub cgroups: OnceLock<Cgroups>,
     pub cgroup: OnceLock<CgroupSupport>,
     pub criu: OnceLock<CriuSupport>,
+    /// Exec sessions, once the boot task set them up.
+    pub sessions: OnceLock<crate::exec::Sessions>,
+    /// The listening-port watcher.
+    pub ports: OnceLock<crate::ports::Ports>,
     /// Cancelled when the daemon shuts down: long streams end on it.
     pub shutdown: CancellationToken,
 }
@@ -82,12 +91,31 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/services/{name}/stop", post(services::stop))
         .route("/v1/services/{name}/restart", post(services::restart))
         .route("/v1/services/{name}/logs", get(services::logs))
-        // Seed-003 root routes. Exec and the proxy wait for `running`.
-        .route("/exec", post(system::exec_placeholder))
+        // Exec: seed-003 root and internal shapes. Exec and the proxies wait
+        // for `running`; CONNECT (any target) is handled by the gateway.
+        .route("/exec", exec_routes())
+        .route("/v1/exec", exec_routes())
         .route(
-            "/proxy",
-            on(MethodFilter::CONNECT, system::proxy_placeholder),
+            "/exec/{id}",
+            get(exec::exec_attach).delete(exec::exec_delete),
         )
+        .route(
+            "/v1/exec/{id}",
+            get(exec::exec_attach).delete(exec::exec_delete),
+        )
+        .route("/exec/{id}/kill", post(exec::exec_kill))
+        .route("/v1/exec/{id}/kill", post(exec::exec_kill))
+        .route("/proxy", get(proxy::ws_proxy))
+        .route("/v1/proxy", get(proxy::ws_proxy))
+        .route("/v1/ports/watch", get(proxy::ports_watch))
+        .route("/v1/fs/read", get(files::read))
+        .route("/v1/fs/write", put(files::write).post(files::write))
+        .route("/v1/fs/list", get(files::list))
+        .route("/v1/fs/delete", delete(files::delete))
+        .route("/v1/fs", delete(files::delete))
+        .route("/v1/fs/rename", post(files::rename))
+        .route("/v1/fs/copy", post(files::copy))
+        .route("/v1/fs/chmod", post(files::chmod))
         .route("/checkpoint", post(checkpoints::root_checkpoint))
         .route("/restore", post(checkpoints::root_restore))
         .route("/v1/checkpoint", post(checkpoints::create))
@@ -103,6 +131,10 @@ fn routes(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+fn exec_routes() -> axum::routing::MethodRouter<Arc<AppState>> {
+    get(exec::exec_get).post(exec::exec_post.layer(DefaultBodyLimit::max(exec::MAX_STDIN)))
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, PlainError};
+use super::{ApiError, AppState};
 use crate::lifecycle::State as Life;
 
 /// `GET /v1/status`: lifecycle state, version, uptime, kernel, and what was
@@ -66,22 +66,4 @@ pub async fn sprite_record(State(app): State<Arc<AppState>>) -> Json<Value> {
         "updated_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         "url": app.config.url,
     }))
-}
-
-/// `POST /exec` (seed 003): waits for `running`; the command runner is not built yet.
-pub async fn exec_placeholder(State(app): State<Arc<AppState>>) -> Result<(), PlainError> {
-    app.lifecycle
-        .wait_running(app.config.wait_for_running)
-        .await
-        .map_err(|e| ApiError::from(e).plain())?;
-    Err(ApiError::NotImplemented("exec is not implemented yet".into()).plain())
-}
-
-/// `CONNECT /proxy` (seed 003): waits for `running`; tunnels are not built yet.
-pub async fn proxy_placeholder(State(app): State<Arc<AppState>>) -> Result<(), PlainError> {
-    app.lifecycle
-        .wait_running(app.config.wait_for_running)
-        .await
-        .map_err(|e| ApiError::from(e).plain())?;
-    Err(ApiError::NotImplemented("proxy is not implemented yet".into()).plain())
 }

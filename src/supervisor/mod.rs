@@ -1193,6 +1193,7 @@ mod tests {
         assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
         assert_eq!(parse_signal("NOPE"), None);
         assert_eq!(parse_signal("999"), None);
+        assert_eq!(parse_signal(""), None);
     }
 
     #[test]

@@ -2,20 +2,8 @@
 restore checkpoints. Driven by tests/sdk.rs (which also passes the env root)."""
 
 import os
-import sys
 
-from sprites import SpritesClient
-
-client = SpritesClient(os.environ["SPRITED_TOKEN"], base_url=os.environ["SPRITED_URL"])
-sprite = client.sprite(os.environ["SPRITED_NAME"])
-root = os.environ["SPRITED_ENV_ROOT"]
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAIL: {what}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok: {what}")
+from common import check, client, root, sprite
 
 
 with open(os.path.join(root, "note.txt"), "w") as f:

@@ -3,24 +3,9 @@ stop, signal and delete a service. Driven by tests/sdk.rs, which passes the
 daemon's URL, token and sprite name in the environment."""
 
 import os
-import sys
 
-from sprites import SpritesClient
 from sprites.exceptions import APIError
-
-base_url = os.environ["SPRITED_URL"]
-token = os.environ["SPRITED_TOKEN"]
-name = os.environ["SPRITED_NAME"]
-
-client = SpritesClient(token, base_url=base_url)
-sprite = client.sprite(name)
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAIL: {what}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok: {what}")
+from common import check, client, root, sprite
 
 
 check(sprite.list_services() == [], "list_services() on a fresh daemon is empty")

@@ -1,0 +1,311 @@
+//! The filesystem API (`.../fs/*`), shaped like the SDKs'. Every path goes
+//! through [`crate::files::Files`], which confines it to the environment root.
+//! Reads and writes stream: no file is held in memory.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use super::exec::query_pairs;
+use super::{ApiError, AppState};
+use crate::files::{Files, FilesError, parse_mode};
+
+fn files(app: &AppState) -> Result<Files, ApiError> {
+    let env = app.env.get().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "the environment root is unavailable{}",
+            app.fs_error
+                .get()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ))
+    })?;
+    Ok(Files::new(env.root().to_owned(), app.config.chroot))
+}
+
+struct Q(Vec<(String, String)>);
+
+impl Q {
+    fn new(q: Option<String>) -> Self {
+        Q(query_pairs(q.as_deref()))
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+    fn flag(&self, k: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some("" | "1" | "true" | "True" | "TRUE") => Ok(Some(true)),
+            Some("0" | "false" | "False" | "FALSE") => Ok(Some(false)),
+            Some(v) => Err(ApiError::BadRequest(format!(
+                "{k}={v:?}: expected true or false"
+            ))),
+        }
+    }
+    fn path(&self) -> Result<&str, ApiError> {
+        self.get("path")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::BadRequest("path is required".into()))
+    }
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FilesError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("file operation failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// `GET .../fs/read?path=`: the raw bytes, streamed.
+pub async fn read(
+    State(app): State<Arc<AppState>>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let f = files(&app)?;
+    let q = Q::new(q);
+    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    let (file, len) = blocking(move || f.read(&rel)).await?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// `PUT .../fs/write?path=&mode=0644&mkdirParents=true` (POST too): the body
+/// is streamed into a temp file beside the target, then renamed over it.
+/// Missing parents are always created (the SDKs' `mkdir` relies on it).
+pub async fn write(
+    State(app): State<Arc<AppState>>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let f = Arc::new(files(&app)?);
+    let q = Q::new(q);
+    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    q.flag("mkdirParents")?;
+    q.flag("mkdir")?;
+    let mode = match q.get("mode").filter(|m| !m.is_empty()) {
+        Some(m) => parse_mode(m)
+            .ok_or_else(|| ApiError::BadRequest(format!("mode {m:?}: expected octal like 0644")))?,
+        None => 0o644,
+    };
+    let (f2, r2) = (f.clone(), rel.clone());
+    let pending = blocking(move || f2.begin_write(&r2)).await?;
+    let std_file = match pending.file.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            pending.abort();
+            return Err(ApiError::Unavailable(format!("cannot write: {e}")));
+        }
+    };
+    let mut out = tokio::fs::File::from_std(std_file);
+    let mut stream = body.into_data_stream();
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(b) => {
+                if let Err(e) = out.write_all(&b).await {
+                    failure = Some(ApiError::from(FilesError::Os {
+                        op: "write",
+                        path: f.display(&rel),
+                        errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    }));
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(ApiError::BadRequest(format!("request body: {e}")));
+                break;
+            }
+        }
+    }
+    if failure.is_none()
+        && let Err(e) = out.flush().await
+    {
+        failure = Some(ApiError::Unavailable(format!("cannot write: {e}")));
+    }
+    drop(out);
+    if let Some(e) = failure {
+        pending.abort();
+        return Err(e);
+    }
+    let entry = blocking(move || f.commit(pending, mode)).await?;
+    Ok(Json(
+        json!({"path": entry.path, "size": entry.size, "mode": format!("{:04o}", mode)}),
+    ))
+}
+
+/// `GET .../fs/list?path=`: a directory's entries, or a file's own entry.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let q = Q::new(q);
+    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    let recursive = q.flag("recursive")?.unwrap_or(false);
+    let pattern = q
+        .get("pattern")
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    let shown = f.display(&rel);
+    let entries = blocking(move || f.list(&rel, recursive, pattern.as_deref())).await?;
+    Ok(Json(
+        json!({"path": shown, "count": entries.len(), "entries": entries}),
+    ))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PathBody {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    recursive: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    as_root: Option<bool>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
+}
+
+/// `DELETE .../fs/delete?path=&recursive=` (or the same in a JSON body).
+pub async fn delete(
+    State(app): State<Arc<AppState>>,
+    RawQuery(q): RawQuery,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let q = Q::new(q);
+    let b: PathBody = json_body(&body)?;
+    let path = b
+        .path
+        .clone()
+        .or_else(|| q.get("path").map(str::to_owned))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("path is required".into()))?;
+    let wd = b
+        .working_dir
+        .clone()
+        .or_else(|| q.get("workingDir").map(str::to_owned));
+    let recursive = match b.recursive {
+        Some(r) => r,
+        None => q.flag("recursive")?.unwrap_or(false),
+    };
+    let rel = f.relative(&path, wd.as_deref())?;
+    let deleted = blocking(move || f.delete(&rel, recursive)).await?;
+    Ok(Json(json!({"deleted": deleted, "count": deleted.len()})))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct MoveBody {
+    source: String,
+    dest: String,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    recursive: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    as_root: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    preserve_attrs: Option<bool>,
+}
+
+fn move_body(body: &[u8]) -> Result<MoveBody, ApiError> {
+    let b: MoveBody = json_body(body)?;
+    if b.source.is_empty() || b.dest.is_empty() {
+        return Err(ApiError::BadRequest("source and dest are required".into()));
+    }
+    Ok(b)
+}
+
+/// `POST .../fs/rename` `{source, dest}`.
+pub async fn rename(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let b = move_body(&body)?;
+    let s = f.relative(&b.source, b.working_dir.as_deref())?;
+    let d = f.relative(&b.dest, b.working_dir.as_deref())?;
+    let (ss, ds) = (f.display(&s), f.display(&d));
+    blocking(move || f.rename(&s, &d)).await?;
+    Ok(Json(json!({"source": ss, "dest": ds})))
+}
+
+/// `POST .../fs/copy` `{source, dest, recursive}`.
+pub async fn copy(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let b = move_body(&body)?;
+    let s = f.relative(&b.source, b.working_dir.as_deref())?;
+    let d = f.relative(&b.dest, b.working_dir.as_deref())?;
+    let recursive = b.recursive.unwrap_or(false);
+    let (copied, total) = blocking(move || f.copy(&s, &d, recursive)).await?;
+    let copied: Vec<Value> = copied
+        .into_iter()
+        .map(|(s, d)| json!({"source": s, "dest": d}))
+        .collect();
+    Ok(Json(
+        json!({"count": copied.len(), "copied": copied, "totalBytes": total}),
+    ))
+}
+
+/// `POST .../fs/chmod` `{path, mode: "0755", recursive}`.
+pub async fn chmod(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let b: PathBody = json_body(&body)?;
+    let path = b
+        .path
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("path is required".into()))?;
+    let m = b
+        .mode
+        .ok_or_else(|| ApiError::BadRequest("mode is required".into()))?;
+    let mode = parse_mode(&m)
+        .ok_or_else(|| ApiError::BadRequest(format!("mode {m:?}: expected octal like 0755")))?;
+    let rel = f.relative(&path, b.working_dir.as_deref())?;
+    let recursive = b.recursive.unwrap_or(false);
+    let changed = blocking(move || f.chmod(&rel, mode, recursive)).await?;
+    let affected: Vec<Value> = changed
+        .into_iter()
+        .map(|p| json!({"path": p, "mode": format!("{mode:04o}")}))
+        .collect();
+    Ok(Json(json!({"count": affected.len(), "affected": affected})))
+}

@@ -1,0 +1,809 @@
+//! Exec, sessions, ports, proxies and the filesystem API, against the real
+//! daemon with real clients: reqwest for HTTP and SSE, tokio-tungstenite for
+//! WebSockets, raw TCP for CONNECT.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, NAME, TOKEN, privileged};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Bound on waits for things that should happen promptly; reached only
+/// when something is broken.
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn ws(
+    d: &Daemon,
+    path_and_query: &str,
+) -> (Ws, tokio_tungstenite::tungstenite::http::HeaderMap) {
+    let url = format!("ws://{}/v1/sprites/{NAME}{path_and_query}", d.tcp.unwrap());
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (s, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    (s, resp.headers().clone())
+}
+
+async fn next(s: &mut Ws) -> Message {
+    match tokio::time::timeout(WAIT, s.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("no WebSocket message: {other:?}"),
+    }
+}
+
+fn text(m: &Message) -> Option<Value> {
+    match m {
+        Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+        _ => None,
+    }
+}
+
+/// Server-sent events of a response, parsed incrementally.
+struct Sse {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: Vec<u8>,
+}
+
+impl Sse {
+    fn new(r: reqwest::Response) -> Self {
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        Sse {
+            body: Box::pin(r.bytes_stream()),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next `(event, data)`.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..i + 2).collect();
+                let text = String::from_utf8(block).unwrap();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(e) = line.strip_prefix("event: ") {
+                        event = e.to_owned();
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push_str(d);
+                    }
+                }
+                return Some((event, serde_json::from_str(&data).unwrap()));
+            }
+            match tokio::time::timeout(WAIT, self.body.next()).await.unwrap() {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.unwrap()),
+                None => return None,
+            }
+        }
+    }
+}
+
+async fn post_exec(d: &Daemon, body: Value) -> Sse {
+    Sse::new(d.req(reqwest::Method::POST, "/exec", Some(body)).await)
+}
+
+/// Peak resident memory of a process, in KiB.
+fn vm_hwm(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Pids whose command line contains `needle`.
+fn procs_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+            && common::alive(pid as i64)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn post_exec_streams_events_times_out_and_carries_50_mib() {
+    if !privileged("post_exec_streams_events_times_out_and_carries_50_mib") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut s = post_exec(
+        &d,
+        json!({"command": ["sh", "-c", "echo out; echo err >&2; exit 7"]}),
+    )
+    .await;
+    let mut events = Vec::new();
+    while let Some(e) = s.next().await {
+        events.push(e);
+    }
+    let find = |name: &str| {
+        events
+            .iter()
+            .find(|(e, _)| e == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(find("stdout").unwrap()["data"], "out\n", "{events:?}");
+    assert_eq!(find("stderr").unwrap()["data"], "err\n", "{events:?}");
+    assert_eq!(events.last().unwrap().0, "exit");
+    assert_eq!(events.last().unwrap().1["exit_code"], 7);
+
+    // A timeout kills the whole tree (the shell and its sleep), then exits.
+    let t = Instant::now();
+    let mut s = post_exec(
+        &d,
+        json!({"command": ["sh", "-c", "sleep 60.4242 & sleep 60.4243; wait"], "timeout": 1_000_000_000u64}),
+    )
+    .await;
+    let mut events = Vec::new();
+    while let Some(e) = s.next().await {
+        events.push(e);
+    }
+    let took = t.elapsed();
+    let error = events
+        .iter()
+        .find(|(e, _)| e == "error")
+        .expect("an error event");
+    assert!(
+        error.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1s"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap().0, "exit", "{events:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "cut short, not run for 60 s: {took:?}"
+    );
+    eprintln!("sleep 60 with a 1 s timeout ended after {took:?}");
+    assert!(
+        procs_with("sleep 60.424").is_empty(),
+        "a process outlived the timeout"
+    );
+
+    // 50 MiB arrive complete; the daemon's peak memory does not grow by it.
+    const TOTAL: u64 = 50 * 1024 * 1024;
+    let before = vm_hwm(d.pid());
+    let mut s = post_exec(
+        &d,
+        json!({"command": ["sh", "-c", format!("yes 0123456789abcdef | head -c {TOTAL}")]}),
+    )
+    .await;
+    let (mut got, mut exit) = (0u64, None);
+    let mut sample = Vec::new();
+    while let Some((e, v)) = s.next().await {
+        match e.as_str() {
+            "stdout" => {
+                let data = v["data"].as_str().unwrap();
+                if sample.len() < 64 {
+                    sample.extend_from_slice(data.as_bytes());
+                }
+                got += data.len() as u64;
+            }
+            "exit" => exit = Some(v["exit_code"].clone()),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(got, TOTAL);
+    assert_eq!(exit, Some(json!(0)));
+    assert!(sample.starts_with(b"0123456789abcdef\n0123456789abcdef\n"));
+    let grew_kib = vm_hwm(d.pid()).saturating_sub(before);
+    eprintln!("daemon peak RSS grew by {grew_kib} KiB while streaming 50 MiB");
+    assert!(
+        grew_kib < 32 * 1024,
+        "peak RSS grew by {grew_kib} KiB: the output was buffered"
+    );
+}
+
+#[tokio::test]
+async fn http_exec_frames_and_stdin_body() {
+    if !privileged("http_exec_frames_and_stdin_body") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let r = d
+        .http
+        .post(d.url(&format!(
+            "/v1/sprites/{NAME}/exec?cmd=sh&cmd=-c&cmd=cat%3B+echo+e+%3E%262%3B+exit+5&stdin=true"
+        )))
+        .bearer_auth(TOKEN)
+        .body("from stdin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let body = r.bytes().await.unwrap();
+    assert!(body.ends_with(&[3, 5]), "{body:?}");
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    // Frames are [stream][payload]; walk them by known contents.
+    let s = &body[..body.len() - 2];
+    assert!(s.starts_with(&[1]) || s.starts_with(&[2]), "{s:?}");
+    for part in [(&b"\x01from stdin"[..]), (&b"\x02e\n"[..])] {
+        assert!(
+            s.windows(part.len()).any(|w| w == part),
+            "{part:?} in {s:?}"
+        );
+        if part[0] == 1 {
+            out.extend_from_slice(&part[1..]);
+        } else {
+            err.extend_from_slice(&part[1..]);
+        }
+    }
+    // TTY is refused here; a huge stdin is refused with 413.
+    let r = d
+        .req(reqwest::Method::POST, "/v1/exec?cmd=true&tty=true", None)
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = d
+        .http
+        .post(d.url("/v1/exec?cmd=cat&stdin=true"))
+        .bearer_auth(TOKEN)
+        .body(vec![b'x'; 11 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Bad input is a 400 with a message, not a 500.
+    let r = d
+        .req(reqwest::Method::POST, "/exec", Some(json!({"command": []})))
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = d
+        .req(
+            reqwest::Method::POST,
+            "/exec",
+            Some(json!({"command": ["/no/such/program"]})),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("command not found"));
+}
+
+#[tokio::test]
+async fn websocket_exec_cat_and_a_tty_session_that_survives_a_disconnect() {
+    if !privileged("websocket_exec_cat_and_a_tty_session_that_survives_a_disconnect") {
+        return;
+    }
+    let d = Daemon::start().await;
+    // cat: stdin comes back, EOF ends it with 0.
+    let (mut s, headers) = ws(&d, "/exec?cmd=cat&stdin=true").await;
+    assert_eq!(headers["x-sprite-capabilities"], "signal");
+    let info = text(&next(&mut s).await).unwrap();
+    assert_eq!(info["type"], "session_info");
+    assert_eq!(info["tty"], false);
+    assert!(info["session_id"].is_string());
+    s.send(Message::Binary(b"\x00hello cat".to_vec().into()))
+        .await
+        .unwrap();
+    let m = next(&mut s).await;
+    assert_eq!(m, Message::Binary(b"\x01hello cat".to_vec().into()));
+    s.send(Message::Binary(vec![4].into())).await.unwrap();
+    let exit = text(&next(&mut s).await).unwrap();
+    assert_eq!(exit, json!({"type": "exit", "exit_code": 0}));
+    assert_eq!(next(&mut s).await, Message::Binary(vec![3, 0].into()));
+    match next(&mut s).await {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1000),
+        other => panic!("expected close 1000, got {other:?}"),
+    }
+
+    // A TTY bash: resize, detach, output while detached, re-attach.
+    let (mut s, _) = ws(
+        &d,
+        "/exec?cmd=bash&cmd=--norc&cmd=-i&tty=true&rows=24&cols=80",
+    )
+    .await;
+    let info = text(&next(&mut s).await).unwrap();
+    assert_eq!(info["tty"], true, "{info}");
+    assert_eq!(
+        (info["rows"].clone(), info["cols"].clone()),
+        (json!(24), json!(80))
+    );
+    let id = info["session_id"].as_str().unwrap().to_owned();
+    s.send(Message::Text(
+        json!({"type": "resize", "cols": 123, "rows": 45})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    s.send(Message::Binary(
+        b"stty size; echo size-$((1+1))\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let mut out = String::new();
+    while !out.contains("size-2") {
+        if let Message::Binary(b) = next(&mut s).await {
+            out.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    assert!(out.contains("45 123"), "stty size after resize: {out:?}");
+    // Output written while nobody is attached.
+    s.send(Message::Binary(
+        b"sleep 0.5; echo detached-$((6*7))\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    drop(s);
+    let list: Value = d.get("/v1/exec").await.json().await.unwrap();
+    let row = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("session {id} listed: {list}"))
+        .clone();
+    assert_eq!(row["tty"], true);
+    assert_eq!(list["count"], list["sessions"].as_array().unwrap().len());
+    // Attach again: the scrollback holds what was written meanwhile.
+    let mut seen = String::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.contains("detached-42") {
+        assert!(
+            Instant::now() < deadline,
+            "never saw the detached output: {seen:?}"
+        );
+        let (mut s, _) = ws(&d, &format!("/exec/{id}")).await;
+        let info = text(&next(&mut s).await).unwrap();
+        assert_eq!(info["session_id"], id.as_str());
+        assert_eq!(info["is_owner"], false);
+        // Read what is there (scrollback then live) for a moment.
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(300), s.next()).await
+        {
+            if let Message::Binary(b) = m {
+                seen.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+        if seen.contains("detached-42") {
+            s.send(Message::Binary(b"exit 3\n".to_vec().into()))
+                .await
+                .unwrap();
+            loop {
+                if let Some(v) = text(&next(&mut s).await)
+                    && v["type"] == "exit"
+                {
+                    assert_eq!(v["exit_code"], 3);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_reports_the_port_it_opens() {
+    if !privileged("a_session_reports_the_port_it_opens") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (mut watch, _) = ws(&d, "/ports/watch").await;
+    let list = text(&next(&mut watch).await).unwrap();
+    assert_eq!(list["type"], "port_list");
+    let (mut s, _) = ws(
+        &d,
+        &format!("/exec?cmd=python3&cmd=-m&cmd=http.server&cmd={port}&cmd=--bind&cmd=127.0.0.1"),
+    )
+    .await;
+    let info = text(&next(&mut s).await).unwrap();
+    let opened = loop {
+        if let Some(v) = text(&next(&mut s).await)
+            && v["type"] == "port_opened"
+        {
+            break v;
+        }
+    };
+    assert_eq!(opened["port"], port);
+    assert_eq!(opened["address"], "127.0.0.1");
+    assert!(opened["pid"].as_i64().unwrap() > 0);
+    // The port watch saw it too.
+    let seen = loop {
+        let v = text(&next(&mut watch).await).unwrap();
+        if v["type"] == "port_opened" && v["port"] == port {
+            break v;
+        }
+    };
+    assert_eq!(seen["pid"], opened["pid"]);
+    // Killing the session closes the port.
+    let id = info["session_id"].as_str().unwrap();
+    let events = d
+        .post_to_complete(
+            &format!("/v1/exec/{id}/kill?signal=SIGTERM&timeout=5s"),
+            None,
+        )
+        .await;
+    assert_eq!(events[0]["type"], "signal", "{events:?}");
+    loop {
+        let v = text(&next(&mut watch).await).unwrap();
+        if v["type"] == "port_closed" && v["port"] == port {
+            break;
+        }
+    }
+}
+
+/// A one-shot HTTP server on a free port: answers any request with `body`.
+async fn http_server(body: &'static str) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut req = Vec::new();
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = c.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                c.write_all(resp.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    port
+}
+
+async fn read_until_close(s: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn connect_and_websocket_proxies_reach_local_ports_only() {
+    if !privileged("connect_and_websocket_proxies_reach_local_ports_only") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let port = http_server("hello through the tunnel").await;
+    // CONNECT names another host: the tunnel still goes to 127.0.0.1.
+    let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
+        .await
+        .unwrap();
+    c.write_all(
+        format!("CONNECT evil.example:{port} HTTP/1.1\r\nHost: evil.example:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_until_close(&mut c).await;
+    assert!(resp.ends_with("hello through the tunnel"), "{resp}");
+
+    // Without a token: 401.
+    let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
+        .await
+        .unwrap();
+    c.write_all(format!("CONNECT x:{port} HTTP/1.1\r\nHost: x:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = read_until_close(&mut c).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+
+    // A closed port: a clear error, not a hang.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
+        .await
+        .unwrap();
+    c.write_all(
+        format!("CONNECT x:{closed} HTTP/1.1\r\nHost: x:{closed}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = read_until_close(&mut c).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    assert!(resp.contains(&format!("127.0.0.1:{closed}")), "{resp}");
+
+    // The WebSocket proxy carries an HTTP exchange.
+    let (mut s, _) = ws(&d, "/proxy").await;
+    s.send(Message::Text(
+        json!({"host": "elsewhere", "port": port})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let hello = text(&next(&mut s).await).unwrap();
+    assert_eq!(
+        hello,
+        json!({"status": "connected", "target": format!("127.0.0.1:{port}")})
+    );
+    s.send(Message::Binary(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        match next(&mut s).await {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).ends_with("hello through the tunnel"));
+    // And refuses a closed port with a reason.
+    let (mut s, _) = ws(&d, "/proxy").await;
+    s.send(Message::Text(
+        json!({"host": "localhost", "port": closed})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    match next(&mut s).await {
+        Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 1011);
+            assert!(f.reason.contains("Failed to connect"), "{}", f.reason);
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn filesystem_api_round_trips_and_stays_inside_the_root() {
+    if !privileged("filesystem_api_round_trips_and_stays_inside_the_root") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    let r = root.display().to_string();
+    let q = |path: &str| percent(path);
+    let outside = tempfile::tempdir().unwrap();
+    let o = outside.path().display().to_string();
+    std::fs::write(outside.path().join("keep.txt"), "untouched").unwrap();
+
+    let put = |path: String, body: Vec<u8>| {
+        d.http
+            .put(d.url(&format!(
+                "/v1/sprites/{NAME}/fs/write?path={}&mode=0640&mkdirParents=true",
+                q(&path)
+            )))
+            .bearer_auth(TOKEN)
+            .body(body)
+            .send()
+    };
+    let resp = put(format!("{r}/a/b/c.bin"), (0u8..=255).collect())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"path": format!("{r}/a/b/c.bin"), "size": 256, "mode": "0640"})
+    );
+    let got = d
+        .get(&format!(
+            "/v1/fs/read?path=c.bin&workingDir={}",
+            q(&format!("{r}/a/b"))
+        ))
+        .await;
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        got.bytes().await.unwrap().to_vec(),
+        (0u8..=255).collect::<Vec<u8>>()
+    );
+    let list: Value = d
+        .get(&format!("/v1/fs/list?path={}", q(&format!("{r}/a/b"))))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["count"], 1);
+    let e = &list["entries"][0];
+    assert_eq!(
+        (
+            e["name"].clone(),
+            e["type"].clone(),
+            e["size"].clone(),
+            e["mode"].clone(),
+            e["isDir"].clone()
+        ),
+        (
+            json!("c.bin"),
+            json!("file"),
+            json!(256),
+            json!("640"),
+            json!(false)
+        )
+    );
+    let resp = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/fs/rename",
+            Some(json!({"source": format!("{r}/a/b/c.bin"), "dest": format!("{r}/a/d.bin")})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(root.join("a/d.bin").exists() && !root.join("a/b/c.bin").exists());
+    let resp = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/fs/copy",
+            Some(json!({"source": format!("{r}/a"), "dest": format!("{r}/z"), "recursive": true})),
+        )
+        .await;
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["totalBytes"], 256, "{v}");
+    assert_eq!(std::fs::read(root.join("z/d.bin")).unwrap().len(), 256);
+    let resp = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/fs/chmod",
+            Some(json!({"path": format!("{r}/z/d.bin"), "mode": "0600"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(root.join("z/d.bin"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let resp = d
+        .req(
+            reqwest::Method::DELETE,
+            &format!(
+                "/v1/fs/delete?path={}&recursive=false",
+                q(&format!("{r}/z"))
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 400, "a non-empty dir needs recursive");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["code"], "ENOTEMPTY");
+    let resp = d
+        .req(
+            reqwest::Method::DELETE,
+            "/v1/fs/delete",
+            Some(json!({"path": format!("{r}/z"), "recursive": true})),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(!root.join("z").exists());
+    let resp = d
+        .get(&format!("/v1/fs/read?path={}", q(&format!("{r}/nope"))))
+        .await;
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["code"], "ENOENT");
+
+    // Escapes: `..`, an absolute path outside, a symlink to outside.
+    std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
+    let attempts = [
+        format!("/v1/fs/read?path=../../etc/passwd&workingDir={}", q(&r)),
+        "/v1/fs/read?path=/etc/passwd".to_owned(),
+        format!("/v1/fs/read?path={}", q(&format!("{r}/etc-link/passwd"))),
+        format!("/v1/fs/list?path={}", q(&format!("{r}/out"))),
+    ];
+    for a in &attempts {
+        let resp = d.get(a).await;
+        assert_eq!(resp.status(), 400, "{a}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("outside"), "{a}: {v}");
+    }
+    for path in [
+        format!("{r}/out/new.txt"),
+        format!("{r}/out/keep.txt"),
+        format!("{r}/../../{o}/x"),
+        format!("{o}/keep.txt"),
+    ] {
+        let resp = put(path.clone(), b"evil".to_vec()).await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    let resp = d
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/v1/fs/delete?path={}", q(&format!("{r}/out/keep.txt"))),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    let resp = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/fs/rename",
+            Some(json!({"source": format!("{r}/a/d.bin"), "dest": format!("{r}/out/d.bin")})),
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    let resp = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/fs/chmod",
+            Some(json!({"path": format!("{r}/out/keep.txt"), "mode": "0777"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    // Nothing outside changed.
+    let names: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("keep.txt")]);
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("keep.txt")).unwrap(),
+        "untouched"
+    );
+    assert_eq!(
+        std::fs::metadata(outside.path().join("keep.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o644
+    );
+    // The symlink itself can go (it is inside); its target stays.
+    let resp = d
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/v1/fs/delete?path={}", q(&format!("{r}/out"))),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert!(outside.path().join("keep.txt").exists());
+}
+
+fn percent(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

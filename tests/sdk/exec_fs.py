@@ -1,0 +1,81 @@
+"""The official sprites-py SDK against a real sprited: commands over the
+exec WebSocket, session listing and kill, and the filesystem calls. Driven by
+tests/sdk.rs (which also passes the env root)."""
+
+import os
+import threading
+import time
+
+from sprites.exceptions import ExitError
+from common import check, client, root, sprite
+
+
+# Commands.
+out = sprite.command("echo", "hello", "world").output()
+check(out == b"hello world\n", f"command().output(): {out!r}")
+check(sprite.command("cat").output() == b"", "stdin EOF reaches cat at once")
+try:
+    sprite.command("sh", "-c", "echo out; echo err >&2; exit 3").output()
+    check(False, "a failing command raises")
+except ExitError as e:
+    check(e.exit_code() == 3, f"exit code 3: {e.exit_code()}")
+    check(e.stdout == b"out\n" and e.stderr == b"err\n", f"stdout/stderr kept: {e.stdout!r} {e.stderr!r}")
+r = sprite.run("sh", "-c", "pwd", cwd=root, capture_output=True)
+check(r.returncode == 0 and r.stdout.decode().strip() == root, f"cwd: {r.stdout!r}")
+r = sprite.run("sh", "-c", "echo $GREETING", env={"GREETING": "hi there"}, capture_output=True)
+check(r.stdout == b"hi there\n", f"env: {r.stdout!r}")
+
+# Sessions: a long command shows up in the list.
+done = threading.Event()
+
+
+def long_running():
+    try:
+        sprite.command("sleep", "30").run()
+    except Exception:
+        pass
+    done.set()
+
+
+t = threading.Thread(target=long_running, daemon=True)
+t.start()
+found = None
+for _ in range(200):
+    found = [s for s in sprite.list_sessions() if "sleep 30" in s.command]
+    if found:
+        break
+    time.sleep(0.05)
+check(bool(found), f"list_sessions shows the running command: {found}")
+check(found[0].is_active, "a session with a client is active")
+
+from sprites.session import kill_session  # noqa: E402
+
+stream = kill_session(sprite, found[0].id)
+kinds = [m.type for m in stream]
+check(kinds[0] == "signal" and kinds[-1] == "complete", f"kill_session streams signal..complete: {kinds}")
+check(done.wait(15), "kill_session ends the command")
+
+# Filesystem.
+fs = sprite.filesystem(root)
+(fs / "dir/a.txt").write_text("alpha")
+check((fs / "dir/a.txt").read_text() == "alpha", "write_text/read_text")
+(fs / "dir/b.bin").write_bytes(bytes(range(256)))
+check((fs / "dir/b.bin").read_bytes() == bytes(range(256)), "binary round trip")
+names = sorted(p.name for p in (fs / "dir").iterdir())
+check(names == ["a.txt", "b.bin"], f"iterdir: {names}")
+st = (fs / "dir/a.txt").stat()
+check(st.size == 5, f"stat size: {st}")
+check((fs / "dir/a.txt").exists() and not (fs / "dir/nope").exists(), "exists")
+(fs / "dir/a.txt").chmod(0o600)
+check(os.stat(os.path.join(root, "dir/a.txt")).st_mode & 0o777 == 0o600, "chmod")
+(fs / "dir/a.txt").rename(fs / "dir/c.txt")
+check(os.path.exists(os.path.join(root, "dir/c.txt")) and not os.path.exists(os.path.join(root, "dir/a.txt")), "rename")
+(fs / "dir/c.txt").copy_to(fs / "dir/d.txt")
+check(open(os.path.join(root, "dir/d.txt")).read() == "alpha", "copy_to")
+(fs / "dir/d.txt").unlink()
+check(not os.path.exists(os.path.join(root, "dir/d.txt")), "unlink")
+(fs / "made").mkdir()
+check(os.path.isdir(os.path.join(root, "made")), "mkdir")
+(fs / "dir").rmtree()
+check(not os.path.exists(os.path.join(root, "dir")), "rmtree")
+print("SDK exec and fs: all passed")
