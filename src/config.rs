@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 pub enum ConfigError {
     #[error("--listen {value:?} is not an address like 0.0.0.0:8181 (or `none` to disable TCP)")]
     BadListen { value: String },
+    #[error("--http-ingress {value:?} is not an address like 0.0.0.0:8080")]
+    BadIngress { value: String },
     #[error("--wait-for-running {value:?} is not a duration (`30`, `30s`, `1m`)")]
     BadDuration { value: String },
     #[error("--sprite-name {value:?} is not a valid name ([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")]
@@ -71,6 +73,12 @@ pub struct Args {
         value_name = "ADDR"
     )]
     pub listen: String,
+
+    /// Public HTTP listener (no token) that forwards every connection to the
+    /// service declaring `http_port`, waiting up to --wait-for-running for the
+    /// port to accept, so a request wakes a starting service. Default: off.
+    #[arg(long, env = "SPRITED_HTTP_INGRESS", value_name = "ADDR")]
+    pub http_ingress: Option<String>,
 
     /// Unix socket of the API (no token needed; mode 0600). Default: <state-dir>/api.sock.
     #[arg(long, env = "SPRITE_SOCKET", value_name = "PATH")]
@@ -167,6 +175,7 @@ Examples:
   sprited --insecure-no-token                      # local testing, API on :8181 and /.sprite/api.sock
   SPRITE_HTTP_API_TOKEN=secret sprited             # production: TCP needs `Authorization: Bearer secret`
   sprited --state-dir /tmp/s1 --listen none      # Unix socket only, no token needed
+  sprited --http-ingress 0.0.0.0:8080              # public HTTP to the service with http_port
 
 Talk to it:
   sprite-env status
@@ -216,6 +225,7 @@ pub enum TcpAuth {
 pub struct Config {
     pub state_dir: PathBuf,
     pub listen: Option<SocketAddr>,
+    pub http_ingress: Option<SocketAddr>,
     pub socket_path: PathBuf,
     pub tcp_auth: TcpAuth,
     pub sprite_name: String,
@@ -240,6 +250,12 @@ impl Config {
         let listen = match args.listen.trim() {
             "none" | "off" | "" => None,
             s => Some(s.parse().map_err(|_| ConfigError::BadListen {
+                value: s.to_owned(),
+            })?),
+        };
+        let http_ingress = match args.http_ingress.as_deref().map(str::trim) {
+            None | Some("none" | "off" | "") => None,
+            Some(s) => Some(s.parse().map_err(|_| ConfigError::BadIngress {
                 value: s.to_owned(),
             })?),
         };
@@ -289,6 +305,7 @@ impl Config {
                 .unwrap_or_else(|| state_dir.join("api.sock")),
             state_dir,
             listen,
+            http_ingress,
             tcp_auth,
             sprite_name,
             url: args.url.clone(),

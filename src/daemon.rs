@@ -109,6 +109,15 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
             "!!! Anyone who can reach {addr} controls this machine as root. Use only for local testing."
         );
     }
+    let ingress = match config.http_ingress {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let ingress_addr = ingress.as_ref().and_then(|l| l.local_addr().ok());
     let unix = bind_unix_socket(&config.socket_path)?;
     let socket_id = socket_identity(&config.socket_path);
 
@@ -146,6 +155,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         started_at: SystemTime::now(),
         kernel: sys::kernel_release(),
         tcp_addr,
+        ingress_addr,
         reaper,
         supervisor: OnceLock::new(),
         checkpoints: OnceLock::new(),
@@ -173,6 +183,13 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
                 .await
         });
     }
+    if let Some(listener) = ingress {
+        let app = app.clone();
+        servers.spawn(async move {
+            api::ingress::serve(app, listener).await;
+            Ok(())
+        });
+    }
     {
         let svc = api::service(app.clone(), Transport::Unix);
         let stop = shutdown.clone();
@@ -185,6 +202,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     tracing::info!(
         tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "disabled".into()),
         unix = %config.socket_path.display(),
+        ingress = ingress_addr.map(|a| a.to_string()).unwrap_or_else(|| "disabled".into()),
         state_dir = %config.state_dir.display(),
         sprite = %config.sprite_name,
         "sprited {} listening", env!("CARGO_PKG_VERSION"),

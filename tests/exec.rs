@@ -474,7 +474,10 @@ async fn http_server(body: &'static str) -> u16 {
 
 async fn read_until_close(s: &mut tokio::net::TcpStream) -> String {
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("connection not closed: {}", String::from_utf8_lossy(&out)))
+        .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -516,9 +519,12 @@ async fn connect_and_websocket_proxies_reach_local_ports_only() {
     let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
         .await
         .unwrap();
-    c.write_all(format!("CONNECT x:{port} HTTP/1.1\r\nHost: x:{port}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    c.write_all(
+        format!("CONNECT x:{port} HTTP/1.1\r\nHost: x:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let resp = read_until_close(&mut c).await;
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 
@@ -583,6 +589,92 @@ async fn connect_and_websocket_proxies_reach_local_ports_only() {
         }
         other => panic!("expected a close, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn http_ingress_forwards_to_the_http_port_service_and_waits_for_it() {
+    if !privileged("http_ingress_forwards_to_the_http_port_service_and_waits_for_it") {
+        return;
+    }
+    let d = Daemon::start_with(common::Options {
+        extra: vec!["--http-ingress".into(), "127.0.0.1:0".into()],
+        ..Default::default()
+    })
+    .await;
+    let status = d.status().await;
+    let ingress: std::net::SocketAddr = status["listen"]["http_ingress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let send = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(ingress).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: demo.example\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        s
+    };
+    let get = |path: &'static str| async move { read_until_close(&mut send(path).await).await };
+    // No service declares http_port yet.
+    let r = get("/").await;
+    assert!(r.starts_with("HTTP/1.1 502 "), "{r}");
+    assert!(r.contains("no service declares http_port"), "{r}");
+
+    // A service that opens its port only when told: a request sent while it
+    // is starting waits for it instead of failing.
+    std::fs::write(d.env_root().join("hello.txt"), "hello through the ingress").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let spec = json!({
+        "cmd": "sh",
+        "args": ["-c", format!("while [ ! -e go ]; do sleep 0.05; done; exec python3 -m http.server {port} --bind 127.0.0.1")],
+        "http_port": port,
+    });
+    let mut put = common::Ndjson::new(
+        d.req(
+            reqwest::Method::PUT,
+            "/v1/services/web?duration=0",
+            Some(spec),
+        )
+        .await,
+    );
+    put.until(|e| e["type"] == "started").await;
+    assert_eq!(d.service("web").await["state"]["status"], "starting");
+    let mut pending = send("/hello.txt").await;
+    // The request is in flight: now let the service open its port.
+    std::fs::write(d.env_root().join("go"), "").unwrap();
+    let r = read_until_close(&mut pending).await;
+    assert!(
+        r.starts_with("HTTP/1.0 200 ") || r.starts_with("HTTP/1.1 200 "),
+        "{r}"
+    );
+    assert!(r.ends_with("hello through the ingress"), "{r}");
+    // Whatever Host the client names, the service is the target.
+    let r = get("/").await;
+    assert!(r.contains("hello.txt"), "{r}");
+
+    // A stopped service is named in a 503, not waited for.
+    common::Ndjson::new(
+        d.req(
+            reqwest::Method::POST,
+            "/v1/services/web/stop?timeout=5s",
+            None,
+        )
+        .await,
+    )
+    .collect()
+    .await;
+    let r = get("/").await;
+    assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
+    assert!(r.contains("service web (http_port"), "{r}");
+    // The ingress needs no token, but it is not the API.
+    let r = get("/v1/status").await;
+    assert!(!r.contains("\"sprite\""), "{r}");
 }
 
 #[tokio::test]
@@ -806,4 +898,265 @@ fn percent(s: &str) -> String {
         }
     }
     out
+}
+
+/// A pseudo-terminal for `sprite-env -t`: the child gets the slave as its
+/// stdio; the test reads and types on the master.
+struct Pty {
+    master: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    slave: std::os::fd::OwnedFd,
+}
+
+impl Pty {
+    fn new(rows: u16, cols: u16) -> Pty {
+        let ws = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let p = nix::pty::openpty(Some(&ws), None).unwrap();
+        Pty {
+            master: sprited::sys::async_fd(p.master).unwrap(),
+            slave: p.slave,
+        }
+    }
+
+    fn spawn(&self, d: &Daemon, args: &[&str]) -> tokio::process::Child {
+        let io = || std::process::Stdio::from(self.slave.try_clone().unwrap());
+        d.cli_command(args)
+            .stdin(io())
+            .stdout(io())
+            .stderr(io())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Reads the master until `needle` has appeared; returns all read so far.
+    async fn read_until(&self, seen: &mut String, needle: &str) {
+        let r = tokio::time::timeout(WAIT, async {
+            while !seen.contains(needle) {
+                let mut g = self.master.readable().await.unwrap();
+                let mut buf = [0u8; 4096];
+                match g.try_io(|fd| {
+                    nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)
+                }) {
+                    Ok(Ok(n)) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(Ok(_)) => panic!("terminal closed before {needle:?}: {seen:?}"),
+                    Ok(Err(e)) => panic!("terminal read failed before {needle:?}: {e}; {seen:?}"),
+                    Err(_would_block) => {}
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "no {needle:?} on the terminal: {seen:?}");
+    }
+
+    fn type_in(&self, s: &str) {
+        nix::unistd::write(self.master.get_ref(), s.as_bytes()).unwrap();
+    }
+
+    fn is_raw(&self) -> bool {
+        let t = nix::sys::termios::tcgetattr(&self.slave).unwrap();
+        !t.local_flags
+            .contains(nix::sys::termios::LocalFlags::ICANON)
+    }
+}
+
+async fn exit_code(child: &mut tokio::process::Child) -> Option<i32> {
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("sprite-env did not exit")
+        .unwrap()
+        .code()
+}
+
+#[tokio::test]
+async fn sprite_env_exec_sessions_and_proxy() {
+    if !privileged("sprite_env_exec_sessions_and_proxy") {
+        return;
+    }
+    let d = Daemon::start().await;
+
+    // exec: separate streams, the command's exit status.
+    let out = d
+        .cli(&["exec", "--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        .await;
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref(),
+            String::from_utf8_lossy(&out.stderr).as_ref()
+        ),
+        (Some(3), "out\n", "err\n")
+    );
+    // stdin is forwarded and closed at its end.
+    let mut cat = d
+        .cli_command(["exec", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"line one\nline two\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, cat.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (out.status.code(), out.stdout.as_slice()),
+        (Some(0), &b"line one\nline two\n"[..])
+    );
+    let out = d
+        .cli(&["exec", "--dir", "/nonexistent-dir", "--", "true"])
+        .await;
+    assert_eq!(out.status.code(), Some(22), "{out:?}");
+
+    // -t: the command sees a terminal of the local size; raw mode is undone at the end.
+    let pty = Pty::new(30, 100);
+    assert!(!pty.is_raw());
+    let mut child = pty.spawn(&d, &["exec", "-t", "--", "sh", "-c", "stty size; exit 5"]);
+    let mut seen = String::new();
+    pty.read_until(&mut seen, "30 100").await;
+    assert_eq!(exit_code(&mut child).await, Some(5));
+    assert!(!pty.is_raw(), "sprite-env left the terminal in raw mode");
+
+    // sessions attach: a TTY session left by its client, picked up again.
+    let (mut s, _) = ws(&d, "/exec?cmd=sh&cmd=-c&cmd=echo%20before%3B%20read%20x%3B%20echo%20got-%24x%3B%20exit%204&tty=true").await;
+    let info = text(&next(&mut s).await).unwrap();
+    let id = info["session_id"].as_str().unwrap().to_owned();
+    let mut early = Vec::new();
+    while !String::from_utf8_lossy(&early).contains("before") {
+        if let Message::Binary(b) = next(&mut s).await {
+            early.extend_from_slice(&b);
+        }
+    }
+    drop(s);
+    let list = d.cli(&["sessions", "list"]).await;
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("echo before")),
+        "{table}"
+    );
+    let pty = Pty::new(24, 80);
+    let mut child = pty.spawn(&d, &["sessions", "attach", &id]);
+    let mut seen = String::new();
+    pty.read_until(&mut seen, "before").await; // the scrollback
+    pty.type_in("hi\r");
+    pty.read_until(&mut seen, "got-hi").await;
+    assert_eq!(exit_code(&mut child).await, Some(4));
+
+    // sessions kill: ends a running command; its client exits too.
+    let mut sleeper = d
+        .cli_command(["exec", "--", "sleep", "300"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = loop {
+        let out = d.cli(&["sessions", "list", "--json"]).await;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(s) = v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["command"] == "sleep 300")
+        {
+            break s["id"].as_str().unwrap().to_owned();
+        }
+        tokio::task::yield_now().await;
+    };
+    let out = d.cli(&["sessions", "kill", &id, "--timeout", "5s"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.first().unwrap()["type"], "signal", "{events:?}");
+    assert_eq!(events.last().unwrap()["type"], "complete", "{events:?}");
+    let code = exit_code(&mut sleeper).await;
+    assert_eq!(code, Some(128 + 15), "the client reports the SIGTERM death");
+    assert!(procs_with("sleep 300").is_empty());
+
+    // proxy: a local port reaches a port inside the sprite.
+    let port = http_server("through the cli proxy").await;
+    let mut proxy = d
+        .cli_command(["proxy", "0", &port.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err = tokio::io::BufReader::new(proxy.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_until_close(&mut c).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("through the cli proxy"),
+        "{r}"
+    );
+    // A closed port is a clear error, not a hang.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let _ = proxy.start_kill();
+    let mut proxy = d
+        .cli_command(["proxy", "0", &closed.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err = tokio::io::BufReader::new(proxy.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line)
+        .await
+        .unwrap();
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    let r = read_until_close(&mut c).await;
+    assert_eq!(r, "", "the local connection is closed");
+    line.clear();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        line.contains("refused") && line.contains(&closed.to_string()),
+        "{line}"
+    );
 }

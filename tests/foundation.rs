@@ -123,7 +123,7 @@ async fn unknown_paths_and_wrong_methods() {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
-    let r = d.get("/exec").await;
+    let r = d.req(reqwest::Method::PUT, "/exec", None).await;
     assert_eq!(r.status(), 405);
     let r = d.get(&format!("/v1/sprites/{NAME}/no-such-thing")).await;
     assert_eq!(r.status(), 404);

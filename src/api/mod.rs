@@ -10,6 +10,7 @@ pub mod error;
 pub mod exec;
 mod files;
 pub mod gateway;
+pub mod ingress;
 mod proxy;
 mod services;
 pub mod stream;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub kernel: String,
     /// The TCP address actually bound (useful with port 0).
     pub tcp_addr: Option<SocketAddr>,
+    /// The public HTTP ingress address actually bound, if any.
+    pub ingress_addr: Option<SocketAddr>,
     /// Spawns and reaps every child process.
     pub reaper: Reaper,
     /// The services, once the boot task loaded them.

@@ -27,6 +27,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
         "listen": {
             "tcp": app.tcp_addr.map(|a| a.to_string()),
             "unix": c.socket_path,
+            "http_ingress": app.ingress_addr.map(|a| a.to_string()),
             "auth": match c.tcp_auth { crate::config::TcpAuth::Token(_) => "token", crate::config::TcpAuth::Insecure => "none" },
         },
         "wait_for_running_secs": c.wait_for_running.as_secs_f64(),

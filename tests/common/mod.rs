@@ -256,12 +256,19 @@ impl Daemon {
 
     /// Runs `sprite-env` against this daemon's socket.
     pub async fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(CLI)
-            .env("SPRITE_SOCKET", &self.socket)
+        self.cli_command(args).output().await.unwrap()
+    }
+
+    /// A `sprite-env` command for this daemon's socket, to spawn as needed.
+    pub fn cli_command<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: impl IntoIterator<Item = S>,
+    ) -> Command {
+        let mut c = Command::new(CLI);
+        c.env("SPRITE_SOCKET", &self.socket)
             .args(args)
-            .output()
-            .await
-            .unwrap()
+            .kill_on_drop(true);
+        c
     }
 }
 

@@ -1,5 +1,7 @@
 //! `sprite-env`: the command-line client of the daemon's Unix socket.
 
+mod exec;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,9 +46,15 @@ Examples:
   sprite-env services logs db --lines 20 --duration 1m
   sprite-env checkpoint create -m 'before the migration'
   sprite-env checkpoint restore v3
+  sprite-env exec -- sh -c 'echo hi; exit 3'                # exit status 3
+  sprite-env exec -t -- bash                                # interactive; survives a disconnect
+  sprite-env sessions list
+  sprite-env sessions attach 12
+  sprite-env proxy 8080 3000                                # localhost:8080 -> the sprite's port 3000
 
 Exit status: 0 on success, 22 when the daemon answers with an HTTP error (the
-message goes to stderr), 7 when the daemon cannot be reached, 2 on bad usage.";
+message goes to stderr), 7 when the daemon cannot be reached, 2 on bad usage;
+`exec` and `sessions attach` exit with the command's own exit status.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -75,6 +83,71 @@ pub enum Command {
     /// Take, list, restore and delete checkpoints of the environment.
     #[command(subcommand, visible_alias = "checkpoints")]
     Checkpoint(CheckpointCmd),
+    /// Run a command in the sprite, streaming its output; exits with its status.
+    #[command(after_help = "\
+Without -t, stdin is forwarded and closed at its end, stdout and stderr stay
+apart. With -t the command gets a terminal: the local one is put in raw mode
+and its size follows yours; if the connection drops the session keeps
+running (`sprite-env sessions attach ID` picks it up again).
+
+Examples:
+  sprite-env exec -- make test
+  echo hello | sprite-env exec -- cat
+  sprite-env exec -t --dir /srv/app -- bash
+  sprite-env exec --env PATH=/usr/bin:/bin --env DEBUG=1 -- ./run.sh")]
+    Exec {
+        /// Give the command a terminal (interactive programs, shells).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Environment variable K=V (repeatable). As in the API, giving any
+        /// --env replaces the whole environment: include PATH if needed.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory (default: the environment root).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
+        argv: Vec<String>,
+    },
+    /// List, attach to and kill exec sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Forward 127.0.0.1:LOCAL_PORT here to REMOTE_PORT inside the sprite.
+    Proxy {
+        /// Local port to listen on (0 picks a free one and prints it).
+        local_port: u16,
+        /// Port inside the sprite (always on 127.0.0.1 there).
+        remote_port: u16,
+    },
+}
+
+/// Exec session commands.
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List sessions: id, terminal, whether a client is attached, command.
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to a session: replays recent output, then goes live.
+    Attach { id: String },
+    /// Signal a session and kill it if it outlives --timeout (streams progress).
+    Kill {
+        id: String,
+        /// Signal to send first.
+        #[arg(long, default_value = "SIGTERM")]
+        signal: String,
+        /// How long to wait before SIGKILL (e.g. 10s).
+        #[arg(long, default_value = "10s")]
+        timeout: String,
+    },
 }
 
 /// Checkpoint commands. `create` and `restore` stream progress as NDJSON.
@@ -199,7 +272,7 @@ pub enum ServicesCmd {
 }
 
 /// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -306,8 +379,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = runtime.block_on(run(cli));
+    // A read of stdin may still block in its thread: do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(CliError::Http { status, message }) => {
             eprintln!("sprite-env: HTTP {status}: {message}");
             ExitCode::from(EXIT_HTTP_ERROR)
@@ -324,7 +400,7 @@ pub fn main() -> ExitCode {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("HTTP {status}: {message}")]
@@ -339,23 +415,69 @@ enum CliError {
     },
 }
 
-async fn run(cli: Cli) -> Result<(), CliError> {
+async fn run(cli: Cli) -> Result<u8, CliError> {
     let client = UnixClient::new(&cli.socket);
     match cli.command {
+        Command::Exec {
+            tty,
+            env,
+            dir,
+            argv,
+        } => {
+            exec::exec(
+                &client,
+                exec::ExecArgs {
+                    argv,
+                    tty,
+                    env,
+                    dir,
+                },
+            )
+            .await
+        }
+        Command::Sessions(SessionsCmd::Attach { id }) => exec::attach(&client, &id).await,
+        Command::Sessions(SessionsCmd::List { json }) => {
+            sessions_list(&client, json).await.map(|_| 0)
+        }
+        Command::Sessions(SessionsCmd::Kill {
+            id,
+            signal,
+            timeout,
+        }) => {
+            let path = with_query(
+                format!("/v1/exec/{}/kill", enc(&id)),
+                &[("signal", Some(signal)), ("timeout", Some(timeout))],
+            );
+            curl(&client, &path, Some("POST".into()), None, &[], false)
+                .await
+                .map(|_| 0)
+        }
+        Command::Proxy {
+            local_port,
+            remote_port,
+        } => exec::proxy(&client, local_port, remote_port)
+            .await
+            .map(|_| 0),
         Command::Curl {
             path,
             method,
             data,
             headers,
             include,
-        } => curl(&client, &path, method, data, &headers, include).await,
+        } => curl(&client, &path, method, data, &headers, include)
+            .await
+            .map(|_| 0),
         Command::Checkpoint(cmd) => {
             let (method, path, body) = checkpoint_request(cmd);
-            curl(&client, &path, Some(method.to_owned()), body, &[], false).await
+            curl(&client, &path, Some(method.to_owned()), body, &[], false)
+                .await
+                .map(|_| 0)
         }
         Command::Services(cmd) => {
             let (method, path, body) = services_request(cmd)?;
-            curl(&client, &path, Some(method.to_owned()), body, &[], false).await
+            curl(&client, &path, Some(method.to_owned()), body, &[], false)
+                .await
+                .map(|_| 0)
         }
         Command::Status => {
             let (status, body) = client.call(Method::GET, "/v1/status", None).await?;
@@ -368,9 +490,50 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let v: serde_json::Value =
                 serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            Ok(())
+            Ok(0)
         }
     }
+}
+
+async fn sessions_list(client: &UnixClient, json: bool) -> Result<(), CliError> {
+    let (status, body) = client.call(Method::GET, "/v1/exec", None).await?;
+    if !status.is_success() {
+        return Err(CliError::Http {
+            status: status.as_u16(),
+            message: error_message(&body),
+        });
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<4} {:<7} {:<25} COMMAND",
+        "ID", "TTY", "ACTIVE", "CREATED"
+    );
+    for s in v["sessions"].as_array().into_iter().flatten() {
+        let id = match &s["id"] {
+            serde_json::Value::String(x) => x.clone(),
+            other => other.to_string(),
+        };
+        let yes = |b: &serde_json::Value| {
+            if b.as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            }
+        };
+        println!(
+            "{:<8} {:<4} {:<7} {:<25} {}",
+            id,
+            yes(&s["tty"]),
+            yes(&s["is_active"]),
+            s["created"].as_str().unwrap_or(""),
+            s["command"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }
 
 async fn curl(
