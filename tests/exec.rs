@@ -263,6 +263,20 @@ async fn http_exec_frames_and_stdin_body() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    assert!(r.text().await.unwrap().contains("larger than 10 MiB"));
+    // The same without a content-length (chunked): cut off once 10 MiB arrived.
+    let chunks = futures_util::stream::iter(
+        (0..11).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1024 * 1024])),
+    );
+    let r = d
+        .http
+        .post(d.url("/v1/exec?cmd=cat&stdin=true"))
+        .bearer_auth(TOKEN)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     // Bad input is a 400 with a message, not a 500.
     let r = d
         .req(reqwest::Method::POST, "/exec", Some(json!({"command": []})))
@@ -472,6 +486,15 @@ async fn http_server(body: &'static str) -> u16 {
     port
 }
 
+/// A port where nothing listens: bound but not listening (connections are
+/// refused), so nothing else is given it while the socket lives.
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
 async fn read_until_close(s: &mut tokio::net::TcpStream) -> String {
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
@@ -529,10 +552,7 @@ async fn connect_and_websocket_proxies_reach_local_ports_only() {
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
 
     // A closed port: a clear error, not a hang.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let (_reserved, closed) = closed_port();
     let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
         .await
         .unwrap();
@@ -1120,10 +1140,7 @@ async fn sprite_env_exec_sessions_and_proxy() {
         "{r}"
     );
     // A closed port is a clear error, not a hang.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let (_reserved, closed) = closed_port();
     let _ = proxy.start_kill();
     let mut proxy = d
         .cli_command(["proxy", "0", &closed.to_string()])

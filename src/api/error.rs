@@ -163,4 +163,9 @@ fn add_headers(e: &ApiError, resp: &mut Response) {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if matches!(e, ApiError::PayloadTooLarge(_)) {
+        // The rest of the body is not read: the connection cannot be reused.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }

@@ -409,8 +409,12 @@ pub async fn exec_post(
     State(app): State<Arc<AppState>>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
+    let body = match read_capped(&headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let q = query_pairs(q.as_deref());
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -430,6 +434,51 @@ pub async fn exec_post(
         exec_frames(app, &q, body).await
     };
     r.unwrap_or_else(|e| e.plain().into_response())
+}
+
+/// The request body, refused with 413 past `MAX_STDIN`. What the client is
+/// still sending after the cap is read and discarded (up to 4× the cap, for
+/// up to 5 s), so that it gets to read the 413 instead of a reset; a body
+/// declared larger than that is refused before reading.
+async fn read_capped(headers: &HeaderMap, body: axum::body::Body) -> Result<Bytes, ApiError> {
+    const LINGER_BYTES: usize = 4 * MAX_STDIN;
+    const LINGER_TIME: Duration = Duration::from_secs(5);
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "the request body is larger than {} MiB (stdin of a one-shot exec is capped; \
+             stream larger input over the WebSocket exec)",
+            MAX_STDIN / (1024 * 1024)
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > LINGER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        if buf.len() + chunk.len() > MAX_STDIN {
+            let mut drained = buf.len() + chunk.len();
+            drop(buf);
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(c)) = stream.next().await {
+                    drained += c.len();
+                    if drained > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 async fn exec_sse(app: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {

@@ -137,7 +137,8 @@ fn routes(state: Arc<AppState>) -> Router {
 }
 
 fn exec_routes() -> axum::routing::MethodRouter<Arc<AppState>> {
-    get(exec::exec_get).post(exec::exec_post.layer(DefaultBodyLimit::max(exec::MAX_STDIN)))
+    // exec_post applies its own cap (413 with a message).
+    get(exec::exec_get).post(exec::exec_post.layer(DefaultBodyLimit::disable()))
 }
 
 async fn not_found(req: Request) -> ApiError {

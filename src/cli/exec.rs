@@ -251,6 +251,13 @@ pub async fn proxy(client: &UnixClient, local: u16, remote: u16) -> Result<(), C
             source,
         })?;
     let bound = listener.local_addr().map(|a| a.port()).unwrap_or(local);
+    if bound == remote {
+        // Inside the sprite, the remote port is this very listener: every
+        // connection would tunnel back to itself until fds run out.
+        return Err(CliError::Usage(format!(
+            "local port {bound} is the remote port: the proxy would forward to itself"
+        )));
+    }
     eprintln!("sprite-env: forwarding 127.0.0.1:{bound} -> sprite port {remote} (Ctrl-C to stop)");
     loop {
         let (conn, peer) = listener.accept().await.map_err(|source| CliError::Io {
