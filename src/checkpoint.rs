@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive;
 use crate::cgroup::{CgroupError, FreezeGuard};
 use crate::criu::{Criu, Dumped};
 use crate::durable::{self, DurableError};
@@ -60,8 +61,12 @@ pub enum CheckpointError {
         "checkpoint {0:?} is the one the environment descends from; restore or checkpoint another first"
     )]
     InUse(String),
+    #[error("checkpoint {0:?} is being exported; delete it once the export ends")]
+    Exporting(String),
     #[error("checkpoints are unavailable: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
@@ -124,6 +129,18 @@ pub struct CheckpointMeta {
     /// Whether process state was asked for (`processes: false`: files only).
     #[serde(default)]
     pub with_processes: bool,
+    /// Where an imported checkpoint came from (its id, time, comment and
+    /// ancestry on the machine that exported it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<ImportedFrom>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedFrom {
+    pub id: String,
+    pub create_time: String,
+    pub comment: String,
+    pub history: Vec<String>,
 }
 
 /// One service's process tree in a checkpoint.
@@ -174,6 +191,7 @@ impl CheckpointMeta {
             })).collect::<Vec<_>>(),
             "capture_ms": self.stats.capture_ms,
             "files": self.stats.entries,
+            "imported_from": self.imported_from,
         })
     }
 }
@@ -190,6 +208,26 @@ pub struct Checkpoints {
     parent: Mutex<Option<(String, Arc<Manifest>)>>,
     /// Exec sessions: frozen with the services, killed by a restore.
     sessions: std::sync::OnceLock<crate::exec::Sessions>,
+    /// Checkpoints being exported (id → how many exports): not deletable.
+    exporting: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+/// Keeps a checkpoint from being deleted while it is exported.
+pub struct ExportPin {
+    id: String,
+    pins: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+impl Drop for ExportPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pins.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.id);
+            }
+        }
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -261,6 +299,7 @@ impl Checkpoints {
             metas: Mutex::new(metas),
             parent: Mutex::new(None),
             sessions: std::sync::OnceLock::new(),
+            exporting: Arc::default(),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -528,6 +567,7 @@ impl Checkpoints {
                 running,
                 processes: process_images,
                 with_processes: criu.is_some(),
+                imported_from: None,
                 stats: CaptureStats {
                     freeze_ms,
                     capture_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -540,18 +580,10 @@ impl Checkpoints {
             // Visible only once complete: a temp dir renamed into place. One
             // syncfs makes the objects, the manifest, the id counter and
             // meta.json durable together, before the rename publishes them.
-            let tmp = self.dir.join(format!("{}{id}", durable::TEMP_PREFIX));
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
-            let meta_path = tmp.join("meta.json");
-            let json = serde_json::to_vec_pretty(&meta)
-                .map_err(|e| io_err("serialize", &meta_path)(e.into()))?;
-            std::fs::write(&meta_path, json).map_err(io_err("write", &meta_path))?;
+            let tmp = self.stage_meta(&meta)?;
             let pending = self.env.prepare_source(&id)?;
             self.env.store().sync()?;
-            let dest = self.dir.join(&id);
-            std::fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
-            durable::sync_dir(&self.dir)?;
+            self.publish_meta(&tmp, &id)?;
             // Published: from here on the environment descends from it.
             self.env.publish_source(pending)?;
             if tmp_images.exists() {
@@ -738,10 +770,137 @@ impl Checkpoints {
         }
     }
 
+    /// Writes `meta` into a temp dir (not visible, not yet durable: the
+    /// caller's `syncfs` makes it so). Returns the dir.
+    fn stage_meta(&self, meta: &CheckpointMeta) -> Result<PathBuf, CheckpointError> {
+        let tmp = self
+            .dir
+            .join(format!("{}{}", durable::TEMP_PREFIX, meta.id));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+        let meta_path = tmp.join("meta.json");
+        let json = serde_json::to_vec_pretty(meta)
+            .map_err(|e| io_err("serialize", &meta_path)(e.into()))?;
+        std::fs::write(&meta_path, json).map_err(io_err("write", &meta_path))?;
+        Ok(tmp)
+    }
+
+    /// Makes a staged checkpoint visible: rename into place, fsync the dir.
+    fn publish_meta(&self, tmp: &Path, id: &str) -> Result<(), CheckpointError> {
+        let dest = self.dir.join(id);
+        std::fs::rename(tmp, &dest).map_err(io_err("rename", &dest))?;
+        durable::sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// Pins checkpoint `id` for an export: it cannot be deleted until the
+    /// pin is dropped.
+    pub fn pin_for_export(&self, id: &str) -> Result<(CheckpointMeta, ExportPin), CheckpointError> {
+        let meta = self.get(id)?;
+        *self
+            .exporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_default() += 1;
+        Ok((
+            meta,
+            ExportPin {
+                id: id.to_owned(),
+                pins: self.exporting.clone(),
+            },
+        ))
+    }
+
+    /// Writes the archive of a pinned checkpoint (blocking; see [`archive::export`]).
+    pub fn export(
+        &self,
+        meta: &CheckpointMeta,
+        _pin: &ExportPin,
+        out: impl std::io::Write,
+    ) -> Result<u64, archive::ArchiveError> {
+        archive::export(self.env.store(), meta, out)
+    }
+
+    /// Reads and verifies an archive into the store's staging area
+    /// (blocking; nothing is visible yet, nothing is kept on error).
+    pub fn receive(
+        &self,
+        input: impl std::io::Read,
+        limit: u64,
+        progress: &dyn Fn(u64),
+    ) -> Result<archive::Imported, archive::ArchiveError> {
+        archive::import(self.env.store(), input, limit, progress)
+    }
+
+    /// Adds a verified archive as the next `vN`: its objects enter the store
+    /// (those it already holds are dropped), then its metadata is published
+    /// like a capture's. Call under the lifecycle's checkpoint guard.
+    pub fn add_imported(
+        &self,
+        imported: archive::Imported,
+    ) -> Result<(CheckpointMeta, u64), CheckpointError> {
+        std::fs::write(self.journal(), b"import").map_err(io_err("write", &self.journal()))?;
+        let result = (|| {
+            let id = self.next_id()?;
+            let store = self.env.store();
+            let new_objects = imported.staging.publish(store)?;
+            let src = imported.meta;
+            let meta = CheckpointMeta {
+                id: id.clone(),
+                create_time: now_rfc3339(),
+                source_id: None,
+                comment: src.comment.clone(),
+                history: Vec::new(),
+                is_auto: false,
+                health: "ok".into(),
+                manifest: src.manifest.clone(),
+                services: src.services.clone(),
+                running: src.running.clone(),
+                stats: src.stats.clone(),
+                processes: src.processes.clone(),
+                with_processes: src.with_processes,
+                imported_from: Some(ImportedFrom {
+                    id: src.id.clone(),
+                    create_time: src.create_time.clone(),
+                    comment: src.comment.clone(),
+                    history: src.history.clone(),
+                }),
+            };
+            let tmp = self.stage_meta(&meta)?;
+            store.sync()?;
+            self.publish_meta(&tmp, &id)?;
+            Ok((meta, new_objects))
+        })();
+        match &result {
+            Ok((meta, _)) => {
+                self.metas
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(meta.id.clone(), meta.clone());
+                let _ = std::fs::remove_file(self.journal());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "import failed while publishing; collecting its objects");
+                let _ = self.collect_garbage();
+                let _ = std::fs::remove_file(self.journal());
+            }
+        }
+        result
+    }
+
     /// Deletes a checkpoint and frees the objects no other one references.
     /// Returns bytes freed.
     pub fn delete(&self, id: &str) -> Result<u64, CheckpointError> {
         self.get(id)?;
+        if self
+            .exporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+        {
+            return Err(CheckpointError::Exporting(id.to_owned()));
+        }
         let st = self.env.state();
         if st.source.as_deref() == Some(id) || st.layer.as_deref() == Some(id) {
             return Err(CheckpointError::InUse(id.to_owned()));

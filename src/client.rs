@@ -53,6 +53,22 @@ impl UnixClient {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Result<Response<Incoming>, ClientError> {
+        self.send_body(method, path_and_query, headers, Full::new(body))
+            .await
+    }
+
+    /// Sends one request whose body streams (an upload of any size).
+    pub async fn send_body<B>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(String, String)],
+        body: B,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream =
             UnixStream::connect(&self.path)
                 .await
@@ -78,7 +94,7 @@ impl UnixClient {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| ClientError::Request(e.to_string()))?;
         sender.send_request(req).await.map_err(http)
     }
@@ -99,7 +115,12 @@ impl UnixClient {
         };
         let resp = self.send(method, path, &headers, body).await?;
         let status = resp.status();
-        let bytes = resp
+        Ok((status, self.read_all(resp).await?))
+    }
+
+    /// Reads a whole response body.
+    pub async fn read_all(&self, resp: Response<Incoming>) -> Result<Bytes, ClientError> {
+        Ok(resp
             .into_body()
             .collect()
             .await
@@ -107,8 +128,7 @@ impl UnixClient {
                 path: self.path.clone(),
                 source,
             })?
-            .to_bytes();
-        Ok((status, bytes))
+            .to_bytes())
     }
 
     /// `GET` and parse JSON (a non-JSON body becomes a JSON string).

@@ -16,6 +16,8 @@ pub enum ConfigError {
     BadListen { value: String },
     #[error("--http-ingress {value:?} is not an address like 0.0.0.0:8080")]
     BadIngress { value: String },
+    #[error("--import-max-bytes {value:?} is not a size (`1073741824`, `512M`, `20G`)")]
+    BadSize { value: String },
     #[error("--wait-for-running {value:?} is not a duration (`30`, `30s`, `1m`)")]
     BadDuration { value: String },
     #[error("--sprite-name {value:?} is not a valid name ([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")]
@@ -79,6 +81,12 @@ pub struct Args {
     /// port to accept, so a request wakes a starting service. Default: off.
     #[arg(long, env = "SPRITED_HTTP_INGRESS", value_name = "ADDR")]
     pub http_ingress: Option<String>,
+
+    /// Largest checkpoint archive an import accepts, expanded (`20G`, `512M`).
+    /// Default: the free space of the state dir's filesystem minus 5% of its
+    /// size (at least 256 MiB), measured when the import starts.
+    #[arg(long, env = "SPRITED_IMPORT_MAX_BYTES", value_name = "BYTES")]
+    pub import_max_bytes: Option<String>,
 
     /// Unix socket of the API (no token needed; mode 0600). Default: <state-dir>/api.sock.
     #[arg(long, env = "SPRITE_SOCKET", value_name = "PATH")]
@@ -226,6 +234,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub listen: Option<SocketAddr>,
     pub http_ingress: Option<SocketAddr>,
+    /// None: derived from the free space at each import.
+    pub import_max_bytes: Option<u64>,
     pub socket_path: PathBuf,
     pub tcp_auth: TcpAuth,
     pub sprite_name: String,
@@ -306,6 +316,15 @@ impl Config {
             state_dir,
             listen,
             http_ingress,
+            import_max_bytes: args
+                .import_max_bytes
+                .as_deref()
+                .map(|v| {
+                    parse_size(v).ok_or_else(|| ConfigError::BadSize {
+                        value: v.to_owned(),
+                    })
+                })
+                .transpose()?,
             tcp_auth,
             sprite_name,
             url: args.url.clone(),
@@ -354,6 +373,28 @@ pub fn daemon_id_for(state_dir: &Path) -> String {
 }
 
 /// Parses `30`, `30s`, `1m`, `500ms`: a bare number is seconds.
+/// Parses a size: bytes, or with a binary suffix `K`, `M`, `G`, `T`
+/// (`512M` = 512 MiB).
+///
+/// ```
+/// use sprited::config::parse_size;
+/// assert_eq!(parse_size("512M"), Some(512 << 20));
+/// assert_eq!(parse_size("1024"), Some(1024));
+/// assert_eq!(parse_size("2g"), Some(2 << 30));
+/// assert_eq!(parse_size("lots"), None);
+/// ```
+pub fn parse_size(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let (num, shift) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 10),
+        (i, 'm' | 'M') => (&v[..i], 20),
+        (i, 'g' | 'G') => (&v[..i], 30),
+        (i, 't' | 'T') => (&v[..i], 40),
+        _ => (v, 0),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
 pub fn parse_secs(value: &str) -> Result<Duration, ConfigError> {
     parse_duration(value).ok_or_else(|| ConfigError::BadDuration {
         value: value.to_owned(),

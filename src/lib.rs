@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod archive;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod cli;

@@ -402,3 +402,14 @@ pub fn async_fd(
     // AsyncFd is dropped, after deregistering), and no other code holds it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }
+
+/// Available bytes (`f_bavail`) and total bytes of the filesystem holding
+/// `path`.
+pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path)?;
+    let frag = s.fragment_size() as u64;
+    Ok((
+        (s.blocks_available() as u64).saturating_mul(frag),
+        (s.blocks() as u64).saturating_mul(frag),
+    ))
+}

@@ -462,3 +462,73 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     assert_eq!(after["status"], "running", "{after}");
     assert_ne!(pid_of(&after), pid_of(&st), "started fresh");
 }
+
+#[tokio::test]
+async fn an_imported_checkpoint_brings_its_processes_back_where_the_pids_are_free() {
+    if !with_criu("an_imported_checkpoint_brings_its_processes_back_where_the_pids_are_free") {
+        return;
+    }
+    // Two daemons with their own state dirs and the same environment path,
+    // one after the other: a checkpoint moving to a fresh machine.
+    let env = tempfile::tempdir().unwrap();
+    let env_root = env.path().join("root");
+    let on_env_root = || Options {
+        extra: vec!["--env-root".into(), env_root.display().to_string()],
+        ..Default::default()
+    };
+    let a = Daemon::start_with(on_env_root()).await;
+    let before = start(
+        &a,
+        "counter",
+        json!({"cmd": "python3", "args": ["-u", "-c", COUNTER]}),
+    )
+    .await;
+    let pid = pid_of(&before);
+    let low = ask(&a, "counter", pid).await;
+    a.checkpoint("to move").await;
+    let r = a.get("/v1/checkpoints/v1/export").await;
+    assert_eq!(r.status(), 200);
+    let archive = r.bytes().await.unwrap();
+    let import = |d: &Daemon| {
+        d.http
+            .post(d.url("/v1/checkpoints/import"))
+            .bearer_auth(common::TOKEN)
+            .body(archive.clone())
+            .send()
+    };
+
+    // Where the counter's pid is taken (A still runs it): started fresh, and said so.
+    let busy = Daemon::start().await;
+    assert_eq!(import(&busy).await.unwrap().status(), 200);
+    let events = busy.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service counter starts fresh") && l.contains("in use")),
+        "{events:?}"
+    );
+    let fresh = busy.service("counter").await["state"].clone();
+    assert_ne!(pid_of(&fresh), pid);
+    drop(busy);
+
+    // A is gone (its pids are free): B restores the counter with its memory.
+    drop(a);
+    let b = Daemon::start_with(on_env_root()).await;
+    assert_eq!(import(&b).await.unwrap().status(), 200);
+    let events = b.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service counter restored with its memory")),
+        "{events:?}\n{}",
+        b.log_text()
+    );
+    let after = b.service("counter").await["state"].clone();
+    assert_eq!(pid_of(&after), pid, "same pid on the new daemon");
+    assert_eq!(after["started_at"], before["started_at"]);
+    let value = ask(&b, "counter", pid).await;
+    assert!(
+        value >= low,
+        "continues from its checkpointed memory: {value} < {low}"
+    );
+}

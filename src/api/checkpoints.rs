@@ -272,3 +272,164 @@ pub async fn root_restore(
     )
         .into_response())
 }
+
+/// `GET /v1/checkpoints/{id}/export`: the checkpoint as one streamed
+/// archive (`application/zstd`, a tar inside). The checkpoint cannot be
+/// deleted meanwhile; a client that goes away stops the work.
+pub async fn export(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let cps = checkpoints(&app)?;
+    let (meta, pin) = cps.pin_for_export(&id)?;
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let span = tracing::info_span!("export", checkpoint = %id);
+    tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let out = std::io::BufWriter::with_capacity(256 * 1024, ChannelWriter(tx.clone()));
+        match cps.export(&meta, &pin, out) {
+            Ok(bytes) => tracing::info!(bytes, "checkpoint exported"),
+            Err(e) => {
+                tracing::warn!(error = %e, "export stopped");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    let body =
+        axum::body::Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let file = format!("{}-{id}.tar.zst", app.config.sprite_name);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/zstd".to_owned(),
+            ),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// A blocking writer that hands chunks to the response body; it fails
+/// (and the export stops) once the client is gone.
+struct ChannelWriter(mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+            })?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The most an import may expand to: `--import-max-bytes`, else the free
+/// space of the state dir minus 5% of its filesystem (at least 256 MiB).
+fn import_limit(app: &AppState) -> u64 {
+    if let Some(n) = app.config.import_max_bytes {
+        return n;
+    }
+    match crate::sys::fs_space(&app.config.state_dir) {
+        Ok((free, total)) => free.saturating_sub((total / 20).max(256 << 20)),
+        Err(_) => 0,
+    }
+}
+
+/// `POST /v1/checkpoints/import`: the body is an archive from `export`.
+/// It is read and verified completely (400 naming the entry on any
+/// problem, leaving nothing behind) before the answer starts: then NDJSON
+/// `info` lines (bytes received along the way, objects, what was new) and
+/// `complete` `Checkpoint vN imported`.
+pub async fn import(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use futures_util::TryStreamExt;
+    let cps = checkpoints(&app)?;
+    let limit = import_limit(&app);
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let (cps2, received2) = (cps.clone(), received.clone());
+    let span = tracing::info_span!("import");
+    let verified = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let mut reader = reader;
+        let r = cps2.receive(&mut reader, limit, &|bytes| {
+            received2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(bytes);
+        });
+        if r.is_err() {
+            // Let a client still sending read the answer (bounded).
+            let _ = std::io::copy(
+                &mut std::io::Read::take(&mut reader, 16 << 20),
+                &mut std::io::sink(),
+            );
+        }
+        r
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(e.to_string()))?
+    .map_err(|e| {
+        tracing::warn!(error = %e, "import refused");
+        ApiError::from(CheckpointError::from(e))
+    })?;
+    let mut lines = Vec::new();
+    for b in received.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        lines.push(event("info", &format!("Received {} MiB", b >> 20)));
+    }
+    lines.push(event(
+        "info",
+        &format!(
+            "Verified {} bytes: checkpoint {} with {} objects ({} already in the store)",
+            verified.bytes, verified.meta.id, verified.objects, verified.reused
+        ),
+    ));
+    // Publishing takes the checkpoint slot: wait for a capture or restore
+    // that runs to end rather than throw the upload away.
+    let guard = loop {
+        match app.lifecycle.begin(Transition::BeginCheckpoint).await {
+            Ok(g) => break g,
+            Err(crate::lifecycle::LifecycleError::Busy { .. }) => {
+                app.lifecycle
+                    .wait_running(std::time::Duration::from_secs(300))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let (meta, new_objects) = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let r = cps.add_imported(verified);
+        cps.refresh_browsable();
+        r
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    lines.push(event("info", &format!("Stored {new_objects} new objects")));
+    lines.push(event(
+        "complete",
+        &format!("Checkpoint {} imported", meta.id),
+    ));
+    let mut body = Vec::new();
+    for l in lines {
+        body.extend_from_slice(l.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
+}

@@ -5,6 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::archive::ArchiveError;
 use crate::checkpoint::CheckpointError;
 use crate::exec::ExecError;
 use crate::files::FilesError;
@@ -73,7 +74,17 @@ impl ApiError {
             ApiError::Checkpoint(e) => match e {
                 CheckpointError::NotFound(_) => StatusCode::NOT_FOUND,
                 CheckpointError::BadId(_) => StatusCode::BAD_REQUEST,
-                CheckpointError::Exists(_) | CheckpointError::InUse(_) => StatusCode::CONFLICT,
+                CheckpointError::Exists(_)
+                | CheckpointError::InUse(_)
+                | CheckpointError::Exporting(_) => StatusCode::CONFLICT,
+                CheckpointError::Archive(a) => match a {
+                    ArchiveError::Invalid { .. } | ArchiveError::TooLarge { .. } => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    ArchiveError::Store(_) | ArchiveError::Write(_) => {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                },
                 CheckpointError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 CheckpointError::Supervisor(inner) => supervisor_status(inner),
                 CheckpointError::Fs(_)

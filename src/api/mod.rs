@@ -131,6 +131,11 @@ fn routes(state: Arc<AppState>) -> Router {
             get(checkpoints::get).delete(checkpoints::delete),
         )
         .route("/v1/checkpoints/{id}/restore", post(checkpoints::restore))
+        .route("/v1/checkpoints/{id}/export", get(checkpoints::export))
+        .route(
+            "/v1/checkpoints/import",
+            post(checkpoints::import.layer(DefaultBodyLimit::disable())),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

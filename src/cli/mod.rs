@@ -1,6 +1,7 @@
 //! `sprite-env`: the command-line client of the daemon's Unix socket.
 
 mod exec;
+mod transfer;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ Examples:
   sprite-env services logs db --lines 20 --duration 1m
   sprite-env checkpoint create -m 'before the migration'
   sprite-env checkpoint restore v3
+  sprite-env checkpoint export v3 -o v3.tar.zst             # then, on another sprite:
+  sprite-env checkpoint import v3.tar.zst
   sprite-env exec -- sh -c 'echo hi; exit 3'                # exit status 3
   sprite-env exec -t -- bash                                # interactive; survives a disconnect
   sprite-env sessions list
@@ -174,11 +177,27 @@ pub enum CheckpointCmd {
     Restore { id: String },
     /// Delete a checkpoint and free what only it used.
     Delete { id: String },
+    /// Write a checkpoint as one archive (zstd-compressed tar), to move it
+    /// to another sprite or keep it off this machine.
+    Export {
+        id: String,
+        /// Where to write it (`-` = stdout). Default: stdout when it is not
+        /// a terminal, else `<id>.tar.zst`.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Add a checkpoint from an archive made by `export`, as the next vN
+    /// (verified end to end; restore it with `checkpoint restore`).
+    Import {
+        /// The archive (`-` = stdin).
+        file: PathBuf,
+    },
 }
 
-fn checkpoint_request(cmd: CheckpointCmd) -> (&'static str, String, Option<String>) {
+/// Runs a checkpoint command: the transfers stream files, the rest are one request.
+async fn checkpoint(client: &UnixClient, cmd: CheckpointCmd) -> Result<(), CliError> {
     let one = |id: &str| format!("/v1/checkpoints/{}", enc(id));
-    match cmd {
+    let (method, path, body) = match cmd {
         CheckpointCmd::Create {
             comment,
             files_only,
@@ -201,7 +220,12 @@ fn checkpoint_request(cmd: CheckpointCmd) -> (&'static str, String, Option<Strin
         CheckpointCmd::Get { id } => ("GET", one(&id), None),
         CheckpointCmd::Restore { id } => ("POST", one(&id) + "/restore", None),
         CheckpointCmd::Delete { id } => ("DELETE", one(&id), None),
-    }
+        CheckpointCmd::Export { id, output } => {
+            return transfer::export(client, &one(&id), &id, output).await;
+        }
+        CheckpointCmd::Import { file } => return transfer::import(client, &file).await,
+    };
+    curl(client, &path, Some(method.to_owned()), body, &[], false).await
 }
 
 /// Service commands. Streaming ones print NDJSON events as they arrive.
@@ -467,12 +491,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         } => curl(&client, &path, method, data, &headers, include)
             .await
             .map(|_| 0),
-        Command::Checkpoint(cmd) => {
-            let (method, path, body) = checkpoint_request(cmd);
-            curl(&client, &path, Some(method.to_owned()), body, &[], false)
-                .await
-                .map(|_| 0)
-        }
+        Command::Checkpoint(cmd) => checkpoint(&client, cmd).await.map(|_| 0),
         Command::Services(cmd) => {
             let (method, path, body) = services_request(cmd)?;
             curl(&client, &path, Some(method.to_owned()), body, &[], false)
@@ -596,21 +615,14 @@ async fn curl(
         }
         println!();
     }
-    let mut body = resp.into_body();
     if !status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|source| ClientError::Http {
-                path: client.socket().to_owned(),
-                source,
-            })?
-            .to_bytes();
+        let bytes = client.read_all(resp).await?;
         return Err(CliError::Http {
             status: status.as_u16(),
             message: error_message(&bytes),
         });
     }
+    let mut body = resp.into_body();
     let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|source| ClientError::Http {

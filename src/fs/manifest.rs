@@ -93,6 +93,19 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// The inode metadata of this entry's object.
+    pub fn meta(&self) -> super::store::Meta {
+        super::store::Meta {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime_ns: self.mtime_ns,
+            xattrs: self.xattrs.clone(),
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -310,8 +323,11 @@ fn decompress(bytes: &[u8], what: &str) -> Result<Vec<u8>, FsError> {
 }
 
 fn read_index(store: &Store, id: &str) -> Result<Stored, FsError> {
-    let json = decompress(&store.read(id)?, "manifest")?;
-    if let Ok(index) = serde_json::from_slice::<Index>(&json) {
+    parse_index(&decompress(&store.read(id)?, "manifest")?, id)
+}
+
+fn parse_index(json: &[u8], id: &str) -> Result<Stored, FsError> {
+    if let Ok(index) = serde_json::from_slice::<Index>(json) {
         if index.format != FORMAT || index.bits > MAX_SHARD_BITS {
             return Err(FsError::Corrupt(format!(
                 "manifest {id}: format {} with {} shard bits is not supported",
@@ -320,7 +336,7 @@ fn read_index(store: &Store, id: &str) -> Result<Stored, FsError> {
         }
         return Ok(Stored::Sharded(index));
     }
-    let flat: Flat = serde_json::from_slice(&json)
+    let flat: Flat = serde_json::from_slice(json)
         .map_err(|e| FsError::Corrupt(format!("manifest {id}: {e}")))?;
     Ok(Stored::Flat(flat.entries))
 }
@@ -353,6 +369,79 @@ pub fn references(store: &Store, id: &str, keep: &mut HashSet<String>) -> Result
         Stored::Flat(entries) => add(entries, keep),
     }
     Ok(())
+}
+
+/// The store objects checkpoint manifest `id` consists of, in the order an
+/// archive carries them: the manifest objects (the index, then its shards),
+/// then each file object once.
+pub fn objects_in_order(store: &Store, id: &str) -> Result<(Vec<String>, Vec<String>), FsError> {
+    let mut manifest = vec![id.to_owned()];
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    let mut add = |entries: BTreeMap<String, Entry>| {
+        for o in entries.into_values().filter_map(|e| e.object) {
+            if seen.insert(o.clone()) {
+                files.push(o);
+            }
+        }
+    };
+    match read_index(store, id)? {
+        Stored::Sharded(index) => {
+            for sid in index.shards {
+                if !manifest.contains(&sid) {
+                    add(decode_shard(&store.read(&sid)?)?);
+                    manifest.push(sid);
+                }
+            }
+        }
+        Stored::Flat(entries) => add(entries),
+    }
+    Ok((manifest, files))
+}
+
+/// A manifest object from outside (an archive), decoded from its bytes:
+/// the shard objects it names, or the entries of the flat format.
+pub enum Parts {
+    Shards(Vec<String>),
+    Entries(BTreeMap<String, Entry>),
+}
+
+/// Decompressed size past which an imported manifest object is refused.
+const MAX_DECODED: u64 = 256 << 20;
+
+fn decompress_bounded(bytes: &[u8], what: &str) -> Result<Vec<u8>, FsError> {
+    use std::io::Read;
+    let dec =
+        zstd::stream::Decoder::new(bytes).map_err(|e| FsError::Corrupt(format!("{what}: {e}")))?;
+    let mut out = Vec::new();
+    dec.take(MAX_DECODED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| FsError::Corrupt(format!("{what}: {e}")))?;
+    if out.len() as u64 > MAX_DECODED {
+        return Err(FsError::Corrupt(format!(
+            "{what}: expands past {MAX_DECODED} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+/// Decodes manifest object `id` from `bytes` (hostile input: bounded).
+pub fn parts_of(bytes: &[u8], id: &str) -> Result<Parts, FsError> {
+    match parse_index(&decompress_bounded(bytes, "manifest")?, id)? {
+        Stored::Sharded(index) => {
+            if index.shards.len() != 1 << index.bits {
+                return Err(FsError::Corrupt(format!("manifest {id}: shard count")));
+            }
+            Ok(Parts::Shards(index.shards))
+        }
+        Stored::Flat(entries) => Ok(Parts::Entries(entries)),
+    }
+}
+
+/// Decodes a manifest shard from `bytes` (hostile input: bounded).
+pub fn shard_entries(bytes: &[u8]) -> Result<BTreeMap<String, Entry>, FsError> {
+    serde_json::from_slice(&decompress_bounded(bytes, "manifest shard")?)
+        .map_err(|e| FsError::Corrupt(format!("manifest shard: {e}")))
 }
 
 /// Paths are bytes; the manifest stores them as UTF-8 with `%` and invalid

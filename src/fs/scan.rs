@@ -520,13 +520,7 @@ fn read_entry(
         }
         stats.files_hashed += 1;
         stats.bytes_hashed += e.size;
-        let meta = Meta {
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            mtime_ns: e.mtime_ns,
-            xattrs: e.xattrs.clone(),
-        };
+        let meta = e.meta();
         return Ok((e, Some(meta)));
     } else {
         let kind = match kind {

@@ -33,7 +33,8 @@ pub struct Meta {
 }
 
 impl Meta {
-    fn key(&self) -> String {
+    /// The short digest of the metadata that ends an object's name.
+    pub fn key(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!(
             "{:o}:{}:{}:{}",
@@ -61,7 +62,8 @@ pub struct Store {
     root: PathBuf,
 }
 
-fn valid_id(id: &str) -> bool {
+/// Whether `id` is well formed: `<sha256 hex>-<metadata key hex>`.
+pub fn valid_id(id: &str) -> bool {
     id.len() > 64 && id.len() < 100 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
@@ -194,7 +196,7 @@ impl Store {
     }
 
     /// The metadata of objects that are not files of the environment.
-    fn bytes_meta() -> Meta {
+    pub fn bytes_meta() -> Meta {
         Meta {
             mode: 0o600,
             uid: 0,
@@ -308,6 +310,145 @@ impl Store {
             }
         }
         Ok((n, bytes))
+    }
+}
+
+/// The content digest an object id starts with.
+pub fn id_digest(id: &str) -> &str {
+    id.get(..64).unwrap_or("")
+}
+
+/// Objects received from outside (an imported archive), kept in a private
+/// dir under the store's `tmp/` until [`Staging::publish`] moves them in.
+/// Dropped unpublished, it removes everything it holds.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    published: bool,
+}
+
+impl Store {
+    /// A new, empty staging dir.
+    pub fn staging(&self) -> Result<Staging, FsError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("import-{}-{n}", std::process::id()));
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        Ok(Staging {
+            dir,
+            published: false,
+        })
+    }
+
+    /// Opens object `id` for reading: the file and its (logical) size.
+    pub fn open_object(&self, id: &str) -> Result<(File, u64), FsError> {
+        if !valid_id(id) {
+            return Err(FsError::Corrupt(format!("bad object id {id:?}")));
+        }
+        let p = self.object_path(id);
+        let f = File::open(&p).map_err(io_err("open", &p))?;
+        let len = f.metadata().map_err(io_err("stat", &p))?.len();
+        Ok((f, len))
+    }
+}
+
+impl Staging {
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Holds an object the store already has (a hard link: a garbage
+    /// collection meanwhile cannot take its content away). False when the
+    /// store does not have it.
+    pub fn keep_existing(&self, store: &Store, id: &str) -> Result<bool, FsError> {
+        if !store.has(id) {
+            return Ok(false);
+        }
+        let dest = self.path(id);
+        match fs::hard_link(store.object_path(id), &dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("link", &dest)(e)),
+        }
+    }
+
+    /// Writes object `id` from exactly `size` bytes of `r` (blocks of zeros
+    /// become holes) with `meta` applied. Returns the SHA-256 of what was
+    /// read; the caller compares it with the id.
+    pub fn write(
+        &self,
+        id: &str,
+        r: &mut dyn io::Read,
+        size: u64,
+        meta: &Meta,
+    ) -> Result<String, FsError> {
+        use std::io::{Seek, SeekFrom};
+        const BLOCK: usize = 64 * 1024;
+        if !valid_id(id) {
+            return Err(FsError::Corrupt(format!("bad object id {id:?}")));
+        }
+        let path = self.path(id);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; BLOCK];
+        let mut left = size;
+        while left > 0 {
+            let want = (left as usize).min(BLOCK);
+            r.read_exact(&mut buf[..want])
+                .map_err(io_err("read archive for", &path))?;
+            h.update(&buf[..want]);
+            if buf[..want].iter().all(|b| *b == 0) {
+                f.seek(SeekFrom::Current(want as i64))
+                    .map_err(io_err("seek", &path))?;
+            } else {
+                f.write_all(&buf[..want]).map_err(io_err("write", &path))?;
+            }
+            left -= want as u64;
+        }
+        f.set_len(size).map_err(io_err("truncate", &path))?;
+        apply_meta(&f, &path, meta)?;
+        Ok(hex(&h.finalize()))
+    }
+
+    /// Moves every staged object into the store; one the store gained
+    /// meanwhile is dropped. Returns how many objects were new.
+    pub fn publish(mut self, store: &Store) -> Result<u64, FsError> {
+        let mut new = 0;
+        for entry in fs::read_dir(&self.dir).map_err(io_err("read dir", &self.dir))? {
+            let entry = entry.map_err(io_err("read dir", &self.dir))?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !valid_id(&id) {
+                continue;
+            }
+            let dest = store.object_path(&id);
+            if dest.exists() {
+                continue; // dropped with the dir
+            }
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+            }
+            fs::rename(entry.path(), &dest).map_err(io_err("rename", &dest))?;
+            new += 1;
+        }
+        self.published = true;
+        let _ = fs::remove_dir_all(&self.dir);
+        Ok(new)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -1,0 +1,631 @@
+//! Checkpoint archives: one checkpoint as a zstd-compressed tar, written for
+//! export and read back, as hostile input, for import. This module owns the
+//! format; the store ([`crate::fs::store`]) owns the objects and
+//! [`crate::checkpoint`] the chain an import joins.
+//!
+//! ```text
+//! index.json               {"format", "checkpoint", "entries": [{"name", "sha256", "size"}]}
+//!                          every entry below, in order (not itself)
+//! meta.json                the checkpoint's metadata (services, CRIU image list, manifest id)
+//! objects/<sha256>-<meta>  the manifest object, its shards, the CRIU images,
+//!                          then every file object once; the name is the
+//!                          SHA-256 of the content and a digest of the inode
+//!                          metadata the manifest gives the file
+//! ```
+//!
+//! Only regular files, only these names, each once, each with the size and
+//! digest the index gives. An object must be announced by what came before
+//! it (meta.json names the manifest and images, the manifest its shards, the
+//! shards the files), so an import learns every object's metadata before its
+//! bytes arrive and never holds more than one manifest object in memory.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::CheckpointMeta;
+use crate::fs::FsError;
+use crate::fs::manifest::{self, Parts};
+use crate::fs::store::{Meta, Staging, Store, hex, id_digest, valid_id};
+
+pub const FORMAT: &str = "sprited-checkpoint/1";
+const INDEX: &str = "index.json";
+const META: &str = "meta.json";
+const OBJECTS: &str = "objects/";
+/// Bounds on the entries read into memory.
+const MAX_INDEX: u64 = 64 << 20;
+const MAX_META: u64 = 16 << 20;
+const MAX_MANIFEST_OBJECT: u64 = 64 << 20;
+/// zstd level of exports: fast; the store's contents are often compressed already.
+const LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The archive is not acceptable; `entry` names the culprit when there is one.
+    #[error("{}{why}", entry.as_ref().map(|e| format!("entry {e:?}: ")).unwrap_or_default())]
+    Invalid { entry: Option<String>, why: String },
+    #[error("the archive would expand to more than {limit} bytes (--import-max-bytes){}",
+        entry.as_ref().map(|e| format!(" at entry {e:?}")).unwrap_or_default())]
+    TooLarge { limit: u64, entry: Option<String> },
+    #[error(transparent)]
+    Store(#[from] FsError),
+    /// Writing the export failed (the client went away, or a disk error).
+    #[error("writing the archive: {0}")]
+    Write(#[source] io::Error),
+}
+
+fn invalid(entry: Option<&str>, why: impl Into<String>) -> ArchiveError {
+    ArchiveError::Invalid {
+        entry: entry.map(str::to_owned),
+        why: why.into(),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Index {
+    format: String,
+    checkpoint: String,
+    entries: Vec<IndexEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IndexEntry {
+    name: String,
+    sha256: String,
+    size: u64,
+}
+
+/// Writes the archive of checkpoint `meta` to `out`. Reads each object once,
+/// streaming: memory does not depend on the checkpoint's size. Returns the
+/// bytes of content written (before compression).
+pub fn export(store: &Store, meta: &CheckpointMeta, out: impl Write) -> Result<u64, ArchiveError> {
+    let (manifest_objects, files) = manifest::objects_in_order(store, &meta.manifest)?;
+    let mut images = Vec::new();
+    for p in &meta.processes {
+        for o in p.images.values() {
+            if !images.contains(o) {
+                images.push(o.clone());
+            }
+        }
+    }
+    let meta_json =
+        serde_json::to_vec_pretty(meta).map_err(|e| invalid(Some(META), e.to_string()))?;
+    let mut seen = HashSet::new();
+    let mut entries = vec![IndexEntry {
+        name: META.into(),
+        sha256: hex(&Sha256::digest(&meta_json)),
+        size: meta_json.len() as u64,
+    }];
+    let mut ids = Vec::new();
+    for id in manifest_objects.into_iter().chain(images).chain(files) {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let (_, size) = store.open_object(&id)?;
+        entries.push(IndexEntry {
+            name: format!("{OBJECTS}{id}"),
+            sha256: id_digest(&id).to_owned(),
+            size,
+        });
+        ids.push(id);
+    }
+    let index = serde_json::to_vec_pretty(&Index {
+        format: FORMAT.into(),
+        checkpoint: meta.id.clone(),
+        entries,
+    })
+    .map_err(|e| invalid(Some(INDEX), e.to_string()))?;
+
+    let enc = zstd::stream::Encoder::new(out, LEVEL).map_err(ArchiveError::Write)?;
+    let mut tar = tar::Builder::new(enc);
+    let mut total = 0u64;
+    let mut append = |tar: &mut tar::Builder<_>, name: &str, size: u64, r: &mut dyn Read| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).map_err(ArchiveError::Write)?;
+        h.set_size(size);
+        h.set_mode(0o600);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        // Exactly `size` bytes: a file that changed would corrupt the stream.
+        tar.append(&h, r.take(size)).map_err(ArchiveError::Write)?;
+        total += size;
+        Ok::<_, ArchiveError>(())
+    };
+    append(&mut tar, INDEX, index.len() as u64, &mut index.as_slice())?;
+    append(
+        &mut tar,
+        META,
+        meta_json.len() as u64,
+        &mut meta_json.as_slice(),
+    )?;
+    for id in &ids {
+        let (mut f, size) = store.open_object(id)?;
+        append(&mut tar, &format!("{OBJECTS}{id}"), size, &mut f)?;
+    }
+    let enc = tar.into_inner().map_err(ArchiveError::Write)?;
+    let mut out = enc.finish().map_err(ArchiveError::Write)?;
+    out.flush().map_err(ArchiveError::Write)?;
+    Ok(total)
+}
+
+/// A verified archive whose objects wait in the store's staging area.
+#[derive(Debug)]
+pub struct Imported {
+    /// The checkpoint's metadata as the archive gives it (validated).
+    pub meta: CheckpointMeta,
+    pub staging: Staging,
+    /// Bytes of content read.
+    pub bytes: u64,
+    pub objects: u64,
+    /// Objects the store already held (not written again).
+    pub reused: u64,
+}
+
+/// What an announced object must be.
+enum Expect {
+    /// A manifest object or shard: decoded once it arrives.
+    Manifest,
+    Shard,
+    /// A CRIU image (opaque bytes).
+    Image,
+    /// A file of the tree, with the metadata its inode gets.
+    File(Meta),
+}
+
+/// Reads an archive from `input`, checking everything, and stages its
+/// objects. Nothing enters the store: on error the staging area is dropped.
+/// `progress` gets the bytes of content read so far, now and then.
+pub fn import(
+    store: &Store,
+    input: impl Read,
+    limit: u64,
+    progress: &dyn Fn(u64),
+) -> Result<Imported, ArchiveError> {
+    let staging = store.staging()?;
+    let dec = zstd::stream::Decoder::new(input)
+        .map_err(|e| invalid(None, format!("not a zstd stream: {e}")))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut st = State {
+        store,
+        staging: &staging,
+        limit,
+        index: None,
+        meta: None,
+        expect: HashMap::new(),
+        received: HashSet::new(),
+        bytes: 0,
+        objects: 0,
+        reused: 0,
+        last_reported: 0,
+        last_entry: None,
+    };
+    let entries = tar
+        .entries()
+        .map_err(|e| invalid(None, format!("not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| st.truncated(e))?;
+        st.entry(&mut entry)?;
+        if st.bytes - st.last_reported >= 64 << 20 {
+            st.last_reported = st.bytes;
+            progress(st.bytes);
+        }
+    }
+    st.finish()?;
+    let meta = st
+        .meta
+        .take()
+        .ok_or_else(|| invalid(None, "empty archive"))?;
+    let (bytes, objects, reused) = (st.bytes, st.objects, st.reused);
+    drop(st);
+    Ok(Imported {
+        meta,
+        staging,
+        bytes,
+        objects,
+        reused,
+    })
+}
+
+struct State<'a> {
+    store: &'a Store,
+    staging: &'a Staging,
+    limit: u64,
+    /// name → (sha256, size), from index.json.
+    index: Option<BTreeMap<String, IndexEntry>>,
+    meta: Option<CheckpointMeta>,
+    expect: HashMap<String, Expect>,
+    received: HashSet<String>,
+    bytes: u64,
+    objects: u64,
+    reused: u64,
+    last_reported: u64,
+    last_entry: Option<String>,
+}
+
+impl State<'_> {
+    fn truncated(&self, e: io::Error) -> ArchiveError {
+        let after = self
+            .last_entry
+            .as_ref()
+            .map(|n| format!(" after entry {n:?}"))
+            .unwrap_or_default();
+        invalid(
+            None,
+            format!("the archive is truncated or corrupt{after}: {e}"),
+        )
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ArchiveError> {
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let kind = entry.header().entry_type();
+        if kind != tar::EntryType::Regular {
+            return Err(invalid(
+                Some(&name),
+                format!("is a {kind:?}: this format has only regular files"),
+            ));
+        }
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| invalid(Some(&name), e.to_string()))?;
+        if !self.received.insert(name.clone()) {
+            return Err(invalid(Some(&name), "appears twice"));
+        }
+        self.last_entry = Some(name.clone());
+        if self.bytes.saturating_add(size) > self.limit {
+            return Err(ArchiveError::TooLarge {
+                limit: self.limit,
+                entry: Some(name),
+            });
+        }
+        if self.index.is_none() {
+            if name != INDEX {
+                return Err(invalid(
+                    Some(&name),
+                    format!("the first entry must be {INDEX}"),
+                ));
+            }
+            let bytes = read_small(entry, size, MAX_INDEX, &name)?;
+            self.bytes += size;
+            return self.take_index(&bytes);
+        }
+        let declared = self
+            .index
+            .as_ref()
+            .and_then(|i| i.get(&name))
+            .cloned()
+            .ok_or_else(|| {
+                invalid(
+                    Some(&name),
+                    "is not listed in index.json (not a name this format has)",
+                )
+            })?;
+        if declared.size != size {
+            return Err(invalid(
+                Some(&name),
+                format!("is {size} bytes, index.json says {}", declared.size),
+            ));
+        }
+        self.bytes += size;
+        if self.meta.is_none() {
+            if name != META {
+                return Err(invalid(
+                    Some(&name),
+                    format!("the second entry must be {META}"),
+                ));
+            }
+            let bytes = read_small(entry, size, MAX_META, &name)?;
+            check_digest(&name, &hex(&Sha256::digest(&bytes)), &declared.sha256)?;
+            return self.take_meta(&bytes);
+        }
+        let id = name
+            .strip_prefix(OBJECTS)
+            .filter(|id| valid_id(id))
+            .ok_or_else(|| invalid(Some(&name), "is not a name this format has"))?
+            .to_owned();
+        let expect = self.expect.remove(&id).ok_or_else(|| {
+            invalid(
+                Some(&name),
+                "is not referenced by what came before it (unknown object, or out of order)",
+            )
+        })?;
+        let meta = match &expect {
+            Expect::File(m) => m.clone(),
+            Expect::Manifest | Expect::Shard | Expect::Image => Store::bytes_meta(),
+        };
+        if !id.ends_with(&format!("-{}", meta.key())) {
+            return Err(invalid(
+                Some(&name),
+                "its name does not match the metadata the manifest gives it",
+            ));
+        }
+        self.objects += 1;
+        match expect {
+            Expect::Manifest | Expect::Shard => {
+                let bytes = read_small(entry, size, MAX_MANIFEST_OBJECT, &name)?;
+                check_digest(&name, &hex(&Sha256::digest(&bytes)), &declared.sha256)?;
+                self.announce(&name, &bytes, matches!(expect, Expect::Manifest))?;
+                if self.staging.keep_existing(self.store, &id)? {
+                    self.reused += 1;
+                } else {
+                    self.staging
+                        .write(&id, &mut bytes.as_slice(), size, &meta)?;
+                }
+            }
+            Expect::Image | Expect::File(_) => {
+                let sha = if self.staging.keep_existing(self.store, &id)? {
+                    // Still read and checked: the archive must be whole.
+                    self.reused += 1;
+                    let mut h = HashingSink(Sha256::new());
+                    let n =
+                        io::copy(&mut entry.take(size), &mut h).map_err(|e| self.truncated(e))?;
+                    if n != size {
+                        return Err(self.truncated(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    hex(&h.0.finalize())
+                } else {
+                    // A read that fails is the archive's fault, a write the store's.
+                    let mut src = Tracked {
+                        inner: entry,
+                        failed: None,
+                    };
+                    let written = self.staging.write(&id, &mut src, size, &meta);
+                    match (written, src.failed) {
+                        (Ok(sha), _) => sha,
+                        (Err(_), Some(e)) => return Err(self.truncated(e)),
+                        (Err(e), None) => return Err(e.into()),
+                    }
+                };
+                check_digest(&name, &sha, &declared.sha256)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_index(&mut self, bytes: &[u8]) -> Result<(), ArchiveError> {
+        let index: Index = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(Some(INDEX), format!("not valid JSON: {e}")))?;
+        if index.format != FORMAT {
+            return Err(invalid(
+                Some(INDEX),
+                format!("format {:?} is not {FORMAT:?}", index.format),
+            ));
+        }
+        let mut map = BTreeMap::new();
+        let mut total: u64 = 0;
+        for e in index.entries {
+            let ok_name = e.name == META || e.name.strip_prefix(OBJECTS).is_some_and(valid_id);
+            if !ok_name {
+                return Err(invalid(
+                    Some(&e.name),
+                    "listed in index.json, but not a name this format has",
+                ));
+            }
+            if e.sha256.len() != 64 || !e.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(Some(&e.name), "index.json gives no valid SHA-256"));
+            }
+            if let Some(id) = e.name.strip_prefix(OBJECTS) {
+                if id_digest(id) != e.sha256 {
+                    return Err(invalid(
+                        Some(&e.name),
+                        "index.json gives a digest that is not its name's",
+                    ));
+                }
+            }
+            total = total.saturating_add(e.size);
+            if map.insert(e.name.clone(), e.clone()).is_some() {
+                return Err(invalid(Some(&e.name), "listed twice in index.json"));
+            }
+        }
+        if total.saturating_add(bytes.len() as u64) > self.limit {
+            return Err(ArchiveError::TooLarge {
+                limit: self.limit,
+                entry: None,
+            });
+        }
+        self.index = Some(map);
+        Ok(())
+    }
+
+    fn take_meta(&mut self, bytes: &[u8]) -> Result<(), ArchiveError> {
+        let meta: CheckpointMeta = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(Some(META), format!("not valid checkpoint metadata: {e}")))?;
+        validate_meta(&meta).map_err(|why| invalid(Some(META), why))?;
+        self.expect.insert(meta.manifest.clone(), Expect::Manifest);
+        for p in &meta.processes {
+            for o in p.images.values() {
+                if o != &meta.manifest {
+                    self.expect.insert(o.clone(), Expect::Image);
+                }
+            }
+        }
+        self.meta = Some(meta);
+        Ok(())
+    }
+
+    /// Decodes a manifest object or shard and expects what it names.
+    fn announce(&mut self, name: &str, bytes: &[u8], index: bool) -> Result<(), ArchiveError> {
+        let bad = |e: FsError| invalid(Some(name), e.to_string());
+        let entries = if index {
+            match manifest::parts_of(bytes, name).map_err(bad)? {
+                Parts::Shards(ids) => {
+                    for id in ids {
+                        if !valid_id(&id) {
+                            return Err(invalid(Some(name), format!("names a bad shard {id:?}")));
+                        }
+                        self.expect_once(id, Expect::Shard);
+                    }
+                    return Ok(());
+                }
+                Parts::Entries(entries) => entries,
+            }
+        } else {
+            manifest::shard_entries(bytes).map_err(bad)?
+        };
+        for (path, e) in entries {
+            if path.is_empty()
+                || path.starts_with('/')
+                || path
+                    .split('/')
+                    .any(|c| c == ".." || c == "." || c.is_empty())
+            {
+                return Err(invalid(Some(name), format!("has a bad path {path:?}")));
+            }
+            if let Some(o) = &e.object {
+                if !valid_id(o) {
+                    return Err(invalid(
+                        Some(name),
+                        format!("{path:?} names a bad object {o:?}"),
+                    ));
+                }
+                if e.xattrs.keys().any(|k| k.starts_with("trusted.overlay.")) {
+                    return Err(invalid(
+                        Some(name),
+                        format!("{path:?} carries overlayfs xattrs"),
+                    ));
+                }
+                self.expect_once(o.clone(), Expect::File(e.meta()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Expects `id` unless it was expected or received already (files
+    /// shared by several paths come once).
+    fn expect_once(&mut self, id: String, what: Expect) {
+        if !self.received.contains(&format!("{OBJECTS}{id}")) {
+            self.expect.entry(id).or_insert(what);
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), ArchiveError> {
+        let Some(index) = &self.index else {
+            return Err(invalid(None, "empty archive: no index.json"));
+        };
+        if let Some(missing) = index.keys().find(|n| !self.received.contains(*n)) {
+            return Err(invalid(
+                Some(missing),
+                "listed in index.json but missing: the archive is truncated",
+            ));
+        }
+        if let Some(id) = self.expect.keys().next() {
+            return Err(invalid(
+                Some(&format!("{OBJECTS}{id}")),
+                "referenced by the checkpoint but not in the archive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_digest(name: &str, got: &str, want: &str) -> Result<(), ArchiveError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(invalid(
+            Some(name),
+            format!(
+                "SHA-256 mismatch (content {got}, index.json {want}): the archive is corrupted"
+            ),
+        ))
+    }
+}
+
+fn read_small(r: &mut dyn Read, size: u64, max: u64, name: &str) -> Result<Vec<u8>, ArchiveError> {
+    if size > max {
+        return Err(invalid(
+            Some(name),
+            format!("is {size} bytes, more than {max} allowed"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    r.take(size).read_to_end(&mut buf).map_err(|e| {
+        invalid(
+            Some(name),
+            format!("the archive is truncated or corrupt: {e}"),
+        )
+    })?;
+    if buf.len() as u64 != size {
+        return Err(invalid(Some(name), "the archive is truncated"));
+    }
+    Ok(buf)
+}
+
+/// A reader that remembers how it failed.
+struct Tracked<R> {
+    inner: R,
+    failed: Option<io::Error>,
+}
+
+impl<R: Read> Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(0) if !buf.is_empty() => {
+                self.failed = Some(io::ErrorKind::UnexpectedEof.into());
+                Ok(0)
+            }
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.failed = Some(io::Error::new(e.kind(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+struct HashingSink(Sha256);
+
+impl Write for HashingSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Checks what an imported `meta.json` may carry: names become file names,
+/// cgroup names and command lines.
+fn validate_meta(m: &CheckpointMeta) -> Result<(), String> {
+    if !valid_id(&m.manifest) {
+        return Err(format!("bad manifest object {:?}", m.manifest));
+    }
+    let mut defs = BTreeMap::new();
+    for d in &m.services {
+        crate::supervisor::spec::validate(&d.name, &d.spec, &defs)
+            .map_err(|e| format!("service {:?}: {e}", d.name))?;
+        defs.insert(d.name.clone(), d.clone());
+    }
+    for r in &m.running {
+        if !defs.contains_key(r) {
+            return Err(format!("running service {r:?} has no definition"));
+        }
+    }
+    for p in &m.processes {
+        if !m.running.contains(&p.service) {
+            return Err(format!(
+                "process images of {:?}, which is not running",
+                p.service
+            ));
+        }
+        for (name, o) in &p.images {
+            let plain = !name.is_empty()
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !plain || !valid_id(o) {
+                return Err(format!(
+                    "bad CRIU image {name:?} → {o:?} of {:?}",
+                    p.service
+                ));
+            }
+        }
+    }
+    Ok(())
+}
