@@ -6,7 +6,8 @@
 #   sudo scripts/setup.sh
 #
 # What it does:
-#   1. Debian packages for the build and the tests (only the missing ones).
+#   1. Debian packages for the build and the tests (only the missing ones),
+#      QEMU, debootstrap and Vagrant for the VM tier included.
 #   2. CRIU: keeps a working /usr/local/sbin/criu; otherwise installs the
 #      distribution's `criu` and keeps it when it works; otherwise builds
 #      CRIU from Debian sid's source package (4.2.1 today) and installs only
@@ -37,6 +38,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- 1. packages ------------------------------------------------------------
 RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils)
+# The VM tier: guest images (debootstrap, mkfs.ext4 -d), QEMU, Vagrant (validate).
+VM_PKGS=(qemu-system-x86 qemu-utils debootstrap e2fsprogs)
 BUILD_PKGS=(build-essential pkg-config git)
 # CRIU's build dependencies (what `make criu` needs; no docs, no plugins).
 CRIU_BUILD_PKGS=(libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev python3-protobuf
@@ -68,7 +71,16 @@ install_pkgs() {
   fi
 }
 
-install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}"
+install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${VM_PKGS[@]}"
+if [ -n "$(missing vagrant)" ]; then
+  apt_update_once
+  if apt-cache show vagrant >/dev/null 2>&1; then
+    say "installing vagrant (the VM tests validate the Vagrantfile)"
+    apt-get install -y -qq --no-install-recommends vagrant >/dev/null
+  else
+    say "vagrant: no package here; the Vagrantfile test will say so"
+  fi
+fi
 say "packages: ok"
 
 # --- 2. CRIU ----------------------------------------------------------------

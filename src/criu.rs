@@ -110,6 +110,8 @@ pub struct Criu {
     reaper: Reaper,
     /// Where the log of a failed call is kept (`<service>.<op>.log`).
     logs: PathBuf,
+    /// `--network-lock skip` (CRIU 3.18 and later; 3.17 refuses the value).
+    skip_network_lock: bool,
 }
 
 /// What a dump recorded besides the images.
@@ -137,7 +139,20 @@ pub struct Restored {
 
 impl Criu {
     pub fn new(path: PathBuf, reaper: Reaper, logs: PathBuf) -> Self {
-        Criu { path, reaper, logs }
+        Criu {
+            path,
+            reaper,
+            logs,
+            skip_network_lock: true,
+        }
+    }
+
+    /// Adapts the options to the detected version (`3.17.1`): older CRIUs
+    /// lack some values (they then lock the network the default way, which
+    /// only matters for established TCP connections).
+    pub fn with_version(mut self, version: Option<&str>) -> Self {
+        self.skip_network_lock = version.and_then(major_minor).is_none_or(|v| v >= (3, 18));
+        self
     }
 
     /// Runs criu with `args` (stdio as set on `cmd`), waiting up to
@@ -253,12 +268,16 @@ impl Criu {
                 "--file-locks",
                 "--ghost-limit",
                 "256M",
-                "--network-lock",
-                "skip",
-            ])
-            .stdin(Stdio::null())
+            ]);
+        if self.skip_network_lock {
+            cmd.args(["--network-lock", "skip"]);
+        }
+        // What CRIU says before it opens its log (a refused option) lands
+        // in the log file too.
+        let early = std::fs::File::create(&log).map_err(io_err("create", &log))?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::from(early));
         self.run(cmd, "dump", service, &log)?;
         let bytes = std::fs::read_dir(images)
             .map_err(io_err("read dir", images))?

@@ -355,11 +355,10 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             "CRIU unavailable: checkpoints keep files only"
         );
     }
-    let dumper = criu
-        .path
-        .clone()
-        .filter(|_| criu.available)
-        .map(|p| criu::Criu::new(p, app.reaper.clone(), config.state_dir.join("criu-logs")));
+    let dumper = criu.path.clone().filter(|_| criu.available).map(|p| {
+        criu::Criu::new(p, app.reaper.clone(), config.state_dir.join("criu-logs"))
+            .with_version(criu.version.as_deref())
+    });
     let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {
         match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper) {

@@ -1,0 +1,321 @@
+//! The VM tier (`cargo test --features vm`): boots Debian guests on their
+//! own kernels (bookworm's 6.1 with its CRIU, trixie's 6.12 with its CRIU)
+//! under QEMU and runs the restore drills there, over HTTP from the host:
+//! `scripts/drill.sh` (files and a counter service, CRIU-restored), a power
+//! cut in the middle of a checkpoint, and a `kill -9` of the daemon in the
+//! middle of a restore. A failing drill prints the guest daemon's log.
+//!
+//! `SPRITED_VM_SUITES` (default `bookworm,trixie`) picks the guests;
+//! `SPRITED_VM_ACCEL` (`kvm`/`tcg`) skips the KVM probe. Guests boot one at
+//! a time. With a Vagrant VM up (`vagrant up`), the drill also runs there.
+
+mod guest;
+
+use std::process::Command;
+use std::time::Instant;
+
+use guest::{Guest, TOKEN};
+use serde_json::{Value, json};
+
+/// One guest at a time: two emulated guests on two cores crawl.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn wanted(suite: &str) -> bool {
+    let list = std::env::var("SPRITED_VM_SUITES").unwrap_or_else(|_| "bookworm,trixie".into());
+    list.split([',', ' ']).any(|s| s == suite)
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Streams a call to its end; returns the NDJSON events.
+async fn stream(g: &Guest, path: &str, body: Option<Value>) -> Vec<Value> {
+    let mut r = g.http.post(g.url(path)).bearer_auth(TOKEN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let text = r.send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+async fn completes(g: &Guest, path: &str, body: Option<Value>) -> String {
+    let events = stream(g, path, body).await;
+    let last = events.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(last["type"], "complete", "{path}: {events:?}");
+    last["data"].as_str().unwrap().to_owned()
+}
+
+/// Starts a streaming call and returns once its first line arrived (the
+/// work is under way); the rest of the stream is left to the connection.
+async fn start_streaming(g: &Guest, path: &str, body: Value) -> reqwest::Response {
+    let mut r = g
+        .http
+        .post(g.url(path))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let first = r.chunk().await.unwrap().unwrap_or_default();
+    assert!(!first.is_empty(), "{path}: no progress line");
+    r
+}
+
+async fn checkpoint_ids(g: &Guest) -> Vec<String> {
+    let list: Vec<Value> = g
+        .http
+        .get(g.url("/v1/checkpoints"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The state of the drill's files in the guest: the marker and a digest of
+/// every file under big/ (read by the guest agent, not the daemon).
+fn tree_state(g: &Guest) -> String {
+    let (code, out) = g.sh(
+        "cd /.sprite/root/pd && cat marker && find big -type f | sort | xargs -r sha256sum | sha256sum",
+    );
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
+fn write_files(g: &Guest, marker: &str, count: usize) {
+    let script = format!(
+        "mkdir -p /.sprite/root/pd/big && cd /.sprite/root/pd && echo {marker} > marker && \
+         python3 -c 'import os\nfor i in range({count}): open(f\"big/{{i}}\", \"wb\").write(os.urandom(16384))'"
+    );
+    let (code, out) = g.sh(&script);
+    assert_eq!(code, 0, "{out}");
+}
+
+fn leftovers(g: &Guest) -> String {
+    g.sh("ls -A /.sprite/checkpoints | grep '^\\.' ; ls -A /.sprite/store/tmp")
+        .1
+}
+
+/// The guest loses power while a checkpoint is being written: after boot,
+/// only complete checkpoints are listed and the newest restores exactly.
+async fn power_cut_during_checkpoint(g: &mut Guest) {
+    write_files(g, "one", 2000);
+    let one = tree_state(g);
+    completes(
+        g,
+        "/v1/checkpoint",
+        Some(json!({"comment": "before the power cut"})),
+    )
+    .await;
+    let listed_before = checkpoint_ids(g).await;
+    write_files(g, "two", 2000);
+    let two = tree_state(g);
+    let pending = start_streaming(g, "/v1/checkpoint", json!({"comment": "cut"})).await;
+    g.power_off();
+    drop(pending);
+    g.power_on();
+    let t = Instant::now();
+    g.ready().await;
+    eprintln!(
+        "{}: back up {:.1} s after the power cut",
+        g.suite,
+        t.elapsed().as_secs_f64()
+    );
+    let listed = checkpoint_ids(g).await;
+    assert!(
+        listed.len() == listed_before.len() || listed.len() == listed_before.len() + 1,
+        "before {listed_before:?}, after {listed:?}"
+    );
+    assert_eq!(
+        leftovers(g),
+        "",
+        "no temp checkpoint or store file after recovery"
+    );
+    let newest = &listed[0];
+    completes(g, &format!("/v1/checkpoints/{newest}/restore"), None).await;
+    let restored = tree_state(g);
+    if listed.len() == listed_before.len() {
+        assert_eq!(
+            restored, one,
+            "{newest}: the last complete checkpoint, exactly"
+        );
+    } else {
+        assert_eq!(
+            restored, two,
+            "{newest} completed before the cut: exactly its tree"
+        );
+    }
+}
+
+/// The daemon is `kill -9`ed in the middle of a restore: after systemd
+/// restarts it, the environment is the old state or the restored one, never
+/// a mix, and a new restore works.
+async fn kill_during_restore(g: &mut Guest) {
+    let target = checkpoint_ids(g).await[0].clone();
+    completes(g, &format!("/v1/checkpoints/{target}/restore"), None).await;
+    let restored = tree_state(g);
+    write_files(g, "three", 1000);
+    g.sh("rm -f /.sprite/root/pd/big/1*");
+    let old = tree_state(g);
+    assert_ne!(old, restored);
+    let pending = start_streaming(g, &format!("/v1/checkpoints/{target}/restore"), json!({})).await;
+    let (code, out) = g.sh("pkill -9 -x sprited");
+    drop(pending);
+    let t = Instant::now();
+    g.ready().await;
+    eprintln!(
+        "{}: kill -9 during a restore (pkill: {code} {}); running again after {:.1} s",
+        g.suite,
+        out.trim(),
+        t.elapsed().as_secs_f64()
+    );
+    let now = tree_state(g);
+    assert!(
+        now == old || now == restored,
+        "a mix of states:\n{now}\nold:\n{old}\nrestored:\n{restored}"
+    );
+    completes(g, &format!("/v1/checkpoints/{target}/restore"), None).await;
+    assert_eq!(tree_state(g), restored, "a restore after the crash works");
+}
+
+async fn drills(suite: &str, kernel: &str) {
+    if !wanted(suite) {
+        eprintln!("vm: {suite} not in SPRITED_VM_SUITES: skipped");
+        return;
+    }
+    assert!(
+        is_root(),
+        "the VM tests build images as root (scripts/test.sh uses sudo)"
+    );
+    let _one = ONE_AT_A_TIME.lock().await;
+    let t = Instant::now();
+    let mut g = Guest::boot(suite);
+    let status = g.ready().await;
+    eprintln!(
+        "{suite}: image and boot {:.1} s, {}",
+        t.elapsed().as_secs_f64(),
+        status["kernel"]
+    );
+    assert!(
+        status["kernel"].as_str().unwrap().contains(kernel),
+        "{status}"
+    );
+    assert_eq!(status["criu"]["available"], true, "{status}");
+
+    let t = Instant::now();
+    let out = Command::new(repo().join("scripts/drill.sh"))
+        .arg(g.base_url())
+        .env("SPRITE_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{suite}: drill failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{suite}: drill {:.1} s", t.elapsed().as_secs_f64());
+
+    // A failing drill is a failure, and the daemon's side of it is in its log.
+    let bad = Command::new(repo().join("scripts/drill.sh"))
+        .arg(g.base_url())
+        .env("SPRITE_TOKEN", "wrong-token")
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success(),
+        "a drill with a wrong token must fail"
+    );
+    assert!(
+        g.daemon_log().contains("401 unauthorized"),
+        "the guest log shows the refused drill"
+    );
+
+    let t = Instant::now();
+    power_cut_during_checkpoint(&mut g).await;
+    eprintln!(
+        "{suite}: power-cut drill {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    kill_during_restore(&mut g).await;
+    eprintln!("{suite}: kill -9 drill {:.1} s", t.elapsed().as_secs_f64());
+}
+
+#[tokio::test]
+async fn bookworm_6_1_passes_the_drills() {
+    drills("bookworm", " 6.1.").await;
+}
+
+#[tokio::test]
+async fn trixie_6_12_passes_the_drills() {
+    drills("trixie", " 6.12.").await;
+}
+
+#[test]
+fn the_vagrantfile_validates() {
+    let Ok(out) = Command::new("vagrant")
+        .args(["validate", "--ignore-provider"])
+        .current_dir(repo())
+        .output()
+    else {
+        assert!(
+            std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+            "vagrant is not installed (scripts/setup.sh installs it)"
+        );
+        eprintln!("vagrant is not installed: skipped");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// With `vagrant up` done, the drill runs against that VM too.
+#[test]
+fn a_vagrant_vm_passes_the_drill() {
+    let up = Command::new("vagrant")
+        .arg("ssh-config")
+        .current_dir(repo())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        eprintln!("no Vagrant VM is up (vagrant ssh-config): skipped");
+        return;
+    }
+    let token =
+        std::env::var("SPRITED_VAGRANT_TOKEN").unwrap_or_else(|_| "vagrant-test-token".into());
+    let out = Command::new(repo().join("scripts/drill.sh"))
+        .arg("http://127.0.0.1:8181")
+        .env("SPRITE_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        Command::new("vagrant")
+            .args(["ssh", "-c", "sudo journalctl -u sprited --no-pager -n 200"])
+            .current_dir(repo())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    );
+}
