@@ -33,9 +33,19 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Polls a condition in the guest (read through the guest agent) for up to
+/// two minutes.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while !cond() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Streams a call to its end; returns the NDJSON events.
-async fn stream(g: &Guest, path: &str, body: Option<Value>) -> Vec<Value> {
-    let mut r = g.http.post(g.url(path)).bearer_auth(TOKEN);
+async fn stream(g: &Guest, method: reqwest::Method, path: &str, body: Option<Value>) -> Vec<Value> {
+    let mut r = g.http.request(method, g.url(path)).bearer_auth(TOKEN);
     if let Some(b) = body {
         r = r.json(&b);
     }
@@ -46,7 +56,7 @@ async fn stream(g: &Guest, path: &str, body: Option<Value>) -> Vec<Value> {
 }
 
 async fn completes(g: &Guest, path: &str, body: Option<Value>) -> String {
-    let events = stream(g, path, body).await;
+    let events = stream(g, reqwest::Method::POST, path, body).await;
     let last = events.last().cloned().unwrap_or(Value::Null);
     assert_eq!(last["type"], "complete", "{path}: {events:?}");
     last["data"].as_str().unwrap().to_owned()
@@ -318,4 +328,123 @@ fn a_vagrant_vm_passes_the_drill() {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     );
+}
+
+/// Issue 8 in the VM tier: a checkpoint exported from one guest, imported
+/// into a second, fresh guest and restored there: the files, and the counter
+/// service restored by CRIU (same pid: nothing holds it on a fresh guest).
+#[tokio::test]
+async fn a_checkpoint_moves_to_a_fresh_guest() {
+    let suite = "trixie";
+    if !wanted(suite) {
+        eprintln!("vm: {suite} not in SPRITED_VM_SUITES: skipped");
+        return;
+    }
+    assert!(
+        is_root(),
+        "the VM tests build images as root (scripts/test.sh uses sudo)"
+    );
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut a = Guest::boot(suite);
+    a.ready().await;
+    let (code, out) = a.sh(
+        "mkdir -p /.sprite/root/move && cd /.sprite/root/move && echo moved > a.txt && \
+         head -c 4194304 /dev/urandom > blob && ln blob blob.link && chmod 600 a.txt",
+    );
+    assert_eq!(code, 0, "{out}");
+    let files = |g: &Guest| {
+        g.sh(
+            "cd /.sprite/root/move && stat -c '%n %a %s' a.txt blob blob.link && \\
+             [ blob -ef blob.link ] && echo linked && sha256sum a.txt blob",
+        )
+        .1
+    };
+    // Both guests boot the same way and hand out the same low pids: start
+    // the counter far from them, as on a machine that has run for a while.
+    let (code, out) = a.sh("echo 30000 > /proc/sys/kernel/ns_last_pid");
+    assert_eq!(code, 0, "{out}");
+    let counter_src = "import os, time\nn = 0\nwhile True:\n    n += 1\n    open('move/.c', 'w').write(str(n))\n    os.replace('move/.c', 'move/counter')\n    time.sleep(0.05)\n";
+    let events = stream(
+        &a,
+        reqwest::Method::PUT,
+        "/v1/services/counter?duration=0",
+        Some(json!({"cmd": "python3", "args": ["-c", counter_src], "dir": "/.sprite/root"})),
+    )
+    .await;
+    assert!(events.iter().any(|e| e["type"] == "started"), "{events:?}");
+    let count = |g: &Guest| -> u64 {
+        g.sh("cat /.sprite/root/move/counter")
+            .1
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    until("the counter to reach 100", || count(&a) >= 100).await;
+    let service = |g: &Guest| {
+        let g_http = g
+            .http
+            .get(g.url("/v1/services/counter"))
+            .bearer_auth(TOKEN)
+            .send();
+        async move { g_http.await.unwrap().json::<Value>().await.unwrap()["state"].clone() }
+    };
+    let before = service(&a).await;
+    let expected = files(&a);
+    assert_eq!(
+        completes(&a, "/v1/checkpoint", Some(json!({"comment": "moving"}))).await,
+        "Checkpoint v1 created"
+    );
+    let r = a
+        .http
+        .get(a.url("/v1/checkpoints/v1/export"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let archive = r.bytes().await.unwrap();
+    a.power_off();
+    drop(a);
+
+    let mut b = Guest::boot(suite);
+    b.ready().await;
+    let r = b
+        .http
+        .post(b.url("/v1/checkpoints/import"))
+        .bearer_auth(TOKEN)
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("Checkpoint v1 imported"));
+    let events = stream(
+        &b,
+        reqwest::Method::POST,
+        "/v1/checkpoints/v1/restore",
+        None,
+    )
+    .await;
+    assert!(
+        events.iter().any(|e| e["data"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Service counter restored with its memory"))),
+        "{events:?}"
+    );
+    assert_eq!(
+        files(&b),
+        expected,
+        "the files, modes and hard links came along"
+    );
+    let after = service(&b).await;
+    assert_eq!(
+        (after["pid"].clone(), after["started_at"].clone()),
+        (before["pid"].clone(), before["started_at"].clone())
+    );
+    let first = count(&b);
+    assert!(
+        first >= 100,
+        "the counter continues from its memory ({first})"
+    );
+    until("the restored counter to count on", || count(&b) > first).await;
 }
