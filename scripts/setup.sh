@@ -72,11 +72,12 @@ install_pkgs() {
 }
 
 install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${VM_PKGS[@]}"
-if [ -n "$(missing vagrant)" ]; then
+# Vagrant with its libvirt provider (so that `vagrant validate` has a provider).
+if [ -n "$(missing vagrant vagrant-libvirt)" ]; then
   apt_update_once
-  if apt-cache show vagrant >/dev/null 2>&1; then
-    say "installing vagrant (the VM tests validate the Vagrantfile)"
-    apt-get install -y -qq --no-install-recommends vagrant >/dev/null
+  if apt-cache show vagrant vagrant-libvirt >/dev/null 2>&1; then
+    say "installing vagrant and vagrant-libvirt (the VM tests validate the Vagrantfile)"
+    apt-get install -y -qq --no-install-recommends vagrant vagrant-libvirt >/dev/null
   else
     say "vagrant: no package here; the Vagrantfile test will say so"
   fi
