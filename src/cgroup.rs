@@ -114,6 +114,24 @@ impl Cgroups {
         &self.parent
     }
 
+    /// Whether live process `pid` is in one of this daemon's cgroups: `None`
+    /// when there is no such live process (gone, or a zombie about to be).
+    pub fn holds(&self, pid: i32) -> Option<bool> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let state = status
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .map(str::trim)
+            .unwrap_or("");
+        if state.starts_with('Z') || state.starts_with('X') {
+            return None;
+        }
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let abs = self.mount.join(rel.trim().trim_start_matches('/'));
+        Some(abs.starts_with(&self.parent))
+    }
+
     /// What this kernel offers, read from the parent cgroup's interface files.
     pub fn support(&self) -> CgroupSupport {
         CgroupSupport {

@@ -709,6 +709,20 @@ impl Checkpoints {
         let (id, p2, criu) = (id.to_owned(), p.clone(), criu.clone());
         let restored = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let dir = me.raw_images(&id, &p2).map_err(|e| e.to_string())?;
+            // A pid held by a process that is not ours (an imported
+            // checkpoint, a long-lived machine) will not be freed: say so now.
+            if let Some(t) = p2
+                .dumped
+                .tids
+                .iter()
+                .find(|t| me.sup.owns_pid(**t) == Some(false))
+            {
+                let comm = std::fs::read_to_string(format!("/proc/{t}/comm")).unwrap_or_default();
+                return Err(format!(
+                    "its pid {t} is in use by another process ({}): a pid conflict",
+                    comm.trim()
+                ));
+            }
             if !Criu::wait_free(&p2.dumped.tids, PIDS_FREE_TIMEOUT) {
                 return Err(format!("its pids ({:?}) are still in use", p2.dumped.tids));
             }

@@ -663,6 +663,12 @@ impl Supervisor {
         Ok((generation, exit_rx))
     }
 
+    /// Whether live process `pid` belongs to this daemon (one of its
+    /// cgroups); `None` when no such live process exists.
+    pub fn owns_pid(&self, pid: i32) -> Option<bool> {
+        self.inner.cfg.cgroups.as_ref()?.holds(pid)
+    }
+
     /// The cgroup a service's next instance runs in, emptied of anything a
     /// previous instance left, and its `cgroup.procs` opened for joining.
     pub async fn fresh_cgroup(&self, name: &str) -> Result<(Cgroup, OwnedFd), SupervisorError> {
