@@ -406,6 +406,29 @@ impl Files {
         Ok(out)
     }
 
+    /// The entry names of directory `dir` (any fd of it, `O_PATH` too),
+    /// without `.` and `..`, read through a fresh descriptor so `dir`'s own
+    /// offset is untouched.
+    fn names(&self, dir: &impl AsFd, rel: &str) -> Result<Vec<Vec<u8>>, FilesError> {
+        let rd = nix::fcntl::openat(
+            dir,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(self.os("open", rel))?;
+        let mut listing = nix::dir::Dir::from_fd(rd).map_err(self.os("read dir", rel))?;
+        let mut names = Vec::new();
+        for e in listing.iter() {
+            let e = e.map_err(self.os("read dir", rel))?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(n.to_vec());
+            }
+        }
+        Ok(names)
+    }
+
     fn list_dir(
         &self,
         rel: &str,
@@ -416,18 +439,8 @@ impl Files {
     ) -> Result<(), FilesError> {
         const MAX_ENTRIES: usize = 100_000;
         let fd = self.open(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
-        let dup = fd.try_clone().map_err(|e| self.io("open", rel, e))?;
-        let mut dir = nix::dir::Dir::from_fd(dup).map_err(self.os("read dir", rel))?;
         let mut subdirs = Vec::new();
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        for e in dir.iter() {
-            let e = e.map_err(self.os("read dir", rel))?;
-            let n = e.file_name().to_bytes();
-            if n == b"." || n == b".." {
-                continue;
-            }
-            names.push(n.to_vec());
-        }
+        let mut names = self.names(&fd, rel)?;
         names.sort();
         for n in names {
             let child = if rel.is_empty() {
@@ -501,17 +514,7 @@ impl Files {
             Mode::empty(),
         )
         .map_err(self.os("open", rel))?;
-        let dup = fd.try_clone().map_err(|e| self.io("open", rel, e))?;
-        let mut dir = nix::dir::Dir::from_fd(dup).map_err(self.os("read dir", rel))?;
-        let mut children = Vec::new();
-        for e in dir.iter() {
-            let e = e.map_err(self.os("read dir", rel))?;
-            let n = e.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                children.push(n.to_vec());
-            }
-        }
-        for n in children {
+        for n in self.names(&fd, rel)? {
             let child = format!("{rel}/{}", String::from_utf8_lossy(&n));
             let st = fstatat(&fd, n.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(self.os("lstat", &child))?;
@@ -590,17 +593,7 @@ impl Files {
             };
             let sfd = open(s, OFlag::O_RDONLY)?;
             let dfd = open(d, OFlag::O_PATH)?;
-            let dup = sfd.try_clone().map_err(|e| self.io("open", &s.rel, e))?;
-            let mut dir = nix::dir::Dir::from_fd(dup).map_err(self.os("read dir", &s.rel))?;
-            let mut names = Vec::new();
-            for e in dir.iter() {
-                let e = e.map_err(self.os("read dir", &s.rel))?;
-                let n = e.file_name().to_bytes();
-                if n != b"." && n != b".." {
-                    names.push(n.to_vec());
-                }
-            }
-            for n in names {
+            for n in self.names(&sfd, &s.rel)? {
                 let child = |p: &Parent, fd: &OwnedFd| -> Result<Parent, FilesError> {
                     Ok(Parent {
                         dir: fd.try_clone().map_err(|e| self.io("open", &p.rel, e))?,
@@ -697,23 +690,7 @@ impl Files {
         if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFDIR.bits() {
             return Ok(());
         }
-        let rd = nix::fcntl::openat(
-            fd,
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(self.os("open", rel))?;
-        let mut dir = nix::dir::Dir::from_fd(rd).map_err(self.os("read dir", rel))?;
-        let mut names = Vec::new();
-        for e in dir.iter() {
-            let e = e.map_err(self.os("read dir", rel))?;
-            let n = e.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(n.to_vec());
-            }
-        }
-        for n in names {
+        for n in self.names(fd, rel)? {
             let child = format!("{rel}/{}", String::from_utf8_lossy(&n));
             // Symlinks inside are not followed (nor changed).
             let Ok(cfd) = nix::fcntl::openat(

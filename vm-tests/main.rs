@@ -29,8 +29,18 @@ fn wanted(suite: &str) -> bool {
     list.split([',', ' ']).any(|s| s == suite)
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// The right to boot a `suite` guest now (one guest at a time), or None
+/// when SPRITED_VM_SUITES leaves it out.
+async fn claim(suite: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if !wanted(suite) {
+        eprintln!("vm: {suite} not in SPRITED_VM_SUITES: skipped");
+        return None;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the VM tests build images as root (scripts/test.sh uses sudo)"
+    );
+    Some(ONE_AT_A_TIME.lock().await)
 }
 
 /// Polls a condition in the guest (read through the guest agent) for up to
@@ -202,15 +212,9 @@ async fn kill_during_restore(g: &mut Guest) {
 }
 
 async fn drills(suite: &str, kernel: &str) {
-    if !wanted(suite) {
-        eprintln!("vm: {suite} not in SPRITED_VM_SUITES: skipped");
+    let Some(_one) = claim(suite).await else {
         return;
-    }
-    assert!(
-        is_root(),
-        "the VM tests build images as root (scripts/test.sh uses sudo)"
-    );
-    let _one = ONE_AT_A_TIME.lock().await;
+    };
     let t = Instant::now();
     let mut g = Guest::boot(suite);
     let status = g.ready().await;
@@ -336,15 +340,9 @@ fn a_vagrant_vm_passes_the_drill() {
 #[tokio::test]
 async fn a_checkpoint_moves_to_a_fresh_guest() {
     let suite = "trixie";
-    if !wanted(suite) {
-        eprintln!("vm: {suite} not in SPRITED_VM_SUITES: skipped");
+    let Some(_one) = claim(suite).await else {
         return;
-    }
-    assert!(
-        is_root(),
-        "the VM tests build images as root (scripts/test.sh uses sudo)"
-    );
-    let _one = ONE_AT_A_TIME.lock().await;
+    };
     let mut a = Guest::boot(suite);
     a.ready().await;
     let (code, out) = a.sh(

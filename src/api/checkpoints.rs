@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::params::json_body;
 use super::stream::{Emitter, ndjson};
 use super::{ApiError, AppState, PlainError};
 use crate::checkpoint::{CheckpointError, Checkpoints, Note};
@@ -48,14 +49,6 @@ struct CreateBody {
     /// when CRIU is available).
     #[serde(default)]
     processes: Option<bool>,
-}
-
-fn parse_body<T: Default + for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Forwards progress lines from blocking work into the stream, then the end.
@@ -135,7 +128,7 @@ async fn begin_capture(
     body: &Bytes,
 ) -> Result<(Progress, Option<String>), ApiError> {
     let cps = checkpoints(app)?;
-    let req: CreateBody = parse_body(body)?;
+    let req: CreateBody = json_body(body)?;
     if let Some(id) = &req.checkpoint_id {
         cps.check_new_id(id)?;
     }
@@ -256,7 +249,7 @@ pub async fn root_restore(
 ) -> Result<Response, PlainError> {
     let run = async {
         let cps = checkpoints(&app)?;
-        let req: RestoreBody = parse_body(&body)?;
+        let req: RestoreBody = json_body(&body)?;
         let id = req
             .checkpoint_id
             .ok_or_else(|| ApiError::BadRequest("checkpoint_id is required".into()))?;

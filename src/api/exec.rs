@@ -20,6 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::params::{self, Params};
 use super::{ApiError, AppState};
 use crate::exec::{Attachment, EnvSpec, ExecRequest, Input, Output, Sessions};
 use crate::ports::PortEvent;
@@ -28,77 +29,29 @@ use crate::ports::PortEvent;
 pub const MAX_STDIN: usize = 10 * 1024 * 1024;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Query pairs, decoded as a form (`+` is a space), repeated keys kept.
-pub fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.unwrap_or("").as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-fn first<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-fn flag(q: &[(String, String)], key: &str) -> Result<Option<bool>, ApiError> {
-    match first(q, key) {
-        None => Ok(None),
-        Some("" | "1" | "true" | "TRUE" | "True" | "yes") => Ok(Some(true)),
-        Some("0" | "false" | "FALSE" | "False" | "no") => Ok(Some(false)),
-        Some(v) => Err(ApiError::BadRequest(format!(
-            "{key}={v:?}: expected true or false"
-        ))),
-    }
-}
-
-fn number<T: std::str::FromStr>(
-    q: &[(String, String)],
-    key: &str,
-    default: T,
-) -> Result<T, ApiError> {
-    match first(q, key) {
-        None | Some("") => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| ApiError::BadRequest(format!("{key}={v:?} is not a valid number"))),
-    }
-}
-
-/// `10s`, `1m30s`, `250ms`, or a bare number of seconds.
-pub fn parse_duration(key: &str, v: &str) -> Result<Duration, ApiError> {
-    if let Ok(n) = v.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
-    }
-    crate::config::parse_duration(v)
-        .ok_or_else(|| ApiError::BadRequest(format!("{key}={v:?} is not a duration like 10s")))
-}
-
 /// The command of a WebSocket or HTTP exec, from its query.
-fn request_from_query(q: &[(String, String)], allow_tty: bool) -> Result<ExecRequest, ApiError> {
-    let argv: Vec<String> = q
-        .iter()
-        .filter(|(k, _)| k == "cmd" || k == "cmd[]")
-        .map(|(_, v)| v.clone())
-        .collect();
+fn request_from_query(q: &Params, allow_tty: bool) -> Result<ExecRequest, ApiError> {
+    let argv: Vec<String> = q.all("cmd").map(str::to_owned).collect();
     if argv.is_empty() {
         return Err(ApiError::BadRequest(
             "no command: give it as repeated cmd= parameters".into(),
         ));
     }
-    let tty = flag(q, "tty")?.unwrap_or(false);
+    let tty = q.flag("tty")?.unwrap_or(false);
     if tty && !allow_tty {
         return Err(ApiError::BadRequest(
             "TTY not supported on POST /exec".into(),
         ));
     }
-    let rows = number(q, "rows", 24u16)?;
-    let cols = number(q, "cols", 80u16)?;
+    let rows = q.number("rows", 24u16)?;
+    let cols = q.number("cols", 80u16)?;
     if tty && (rows == 0 || cols == 0) {
         return Err(ApiError::BadRequest(
             "rows and cols must be positive".into(),
         ));
     }
     let mut env = Vec::new();
-    for (_, kv) in q.iter().filter(|(k, _)| k == "env" || k == "env[]") {
+    for kv in q.all("env") {
         match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => env.push((k.to_owned(), v.to_owned())),
             _ => {
@@ -108,15 +61,13 @@ fn request_from_query(q: &[(String, String)], allow_tty: bool) -> Result<ExecReq
             }
         }
     }
-    let max_run = match first(q, "max_run_after_disconnect") {
-        Some(v) if !v.is_empty() => parse_duration("max_run_after_disconnect", v)?,
+    let max_run = match q.duration("max_run_after_disconnect")? {
+        Some(d) => d,
         _ if tty => Duration::ZERO,
         _ => Duration::from_secs(10),
     };
     Ok(ExecRequest {
-        path: first(q, "path")
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned),
+        path: q.get("path").filter(|p| !p.is_empty()).map(str::to_owned),
         argv,
         // Without env= the command gets the daemon's base environment.
         env: if env.is_empty() {
@@ -124,9 +75,9 @@ fn request_from_query(q: &[(String, String)], allow_tty: bool) -> Result<ExecReq
         } else {
             EnvSpec::Replace(env)
         },
-        dir: first(q, "dir").filter(|d| !d.is_empty()).map(str::to_owned),
+        dir: q.get("dir").filter(|d| !d.is_empty()).map(str::to_owned),
         tty: tty.then_some((rows, cols)),
-        stdin: flag(q, "stdin")?.unwrap_or(tty),
+        stdin: q.flag("stdin")?.unwrap_or(tty),
         max_run_after_disconnect: max_run,
     })
 }
@@ -161,8 +112,8 @@ pub async fn exec_get(
         let list = sessions(&app)?.list();
         return Ok(axum::Json(json!({ "count": list.len(), "sessions": list })).into_response());
     }
-    let q = query_pairs(q.as_deref());
-    if let Some(id) = first(&q, "id").filter(|i| !i.is_empty()) {
+    let q = Params::parse(q.as_deref());
+    if let Some(id) = q.get("id").filter(|i| !i.is_empty()) {
         let id = id.to_owned();
         return attach_ws(app, id, req).await;
     }
@@ -415,12 +366,12 @@ pub async fn exec_post(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let q = query_pairs(q.as_deref());
+    let q = Params::parse(q.as_deref());
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let legacy = json && first(&q, "cmd").is_none() && first(&q, "cmd[]").is_none();
+    let legacy = json && q.all("cmd").next().is_none();
     if let Err(e) = app
         .lifecycle
         .wait_running(app.config.wait_for_running)
@@ -557,13 +508,9 @@ async fn exec_sse(app: Arc<AppState>, body: Bytes) -> Result<Response, ApiError>
     Ok(resp)
 }
 
-async fn exec_frames(
-    app: Arc<AppState>,
-    q: &[(String, String)],
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn exec_frames(app: Arc<AppState>, q: &Params, body: Bytes) -> Result<Response, ApiError> {
     for bad in ["id", "detachable", "cc"] {
-        if first(q, bad).is_some() {
+        if q.get(bad).is_some() {
             return Err(ApiError::BadRequest(format!(
                 "unsupported parameter {bad} on POST /exec"
             )));
@@ -753,7 +700,7 @@ pub async fn exec_kill(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let session = sessions(&app)?.get(&id)?;
-    let q = query_pairs(q.as_deref());
+    let q = Params::parse(q.as_deref());
     let b: KillBody = if body.iter().all(u8::is_ascii_whitespace) {
         KillBody::default()
     } else {
@@ -762,15 +709,15 @@ pub async fn exec_kill(
     };
     let sig_name = b
         .signal
-        .or_else(|| first(&q, "signal").map(str::to_owned))
+        .or_else(|| q.get("signal").map(str::to_owned))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "SIGTERM".into());
     let sig = crate::supervisor::parse_signal(&sig_name)
         .ok_or_else(|| ApiError::BadRequest(format!("unknown signal {sig_name:?}")))?;
-    let timeout = match (b.timeout, first(&q, "timeout")) {
+    let timeout = match (b.timeout, q.get("timeout")) {
         (Some(Value::Number(n)), _) => Duration::from_secs_f64(n.as_f64().unwrap_or(10.0).max(0.0)),
-        (Some(Value::String(s)), _) => parse_duration("timeout", &s)?,
-        (Some(Value::Null) | None, Some(s)) if !s.is_empty() => parse_duration("timeout", s)?,
+        (Some(Value::String(s)), _) => params::duration("timeout", &s)?,
+        (Some(Value::Null) | None, Some(s)) if !s.is_empty() => params::duration("timeout", s)?,
         (Some(Value::Null) | None, _) => Duration::from_secs(10),
         (Some(other), _) => {
             return Err(ApiError::BadRequest(format!(
@@ -841,7 +788,7 @@ mod tests {
 
     #[test]
     fn query_decoding() {
-        let q = query_pairs(Some(
+        let q = Params::parse(Some(
             "cmd=echo&cmd=a+b&cmd%5B%5D=c&env=K%3DV&tty=true&rows=30",
         ));
         let r = request_from_query(&q, true).unwrap();
@@ -852,13 +799,13 @@ mod tests {
         assert!(
             matches!(r.env, EnvSpec::Replace(ref v) if v == &[("K".to_owned(), "V".to_owned())])
         );
-        let r = request_from_query(&query_pairs(Some("cmd=cat")), true).unwrap();
+        let r = request_from_query(&Params::parse(Some("cmd=cat")), true).unwrap();
         assert!(!r.stdin);
         assert_eq!(r.max_run_after_disconnect, Duration::from_secs(10));
-        assert!(request_from_query(&query_pairs(Some("path=x")), true).is_err());
-        assert!(request_from_query(&query_pairs(Some("cmd=x&tty=1")), false).is_err());
-        assert!(request_from_query(&query_pairs(Some("cmd=x&env=novalue")), true).is_err());
-        assert!(request_from_query(&query_pairs(Some("cmd=x&rows=abc")), true).is_err());
+        assert!(request_from_query(&Params::parse(Some("path=x")), true).is_err());
+        assert!(request_from_query(&Params::parse(Some("cmd=x&tty=1")), false).is_err());
+        assert!(request_from_query(&Params::parse(Some("cmd=x&env=novalue")), true).is_err());
+        assert!(request_from_query(&Params::parse(Some("cmd=x&rows=abc")), true).is_err());
     }
 
     #[test]

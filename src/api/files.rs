@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use super::exec::query_pairs;
+use super::params::{Params, json_body};
 use super::{ApiError, AppState};
 use crate::files::{Files, FilesError, parse_mode};
 
@@ -30,33 +30,11 @@ fn files(app: &AppState) -> Result<Files, ApiError> {
     Ok(Files::new(env.root().to_owned(), app.config.chroot))
 }
 
-struct Q(Vec<(String, String)>);
-
-impl Q {
-    fn new(q: Option<String>) -> Self {
-        Q(query_pairs(q.as_deref()))
-    }
-    fn get(&self, k: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-    }
-    fn flag(&self, k: &str) -> Result<Option<bool>, ApiError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some("" | "1" | "true" | "True" | "TRUE") => Ok(Some(true)),
-            Some("0" | "false" | "False" | "FALSE") => Ok(Some(false)),
-            Some(v) => Err(ApiError::BadRequest(format!(
-                "{k}={v:?}: expected true or false"
-            ))),
-        }
-    }
-    fn path(&self) -> Result<&str, ApiError> {
-        self.get("path")
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ApiError::BadRequest("path is required".into()))
-    }
+/// The `path` parameter, which every call needs.
+fn required_path(q: &Params) -> Result<&str, ApiError> {
+    q.get("path")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("path is required".into()))
 }
 
 /// Runs blocking file work off the async workers.
@@ -75,8 +53,8 @@ pub async fn read(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let f = files(&app)?;
-    let q = Q::new(q);
-    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    let q = Params::parse(q.as_deref());
+    let rel = f.relative(required_path(&q)?, q.get("workingDir"))?;
     let (file, len) = blocking(move || f.read(&rel)).await?;
     let stream =
         tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
@@ -99,8 +77,8 @@ pub async fn write(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let f = Arc::new(files(&app)?);
-    let q = Q::new(q);
-    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    let q = Params::parse(q.as_deref());
+    let rel = f.relative(required_path(&q)?, q.get("workingDir"))?;
     q.flag("mkdirParents")?;
     q.flag("mkdir")?;
     let mode = match q.get("mode").filter(|m| !m.is_empty()) {
@@ -160,8 +138,8 @@ pub async fn list(
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let f = files(&app)?;
-    let q = Q::new(q);
-    let rel = f.relative(q.path()?, q.get("workingDir"))?;
+    let q = Params::parse(q.as_deref());
+    let rel = f.relative(required_path(&q)?, q.get("workingDir"))?;
     let recursive = q.flag("recursive")?.unwrap_or(false);
     let pattern = q
         .get("pattern")
@@ -190,13 +168,6 @@ struct PathBody {
     mode: Option<String>,
 }
 
-fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))
-}
-
 /// `DELETE .../fs/delete?path=&recursive=` (or the same in a JSON body).
 pub async fn delete(
     State(app): State<Arc<AppState>>,
@@ -204,7 +175,7 @@ pub async fn delete(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let f = files(&app)?;
-    let q = Q::new(q);
+    let q = Params::parse(q.as_deref());
     let b: PathBody = json_body(&body)?;
     let path = b
         .path

@@ -11,6 +11,7 @@ pub mod exec;
 mod files;
 pub mod gateway;
 pub mod ingress;
+mod params;
 mod proxy;
 mod services;
 pub mod stream;
