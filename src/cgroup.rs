@@ -386,6 +386,16 @@ impl FreezeGuard {
         self.frozen.len()
     }
 
+    /// The processes of every frozen cgroup (those whose list cannot be
+    /// read are skipped: the cgroup went away).
+    pub fn pids(&self) -> Vec<i32> {
+        self.frozen
+            .iter()
+            .filter_map(|cg| cg.pids().ok())
+            .flatten()
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frozen.is_empty()
     }

@@ -105,6 +105,9 @@ pub struct CaptureStats {
     pub files_hashed: u64,
     pub bytes_hashed: u64,
     pub files_cached: u64,
+    /// Whether the change journal spared listing the whole upper dir.
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 /// A checkpoint's metadata (`meta.json`); the API shows the public fields.
@@ -487,7 +490,7 @@ impl Checkpoints {
             let settled: Vec<&Path> = dumps.iter().map(|(r, _, _)| r.cgroup.path()).collect();
             guard.wait_except(&settled, FREEZE_TIMEOUT)?;
             let frozen_at = freeze_start.elapsed();
-            let frozen = self.env.scan_frozen()?;
+            let frozen = self.env.scan_frozen(&guard.pids())?;
             let (services, running) = self.sup.snapshot();
             let scanned_at = freeze_start.elapsed();
             drop(guard);
@@ -505,11 +508,23 @@ impl Checkpoints {
                     "{e}; the checkpoint keeps its files and other services"
                 )));
             }
+            let incremental = frozen.incremental();
+            let how = if incremental {
+                format!(
+                    "{} entries read (named by the change journal)",
+                    scan.entries
+                )
+            } else {
+                format!(
+                    "{} entries scanned, {} unchanged",
+                    scan.entries, scan.files_cached
+                )
+            };
             info(
                 progress,
                 format!(
-                    "Services thawed after {freeze_ms:.1} ms; {} entries scanned, {} file(s) changed ({} bytes), {} unchanged",
-                    scan.entries, scan.files_hashed, scan.bytes_hashed, scan.files_cached
+                    "Services thawed after {freeze_ms:.1} ms; {how}, {} file(s) changed ({} bytes)",
+                    scan.files_hashed, scan.bytes_hashed
                 ),
             );
             for (r, d, _) in &dumps {
@@ -575,6 +590,7 @@ impl Checkpoints {
                     files_hashed: scan.files_hashed,
                     bytes_hashed: scan.bytes_hashed,
                     files_cached: scan.files_cached,
+                    incremental,
                 },
             };
             // Visible only once complete: a temp dir renamed into place. One

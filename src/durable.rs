@@ -73,7 +73,8 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
         .map_err(err("fsync dir", dir))
 }
 
-/// Removes temp files a crash left in `dir` (not recursive). Returns how many.
+/// Removes the temp files (and temp dirs, with their content) a crash left
+/// in `dir`; does not look in other subdirectories. Returns how many.
 pub fn clean_temp_files(dir: &Path) -> Result<usize, DurableError> {
     let mut n = 0;
     let entries = match fs::read_dir(dir) {
@@ -85,7 +86,14 @@ pub fn clean_temp_files(dir: &Path) -> Result<usize, DurableError> {
         let entry = entry.map_err(err("read dir", dir))?;
         if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
             let p = entry.path();
-            fs::remove_file(&p).map_err(err("remove", &p))?;
+            // (a directory: a probe or staging dir a crash left)
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            }
+            .map_err(err("remove", &p))?;
             n += 1;
         }
     }
@@ -109,7 +117,8 @@ mod tests {
             0o600
         );
         fs::write(d.path().join(".tmp-99-a.json"), b"half").unwrap();
-        assert_eq!(clean_temp_files(d.path()).unwrap(), 1);
+        fs::create_dir_all(d.path().join(".tmp-probe/inner")).unwrap();
+        assert_eq!(clean_temp_files(d.path()).unwrap(), 2);
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
 

@@ -413,3 +413,80 @@ pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
         (s.blocks() as u64).saturating_mul(frag),
     ))
 }
+
+/// A fanotify group that reports each event with the file handle of the
+/// directory it happened in and the entry's name (`FAN_REPORT_DFID_NAME`),
+/// read without blocking. Needs `CAP_SYS_ADMIN`.
+#[allow(unsafe_code)]
+pub fn fanotify_dfid_name() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let flags =
+        libc::FAN_CLASS_NOTIF | libc::FAN_REPORT_DFID_NAME | libc::FAN_NONBLOCK | libc::FAN_CLOEXEC;
+    // SAFETY: a plain system call with constant arguments and no pointers.
+    let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_LARGEFILE) as u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds `mask` to `group`'s mark on the inode `dir` (its events and, with
+/// `FAN_EVENT_ON_CHILD`, those of its entries).
+#[allow(unsafe_code)]
+pub fn fanotify_mark_inode(
+    group: std::os::fd::BorrowedFd<'_>,
+    dir: std::os::fd::BorrowedFd<'_>,
+    mask: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: both fds are borrowed (open for the call); a null path makes
+    // the kernel mark the object `dir` refers to and read no memory of ours.
+    let r = unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            libc::FAN_MARK_ADD,
+            mask,
+            dir.as_raw_fd(),
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The file handle of the object `fd` refers to, as fanotify reports it:
+/// handle type (4 bytes, native order) followed by the handle's bytes.
+#[allow(unsafe_code)]
+pub fn file_handle(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    const HEADER: usize = std::mem::size_of::<libc::file_handle>();
+    // `struct file_handle` then up to MAX_HANDLE_SZ bytes, 4-byte aligned.
+    let mut buf = [0u32; (HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
+    let handle = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `handle` points to an aligned buffer of HEADER + MAX_HANDLE_SZ
+    // bytes whose `handle_bytes` field (set here) tells the kernel how many
+    // it may write; the path is a NUL-terminated empty string (AT_EMPTY_PATH).
+    let r = unsafe {
+        (*handle).handle_bytes = libc::MAX_HANDLE_SZ as u32;
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            handle,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the header; `handle_bytes` ≤ MAX_HANDLE_SZ.
+    let (len, kind) = unsafe { ((*handle).handle_bytes as usize, (*handle).handle_type) };
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = kind.to_ne_bytes().to_vec();
+    out.extend_from_slice(&bytes[HEADER..HEADER + len.min(libc::MAX_HANDLE_SZ as usize)]);
+    Ok(out)
+}

@@ -17,6 +17,7 @@
 //! environment or the new one, never a mix; the stale generation is deleted
 //! afterwards (or on the next start).
 
+pub mod journal;
 pub mod manifest;
 pub mod scan;
 pub mod store;
@@ -76,6 +77,11 @@ pub struct FrozenScan {
 impl FrozenScan {
     pub fn stats(&self) -> ScanStats {
         self.delta.stats
+    }
+
+    /// Whether only what the change journal named was read.
+    pub fn incremental(&self) -> bool {
+        self.delta.incremental
     }
 }
 
@@ -424,13 +430,51 @@ impl Env {
         }
     }
 
-    /// The part of a capture that runs while services are frozen: one stat
-    /// of every upper entry, and an in-kernel copy of what changed since the
-    /// last capture (no hashing).
-    pub fn scan_frozen(&self) -> Result<FrozenScan, FsError> {
+    /// The part of a capture that runs while services are frozen: a stat of
+    /// the upper entries the change journal names (of every one when it
+    /// cannot tell), and an in-kernel copy of what changed since the last
+    /// capture (no hashing).
+    ///
+    /// `holders`: the frozen processes; files they hold open for writing or
+    /// map shared are read again even when the change journal is quiet.
+    pub fn scan_frozen(&self, holders: &[i32]) -> Result<FrozenScan, FsError> {
+        let held = if holders.is_empty() {
+            journal::Held::default()
+        } else {
+            use std::os::unix::fs::MetadataExt;
+            let root = &self.cfg.env_root;
+            let dev = std::fs::metadata(root).map_err(io_err("stat", root))?.dev();
+            journal::held(Path::new("/proc"), holders, root, &self.upper(), dev)
+        };
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        let delta = scan::scan_upper(&self.upper(), &self.store, &mut tracked, SCAN_THREADS)?;
+        let delta = scan::scan_upper(
+            &self.upper(),
+            &self.store,
+            &mut tracked,
+            SCAN_THREADS,
+            &held,
+        )?;
+        #[cfg(debug_assertions)]
+        if delta.incremental {
+            let differ = scan::verify(&self.upper(), &tracked, Some(&delta))?;
+            assert!(differ.is_empty(), "the change journal missed: {differ:?}");
+        }
+        tracing::debug!(
+            incremental = delta.incremental,
+            entries = delta.stats.entries,
+            journal_dirs = tracked.journal_dirs(),
+            held_open = held.open.len(),
+            held_mapped = held.mapped.len(),
+            "frozen scan"
+        );
         Ok(FrozenScan { delta })
+    }
+
+    /// How the upper dir differs from the scan cache (see [`scan::verify`]);
+    /// empty when the cache is right.
+    pub fn verify_scan(&self) -> Result<Vec<String>, FsError> {
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        scan::verify(&self.upper(), &tracked, None)
     }
 
     /// Whether nothing is cached (first capture since start or restore).
@@ -443,15 +487,21 @@ impl Env {
     }
 
     /// Before a capture whose scan would read the whole upper dir (the
-    /// cache is cold), the same scan with services running, so the frozen
-    /// one only reads what changed since. Returns what it found, or `None`
-    /// when the cache was warm.
+    /// cache is cold, or the change journal must start again), the same
+    /// scan with services running, so the frozen one only reads what
+    /// changed since. Returns what it found, or `None` when not needed.
     pub fn warm_scan(&self) -> Result<Option<ScanStats>, FsError> {
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        if !tracked.seen.is_empty() {
+        if !tracked.next_scan_is_full() {
             return Ok(None);
         }
-        let mut delta = scan::scan_upper(&self.upper(), &self.store, &mut tracked, SCAN_THREADS)?;
+        let mut delta = scan::scan_upper(
+            &self.upper(),
+            &self.store,
+            &mut tracked,
+            SCAN_THREADS,
+            &journal::Held::default(),
+        )?;
         drop(tracked);
         self.commit_staged(&mut delta)?;
         let stats = delta.stats;

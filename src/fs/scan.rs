@@ -1,14 +1,19 @@
-//! The scan of the overlay upper dir, the frozen part of a capture: one
+//! The scan of the overlay upper dir, the frozen part of a capture: an
 //! `fstatat` per entry, and an in-kernel copy of each file whose (inode,
 //! size, mtime, ctime) differ from what the last capture saw. Its output is
-//! a [`Delta`] against that cache: what changed, what is gone. Unchanged
-//! entries cost the `fstatat`, a hash lookup and nothing else (no allocation,
-//! no copy), so a capture's cost follows what changed.
+//! a [`Delta`] against that cache: what changed, what is gone.
+//!
+//! Two kinds of scan. A full one lists every directory (and marks it in a
+//! fresh [`Journal`]); unchanged entries cost the `fstatat` and a hash
+//! lookup. An incremental one, when the journal accounts for everything
+//! since the last scan that was kept, reads only the entries it names (and
+//! lists directories that appeared), so a capture's cost follows what
+//! changed, not the size of the tree.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::fs::{self, OpenOptions};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +24,7 @@ use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, SFlag, fstatat};
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Dirty, Held, Journal};
 use super::manifest::{self, Entry, Kind, Manifest};
 use super::store::{Meta, Staged, Store};
 use super::{FsError, io_err};
@@ -58,6 +64,16 @@ pub struct Tracked {
     /// The last capture's manifest (its merge of `seen` onto the mounted
     /// layer), the starting point of the next one.
     pub merged: Option<Manifest>,
+    /// The journal of the upper dir since the last full scan.
+    journal: Option<Journal>,
+    /// The journal cannot work here (said once, not tried again).
+    journal_off: bool,
+    /// A scan ran whose delta was not applied (its capture failed): what
+    /// the journal reported to it is lost, so the next scan is full.
+    unsettled: bool,
+    /// Files mapped shared and writable at the last scan, read again in
+    /// full by the next (a dirty page takes writes without moving mtime).
+    mapped_last: HashSet<String>,
 }
 
 /// Counters of one scan.
@@ -82,6 +98,13 @@ pub struct Delta {
     /// Cached paths no longer in the upper dir (filled by [`Tracked::removed`]).
     pub removed: Vec<String>,
     pub stats: ScanStats,
+    /// Whether only what the journal named was read (`removed` is then
+    /// filled by the scan itself).
+    pub incremental: bool,
+    /// Directories this scan marked in the journal: (handle, path).
+    watched: Vec<(Vec<u8>, String)>,
+    /// Why marking a directory failed (the journal is then given up).
+    watch_error: Option<String>,
     /// Cached paths the scan met, changed or not.
     met: u64,
     epoch: u32,
@@ -162,15 +185,14 @@ impl Tracked {
         }
         Some(Tracked {
             seen,
-            epoch: 0,
-            merged: None,
+            ..Tracked::default()
         })
     }
 
     /// Fills `delta.removed`: the cached paths the scan did not meet. Costs
     /// nothing when every cached path was met.
     pub fn find_removed(&self, delta: &mut Delta) {
-        if delta.met == self.seen.len() as u64 {
+        if delta.incremental || delta.met == self.seen.len() as u64 {
             return;
         }
         delta.removed = self
@@ -186,13 +208,11 @@ impl Tracked {
         &'a self,
         delta: &'a Delta,
     ) -> impl Iterator<Item = (&'a str, &'a Entry)> {
-        let changed: std::collections::HashSet<&str> =
-            delta.changed.iter().map(|(p, _)| p.as_str()).collect();
+        let changed: HashSet<&str> = delta.changed.iter().map(|(p, _)| p.as_str()).collect();
+        let removed: HashSet<&str> = delta.removed.iter().map(String::as_str).collect();
         self.seen
             .iter()
-            .filter(move |(p, s)| {
-                s.visited.load(Ordering::Relaxed) == delta.epoch && !changed.contains(p.as_str())
-            })
+            .filter(move |(p, _)| !changed.contains(p.as_str()) && !removed.contains(p.as_str()))
             .map(|(p, s)| (p.as_str(), &s.entry))
             .chain(delta.changed.iter().map(|(p, s)| (p.as_str(), &s.entry)))
     }
@@ -210,6 +230,19 @@ impl Tracked {
             self.seen.insert(p, s);
         }
         self.merged = Some(merged);
+        self.unsettled = false;
+    }
+
+    /// Whether the next scan would list the whole upper dir: nothing is
+    /// cached, or the change journal is to be (re)started. Such a scan is
+    /// best run before freezing (see `Env::warm_scan`).
+    pub fn next_scan_is_full(&self) -> bool {
+        self.seen.is_empty() || (!self.journal_off && (self.journal.is_none() || self.unsettled))
+    }
+
+    /// Directories the journal watches (0: none).
+    pub fn journal_dirs(&self) -> usize {
+        self.journal.as_ref().map_or(0, Journal::watched)
     }
 
     /// Makes a scan taken outside a capture (nothing published) part of
@@ -258,13 +291,16 @@ impl Tracked {
 
 /// Scans the upper dir against `tracked` (directories shared out to
 /// `threads` workers). Changed files are only staged (copied, not hashed).
+/// `held`: the files frozen processes hold where the journal cannot see
+/// them change (see [`super::journal::held`]).
 pub fn scan_upper(
     upper: &Path,
     store: &Store,
     tracked: &mut Tracked,
     threads: usize,
+    held: &Held,
 ) -> Result<Delta, FsError> {
-    scan_upper_at(upper, store, tracked, threads, now_ns())
+    scan_upper_at(upper, store, tracked, threads, held, now_ns())
 }
 
 /// [`scan_upper`] with the clock given (ns since the epoch).
@@ -273,14 +309,92 @@ fn scan_upper_at(
     store: &Store,
     tracked: &mut Tracked,
     threads: usize,
+    held: &Held,
     started_ns: i64,
 ) -> Result<Delta, FsError> {
     tracked.epoch = tracked.epoch.wrapping_add(1);
     let epoch = tracked.epoch;
-    let cache = &tracked.seen;
+    // Mapped shared and writable now or at the last scan: read in full.
+    let mapped: HashSet<String> = held.mapped.iter().cloned().collect();
+    let mut forced = std::mem::replace(&mut tracked.mapped_last, mapped.clone());
+    forced.extend(mapped);
+    let dirty = match tracked.journal.as_mut() {
+        Some(j) if !tracked.unsettled => {
+            let d = j.drain();
+            match d.lost.as_ref().or(held.unplaced.as_ref()) {
+                None => Some(d),
+                Some(why) => {
+                    tracing::info!(reason = %why, "scanning the whole upper dir");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    tracked.unsettled = true;
+    let mut delta = match dirty {
+        Some(dirty) => scan_dirty(
+            upper,
+            &tracked.seen,
+            tracked.journal.as_ref(),
+            dirty,
+            held,
+            &forced,
+            epoch,
+            threads,
+        )?,
+        None => {
+            // A full scan starts a fresh journal: each directory is marked
+            // before it is listed.
+            tracked.journal = None;
+            if !tracked.journal_off {
+                match Journal::open(upper.parent().unwrap_or(upper)) {
+                    Ok(j) => tracked.journal = Some(j),
+                    Err(e) => {
+                        tracked.journal_off = true;
+                        tracing::info!(error = %e, "no change journal: every capture lists the whole upper dir");
+                    }
+                }
+            }
+            let roots = vec![(upper.to_owned(), String::new())];
+            walk(
+                roots,
+                &tracked.seen,
+                tracked.journal.as_ref(),
+                &forced,
+                epoch,
+                threads,
+            )?
+        }
+    };
+    if let Some(e) = delta.watch_error.take() {
+        tracing::warn!(error = %e, "change journal given up: every capture lists the whole upper dir");
+        tracked.journal = None;
+        tracked.journal_off = true;
+    } else if let Some(j) = tracked.journal.as_mut() {
+        for (handle, rel) in delta.watched.drain(..) {
+            j.learn(handle, rel);
+        }
+    }
+    delta.epoch = epoch;
+    delta.started_ns = started_ns;
+    delta.staged = stage_all(store, std::mem::take(&mut delta.to_stage), threads)?;
+    Ok(delta)
+}
+
+/// Lists directories `roots` (dir, its path relative to the upper dir) and
+/// everything under them, shared out to `threads` workers; each directory
+/// is marked in `journal` before it is listed.
+fn walk(
+    roots: Vec<(PathBuf, String)>,
+    cache: &ScanCache,
+    journal: Option<&Journal>,
+    forced: &HashSet<String>,
+    epoch: u32,
+    threads: usize,
+) -> Result<Delta, FsError> {
     // (directories to scan, workers busy)
-    let queue: Mutex<(Vec<(PathBuf, String)>, usize)> =
-        Mutex::new((vec![(upper.to_owned(), String::new())], 0));
+    let queue: Mutex<(Vec<(PathBuf, String)>, usize)> = Mutex::new((roots, 0));
     let ready = Condvar::new();
     let worker = || -> Result<Delta, FsError> {
         let mut out = Delta {
@@ -303,7 +417,7 @@ fn scan_upper_at(
                     q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let result = scan_dir(&dir, &rel, cache, epoch, &mut out);
+            let result = scan_dir(&dir, &rel, cache, journal, forced, epoch, &mut out);
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
             q.1 -= 1;
             match result {
@@ -329,26 +443,279 @@ fn scan_upper_at(
     });
     let mut all = Delta {
         epoch,
-        started_ns,
         ..Delta::default()
     };
     for r in results {
-        let part = r?;
-        let offset = all.changed.len();
-        all.changed.extend(part.changed);
-        all.to_stage.extend(
+        all.absorb(r?);
+    }
+    Ok(all)
+}
+
+impl Delta {
+    /// Adds what another part of the same scan found.
+    fn absorb(&mut self, part: Delta) {
+        let offset = self.changed.len();
+        self.changed.extend(part.changed);
+        self.to_stage.extend(
             part.to_stage
                 .into_iter()
                 .map(|(i, p, m)| (i + offset, p, m)),
         );
-        all.met += part.met;
-        all.stats.entries += part.stats.entries;
-        all.stats.files_hashed += part.stats.files_hashed;
-        all.stats.bytes_hashed += part.stats.bytes_hashed;
-        all.stats.files_cached += part.stats.files_cached;
+        self.removed.extend(part.removed);
+        self.watched.extend(part.watched);
+        self.watch_error = self.watch_error.take().or(part.watch_error);
+        self.met += part.met;
+        self.stats.entries += part.stats.entries;
+        self.stats.files_hashed += part.stats.files_hashed;
+        self.stats.bytes_hashed += part.stats.bytes_hashed;
+        self.stats.files_cached += part.stats.files_cached;
     }
-    all.staged = stage_all(store, std::mem::take(&mut all.to_stage), threads)?;
-    Ok(all)
+}
+
+/// Whether a strict ancestor of encoded path `p` is in `dirs`.
+fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
+    !dirs.is_empty() && p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
+}
+
+/// The incremental scan: reads the entries the journal and `held` name,
+/// lists in full the directories that appeared (or replaced others), and
+/// finds from the cache what went with removed directories and which hard
+/// links share a changed inode.
+#[allow(clippy::too_many_arguments)]
+fn scan_dirty(
+    upper: &Path,
+    cache: &ScanCache,
+    journal: Option<&Journal>,
+    dirty: Dirty,
+    held: &Held,
+    forced: &HashSet<String>,
+    epoch: u32,
+    threads: usize,
+) -> Result<Delta, FsError> {
+    // Sorted: a directory comes before what is under it.
+    let mut paths: BTreeMap<String, bool> = dirty.paths.into_iter().collect();
+    for p in &held.open {
+        paths.entry(p.clone()).or_default();
+    }
+    for p in forced {
+        paths.insert(p.clone(), true);
+    }
+    for p in &dirty.subtrees {
+        paths.entry(p.clone()).or_default();
+    }
+    let upper_fd = open_dir(upper)?;
+    let mut out = Delta {
+        incremental: true,
+        epoch,
+        ..Delta::default()
+    };
+    let mut removed: HashSet<String> = HashSet::new();
+    // Directories listed in full, and cached directories gone or replaced:
+    // what the cache holds under them and the scan did not meet is gone.
+    let mut walked: HashSet<String> = HashSet::new();
+    let mut emptied: HashSet<String> = HashSet::new();
+    let mut roots = Vec::new();
+    for (rel, force) in &paths {
+        if under_any(rel, &walked) {
+            continue;
+        }
+        let cached = cache.get(rel.as_str());
+        let was_dir = cached.is_some_and(|c| c.entry.kind == Kind::Dir);
+        let Some((dir, name, st)) = stat_beneath(&upper_fd, upper, rel)? else {
+            if cached.is_some() {
+                removed.insert(rel.clone());
+            }
+            if was_dir {
+                emptied.insert(rel.clone());
+            }
+            continue;
+        };
+        record(&dir, &name, &st, rel, cache, epoch, *force, &mut out)?;
+        let is_dir = kind_of(&st) == SFlag::S_IFDIR;
+        let same_dir = was_dir && cached.is_some_and(|c| c.ino == st.st_ino);
+        if is_dir && (!same_dir || dirty.subtrees.contains(rel)) {
+            walked.insert(rel.clone());
+            roots.push((dir.join(OsStr::from_bytes(&name)), rel.clone()));
+        } else if was_dir && !is_dir {
+            emptied.insert(rel.clone());
+        }
+    }
+    out.absorb(walk(roots, cache, journal, forced, epoch, threads)?);
+    emptied.extend(walked);
+    if !emptied.is_empty() {
+        for (p, s) in cache {
+            if s.visited.load(Ordering::Relaxed) != epoch && under_any(p, &emptied) {
+                removed.insert(p.clone());
+            }
+        }
+    }
+    // Hard links: a write through one link changes them all (the journal
+    // names only the link used), and a link added or removed moves the
+    // inode's ctime and link count.
+    let old_ino = |p: &str| {
+        cache
+            .get(p)
+            .filter(|s| s.entry.link.is_some())
+            .map(|s| s.ino)
+    };
+    let linked: HashSet<u64> = out
+        .changed
+        .iter()
+        .flat_map(|(p, s)| [s.entry.link.map(|_| s.ino), old_ino(p)])
+        .chain(removed.iter().map(|p| old_ino(p)))
+        .flatten()
+        .collect();
+    if !linked.is_empty() {
+        let siblings: Vec<String> = cache
+            .iter()
+            .filter(|(p, s)| {
+                linked.contains(&s.ino)
+                    && s.visited.load(Ordering::Relaxed) != epoch
+                    && !removed.contains(p.as_str())
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for rel in siblings {
+            match stat_beneath(&upper_fd, upper, &rel)? {
+                Some((dir, name, st)) => {
+                    record(&dir, &name, &st, &rel, cache, epoch, true, &mut out)?;
+                }
+                None => {
+                    removed.insert(rel);
+                }
+            }
+        }
+    }
+    out.removed = removed.into_iter().collect();
+    Ok(out)
+}
+
+/// How the upper dir differs from what `tracked` (with `delta` applied, if
+/// given) says of it, compared by stat (inode, size, mtime, ctime unless
+/// untrusted): one line per path. The check of the journal: debug builds
+/// run it after every incremental scan.
+pub fn verify(
+    upper: &Path,
+    tracked: &Tracked,
+    delta: Option<&Delta>,
+) -> Result<Vec<String>, FsError> {
+    use std::os::unix::fs::MetadataExt;
+    let changed: HashMap<&str, &Seen> = delta
+        .map(|d| d.changed.iter().map(|(p, s)| (p.as_str(), s)).collect())
+        .unwrap_or_default();
+    let removed: HashSet<&str> = delta
+        .map(|d| d.removed.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let expected = |p: &str| {
+        changed.get(p).copied().or_else(|| {
+            (!removed.contains(p))
+                .then(|| tracked.seen.get(p))
+                .flatten()
+        })
+    };
+    let mut out = Vec::new();
+    let mut met = HashSet::new();
+    let mut dirs = vec![(upper.to_owned(), String::new())];
+    while let Some((dir, rel)) = dirs.pop() {
+        for item in std::fs::read_dir(&dir).map_err(io_err("read dir", &dir))? {
+            let item = item.map_err(io_err("read dir", &dir))?;
+            let md = item.metadata().map_err(io_err("stat", &item.path()))?;
+            let mut p = rel.clone();
+            if !p.is_empty() {
+                p.push('/');
+            }
+            manifest::push_encoded(&mut p, item.file_name().as_bytes());
+            match expected(&p) {
+                None => out.push(format!("{p}: not known")),
+                Some(s) => {
+                    let ctime = ns(md.ctime(), md.ctime_nsec());
+                    if s.ino != md.ino()
+                        || s.size != md.size()
+                        || s.mtime_ns != ns(md.mtime(), md.mtime_nsec())
+                        || (s.ctime_ns != UNTRUSTED && s.ctime_ns != ctime)
+                    {
+                        out.push(format!("{p}: stat differs"));
+                    }
+                }
+            }
+            if md.is_dir() {
+                dirs.push((item.path(), p.clone()));
+            }
+            met.insert(p);
+        }
+    }
+    let known = tracked
+        .seen
+        .keys()
+        .map(String::as_str)
+        .filter(|p| !removed.contains(p))
+        .chain(changed.keys().copied());
+    for p in known {
+        if !met.contains(p) {
+            out.push(format!("{p}: gone"));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn open_dir(dir: &Path) -> Result<OwnedFd, FsError> {
+    Ok(OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(io_err("open", dir))?
+        .into())
+}
+
+/// The stat of upper entry `rel` (encoded), looked up without following
+/// any symlink: (its directory, its name, its stat), or `None` if it is
+/// not there (or a component is no longer a directory).
+fn stat_beneath(
+    upper_fd: &OwnedFd,
+    upper: &Path,
+    rel: &str,
+) -> Result<Option<(PathBuf, Vec<u8>, FileStat)>, FsError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let (parent, name) = match rel.rsplit_once('/') {
+        Some((p, n)) => (manifest::decode_path(p), manifest::decode_path(n)),
+        None => (Vec::new(), manifest::decode_path(rel)),
+    };
+    let dir = upper.join(OsStr::from_bytes(&parent));
+    let gone = |e: Errno| {
+        matches!(
+            e,
+            Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV
+        )
+    };
+    let opened;
+    let fd = if parent.is_empty() {
+        upper_fd
+    } else {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        match openat2(upper_fd, OsStr::from_bytes(&parent), how) {
+            Ok(fd) => {
+                opened = fd;
+                &opened
+            }
+            Err(e) if gone(e) => return Ok(None),
+            Err(e) => return Err(errno("open", &dir)(e)),
+        }
+    };
+    match fstatat(fd, OsStr::from_bytes(&name), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((dir, name, st))),
+        Err(e) if gone(e) => Ok(None),
+        Err(e) => Err(errno("stat", &dir.join(OsStr::from_bytes(&name)))(e)),
+    }
 }
 
 /// Copies the changed files into the store's temp dir, on `threads` workers
@@ -373,20 +740,27 @@ fn kind_of(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
-/// Scans one directory's entries into `out`; returns its subdirectories.
+/// Scans one directory's entries into `out` (marking it in `journal`
+/// first); returns its subdirectories.
 fn scan_dir(
     dir: &Path,
     rel: &str,
     cache: &ScanCache,
+    journal: Option<&Journal>,
+    forced: &HashSet<String>,
     epoch: u32,
     out: &mut Delta,
 ) -> Result<Vec<(PathBuf, String)>, FsError> {
-    let fd: OwnedFd = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(dir)
-        .map_err(io_err("open", dir))?
-        .into();
+    let fd = open_dir(dir)?;
+    if let Some(j) = journal {
+        match j.watch(fd.as_fd()) {
+            Ok(handle) => out.watched.push((handle, rel.to_owned())),
+            Err(e) => {
+                out.watch_error
+                    .get_or_insert_with(|| format!("{}: {e}", dir.display()));
+            }
+        }
+    }
     // Listing and stat share the directory (the listing owns a duplicate).
     let listing = fd.try_clone().map_err(io_err("dup", dir))?;
     let mut listing = nix::dir::Dir::from_fd(listing).map_err(errno("read dir", dir))?;
@@ -409,49 +783,68 @@ fn scan_dir(
         manifest::push_encoded(&mut rel_path, bytes);
         let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| io_err("stat", &dir.join(OsStr::from_bytes(bytes)))(e.into()))?;
-        let kind = kind_of(&st);
-        out.stats.entries += 1;
-        let (mtime_ns, ctime_ns) = (
-            ns(st.st_mtime, st.st_mtime_nsec),
-            ns(st.st_ctime, st.st_ctime_nsec),
-        );
-        let cached = cache.get(rel_path.as_str());
-        let mut unchanged = false;
-        if let Some(seen) = cached {
-            seen.visited.store(epoch, Ordering::Relaxed);
-            out.met += 1;
-            unchanged = seen.ino == st.st_ino
-                && seen.size == st.st_size as u64
-                && seen.mtime_ns == mtime_ns
-                && seen.ctime_ns == ctime_ns;
-        }
-        if kind == SFlag::S_IFDIR {
+        let force = !forced.is_empty() && forced.contains(rel_path.as_str());
+        record(dir, bytes, &st, &rel_path, cache, epoch, force, out)?;
+        if kind_of(&st) == SFlag::S_IFDIR {
             subdirs.push((dir.join(OsStr::from_bytes(bytes)), rel_path.clone()));
-        }
-        if unchanged {
-            if kind == SFlag::S_IFREG {
-                out.stats.files_cached += 1;
-            }
-            continue;
-        }
-        let path = dir.join(OsStr::from_bytes(bytes));
-        let (entry, meta) = read_entry(&path, &st, &mut out.stats)?;
-        out.changed.push((
-            rel_path.clone(),
-            Seen {
-                ino: st.st_ino,
-                size: st.st_size as u64,
-                mtime_ns,
-                ctime_ns,
-                entry,
-                visited: AtomicU32::new(epoch),
-            },
-        ));
-        if let Some(meta) = meta {
-            out.to_stage.push((out.changed.len() - 1, path, meta));
         }
     }
     Ok(subdirs)
+}
+
+/// Compares entry `name` of `dir` (its stat `st`, its path `rel_path`) with
+/// the cache: a new or changed one, or any with `force`, goes into `out`
+/// (a file's copy to be staged).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    dir: &Path,
+    name: &[u8],
+    st: &FileStat,
+    rel_path: &str,
+    cache: &ScanCache,
+    epoch: u32,
+    force: bool,
+    out: &mut Delta,
+) -> Result<(), FsError> {
+    let kind = kind_of(st);
+    out.stats.entries += 1;
+    let (mtime_ns, ctime_ns) = (
+        ns(st.st_mtime, st.st_mtime_nsec),
+        ns(st.st_ctime, st.st_ctime_nsec),
+    );
+    let mut unchanged = false;
+    if let Some(seen) = cache.get(rel_path) {
+        seen.visited.store(epoch, Ordering::Relaxed);
+        out.met += 1;
+        unchanged = !force
+            && seen.ino == st.st_ino
+            && seen.size == st.st_size as u64
+            && seen.mtime_ns == mtime_ns
+            && seen.ctime_ns == ctime_ns;
+    }
+    if unchanged {
+        if kind == SFlag::S_IFREG {
+            out.stats.files_cached += 1;
+        }
+        return Ok(());
+    }
+    let path = dir.join(OsStr::from_bytes(name));
+    let (entry, meta) = read_entry(&path, st, &mut out.stats)?;
+    out.changed.push((
+        rel_path.to_owned(),
+        Seen {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns,
+            ctime_ns,
+            entry,
+            visited: AtomicU32::new(epoch),
+        },
+    ));
+    if let Some(meta) = meta {
+        out.to_stage.push((out.changed.len() - 1, path, meta));
+    }
+    Ok(())
 }
 
 fn xattrs_of(path: &Path) -> Result<(BTreeMap<String, String>, bool), FsError> {
@@ -542,7 +935,7 @@ mod tests {
     use super::*;
 
     fn capture(dir: &Path, store: &Store, t: &mut Tracked, now: i64) -> Delta {
-        let mut d = scan_upper_at(dir, store, t, 2, now).unwrap();
+        let mut d = scan_upper_at(dir, store, t, 2, &Held::default(), now).unwrap();
         for (i, staged) in std::mem::take(&mut d.staged) {
             d.changed[i].1.entry.object = Some(store.commit(staged).unwrap());
         }
@@ -555,6 +948,7 @@ mod tests {
                 .collect(),
             removed: d.removed.clone(),
             stats: d.stats,
+            incremental: d.incremental,
             ..Delta::default()
         };
         t.apply(d, Manifest::default());
@@ -568,6 +962,14 @@ mod tests {
         std::fs::create_dir_all(&upper).unwrap();
         let store = Store::open(&tmp.path().join("store")).unwrap();
         (tmp, upper, store)
+    }
+
+    /// A cache that always lists the whole tree (no journal).
+    fn full() -> Tracked {
+        Tracked {
+            journal_off: true,
+            ..Tracked::default()
+        }
     }
 
     fn seen_stub() -> Seen {
@@ -587,7 +989,7 @@ mod tests {
         std::fs::create_dir_all(upper.join("d")).unwrap();
         std::fs::write(upper.join("d/a"), b"a").unwrap();
         std::fs::write(upper.join("b"), b"b").unwrap();
-        let mut t = Tracked::default();
+        let mut t = full();
         let later = now_ns() + 10_000_000_000; // past the racy window
         let d = capture(&upper, &store, &mut t, later);
         assert_eq!((d.changed.len(), d.stats.files_hashed), (3, 2));
@@ -610,7 +1012,7 @@ mod tests {
     fn entries_changed_just_before_a_scan_are_read_again_next_time() {
         let (_tmp, upper, store) = dirs();
         std::fs::write(upper.join("hot"), b"1").unwrap();
-        let mut t = Tracked::default();
+        let mut t = full();
         let now = now_ns();
         assert_eq!(capture(&upper, &store, &mut t, now).stats.files_hashed, 1);
         // Written within the window of that scan: a same-tick rewrite could
@@ -644,5 +1046,174 @@ mod tests {
             "trusted after load"
         );
         assert!(Tracked::load(b"garbage", 3).is_none());
+    }
+
+    /// A named change made to the upper dir.
+    type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+    /// The entries a cache holds, as a full scan from nothing sees them.
+    fn truth(upper: &Path, store: &Store, later: i64) -> BTreeMap<String, Entry> {
+        let mut t = full();
+        capture(upper, store, &mut t, later);
+        entries(&t)
+    }
+
+    fn entries(t: &Tracked) -> BTreeMap<String, Entry> {
+        t.seen
+            .iter()
+            .map(|(p, s)| (p.clone(), s.entry.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_journal_finds_what_a_full_scan_finds() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let (tmp, upper, store) = dirs();
+        if let Err(e) = Journal::open(tmp.path()) {
+            assert_ne!(
+                std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref(),
+                Ok("1"),
+                "fanotify unavailable ({e}) and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping"
+            );
+            eprintln!("skipped: fanotify unavailable ({e}); needs root");
+            return;
+        }
+        let later = now_ns() + 10_000_000_000;
+        let w = |p: &str, b: &[u8]| {
+            let p = upper.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b).unwrap();
+        };
+        let append = |p: &str, b: &[u8]| {
+            use std::io::Write;
+            let mut f = OpenOptions::new().append(true).open(upper.join(p)).unwrap();
+            f.write_all(b).unwrap();
+        };
+        w("d/a", b"a");
+        w("d/b", b"b");
+        w("top", b"top");
+        w("d/h1", b"linked");
+        std::fs::hard_link(upper.join("d/h1"), upper.join("h2")).unwrap();
+        symlink("d/a", upper.join("s")).unwrap();
+        let mut t = Tracked::default();
+        let first = capture(&upper, &store, &mut t, later);
+        assert!(!first.incremental, "the first scan lists everything");
+        assert!(t.journal_dirs() >= 2, "every directory watched");
+        let steps: Vec<Step> = vec![
+            ("nothing", Box::new(|| {})),
+            ("rewrite in place, same size", Box::new(|| w("d/a", b"A"))),
+            ("append", Box::new(|| append("top", b"+"))),
+            (
+                "write through one hard link",
+                Box::new(|| append("h2", b"!")),
+            ),
+            (
+                "chmod, xattr",
+                Box::new(|| {
+                    std::fs::set_permissions(upper.join("d/b"), PermissionsExt::from_mode(0o600))
+                        .unwrap();
+                    xattr::set(upper.join("top"), "user.k", b"v").unwrap();
+                }),
+            ),
+            (
+                "new nested dirs",
+                Box::new(|| {
+                    w("n/m/k/f", b"deep");
+                    w("n/g", b"g");
+                }),
+            ),
+            ("write in a new dir", Box::new(|| append("n/m/k/f", b"er"))),
+            (
+                "move a dir, then write under it",
+                Box::new(|| {
+                    std::fs::rename(upper.join("n"), upper.join("n2")).unwrap();
+                    append("n2/m/k/f", b"!");
+                }),
+            ),
+            (
+                "write under the moved dir",
+                Box::new(|| append("n2/m/k/f", b"?")),
+            ),
+            (
+                "rename files",
+                Box::new(|| {
+                    std::fs::rename(upper.join("d/b"), upper.join("d/b2")).unwrap();
+                    std::fs::rename(upper.join("n2/g"), upper.join("g")).unwrap();
+                }),
+            ),
+            (
+                "truncate, symlink retargeted",
+                Box::new(|| {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(upper.join("top"))
+                        .unwrap()
+                        .set_len(1)
+                        .unwrap();
+                    std::fs::remove_file(upper.join("s")).unwrap();
+                    symlink("elsewhere", upper.join("s")).unwrap();
+                }),
+            ),
+            (
+                "remove a tree",
+                Box::new(|| std::fs::remove_dir_all(upper.join("n2")).unwrap()),
+            ),
+            (
+                "a dir becomes a file, a file a dir",
+                Box::new(|| {
+                    std::fs::remove_dir_all(upper.join("d")).unwrap();
+                    w("d", b"now a file");
+                    std::fs::remove_file(upper.join("top")).unwrap();
+                    w("top/inner", b"now a dir");
+                }),
+            ),
+            (
+                "write in the replacement dir",
+                Box::new(|| append("top/inner", b"!")),
+            ),
+        ];
+        for (what, step) in steps {
+            step();
+            let d = capture(&upper, &store, &mut t, later);
+            assert!(d.incremental, "{what}: the journal was not used");
+            assert_eq!(
+                verify(&upper, &t, None).unwrap(),
+                Vec::<String>::new(),
+                "{what}"
+            );
+            let (got, want) = (entries(&t), truth(&upper, &store, later));
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|(p, e)| got.get(*p) != Some(e))
+                .map(|(p, e)| format!("{p}: want {e:?}, got {:?}", got.get(p)))
+                .chain(
+                    got.keys()
+                        .filter(|p| !want.contains_key(*p))
+                        .map(|p| format!("{p}: gone")),
+                )
+                .collect();
+            assert!(differ.is_empty(), "after: {what}: {differ:#?}");
+        }
+        // Nothing changed: nothing is read.
+        let d = capture(&upper, &store, &mut t, later);
+        assert_eq!((d.changed.len(), d.stats.entries), (0, 0));
+        // A scan whose delta was never applied (its capture failed) makes
+        // the next one full: what the journal told it is gone.
+        append("g", b"lost?");
+        scan_upper_at(&upper, &store, &mut t, 2, &Held::default(), later).unwrap();
+        let d = capture(&upper, &store, &mut t, later);
+        assert!(!d.incremental);
+        assert_eq!(entries(&t), truth(&upper, &store, later));
+        // A file mapped shared and writable is read at this scan and the next.
+        let held = Held {
+            mapped: vec!["g".into()],
+            ..Held::default()
+        };
+        let none = Held::default();
+        for (held, expect) in [(&held, 1), (&none, 1), (&none, 0)] {
+            let d = scan_upper_at(&upper, &store, &mut t, 2, held, later).unwrap();
+            assert_eq!(d.stats.files_hashed, expect);
+            t.apply(d, Manifest::default());
+        }
     }
 }
