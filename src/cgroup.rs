@@ -386,14 +386,25 @@ impl FreezeGuard {
         self.frozen.len()
     }
 
-    /// The processes of every frozen cgroup (those whose list cannot be
-    /// read are skipped: the cgroup went away).
+    /// The processes of every frozen cgroup and of the cgroups below them
+    /// (a list that cannot be read is skipped: the cgroup went away).
     pub fn pids(&self) -> Vec<i32> {
-        self.frozen
-            .iter()
-            .filter_map(|cg| cg.pids().ok())
-            .flatten()
-            .collect()
+        let mut out = Vec::new();
+        let mut dirs: Vec<PathBuf> = self.frozen.iter().map(|cg| cg.path.clone()).collect();
+        while let Some(dir) = dirs.pop() {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {

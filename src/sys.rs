@@ -414,14 +414,19 @@ pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
     ))
 }
 
-/// A fanotify group that reports each event with the file handle of the
-/// directory it happened in and the entry's name (`FAN_REPORT_DFID_NAME`),
-/// read without blocking. Needs `CAP_SYS_ADMIN`.
+/// A fanotify group that reports each event with the file handles of the
+/// directory it happened in and of the object itself, and the entry's name
+/// (`FAN_REPORT_DFID_NAME | FAN_REPORT_FID`), read without blocking, with
+/// no limit on marks. Needs `CAP_SYS_ADMIN`.
 #[allow(unsafe_code)]
 pub fn fanotify_dfid_name() -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let flags =
-        libc::FAN_CLASS_NOTIF | libc::FAN_REPORT_DFID_NAME | libc::FAN_NONBLOCK | libc::FAN_CLOEXEC;
+    let flags = libc::FAN_CLASS_NOTIF
+        | libc::FAN_REPORT_DFID_NAME
+        | libc::FAN_REPORT_FID
+        | libc::FAN_UNLIMITED_MARKS
+        | libc::FAN_NONBLOCK
+        | libc::FAN_CLOEXEC;
     // SAFETY: a plain system call with constant arguments and no pointers.
     let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_LARGEFILE) as u32) };
     if fd < 0 {
@@ -489,4 +494,46 @@ pub fn file_handle(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let mut out = kind.to_ne_bytes().to_vec();
     out.extend_from_slice(&bytes[HEADER..HEADER + len.min(libc::MAX_HANDLE_SZ as usize)]);
     Ok(out)
+}
+
+/// Opens (`O_PATH`) the object a handle from [`file_handle`] (type, then
+/// bytes) names on the filesystem of `mount`. Needs `CAP_DAC_READ_SEARCH`;
+/// `ESTALE` when the object is gone.
+#[allow(unsafe_code)]
+pub fn open_by_handle(
+    mount: std::os::fd::BorrowedFd<'_>,
+    handle: &[u8],
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const HEADER: usize = std::mem::size_of::<libc::file_handle>();
+    let Some((kind, bytes)) = handle.split_first_chunk::<4>() else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    if bytes.len() > libc::MAX_HANDLE_SZ as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = [0u32; (HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
+    let mut raw: Vec<u8> = (bytes.len() as u32).to_ne_bytes().to_vec();
+    raw.extend_from_slice(kind);
+    raw.extend_from_slice(bytes);
+    for (i, chunk) in raw.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        buf[i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `buf` is an aligned `struct file_handle` whose `handle_bytes`
+    // (≤ MAX_HANDLE_SZ) matches the bytes that follow; `mount` is open for
+    // the call.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }

@@ -103,6 +103,8 @@ fn incremental_captures_match_the_upper_dir_through_overlay_changes() {
     let r = |p: &str| s.root.join(p);
     let (incremental, _) = capture(&s.env, &[]);
     assert!(!incremental, "the first capture lists the upper dir");
+    // A file kept open across steps.
+    let open: std::cell::RefCell<Option<std::fs::File>> = Default::default();
     let steps: Vec<Step> = vec![
         (
             "copy-up by a write",
@@ -172,6 +174,48 @@ fn incremental_captures_match_the_upper_dir_through_overlay_changes() {
         (
             "same name again",
             Box::new(|| write(&r("lib/again"), "again")),
+        ),
+        (
+            "one name of a linked pair removed while open",
+            Box::new(|| {
+                let f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(r("keep/k2"))
+                    .unwrap();
+                *open.borrow_mut() = Some(f);
+                std::fs::remove_file(r("keep/k2")).unwrap();
+            }),
+        ),
+        (
+            "a write through the removed name",
+            Box::new(|| open.borrow_mut().as_mut().unwrap().write_all(b"+").unwrap()),
+        ),
+        (
+            "an O_TMPFILE linked in",
+            Box::new(|| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_TMPFILE)
+                    .open(r("etc"))
+                    .unwrap();
+                f.write_all(b"anonymous").unwrap();
+                let fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    fd.as_str(),
+                    nix::fcntl::AT_FDCWD,
+                    &r("etc/named"),
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                )
+                .unwrap();
+                *open.borrow_mut() = Some(f);
+            }),
+        ),
+        (
+            "a write through the O_TMPFILE's fd",
+            Box::new(|| open.borrow_mut().as_mut().unwrap().write_all(b"!").unwrap()),
         ),
     ];
     for (what, step) in steps {

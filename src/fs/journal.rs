@@ -25,16 +25,25 @@
 //! for — a lost event (queue overflow), a held file outside the known
 //! paths — makes the capture scan the whole tree, as without a journal.
 //!
-//! Each event carries the handle of its directory; the handles a scan
-//! records come from `name_to_handle_at`. [`Journal::open`] checks once, on
-//! a probe directory of the same filesystem, that the two agree.
+//! Each event carries the handle of its directory (the handles a scan
+//! records come from `name_to_handle_at`) and that of the object itself: a
+//! write through an open file whose name is gone (a removed hard link, an
+//! `O_TMPFILE` linked in later) still names its inode, and the scan reads
+//! the paths the cache has for that inode.
+//!
+//! Overlayfs reports writes on the upper files only since Linux 6.5 (before,
+//! it opened them `FMODE_NONOTIFY`). [`Journal::open`] therefore checks once
+//! per filesystem, on a throwaway overlay mount made beside the upper dir,
+//! that a write through overlayfs reports on the upper dir, with the handle
+//! `name_to_handle_at` gives; otherwise there is no journal.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::manifest;
 
@@ -71,63 +80,34 @@ pub struct Dirty {
     pub paths: HashMap<String, bool>,
     /// Directories that appeared: list them in full.
     pub subtrees: HashSet<String>,
+    /// Handles of the objects written (see [`Journal`]'s doc on hard links).
+    pub written: HashSet<Vec<u8>>,
     /// Why the journal cannot be trusted this time (scan everything).
     pub lost: Option<String>,
 }
 
-/// One parsed event: its mask, directory handle and entry name (`.`: the
-/// directory itself).
+/// One parsed event: its mask, directory handle, entry name (`.`: the
+/// directory itself) and the object's own handle (empty if not reported).
 #[derive(Debug, PartialEq, Eq)]
 struct Event<'a> {
     mask: u64,
     handle: &'a [u8],
     name: &'a [u8],
+    object: &'a [u8],
 }
 
 impl Journal {
     /// A new, empty journal. Fails if fanotify is unavailable (no
-    /// `CAP_SYS_ADMIN`, an old kernel, a filesystem without file handles)
-    /// or reports handles that `name_to_handle_at` does not give: checked on
-    /// a probe directory made (and removed) in `probe_parent`, which must be
-    /// on the upper dir's filesystem.
+    /// `CAP_SYS_ADMIN`, an old kernel, a filesystem without file handles),
+    /// or if the probe made in `probe_parent` (on the upper dir's
+    /// filesystem) finds that writes through overlayfs go unreported there.
     pub fn open(probe_parent: &Path) -> io::Result<Journal> {
         let group = sys::fanotify_dfid_name()?;
-        let probe = probe_parent.join(format!(
-            "{}journal-probe-{}",
-            crate::durable::TEMP_PREFIX,
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&probe);
-        std::fs::create_dir(&probe)?;
-        let checked = (|| {
-            let dir = open_dir(&probe)?;
-            sys::fanotify_mark_inode(group.as_fd(), dir.as_fd(), MASK)?;
-            let handle = sys::file_handle(dir.as_fd())?;
-            std::fs::write(probe.join("probe"), b"")?;
-            let mut buf = vec![0u8; 4096];
-            let n = nix::unistd::read(&group, &mut buf)?;
-            let events = parse(&buf[..n]);
-            if events
-                .iter()
-                .any(|e| e.handle == handle && e.name == b"probe")
-            {
-                Ok(())
-            } else {
-                Err(io::Error::other(
-                    "fanotify reports directory handles unlike name_to_handle_at's",
-                ))
-            }
-        })();
-        let _ = std::fs::remove_dir_all(&probe);
-        checked?;
-        let mut j = Journal {
+        probe(probe_parent)?;
+        Ok(Journal {
             group,
             dirs: HashMap::new(),
-        };
-        // The probe's own remaining events (its removal).
-        let _ = j.drain();
-        j.dirs.clear();
-        Ok(j)
+        })
     }
 
     /// Marks directory `dir` (open); returns its handle for [`Journal::learn`].
@@ -145,6 +125,9 @@ impl Journal {
     /// Reads every queued event and says what they touched.
     pub fn drain(&mut self) -> Dirty {
         let mut dirty = Dirty::default();
+        // Directories deleted or moved away: forgotten once, at the end (an
+        // event between still resolves to the old path, which is harmless).
+        let mut gone = HashSet::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match nix::unistd::read(&self.group, &mut buf) {
@@ -157,16 +140,29 @@ impl Journal {
                 }
             };
             for e in parse(&buf[..n]) {
-                self.fold(&e, &mut dirty);
+                self.fold(&e, &mut dirty, &mut gone);
             }
         }
+        self.forget(&gone);
         dirty
     }
 
+    /// Forgets the directories at (or under) the paths `gone`.
+    fn forget(&mut self, gone: &HashSet<String>) {
+        if !gone.is_empty() {
+            self.dirs
+                .retain(|_, p| !gone.contains(p.as_str()) && !under_any(p, gone));
+        }
+    }
+
     /// What one event means for the next scan.
-    fn fold(&mut self, e: &Event<'_>, dirty: &mut Dirty) {
+    fn fold(&self, e: &Event<'_>, dirty: &mut Dirty, gone: &mut HashSet<String>) {
         if e.mask & libc::FAN_Q_OVERFLOW != 0 {
             dirty.lost = Some("the journal's queue overflowed".into());
+            return;
+        }
+        if e.handle.is_empty() {
+            dirty.lost = Some("an event came without its directory".into());
             return;
         }
         let Some(dir) = self.dirs.get(e.handle).cloned() else {
@@ -190,9 +186,12 @@ impl Journal {
         }
         manifest::push_encoded(&mut path, e.name);
         let written = e.mask & WRITTEN != 0;
+        if written && !e.object.is_empty() {
+            dirty.written.insert(e.object.to_vec());
+        }
         if e.mask & libc::FAN_ONDIR != 0 {
             if e.mask & (libc::FAN_DELETE | libc::FAN_MOVED_FROM) != 0 {
-                self.dirs.retain(|_, p| !is_within(p, &path));
+                gone.insert(path.clone());
             }
             if e.mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) != 0 {
                 dirty.subtrees.insert(path.clone());
@@ -208,10 +207,107 @@ impl Journal {
     }
 }
 
-/// Whether encoded path `p` is `dir` or under it.
-pub fn is_within(p: &str, dir: &str) -> bool {
-    p.strip_prefix(dir)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+/// Whether a strict ancestor of encoded path `p` is in `dirs`.
+pub fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
+    !dirs.is_empty() && p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
+}
+
+/// Probe results by filesystem (device): the kernel and the filesystem
+/// decide, not the directory.
+static PROBED: Mutex<BTreeMap<u64, Result<(), String>>> = Mutex::new(BTreeMap::new());
+
+/// Checks, once per filesystem, that a write through overlayfs to a file
+/// of an upper dir in `parent` reports `FAN_MODIFY` on the upper dir's mark,
+/// with the directory handle `name_to_handle_at` gives.
+fn probe(parent: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(parent)?.dev();
+    let mut probed = PROBED.lock().unwrap_or_else(|e| e.into_inner());
+    let result = probed
+        .entry(dev)
+        .or_insert_with(|| probe_overlay(parent).map_err(|e| e.to_string()));
+    result.clone().map_err(io::Error::other)
+}
+
+fn probe_dir(parent: &Path) -> std::path::PathBuf {
+    parent.join(format!(
+        "{}journal-probe-{}",
+        crate::durable::TEMP_PREFIX,
+        std::process::id()
+    ))
+}
+
+/// Removes the probe dirs a crash left in `parent` (detaching their mount
+/// first: a dir with a mount on it cannot be removed).
+pub fn clean_probes(parent: &Path) {
+    let prefix = format!("{}journal-probe-", crate::durable::TEMP_PREFIX);
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            remove_probe(&e.path());
+        }
+    }
+}
+
+fn remove_probe(dir: &Path) {
+    let _ = nix::mount::umount2(&dir.join("merged"), nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn probe_overlay(parent: &Path) -> io::Result<()> {
+    let dir = probe_dir(parent);
+    remove_probe(&dir);
+    let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| dir.join(d));
+    for d in [&lower, &upper, &work, &merged] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(upper.join("f"), b"")?;
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let checked = nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(io::Error::from)
+    .and_then(|()| {
+        let group = sys::fanotify_dfid_name()?;
+        let up = open_dir(&upper)?;
+        sys::fanotify_mark_inode(group.as_fd(), up.as_fd(), MASK)?;
+        let handle = sys::file_handle(up.as_fd())?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(merged.join("f"))?
+            .write_all(b"x")?;
+        let mut buf = vec![0u8; 4096];
+        let n = nix::unistd::read(&group, &mut buf).unwrap_or(0);
+        let events = parse(&buf[..n]);
+        let writes: Vec<_> = events
+            .iter()
+            .filter(|e| e.name == b"f" && e.mask & libc::FAN_MODIFY != 0)
+            .collect();
+        if writes.is_empty() {
+            Err(io::Error::other(
+                "overlayfs does not report writes on its upper dir here (before Linux 6.5)",
+            ))
+        } else if !writes.iter().any(|e| e.handle == handle) {
+            Err(io::Error::other(
+                "fanotify reports directory handles unlike name_to_handle_at's",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    remove_probe(&dir);
+    checked
 }
 
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
@@ -246,6 +342,7 @@ fn parse(buf: &[u8]) -> Vec<Event<'_>> {
         // DFID_NAME, a NUL-terminated name.
         let mut handle: &[u8] = &[];
         let mut name: &[u8] = b".";
+        let mut object: &[u8] = &[];
         let mut r = meta_len;
         while len - r >= 4 {
             let kind = ev[r];
@@ -256,9 +353,11 @@ fn parse(buf: &[u8]) -> Vec<Event<'_>> {
             let rec = &ev[r..r + rec_len];
             let dfid = kind == libc::FAN_EVENT_INFO_TYPE_DFID_NAME
                 || kind == libc::FAN_EVENT_INFO_TYPE_DFID;
-            if dfid && rec.len() >= 20 {
+            if (dfid || kind == libc::FAN_EVENT_INFO_TYPE_FID) && rec.len() >= 20 {
                 let hb = u32_at(rec, 12) as usize;
-                if 20 + hb <= rec.len() {
+                if 20 + hb <= rec.len() && kind == libc::FAN_EVENT_INFO_TYPE_FID {
+                    object = &rec[16..20 + hb];
+                } else if 20 + hb <= rec.len() {
                     handle = &rec[16..20 + hb];
                     if kind == libc::FAN_EVENT_INFO_TYPE_DFID_NAME {
                         let tail = &rec[20 + hb..];
@@ -269,7 +368,12 @@ fn parse(buf: &[u8]) -> Vec<Event<'_>> {
             }
             r += rec_len;
         }
-        out.push(Event { mask, handle, name });
+        out.push(Event {
+            mask,
+            handle,
+            name,
+            object,
+        });
         at += len;
     }
     out
@@ -324,11 +428,20 @@ pub fn held(proc: &Path, pids: &[i32], env_root: &Path, upper: &Path, env_dev: u
                 if !m.is_file() || m.dev() != env_dev {
                     continue;
                 }
-                if let Ok(target) = std::fs::read_link(&link) {
-                    match place(&target) {
-                        Some(rel) => out.open.push(rel),
-                        None => unplaced(&target, &mut out),
+                let Ok(target) = std::fs::read_link(&link) else {
+                    continue;
+                };
+                if target.as_os_str().as_bytes().ends_with(DELETED) {
+                    // Unlinked under that name: irrelevant unless another
+                    // name still links it, which no path here tells.
+                    if m.nlink() > 0 {
+                        unplaced(&target, &mut out);
                     }
+                    continue;
+                }
+                match place(&target) {
+                    Some(rel) => out.open.push(rel),
+                    None => unplaced(&target, &mut out),
                 }
             }
         }
@@ -336,10 +449,19 @@ pub fn held(proc: &Path, pids: &[i32], env_root: &Path, upper: &Path, env_dev: u
             continue;
         };
         for line in maps.split(|&b| b == b'\n') {
-            let Some((dev, path)) = shared_writable(line) else {
+            let Some((range, dev, path)) = shared_writable(line) else {
                 continue;
             };
             let path = Path::new(OsStr::from_bytes(path));
+            if let Some(path) = path.as_os_str().as_bytes().strip_suffix(DELETED) {
+                let path = Path::new(OsStr::from_bytes(path));
+                let file = base.join("map_files").join(OsStr::from_bytes(range));
+                let linked = std::fs::metadata(file).is_ok_and(|m| m.nlink() > 0);
+                if linked && (dev == env_dev || place(path).is_some()) {
+                    unplaced(path, &mut out);
+                }
+                continue;
+            }
             match place(path) {
                 Some(rel) => out.mapped.push(rel),
                 None if dev == env_dev => unplaced(path, &mut out),
@@ -350,12 +472,15 @@ pub fn held(proc: &Path, pids: &[i32], env_root: &Path, upper: &Path, env_dev: u
     out
 }
 
-/// The device and path of a `maps` line that maps a file shared and
-/// writable (`rw?s`); deleted files are no one's concern.
-fn shared_writable(line: &[u8]) -> Option<(u64, &[u8])> {
+/// How `/proc` marks the path of a file unlinked since it was opened.
+const DELETED: &[u8] = b" (deleted)";
+
+/// The address range, device and path of a `maps` line that maps a file
+/// shared and writable (`rw?s`).
+fn shared_writable(line: &[u8]) -> Option<(&[u8], u64, &[u8])> {
     // start-end perms offset dev inode path
     let mut f = line.splitn(6, |&b| b == b' ');
-    let _range = f.next()?;
+    let range = f.next()?;
     let perms = f.next()?;
     if perms.len() < 4 || perms[1] != b'w' || perms[3] != b's' {
         return None;
@@ -369,47 +494,78 @@ fn shared_writable(line: &[u8]) -> Option<(u64, &[u8])> {
     );
     let _inode = f.next()?;
     let path = f.next()?.trim_ascii_start();
-    if !path.starts_with(b"/") || path.ends_with(b" (deleted)") {
+    if !path.starts_with(b"/") {
         return None;
     }
-    Some((dev, path))
+    Some((range, dev, path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// One event as the kernel lays it out.
-    fn event(mask: u64, handle: &[u8], name: &[u8]) -> Vec<u8> {
-        let mut rec = vec![libc::FAN_EVENT_INFO_TYPE_DFID_NAME, 0, 0, 0];
+    /// One info record: header, fsid, `struct file_handle`, name.
+    fn record(kind: u8, handle: &[u8], name: Option<&[u8]>) -> Vec<u8> {
+        let mut rec = vec![kind, 0, 0, 0];
         rec.extend_from_slice(&[7u8; 8]); // fsid
         rec.extend_from_slice(&((handle.len() - 4) as u32).to_ne_bytes());
         rec.extend_from_slice(handle);
-        rec.extend_from_slice(name);
-        rec.push(0);
+        if let Some(name) = name {
+            rec.extend_from_slice(name);
+            rec.push(0);
+        }
         while rec.len() % 4 != 0 {
             rec.push(0);
         }
         let rec_len = rec.len() as u16;
         rec[2..4].copy_from_slice(&rec_len.to_ne_bytes());
+        rec
+    }
+
+    /// One event as the kernel lays it out (a FID record when `object`).
+    fn event(mask: u64, handle: &[u8], name: &[u8], object: Option<&[u8]>) -> Vec<u8> {
+        let mut recs = record(libc::FAN_EVENT_INFO_TYPE_DFID_NAME, handle, Some(name));
+        if let Some(object) = object {
+            recs.extend(record(libc::FAN_EVENT_INFO_TYPE_FID, object, None));
+        }
         let mut ev = vec![0u8; 24];
-        ev[0..4].copy_from_slice(&((24 + rec.len()) as u32).to_ne_bytes());
+        ev[0..4].copy_from_slice(&((24 + recs.len()) as u32).to_ne_bytes());
         ev[4] = 3;
         ev[6..8].copy_from_slice(&24u16.to_ne_bytes());
         ev[8..16].copy_from_slice(&mask.to_ne_bytes());
         ev[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
-        ev.extend_from_slice(&rec);
+        ev.extend_from_slice(&recs);
         ev
+    }
+
+    fn ev<'a>(mask: u64, handle: &'a [u8], name: &'a [u8]) -> Event<'a> {
+        Event {
+            mask,
+            handle,
+            name,
+            object: &[],
+        }
     }
 
     #[test]
     fn events_parse_and_fold_into_paths_and_subtrees() {
         let (root, sub) = (vec![1, 0, 0, 0, 9, 9], vec![1, 0, 0, 0, 8, 8]);
-        let mut buf = event(libc::FAN_MODIFY, &sub, b"f");
-        buf.extend(event(libc::FAN_CREATE | libc::FAN_ONDIR, &root, b"new"));
-        buf.extend(event(libc::FAN_ATTRIB, &sub, b"g"));
-        buf.extend(event(libc::FAN_ATTRIB | libc::FAN_ONDIR, &sub, b"."));
-        buf.extend(event(libc::FAN_MODIFY, &[1, 0, 0, 0, 5, 5], b"elsewhere"));
+        let file = [1u8, 0, 0, 0, 4, 4, 4, 4];
+        let mut buf = event(libc::FAN_MODIFY, &sub, b"f", Some(&file));
+        buf.extend(event(
+            libc::FAN_CREATE | libc::FAN_ONDIR,
+            &root,
+            b"new",
+            None,
+        ));
+        buf.extend(event(libc::FAN_ATTRIB, &sub, b"g", None));
+        buf.extend(event(libc::FAN_ATTRIB | libc::FAN_ONDIR, &sub, b".", None));
+        buf.extend(event(
+            libc::FAN_MODIFY,
+            &[1, 0, 0, 0, 5, 5],
+            b"elsewhere",
+            None,
+        ));
         let events = parse(&buf);
         assert_eq!(events.len(), 5);
         assert_eq!(
@@ -417,7 +573,8 @@ mod tests {
             Event {
                 mask: libc::FAN_MODIFY,
                 handle: &sub,
-                name: b"f"
+                name: b"f",
+                object: &file,
             }
         );
         let group = sys::fanotify_dfid_name().or_else(|_| {
@@ -428,11 +585,12 @@ mod tests {
             group: group.unwrap(),
             dirs: HashMap::new(),
         };
-        j.learn(root, String::new());
-        j.learn(sub, "d".into());
+        j.learn(root.clone(), String::new());
+        j.learn(sub.clone(), "d".into());
         let mut dirty = Dirty::default();
+        let mut gone = HashSet::new();
         for e in &events {
-            j.fold(e, &mut dirty);
+            j.fold(e, &mut dirty, &mut gone);
         }
         assert_eq!(dirty.paths.get("d/f"), Some(&true), "written");
         assert_eq!(dirty.paths.get("d/g"), Some(&false), "attributes only");
@@ -443,39 +601,30 @@ mod tests {
             4,
             "the unknown directory's event is dropped"
         );
+        assert!(dirty.written.contains(&file[..]), "the written object");
         let mut moved = Dirty::default();
-        j.fold(
-            &Event {
-                mask: libc::FAN_MOVED_FROM,
-                handle: &[1, 0, 0, 0, 8, 8],
-                name: b"f",
-            },
-            &mut moved,
-        );
+        j.fold(&ev(libc::FAN_MOVED_FROM, &sub, b"f"), &mut moved, &mut gone);
         assert!(
             moved.paths.contains_key("d"),
             "an entry moved out changes its dir"
         );
         // A directory moved away is forgotten with what is under it.
+        j.learn(vec![1, 0, 0, 0, 7, 7], "d/deeper".into());
         j.fold(
-            &Event {
-                mask: libc::FAN_MOVED_FROM | libc::FAN_ONDIR,
-                handle: &[1, 0, 0, 0, 9, 9],
-                name: b"d",
-            },
+            &ev(libc::FAN_MOVED_FROM | libc::FAN_ONDIR, &root, b"d"),
             &mut dirty,
+            &mut gone,
         );
+        j.forget(&gone);
         assert_eq!(j.watched(), 1);
-        j.fold(
-            &Event {
-                mask: libc::FAN_Q_OVERFLOW,
-                handle: &[],
-                name: b".",
-            },
-            &mut dirty,
-        );
+        j.fold(&ev(libc::FAN_Q_OVERFLOW, &[], b"."), &mut dirty, &mut gone);
         assert!(dirty.lost.is_some());
-        assert!(is_within("a/b", "a") && is_within("a", "a") && !is_within("ab", "a"));
+        let mut no_dir = Dirty::default();
+        j.fold(&ev(libc::FAN_MODIFY, &[], b"x"), &mut no_dir, &mut gone);
+        assert!(no_dir.lost.is_some(), "an event without its directory");
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        assert!(under_any("a/b", &set(&["a"])) && !under_any("a", &set(&["a"])));
+        assert!(!under_any("ab/c", &set(&["a"])));
         // Truncated input ends the parse instead of misreading.
         assert_eq!(parse(&buf[..30]).len(), 0);
     }
@@ -485,7 +634,11 @@ mod tests {
         let line = b"7f00-7f10 rw-s 00000000 00:2a 1234   /srv/env/db/data.mdb";
         assert_eq!(
             shared_writable(line),
-            Some((libc::makedev(0, 0x2a), &b"/srv/env/db/data.mdb"[..]))
+            Some((
+                &b"7f00-7f10"[..],
+                libc::makedev(0, 0x2a),
+                &b"/srv/env/db/data.mdb"[..]
+            ))
         );
         assert_eq!(
             shared_writable(b"7f00-7f10 r--s 00000000 00:2a 1234 /srv/x"),
@@ -496,8 +649,8 @@ mod tests {
             None
         );
         assert_eq!(
-            shared_writable(b"7f00-7f10 rw-s 00000000 00:01 9 /dev/zero (deleted)"),
-            None
+            shared_writable(b"7f00-7f10 rw-s 00000000 00:01 9 /a (deleted)").map(|m| m.2),
+            Some(&b"/a (deleted)"[..])
         );
         assert_eq!(shared_writable(b"7f00-7f10 rw-s 00000000 00:00 0 "), None);
         assert_eq!(shared_writable(b"garbage"), None);

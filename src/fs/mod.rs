@@ -186,6 +186,7 @@ impl Env {
         for d in [&env_dir, &layers, &base, &cfg.env_root] {
             std::fs::create_dir_all(d).map_err(io_err("create", d))?;
         }
+        journal::clean_probes(&env_dir);
         durable::clean_temp_files(&env_dir)?;
         let store = Store::open(&cfg.state_dir.join("store"))?;
         let state: EnvState = match std::fs::read(env_dir.join("state.json")) {
@@ -442,9 +443,13 @@ impl Env {
             journal::Held::default()
         } else {
             use std::os::unix::fs::MetadataExt;
-            let root = &self.cfg.env_root;
-            let dev = std::fs::metadata(root).map_err(io_err("stat", root))?.dev();
-            journal::held(Path::new("/proc"), holders, root, &self.upper(), dev)
+            // As the kernel prints them: no symlinks.
+            let canonical = |p: &Path| std::fs::canonicalize(p).map_err(io_err("resolve", p));
+            let (root, upper) = (canonical(&self.cfg.env_root)?, canonical(&self.upper())?);
+            let dev = std::fs::metadata(&root)
+                .map_err(io_err("stat", &root))?
+                .dev();
+            journal::held(Path::new("/proc"), holders, &root, &upper, dev)
         };
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
         let delta = scan::scan_upper(
@@ -452,7 +457,7 @@ impl Env {
             &self.store,
             &mut tracked,
             SCAN_THREADS,
-            &held,
+            Some(&held),
         )?;
         #[cfg(debug_assertions)]
         if delta.incremental {
@@ -495,13 +500,8 @@ impl Env {
         if !tracked.next_scan_is_full() {
             return Ok(None);
         }
-        let mut delta = scan::scan_upper(
-            &self.upper(),
-            &self.store,
-            &mut tracked,
-            SCAN_THREADS,
-            &journal::Held::default(),
-        )?;
+        let mut delta =
+            scan::scan_upper(&self.upper(), &self.store, &mut tracked, SCAN_THREADS, None)?;
         drop(tracked);
         self.commit_staged(&mut delta)?;
         let stats = delta.stats;

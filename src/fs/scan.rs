@@ -24,7 +24,7 @@ use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, SFlag, fstatat};
 use serde::{Deserialize, Serialize};
 
-use super::journal::{Dirty, Held, Journal};
+use super::journal::{Dirty, Held, Journal, under_any};
 use super::manifest::{self, Entry, Kind, Manifest};
 use super::store::{Meta, Staged, Store};
 use super::{FsError, io_err};
@@ -71,9 +71,11 @@ pub struct Tracked {
     /// A scan ran whose delta was not applied (its capture failed): what
     /// the journal reported to it is lost, so the next scan is full.
     unsettled: bool,
-    /// Files mapped shared and writable at the last scan, read again in
-    /// full by the next (a dirty page takes writes without moving mtime).
-    mapped_last: HashSet<String>,
+    /// Paths the next scan reads in full whatever their stat says: mapped
+    /// shared and writable at the last kept frozen scan (a dirty page takes
+    /// writes without moving mtime), or written according to a journal
+    /// drain whose scan was not kept. Replaced when a scan is applied.
+    force_pending: HashSet<String>,
 }
 
 /// Counters of one scan.
@@ -105,6 +107,8 @@ pub struct Delta {
     watched: Vec<(Vec<u8>, String)>,
     /// Why marking a directory failed (the journal is then given up).
     watch_error: Option<String>,
+    /// What [`Tracked::force_pending`] becomes if this delta is applied.
+    next_force: HashSet<String>,
     /// Cached paths the scan met, changed or not.
     met: u64,
     epoch: u32,
@@ -218,7 +222,8 @@ impl Tracked {
     }
 
     /// Makes the delta (of a capture that completed) part of the cache.
-    pub fn apply(&mut self, delta: Delta, merged: Manifest) {
+    pub fn apply(&mut self, mut delta: Delta, merged: Manifest) {
+        let next_force = std::mem::take(&mut delta.next_force);
         for p in &delta.removed {
             self.seen.remove(p);
         }
@@ -231,6 +236,7 @@ impl Tracked {
         }
         self.merged = Some(merged);
         self.unsettled = false;
+        self.force_pending = next_force;
     }
 
     /// Whether the next scan would list the whole upper dir: nothing is
@@ -292,13 +298,14 @@ impl Tracked {
 /// Scans the upper dir against `tracked` (directories shared out to
 /// `threads` workers). Changed files are only staged (copied, not hashed).
 /// `held`: the files frozen processes hold where the journal cannot see
-/// them change (see [`super::journal::held`]).
+/// them change (see [`super::journal::held`]); `None` for a scan made with
+/// services running (before freezing).
 pub fn scan_upper(
     upper: &Path,
     store: &Store,
     tracked: &mut Tracked,
     threads: usize,
-    held: &Held,
+    held: Option<&Held>,
 ) -> Result<Delta, FsError> {
     scan_upper_at(upper, store, tracked, threads, held, now_ns())
 }
@@ -309,21 +316,27 @@ fn scan_upper_at(
     store: &Store,
     tracked: &mut Tracked,
     threads: usize,
-    held: &Held,
+    held: Option<&Held>,
     started_ns: i64,
 ) -> Result<Delta, FsError> {
     tracked.epoch = tracked.epoch.wrapping_add(1);
     let epoch = tracked.epoch;
-    // Mapped shared and writable now or at the last scan: read in full.
-    let mapped: HashSet<String> = held.mapped.iter().cloned().collect();
-    let mut forced = std::mem::replace(&mut tracked.mapped_last, mapped.clone());
-    forced.extend(mapped);
+    let none = Held::default();
+    let frozen = held.is_some();
+    let held = held.unwrap_or(&none);
+    // Read in full: what is pending, and what is mapped shared and writable.
+    let mut forced = tracked.force_pending.clone();
+    forced.extend(held.mapped.iter().cloned());
+    let upper_fd = open_dir(upper)?;
     let dirty = match tracked.journal.as_mut() {
         Some(j) if !tracked.unsettled => {
             let d = j.drain();
-            match d.lost.as_ref().or(held.unplaced.as_ref()) {
-                None => Some(d),
-                Some(why) => {
+            // Written paths stay pending until a scan that read them is kept.
+            forced.extend(d.paths.iter().filter(|(_, w)| **w).map(|(p, _)| p.clone()));
+            let why = d.lost.clone().or_else(|| held.unplaced.clone());
+            match why.map_or_else(|| linked_inodes(&upper_fd, &d.written).map(|i| (d, i)), Err) {
+                Ok(ok) => Some(ok),
+                Err(why) => {
                     tracing::info!(reason = %why, "scanning the whole upper dir");
                     None
                 }
@@ -331,13 +344,15 @@ fn scan_upper_at(
         }
         _ => None,
     };
+    tracked.force_pending = forced.clone();
     tracked.unsettled = true;
     let mut delta = match dirty {
-        Some(dirty) => scan_dirty(
-            upper,
+        Some((dirty, written)) => scan_dirty(
+            (upper, &upper_fd),
             &tracked.seen,
             tracked.journal.as_ref(),
             dirty,
+            &written,
             held,
             &forced,
             epoch,
@@ -378,6 +393,13 @@ fn scan_upper_at(
     }
     delta.epoch = epoch;
     delta.started_ns = started_ns;
+    // A frozen scan saw what is mapped now; one with services running
+    // cannot tell, so what was forced stays forced.
+    delta.next_force = if frozen {
+        held.mapped.iter().cloned().collect()
+    } else {
+        forced
+    };
     delta.staged = stage_all(store, std::mem::take(&mut delta.to_stage), threads)?;
     Ok(delta)
 }
@@ -472,9 +494,24 @@ impl Delta {
     }
 }
 
-/// Whether a strict ancestor of encoded path `p` is in `dirs`.
-fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
-    !dirs.is_empty() && p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
+/// The inodes (still linked somewhere) of the objects the journal saw
+/// written, found by their handles; an error says why they cannot be
+/// (the scan is then full).
+fn linked_inodes(upper_fd: &OwnedFd, written: &HashSet<Vec<u8>>) -> Result<HashSet<u64>, String> {
+    let mut out = HashSet::new();
+    for handle in written {
+        match crate::sys::open_by_handle(upper_fd.as_fd(), handle) {
+            Ok(fd) => {
+                let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("fstat by handle: {e}"))?;
+                if st.st_nlink > 0 {
+                    out.insert(st.st_ino);
+                }
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {}
+            Err(e) => return Err(format!("opening a written file by its handle: {e}")),
+        }
+    }
+    Ok(out)
 }
 
 /// The incremental scan: reads the entries the journal and `held` name,
@@ -483,10 +520,11 @@ fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
 /// links share a changed inode.
 #[allow(clippy::too_many_arguments)]
 fn scan_dirty(
-    upper: &Path,
+    (upper, upper_fd): (&Path, &OwnedFd),
     cache: &ScanCache,
     journal: Option<&Journal>,
     dirty: Dirty,
+    written: &HashSet<u64>,
     held: &Held,
     forced: &HashSet<String>,
     epoch: u32,
@@ -503,7 +541,6 @@ fn scan_dirty(
     for p in &dirty.subtrees {
         paths.entry(p.clone()).or_default();
     }
-    let upper_fd = open_dir(upper)?;
     let mut out = Delta {
         incremental: true,
         epoch,
@@ -521,7 +558,7 @@ fn scan_dirty(
         }
         let cached = cache.get(rel.as_str());
         let was_dir = cached.is_some_and(|c| c.entry.kind == Kind::Dir);
-        let Some((dir, name, st)) = stat_beneath(&upper_fd, upper, rel)? else {
+        let Some((dir, name, st)) = stat_beneath(upper_fd, upper, rel)? else {
             if cached.is_some() {
                 removed.insert(rel.clone());
             }
@@ -551,19 +588,23 @@ fn scan_dirty(
     }
     // Hard links: a write through one link changes them all (the journal
     // names only the link used), and a link added or removed moves the
-    // inode's ctime and link count.
+    // inode's ctime and link count. And a write through a name that is
+    // gone (a removed link, an O_TMPFILE linked in later) reached the
+    // inode's other names.
     let old_ino = |p: &str| {
         cache
             .get(p)
             .filter(|s| s.entry.link.is_some())
             .map(|s| s.ino)
     };
+    let read: HashSet<u64> = out.changed.iter().map(|(_, s)| s.ino).collect();
     let linked: HashSet<u64> = out
         .changed
         .iter()
         .flat_map(|(p, s)| [s.entry.link.map(|_| s.ino), old_ino(p)])
         .chain(removed.iter().map(|p| old_ino(p)))
         .flatten()
+        .chain(written.iter().copied().filter(|i| !read.contains(i)))
         .collect();
     if !linked.is_empty() {
         let siblings: Vec<String> = cache
@@ -576,7 +617,7 @@ fn scan_dirty(
             .map(|(p, _)| p.clone())
             .collect();
         for rel in siblings {
-            match stat_beneath(&upper_fd, upper, &rel)? {
+            match stat_beneath(upper_fd, upper, &rel)? {
                 Some((dir, name, st)) => {
                     record(&dir, &name, &st, &rel, cache, epoch, true, &mut out)?;
                 }
@@ -591,9 +632,11 @@ fn scan_dirty(
 }
 
 /// How the upper dir differs from what `tracked` (with `delta` applied, if
-/// given) says of it, compared by stat (inode, size, mtime, ctime unless
-/// untrusted): one line per path. The check of the journal: debug builds
-/// run it after every incremental scan.
+/// given) says of it: inode, size, mtime, and what the manifest records
+/// (kind, mode, owner, xattrs, symlink target, whether hard-linked), one
+/// line per path. Not ctime: it also moves when nothing recorded changes
+/// (a link made and removed, overlay's shared whiteout inode). The check of
+/// the journal: debug builds run it after every incremental scan.
 pub fn verify(
     upper: &Path,
     tracked: &Tracked,
@@ -628,13 +671,13 @@ pub fn verify(
             match expected(&p) {
                 None => out.push(format!("{p}: not known")),
                 Some(s) => {
-                    let ctime = ns(md.ctime(), md.ctime_nsec());
-                    if s.ino != md.ino()
-                        || s.size != md.size()
-                        || s.mtime_ns != ns(md.mtime(), md.mtime_nsec())
-                        || (s.ctime_ns != UNTRUSTED && s.ctime_ns != ctime)
-                    {
-                        out.push(format!("{p}: stat differs"));
+                    let st =
+                        nix::sys::stat::lstat(&item.path()).map_err(errno("stat", &item.path()))?;
+                    let (now, _) = read_entry(&item.path(), &st, &mut ScanStats::default())?;
+                    let mut was = s.entry.clone();
+                    was.object = None;
+                    if s.ino != md.ino() || s.size != md.size() || now != was {
+                        out.push(format!("{p}: recorded {was:?}, now {now:?}"));
                     }
                 }
             }
@@ -751,7 +794,14 @@ fn scan_dir(
     epoch: u32,
     out: &mut Delta,
 ) -> Result<Vec<(PathBuf, String)>, FsError> {
-    let fd = open_dir(dir)?;
+    // Entries that vanish between the listing and their stat (a scan made
+    // with services running) are skipped: they are gone.
+    let fd = match open_dir(dir) {
+        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Vec::new());
+        }
+        r => r?,
+    };
     if let Some(j) = journal {
         match j.watch(fd.as_fd()) {
             Ok(handle) => out.watched.push((handle, rel.to_owned())),
@@ -781,8 +831,15 @@ fn scan_dir(
         }
         rel_path.truncate(prefix);
         manifest::push_encoded(&mut rel_path, bytes);
-        let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| io_err("stat", &dir.join(OsStr::from_bytes(bytes)))(e.into()))?;
+        let st = match fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => {
+                return Err(io_err("stat", &dir.join(OsStr::from_bytes(bytes)))(
+                    e.into(),
+                ));
+            }
+        };
         let force = !forced.is_empty() && forced.contains(rel_path.as_str());
         record(dir, bytes, &st, &rel_path, cache, epoch, force, out)?;
         if kind_of(&st) == SFlag::S_IFDIR {
@@ -935,7 +992,7 @@ mod tests {
     use super::*;
 
     fn capture(dir: &Path, store: &Store, t: &mut Tracked, now: i64) -> Delta {
-        let mut d = scan_upper_at(dir, store, t, 2, &Held::default(), now).unwrap();
+        let mut d = scan_upper_at(dir, store, t, 2, Some(&Held::default()), now).unwrap();
         for (i, staged) in std::mem::take(&mut d.staged) {
             d.changed[i].1.entry.object = Some(store.commit(staged).unwrap());
         }
@@ -1095,6 +1152,8 @@ mod tests {
         w("d/h1", b"linked");
         std::fs::hard_link(upper.join("d/h1"), upper.join("h2")).unwrap();
         symlink("d/a", upper.join("s")).unwrap();
+        // A file kept open across steps.
+        let open: std::cell::RefCell<Option<std::fs::File>> = Default::default();
         let mut t = Tracked::default();
         let first = capture(&upper, &store, &mut t, later);
         assert!(!first.incremental, "the first scan lists everything");
@@ -1171,6 +1230,61 @@ mod tests {
                 "write in the replacement dir",
                 Box::new(|| append("top/inner", b"!")),
             ),
+            (
+                "a linked pair",
+                Box::new(|| {
+                    w("x1", b"pair");
+                    std::fs::hard_link(upper.join("x1"), upper.join("x2")).unwrap();
+                }),
+            ),
+            (
+                "one name removed while open",
+                Box::new(|| {
+                    let f = OpenOptions::new()
+                        .append(true)
+                        .open(upper.join("x1"))
+                        .unwrap();
+                    *open.borrow_mut() = Some(f);
+                    std::fs::remove_file(upper.join("x1")).unwrap();
+                }),
+            ),
+            (
+                "a write through the removed name",
+                Box::new(|| {
+                    use std::io::Write;
+                    open.borrow_mut().as_mut().unwrap().write_all(b"+").unwrap();
+                }),
+            ),
+            (
+                "an O_TMPFILE linked in",
+                Box::new(|| {
+                    use std::io::Write;
+                    let mut f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_TMPFILE)
+                        .open(&upper)
+                        .unwrap();
+                    f.write_all(b"anonymous").unwrap();
+                    let fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+                    nix::unistd::linkat(
+                        nix::fcntl::AT_FDCWD,
+                        fd.as_str(),
+                        nix::fcntl::AT_FDCWD,
+                        &upper.join("named"),
+                        AtFlags::AT_SYMLINK_FOLLOW,
+                    )
+                    .unwrap();
+                    *open.borrow_mut() = Some(f);
+                }),
+            ),
+            (
+                "a write through the O_TMPFILE's fd",
+                Box::new(|| {
+                    use std::io::Write;
+                    open.borrow_mut().as_mut().unwrap().write_all(b"!").unwrap();
+                }),
+            ),
         ];
         for (what, step) in steps {
             step();
@@ -1200,7 +1314,7 @@ mod tests {
         // A scan whose delta was never applied (its capture failed) makes
         // the next one full: what the journal told it is gone.
         append("g", b"lost?");
-        scan_upper_at(&upper, &store, &mut t, 2, &Held::default(), later).unwrap();
+        scan_upper_at(&upper, &store, &mut t, 2, Some(&Held::default()), later).unwrap();
         let d = capture(&upper, &store, &mut t, later);
         assert!(!d.incremental);
         assert_eq!(entries(&t), truth(&upper, &store, later));
@@ -1211,8 +1325,27 @@ mod tests {
         };
         let none = Held::default();
         for (held, expect) in [(&held, 1), (&none, 1), (&none, 0)] {
-            let d = scan_upper_at(&upper, &store, &mut t, 2, held, later).unwrap();
+            let d = scan_upper_at(&upper, &store, &mut t, 2, Some(held), later).unwrap();
             assert_eq!(d.stats.files_hashed, expect);
+            t.apply(d, Manifest::default());
+        }
+        // ... also when the capture after is not kept: the warm (full) scan
+        // that follows and the frozen one after it still read it.
+        let d = scan_upper_at(&upper, &store, &mut t, 2, Some(&held), later).unwrap();
+        t.apply(d, Manifest::default());
+        let lost = scan_upper_at(&upper, &store, &mut t, 2, Some(&none), later).unwrap();
+        assert_eq!(lost.stats.files_hashed, 1);
+        drop(lost);
+        let warm = scan_upper_at(&upper, &store, &mut t, 2, None, later).unwrap();
+        assert!(!warm.incremental);
+        t.warm(warm);
+        for expect in [1, 0] {
+            let d = scan_upper_at(&upper, &store, &mut t, 2, Some(&none), later).unwrap();
+            assert!(d.incremental);
+            assert_eq!(
+                d.stats.files_hashed, expect,
+                "after a scan that was not kept"
+            );
             t.apply(d, Manifest::default());
         }
     }
