@@ -462,25 +462,33 @@ pub fn fanotify_mark_inode(
     Ok(())
 }
 
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct HandleBuf {
+    handle_bytes: u32,
+    handle_type: libc::c_int,
+    f_handle: [u8; libc::MAX_HANDLE_SZ as usize],
+}
+
 /// The file handle of the object `fd` refers to, as fanotify reports it:
 /// handle type (4 bytes, native order) followed by the handle's bytes.
 #[allow(unsafe_code)]
 pub fn file_handle(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     use std::os::fd::AsRawFd;
-    const HEADER: usize = std::mem::size_of::<libc::file_handle>();
-    // `struct file_handle` then up to MAX_HANDLE_SZ bytes, 4-byte aligned.
-    let mut buf = [0u32; (HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
-    let handle = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut buf = HandleBuf {
+        handle_bytes: libc::MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; libc::MAX_HANDLE_SZ as usize],
+    };
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: `handle` points to an aligned buffer of HEADER + MAX_HANDLE_SZ
-    // bytes whose `handle_bytes` field (set here) tells the kernel how many
-    // it may write; the path is a NUL-terminated empty string (AT_EMPTY_PATH).
+    // SAFETY: `buf` is a `struct file_handle` whose `handle_bytes` says how
+    // many bytes follow (all it owns); the path is an empty C string
+    // (AT_EMPTY_PATH: the object `fd` refers to).
     let r = unsafe {
-        (*handle).handle_bytes = libc::MAX_HANDLE_SZ as u32;
         libc::name_to_handle_at(
             fd.as_raw_fd(),
             c"".as_ptr(),
-            handle,
+            (&raw mut buf).cast::<libc::file_handle>(),
             &mut mount_id,
             libc::AT_EMPTY_PATH,
         )
@@ -488,11 +496,9 @@ pub fn file_handle(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the kernel filled the header; `handle_bytes` ≤ MAX_HANDLE_SZ.
-    let (len, kind) = unsafe { ((*handle).handle_bytes as usize, (*handle).handle_type) };
-    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let mut out = kind.to_ne_bytes().to_vec();
-    out.extend_from_slice(&bytes[HEADER..HEADER + len.min(libc::MAX_HANDLE_SZ as usize)]);
+    let len = (buf.handle_bytes as usize).min(buf.f_handle.len());
+    let mut out = buf.handle_type.to_ne_bytes().to_vec();
+    out.extend_from_slice(&buf.f_handle[..len]);
     Ok(out)
 }
 
@@ -505,29 +511,25 @@ pub fn open_by_handle(
     handle: &[u8],
 ) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
-    const HEADER: usize = std::mem::size_of::<libc::file_handle>();
-    let Some((kind, bytes)) = handle.split_first_chunk::<4>() else {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    let mut buf = HandleBuf {
+        handle_bytes: 0,
+        handle_type: 0,
+        f_handle: [0; libc::MAX_HANDLE_SZ as usize],
     };
-    if bytes.len() > libc::MAX_HANDLE_SZ as usize {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    match handle.split_first_chunk::<4>() {
+        Some((kind, bytes)) if bytes.len() <= buf.f_handle.len() => {
+            buf.handle_bytes = bytes.len() as u32;
+            buf.handle_type = libc::c_int::from_ne_bytes(*kind);
+            buf.f_handle[..bytes.len()].copy_from_slice(bytes);
+        }
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     }
-    let mut buf = [0u32; (HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
-    let mut raw: Vec<u8> = (bytes.len() as u32).to_ne_bytes().to_vec();
-    raw.extend_from_slice(kind);
-    raw.extend_from_slice(bytes);
-    for (i, chunk) in raw.chunks(4).enumerate() {
-        let mut w = [0u8; 4];
-        w[..chunk.len()].copy_from_slice(chunk);
-        buf[i] = u32::from_ne_bytes(w);
-    }
-    // SAFETY: `buf` is an aligned `struct file_handle` whose `handle_bytes`
-    // (≤ MAX_HANDLE_SZ) matches the bytes that follow; `mount` is open for
-    // the call.
+    // SAFETY: `buf` is a `struct file_handle` whose `handle_bytes` matches
+    // the bytes that follow; `mount` is open for the call.
     let fd = unsafe {
         libc::open_by_handle_at(
             mount.as_raw_fd(),
-            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            (&raw mut buf).cast::<libc::file_handle>(),
             libc::O_PATH | libc::O_CLOEXEC,
         )
     };

@@ -264,53 +264,42 @@ fn probe_overlay(parent: &Path) -> io::Result<()> {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(upper.join("f"), b"")?;
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let checked = nix::mount::mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(io::Error::from)
-    .and_then(|()| {
-        let group = sys::fanotify_dfid_name()?;
-        let up = open_dir(&upper)?;
-        sys::fanotify_mark_inode(group.as_fd(), up.as_fd(), MASK)?;
-        let handle = sys::file_handle(up.as_fd())?;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(merged.join("f"))?
-            .write_all(b"x")?;
-        let mut buf = vec![0u8; 4096];
-        let n = nix::unistd::read(&group, &mut buf).unwrap_or(0);
-        let events = parse(&buf[..n]);
-        let writes: Vec<_> = events
-            .iter()
-            .filter(|e| e.name == b"f" && e.mask & libc::FAN_MODIFY != 0)
-            .collect();
-        if writes.is_empty() {
-            Err(io::Error::other(
-                "overlayfs does not report writes on its upper dir here (before Linux 6.5)",
-            ))
-        } else if !writes.iter().any(|e| e.handle == handle) {
-            Err(io::Error::other(
-                "fanotify reports directory handles unlike name_to_handle_at's",
-            ))
-        } else {
-            Ok(())
-        }
-    });
+    let checked = super::mount_overlay(&[lower], &upper, &work, &merged)
+        .map_err(io::Error::other)
+        .and_then(|()| {
+            let group = sys::fanotify_dfid_name()?;
+            let up = open_dir(&upper)?;
+            sys::fanotify_mark_inode(group.as_fd(), up.as_fd(), MASK)?;
+            let handle = sys::file_handle(up.as_fd())?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(merged.join("f"))?
+                .write_all(b"x")?;
+            let mut buf = vec![0u8; 4096];
+            let n = nix::unistd::read(&group, &mut buf).unwrap_or(0);
+            let events = parse(&buf[..n]);
+            let writes: Vec<_> = events
+                .iter()
+                .filter(|e| e.name == b"f" && e.mask & libc::FAN_MODIFY != 0)
+                .collect();
+            if writes.is_empty() {
+                Err(io::Error::other(
+                    "overlayfs does not report writes on its upper dir here (before Linux 6.5)",
+                ))
+            } else if !writes.iter().any(|e| e.handle == handle) {
+                Err(io::Error::other(
+                    "fanotify reports directory handles unlike name_to_handle_at's",
+                ))
+            } else {
+                Ok(())
+            }
+        });
     remove_probe(&dir);
     checked
 }
 
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+/// Opens a directory (not through a symlink).
+pub(super) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     Ok(std::fs::OpenOptions::new()
         .read(true)

@@ -377,31 +377,7 @@ impl Env {
             lower.push(self.layer_dir(id));
         }
         lower.push(self.base.clone());
-        for p in lower.iter().chain([&upper, &work]) {
-            let s = p.to_string_lossy();
-            if s.contains([',', ':', '\n']) {
-                return Err(FsError::BadPath(p.clone()));
-            }
-        }
-        let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
-            lowers.join(":"),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &self.cfg.env_root,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(options.as_str()),
-        )
-        .map_err(|e| FsError::Mount {
-            target: self.cfg.env_root.clone(),
-            options,
-            source: e.into(),
-        })?;
+        mount_overlay(&lower, &upper, &work, &self.cfg.env_root)?;
         tracing::info!(
             layer = layer.unwrap_or("-"),
             generation,
@@ -669,6 +645,40 @@ impl Env {
         }
         Ok(())
     }
+}
+
+/// Mounts overlayfs on `target` with the options the environment uses
+/// (also those of the change journal's probe, which must behave alike).
+pub(crate) fn mount_overlay(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), FsError> {
+    for p in lower.iter().map(PathBuf::as_path).chain([upper, work]) {
+        if p.to_string_lossy().contains([',', ':', '\n']) {
+            return Err(FsError::BadPath(p.to_owned()));
+        }
+    }
+    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|e| FsError::Mount {
+        target: target.to_owned(),
+        options,
+        source: e.into(),
+    })
 }
 
 /// Removes a tree, logging (not failing) on error.

@@ -12,10 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -598,20 +597,22 @@ fn scan_dirty(
             .map(|s| s.ino)
     };
     let read: HashSet<u64> = out.changed.iter().map(|(_, s)| s.ino).collect();
+    // (written and not read: even a name this scan found unchanged by stat)
+    let unread: HashSet<u64> = written.difference(&read).copied().collect();
     let linked: HashSet<u64> = out
         .changed
         .iter()
         .flat_map(|(p, s)| [s.entry.link.map(|_| s.ino), old_ino(p)])
         .chain(removed.iter().map(|p| old_ino(p)))
         .flatten()
-        .chain(written.iter().copied().filter(|i| !read.contains(i)))
+        .chain(unread.iter().copied())
         .collect();
     if !linked.is_empty() {
         let siblings: Vec<String> = cache
             .iter()
             .filter(|(p, s)| {
                 linked.contains(&s.ino)
-                    && s.visited.load(Ordering::Relaxed) != epoch
+                    && (s.visited.load(Ordering::Relaxed) != epoch || unread.contains(&s.ino))
                     && !removed.contains(p.as_str())
             })
             .map(|(p, _)| p.clone())
@@ -704,12 +705,7 @@ pub fn verify(
 }
 
 fn open_dir(dir: &Path) -> Result<OwnedFd, FsError> {
-    Ok(OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(dir)
-        .map_err(io_err("open", dir))?
-        .into())
+    super::journal::open_dir(dir).map_err(io_err("open", dir))
 }
 
 /// The stat of upper entry `rel` (encoded), looked up without following
@@ -990,6 +986,8 @@ fn read_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn capture(dir: &Path, store: &Store, t: &mut Tracked, now: i64) -> Delta {
         let mut d = scan_upper_at(dir, store, t, 2, Some(&Held::default()), now).unwrap();
