@@ -83,7 +83,7 @@ struct IndexEntry {
 pub fn export(store: &Store, meta: &CheckpointMeta, out: impl Write) -> Result<u64, ArchiveError> {
     let (manifest_objects, files) = manifest::objects_in_order(store, &meta.manifest)?;
     let mut images = Vec::new();
-    for p in &meta.processes {
+    if let Some(p) = &meta.env {
         for o in p.images.values() {
             if !images.contains(o) {
                 images.push(o.clone());
@@ -436,7 +436,7 @@ impl State<'_> {
             .map_err(|e| invalid(Some(META), format!("not valid checkpoint metadata: {e}")))?;
         validate_meta(&meta).map_err(|why| invalid(Some(META), why))?;
         self.expect.insert(meta.manifest.clone(), Expect::Manifest);
-        for p in &meta.processes {
+        if let Some(p) = &meta.env {
             for o in p.images.values() {
                 if o != &meta.manifest {
                     self.expect.insert(o.clone(), Expect::Image);
@@ -606,11 +606,11 @@ fn validate_meta(m: &CheckpointMeta) -> Result<(), String> {
             return Err(format!("running service {r:?} has no definition"));
         }
     }
-    for p in &m.processes {
-        if !m.running.contains(&p.service) {
+    if let Some(p) = &m.env {
+        if let Some(s) = p.services.iter().find(|s| !m.running.contains(&s.name)) {
             return Err(format!(
                 "process images of {:?}, which is not running",
-                p.service
+                s.name
             ));
         }
         for (name, o) in &p.images {
@@ -620,10 +620,7 @@ fn validate_meta(m: &CheckpointMeta) -> Result<(), String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
             if !plain || !valid_id(o) {
-                return Err(format!(
-                    "bad CRIU image {name:?} → {o:?} of {:?}",
-                    p.service
-                ));
+                return Err(format!("bad CRIU image {name:?} → {o:?}"));
             }
         }
     }

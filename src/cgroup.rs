@@ -177,6 +177,13 @@ impl Cgroups {
         Ok(Cgroup { path })
     }
 
+    /// The daemon's parent cgroup itself: the whole environment.
+    pub fn whole(&self) -> Cgroup {
+        Cgroup {
+            path: self.parent.clone(),
+        }
+    }
+
     /// The existing child cgroups (for clean-up after a crash).
     pub fn children(&self) -> Result<Vec<Cgroup>, CgroupError> {
         let mut out = Vec::new();
@@ -211,6 +218,11 @@ impl Cgroup {
             .open(&p)
             .map_err(io_err("open", &p))?;
         Ok(f.into())
+    }
+
+    /// Moves process `pid` (a host pid) into this cgroup.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        self.write("cgroup.procs", &pid.to_string())
     }
 
     /// The pids in this cgroup (not in its children).

@@ -10,6 +10,9 @@ use clap::Parser;
 use sha2::{Digest, Sha256};
 
 /// Errors in the daemon's configuration: reported before anything starts.
+/// Where scripts/setup.sh builds the environment's default OS tree.
+pub const DEFAULT_ENV_BASE: &str = "/var/lib/sprited/base";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--listen {value:?} is not an address like 0.0.0.0:8181 (or `none` to disable TCP)")]
@@ -40,6 +43,11 @@ pub enum ConfigError {
          another layer, so restores would fail. Put the state dir outside the base tree"
     )]
     BaseContainsState { base: PathBuf, state: PathBuf },
+    #[error(
+        "--env-base {base} is not a directory: scripts/setup.sh builds the default OS tree there, \
+         or pass --env-base DIR (an OS tree: the environment's `/` before anything is written)"
+    )]
+    NoBase { base: PathBuf },
     #[error("state dir {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -114,20 +122,23 @@ pub struct Args {
     #[arg(long, env = "SPRITE_URL", value_name = "URL")]
     pub url: Option<String>,
 
-    /// Where the environment (an overlayfs mount the daemon owns) is mounted.
-    /// Services run here by default. Default: <state-dir>/root.
+    /// Where the daemon mounts the environment's root (an overlayfs mount it
+    /// owns; inside the environment it is `/`). Default: <state-dir>/root.
     #[arg(long, env = "SPRITED_ENV_ROOT", value_name = "DIR")]
     pub env_root: Option<PathBuf>,
 
-    /// Read-only base tree under the environment (e.g. an OS tree). Default: an empty dir.
-    #[arg(long, env = "SPRITED_ENV_BASE", value_name = "DIR")]
-    pub env_base: Option<PathBuf>,
-
-    /// Run services with the environment tree as their root, in their own mount
-    /// namespace with /proc, /dev and /sys bound in and the checkpoints at
-    /// /.sprite/checkpoints (read-only). Use with an OS tree as --env-base.
-    #[arg(long, env = "SPRITED_CHROOT")]
-    pub chroot: bool,
+    /// The read-only OS tree under the environment (the overlay's lower
+    /// layer): what `/` holds before anything is written. scripts/setup.sh
+    /// builds the default one from Debian packages (bash, coreutils,
+    /// python3, curl, git, ...). On a VM, the VM's own root works too when
+    /// the state dir is on another filesystem.
+    #[arg(
+        long,
+        env = "SPRITED_ENV_BASE",
+        value_name = "DIR",
+        default_value = DEFAULT_ENV_BASE
+    )]
+    pub env_base: PathBuf,
 
     /// How long /exec and /proxy wait for the daemon to be running before answering 503.
     #[arg(
@@ -248,8 +259,7 @@ pub struct Config {
     pub criu_path: Option<PathBuf>,
     pub no_criu: bool,
     pub env_root: PathBuf,
-    pub env_base: Option<PathBuf>,
-    pub chroot: bool,
+    pub env_base: PathBuf,
     pub hold_booting: bool,
     pub mountinfo_path: PathBuf,
 }
@@ -285,14 +295,15 @@ impl Config {
         if !valid_name(&sprite_name) {
             return Err(ConfigError::BadSpriteName { value: sprite_name });
         }
-        if let Some(base) = &args.env_base {
-            let base = absolute(base)?;
-            if state_dir.starts_with(&base) {
-                return Err(ConfigError::BaseContainsState {
-                    base,
-                    state: state_dir,
-                });
-            }
+        let env_base = absolute(&args.env_base)?;
+        if state_dir.starts_with(&env_base) {
+            return Err(ConfigError::BaseContainsState {
+                base: env_base,
+                state: state_dir,
+            });
+        }
+        if !env_base.is_dir() {
+            return Err(ConfigError::NoBase { base: env_base });
         }
         let daemon_id = daemon_id_for(&state_dir);
         let cgroup_parent = match &args.cgroup_parent {
@@ -337,8 +348,7 @@ impl Config {
                 Some(p) => absolute(p)?,
                 None => absolute(&args.state_dir)?.join("root"),
             },
-            env_base: args.env_base.as_deref().map(absolute).transpose()?,
-            chroot: args.chroot,
+            env_base,
             no_criu: args.no_criu,
             hold_booting: args.hold_booting,
             mountinfo_path: args.mountinfo.clone(),

@@ -1,18 +1,20 @@
 //! CRIU: the only module that spawns the `criu` binary.
 //!
 //! It detects CRIU at start (path, version, `criu check`) for `/v1/status`,
-//! and dumps and restores one service's process tree at a time:
+//! and dumps and restores the whole environment (see `crate::container`):
 //!
-//! - **dump** runs while the daemon holds the service's cgroup frozen.
-//!   `--freeze-cgroup` makes CRIU seize the frozen tasks through that cgroup
-//!   and leave it frozen as it found it; `--leave-running` keeps the service
-//!   alive. The service's stdout/stderr are pipes to the daemon: their pipe
-//!   ids are recorded so a restore can plug in new ones.
-//! - **restore** runs `criu restore --restore-detached` inside the service's
-//!   fresh cgroup (CRIU joins it before exec, so every restored task is born
-//!   there), with the new pipes as CRIU's own stdout/stderr handed over by
-//!   `--inherit-fd`. When CRIU exits, the restored tree's root is
-//!   reparented to the daemon, the subreaper.
+//! - **dump** of the init's tree (`--tree`: its PID, mount, UTS and IPC
+//!   namespaces come along) runs while the daemon's cgroup freezes.
+//!   `--freeze-cgroup` makes CRIU seize the tasks through that cgroup and
+//!   leave it frozen as it found it; `--leave-running` keeps them alive. The
+//!   bind mounts from the host (the binary, the API socket, the checkpoints
+//!   and logs) are external mounts (`--external mnt[...]`), mapped to this
+//!   daemon's paths on restore.
+//! - **restore** (`--restore-detached --restore-sibling`, `--root` on a
+//!   freshly mounted layer) runs inside one cgroup (CRIU joins it before
+//!   exec, so every restored task is born there); the init becomes the
+//!   daemon's child. Pipes to the daemon (the init's requests and events,
+//!   every service's output) come back as new pipes (`--inherit-fd`).
 //!
 //! Options for typical servers: listening sockets and the service's own
 //! pipes and unix sockets are restored as they were; established TCP
@@ -114,29 +116,6 @@ pub struct Criu {
     skip_network_lock: bool,
 }
 
-/// What a dump recorded besides the images.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Dumped {
-    pub pid: i32,
-    /// `pipe:[N]` of the root's stdout and stderr at dump time (when pipes).
-    pub stdout: Option<String>,
-    pub stderr: Option<String>,
-    /// Every thread id in the service's cgroup: a restore waits until they
-    /// are all free again.
-    pub tids: Vec<i32>,
-    pub dump_ms: f64,
-    /// Bytes of images written.
-    pub bytes: u64,
-}
-
-/// The pipes a restored service writes to (the daemon reads the other ends).
-pub struct Restored {
-    pub pid: i32,
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
-    pub exit: tokio::sync::oneshot::Receiver<Exit>,
-}
-
 impl Criu {
     pub fn new(path: PathBuf, reaper: Reaper, logs: PathBuf) -> Self {
         Criu {
@@ -223,35 +202,25 @@ impl Criu {
         })
     }
 
-    /// Dumps the process tree rooted at `pid` (all of the service's cgroup
-    /// `cgroup`, which the caller holds frozen) into `images`, leaving it
-    /// running (and frozen). Blocking.
-    #[tracing::instrument(name = "criu_dump", skip(self, cgroup, images), fields(service = service, pid))]
-    pub fn dump(
+    /// Dumps the whole environment (the tree of its init, host pid `init`,
+    /// every task of the daemon's cgroup `cgroup`, which the caller has
+    /// asked to freeze) into `images`, leaving it running (and frozen).
+    /// `external` names the bind mounts from the host (path inside → key).
+    /// Blocking.
+    #[tracing::instrument(name = "criu_dump", skip(self, cgroup, images, external), fields(init))]
+    pub fn dump_env(
         &self,
-        service: &str,
-        pid: i32,
+        init: i32,
         cgroup: &Path,
         images: &Path,
-    ) -> Result<Dumped, CriuError> {
+        external: &[(&str, &str)],
+    ) -> Result<DumpStats, CriuError> {
         let started = Instant::now();
         std::fs::create_dir_all(images).map_err(io_err("create", images))?;
-        let fd_target = |fd: u32| {
-            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-                .ok()
-                .map(|t| t.to_string_lossy().into_owned())
-                .filter(|t| t.starts_with("pipe:["))
-        };
-        let (stdout, stderr) = (fd_target(1), fd_target(2));
-        let tids = std::fs::read_to_string(cgroup.join("cgroup.threads"))
-            .map_err(io_err("read", &cgroup.join("cgroup.threads")))?
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
         let log = images.join("dump.log");
         let mut cmd = Command::new(&self.path);
         cmd.arg("dump")
-            .args(["--tree", &pid.to_string()])
+            .args(["--tree", &init.to_string()])
             .arg("--images-dir")
             .arg(images)
             .arg("--log-file")
@@ -269,6 +238,9 @@ impl Criu {
                 "--ghost-limit",
                 "256M",
             ]);
+        for (inside, key) in external {
+            cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
+        }
         if self.skip_network_lock {
             cmd.args(["--network-lock", "skip"]);
         }
@@ -278,7 +250,7 @@ impl Criu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
-        self.run(cmd, "dump", service, &log)?;
+        self.run(cmd, "dump", ENV, &log)?;
         let bytes = std::fs::read_dir(images)
             .map_err(io_err("read dir", images))?
             .flatten()
@@ -286,31 +258,36 @@ impl Criu {
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
             .sum();
-        let dump_ms = started.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(dump_ms, bytes, "dumped");
-        Ok(Dumped {
-            pid,
-            stdout,
-            stderr,
-            tids,
-            dump_ms,
-            bytes,
-        })
+        let mut stats = std::fs::read(images.join("stats-dump"))
+            .ok()
+            .and_then(|b| stats::parse_dump(&b))
+            .unwrap_or_default();
+        stats.dump_ms = started.elapsed().as_secs_f64() * 1e3;
+        stats.bytes = bytes;
+        tracing::info!(dump_ms = stats.dump_ms, bytes, "dumped");
+        Ok(stats)
     }
 
-    /// Restores the tree dumped in `images` into `cgroup_procs` (an open
-    /// `cgroup.procs` of the service's fresh cgroup), with new pipes for its
-    /// stdout/stderr. Its pids must be free ([`Criu::wait_free`]). Blocking.
-    #[tracing::instrument(name = "criu_restore", skip(self, dumped, images, cgroup_procs), fields(service = service, pid = dumped.pid))]
-    pub fn restore(
+    /// Restores the environment dumped in `images` onto the mounted root
+    /// `root`, its tasks born in the cgroup behind `cgroup_procs` (an open
+    /// `cgroup.procs`). `external` maps each bind-mount key to its host
+    /// path; `inherit` hands the restored tasks new pipes: each fd takes
+    /// the place of the pipe `pipe:[N]` it is paired with. Returns the host
+    /// pid of the restored init, a child of the daemon. Blocking.
+    #[tracing::instrument(name = "criu_restore", skip_all)]
+    pub fn restore_env(
         &self,
-        service: &str,
-        dumped: &Dumped,
         images: &Path,
+        root: &Path,
         cgroup_procs: OwnedFd,
-    ) -> Result<Restored, CriuError> {
+        external: &[(&str, PathBuf)],
+        inherit: Vec<(OwnedFd, String)>,
+    ) -> Result<i32, CriuError> {
         let log = images.join("restore.log");
-        let _ = std::fs::remove_file(&log);
+        let pidfile = images.join("restore.pid");
+        for f in [&log, &pidfile] {
+            let _ = std::fs::remove_file(f);
+        }
         let mut cmd = Command::new(&self.path);
         cmd.arg("restore")
             .arg("--images-dir")
@@ -318,78 +295,124 @@ impl Criu {
             .arg("--log-file")
             .arg(&log)
             .arg("-v4")
+            .arg("--root")
+            .arg(root)
+            .arg("--pidfile")
+            .arg(&pidfile)
             .args([
                 "--restore-detached",
+                "--restore-sibling",
                 "--manage-cgroups=ignore",
                 "--tcp-close",
                 "--ext-unix-sk",
                 "--file-locks",
-            ])
-            .stdin(Stdio::null());
-        let pipe = |what: &str| -> Result<(OwnedFd, OwnedFd), CriuError> {
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| io_err("pipe", Path::new(what))(e.into()))
-        };
-        // The service's stdout/stderr pipes become CRIU's stdout/stderr,
-        // which --inherit-fd hands to the restored tasks.
-        let mut reads = [None, None];
-        match (&dumped.stdout, &dumped.stderr) {
-            (Some(o), Some(e)) if o == e => {
-                let (r, w) = pipe("stdout")?;
-                let w2 = w.try_clone().map_err(io_err("dup", Path::new("stdout")))?;
-                cmd.arg("--inherit-fd").arg(format!("fd[1]:{o}"));
-                cmd.stdout(Stdio::from(w)).stderr(Stdio::from(w2));
-                reads[0] = Some(r);
-            }
-            (o, e) => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
-                if let Some(o) = o {
-                    let (r, w) = pipe("stdout")?;
-                    cmd.arg("--inherit-fd").arg(format!("fd[1]:{o}"));
-                    cmd.stdout(Stdio::from(w));
-                    reads[0] = Some(r);
-                }
-                if let Some(e) = e {
-                    let (r, w) = pipe("stderr")?;
-                    cmd.arg("--inherit-fd").arg(format!("fd[2]:{e}"));
-                    cmd.stderr(Stdio::from(w));
-                    reads[1] = Some(r);
-                }
-            }
+            ]);
+        for (key, host) in external {
+            cmd.arg("--external").arg(format!("mnt[{key}]:{}", host.display()));
         }
+        let mut fds = Vec::new();
+        for (i, (fd, id)) in inherit.into_iter().enumerate() {
+            cmd.arg("--inherit-fd")
+                .arg(format!("fd[{}]:{id}", INHERIT_FIRST_FD + i as i32));
+            fds.push(fd);
+        }
+        crate::sys::pass_fds_before_exec(&mut cmd, fds, INHERIT_FIRST_FD);
+        let early = std::fs::File::create(&log).map_err(io_err("create", &log))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(early));
         crate::sys::join_cgroup_before_exec(&mut cmd, cgroup_procs);
-        let exit = self.reaper.expect(dumped.pid);
-        if let Err(e) = self.run(cmd, "restore", service, &log) {
-            self.reaper.forget(dumped.pid);
-            return Err(e);
+        self.run(cmd, "restore", ENV, &log)?;
+        let pid = std::fs::read_to_string(&pidfile)
+            .map_err(io_err("read", &pidfile))?
+            .trim()
+            .parse()
+            .map_err(|_| io_err("parse", &pidfile)(std::io::ErrorKind::InvalidData.into()))?;
+        tracing::info!(pid, "restored");
+        Ok(pid)
+    }
+}
+
+/// How errors and logs name a whole-environment dump or restore.
+const ENV: &str = "environment";
+/// Where the fds handed to a restore start in CRIU's fd table.
+const INHERIT_FIRST_FD: i32 = 10;
+
+/// What a dump measured: the daemon's own timing and CRIU's statistics
+/// (`stats-dump`, as podman's `--print-stats` reports them; microseconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DumpStats {
+    pub dump_ms: f64,
+    /// Bytes of images written.
+    pub bytes: u64,
+    pub freezing_time: u64,
+    pub frozen_time: u64,
+    pub memdump_time: u64,
+    pub memwrite_time: u64,
+    pub pages_written: u64,
+}
+
+/// CRIU's `stats-dump` image: two magic words, then one length-prefixed
+/// protobuf `StatsEntry` whose field 1 is a `DumpStatsEntry`.
+pub mod stats {
+    use super::DumpStats;
+
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
         }
-        let [stdout, stderr] = reads;
-        tracing::info!("restored");
-        Ok(Restored {
-            pid: dumped.pid,
-            stdout,
-            stderr,
-            exit,
-        })
+        None
     }
 
-    /// Waits (up to `timeout`) until none of `tids` exists, as a restore
-    /// with the same pids needs: killed tasks may still be zombies for a
-    /// moment until the reaper collects them.
-    pub fn wait_free(tids: &[i32], timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if tids
-                .iter()
-                .all(|t| !Path::new(&format!("/proc/{t}")).exists())
-            {
-                return true;
+    /// The fields of a message: (number, varint value, or the bytes of a
+    /// length-delimited one). Other wire types end the walk.
+    fn fields(b: &[u8]) -> Vec<(u64, u64, &[u8])> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < b.len() {
+            let Some(key) = varint(b, &mut at) else { break };
+            match key & 7 {
+                0 => match varint(b, &mut at) {
+                    Some(v) => out.push((key >> 3, v, &b[0..0])),
+                    None => break,
+                },
+                2 => {
+                    let Some(len) = varint(b, &mut at) else { break };
+                    let Some(end) = at.checked_add(len as usize).filter(|e| *e <= b.len()) else {
+                        break;
+                    };
+                    out.push((key >> 3, 0, &b[at..end]));
+                    at = end;
+                }
+                _ => break,
             }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        out
+    }
+
+    /// Parses a `stats-dump` file (`None` when it is not one).
+    pub fn parse_dump(file: &[u8]) -> Option<DumpStats> {
+        let len = u32::from_le_bytes(file.get(8..12)?.try_into().ok()?) as usize;
+        let entry = file.get(12..12usize.checked_add(len)?)?;
+        let dump = fields(entry).into_iter().find(|f| f.0 == 1)?.2;
+        let mut s = DumpStats::default();
+        for (n, v, _) in fields(dump) {
+            match n {
+                1 => s.freezing_time = v,
+                2 => s.frozen_time = v,
+                3 => s.memdump_time = v,
+                4 => s.memwrite_time = v,
+                7 => s.pages_written = v,
+                _ => {}
+            }
+        }
+        Some(s)
     }
 }
 

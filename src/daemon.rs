@@ -164,6 +164,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         cgroups: OnceLock::new(),
         cgroup: OnceLock::new(),
         criu: OnceLock::new(),
+        container: OnceLock::new(),
         sessions: OnceLock::new(),
         ports: OnceLock::new(),
         shutdown: shutdown.clone(),
@@ -228,15 +229,15 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     if let Some(sessions) = app.sessions.get() {
         sessions.kill_all().await;
     }
+    if let Some(container) = app.container.get() {
+        container.kill().await;
+    }
     if let Some(cps) = app.checkpoints.get() {
         cps.unmount_browsable();
     }
     if let Some(env) = app.env.get() {
         if let Err(e) = env.save_scan_cache() {
             tracing::warn!(error = %e, "cannot save the scan cache: the next first capture reads everything");
-        }
-        if config.chroot {
-            env.unmount_path(&config.state_dir.join("checkpoints"));
         }
         if let Err(e) = env.unmount() {
             tracing::warn!(error = %e, "cannot unmount the environment root");
@@ -282,7 +283,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     let env = match Env::open(EnvConfig {
         state_dir: config.state_dir.clone(),
         env_root: config.env_root.clone(),
-        base: config.env_base.clone(),
+        base: Some(config.env_base.clone()),
         mountinfo: config.mountinfo_path.clone(),
         layer_manifest: Some(crate::checkpoint::manifest_of),
     }) {
@@ -297,39 +298,28 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
-    let chroot = match (&env, config.chroot) {
-        (Some(env), true) => prepare_chroot(env, &config.state_dir.join("checkpoints"))
-            .map(Some)
-            .inspect_err(|e| {
-                tracing::error!(error = %e, "cannot prepare --chroot: services and commands will not start")
-            }),
-        (None, true) => {
-            tracing::error!(
-                "--chroot needs the environment root, which is unavailable: services will not start"
-            );
-            Err("the environment root is unavailable".into())
-        }
-        (_, false) => Ok(None),
+    let container = match (&env, app.cgroups.get()) {
+        (Some(env), Some(cgroups)) => match start_container(&app, env, cgroups).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "the environment cannot start: services and commands will not run");
+                let _ = app.fs_error.set(e.to_string());
+                None
+            }
+        },
+        _ => None,
     };
-    let default_dir = env
-        .as_ref()
-        .map(|e| e.root().to_owned())
-        .unwrap_or_else(|| PathBuf::from("/"));
     let _ = app
         .sessions
         .set(crate::exec::Sessions::new(crate::exec::SessionsConfig {
-            reaper: app.reaper.clone(),
             cgroups: app.cgroups.get().cloned(),
-            default_dir: default_dir.clone(),
+            container: container.clone(),
             base_env: base_env(config),
-            chroot: chroot.clone(),
         }));
     let supervisor = Supervisor::open(SupervisorConfig {
         state_dir: config.state_dir.clone(),
         cgroups: app.cgroups.get().cloned(),
-        reaper: app.reaper.clone(),
-        default_dir,
-        chroot,
+        container,
         base_env: base_env(config),
         port_wait: config.wait_for_running,
         max_log_file: crate::supervisor::logs::DEFAULT_MAX_FILE,
@@ -341,14 +331,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
-    let mut criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
-    if criu.available && config.chroot {
-        criu.available = false;
-        criu.message = Some(
-            "process checkpoints are not supported with --chroot yet: checkpoints keep files only"
-                .into(),
-        );
-    }
+    let criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
     if !criu.available {
         tracing::warn!(
             reason = criu.message.as_deref().unwrap_or(""),
@@ -361,7 +344,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     });
     let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {
-        match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper) {
+        match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper, app.container.get().cloned()) {
             Ok(c) => {
                 if let Some(sessions) = app.sessions.get() {
                     c.set_sessions(sessions.clone());
@@ -391,28 +374,37 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Creates the mount points a chrooted service needs inside the environment.
-fn prepare_chroot(env: &Env, checkpoints: &Path) -> Result<crate::sys::Chroot, String> {
-    let root = env.root();
-    let inside = PathBuf::from("/.sprite/checkpoints");
-    let binds: Vec<PathBuf> = ["/proc", "/dev", "/sys"]
-        .into_iter()
-        .map(PathBuf::from)
-        .collect();
-    for p in binds.iter().chain([&inside]) {
-        let dir = root.join(p.strip_prefix("/").unwrap_or(p));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+/// Sets up the environment's container over the mounted root and starts
+/// its init (killing whatever a crashed daemon left in the cgroups).
+async fn start_container(
+    app: &AppState,
+    env: &Env,
+    cgroups: &Cgroups,
+) -> Result<crate::container::Container, String> {
+    let config = &app.config;
+    let checkpoints = config.state_dir.join("checkpoints");
+    let logs = config.state_dir.join("logs").join("services");
+    for d in [&checkpoints, &logs] {
+        std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
     }
-    std::fs::create_dir_all(checkpoints)
-        .map_err(|e| format!("create {}: {e}", checkpoints.display()))?;
-    if let Err(e) = env.share(checkpoints) {
-        tracing::warn!(error = %e, "checkpoints taken later will not be visible inside running services");
-    }
-    Ok(crate::sys::Chroot {
-        root: root.to_owned(),
-        binds,
-        read_only: Some((checkpoints.to_owned(), inside)),
-    })
+    let exe = std::env::current_exe().map_err(|e| format!("find the daemon's binary: {e}"))?;
+    let container = crate::container::Container::new(
+        crate::container::ContainerConfig {
+            setup: crate::container::init::Setup {
+                root: env.root().to_owned(),
+                hostname: config.sprite_name.clone(),
+                exe,
+                socket: config.socket_path.clone(),
+                checkpoints,
+                logs,
+            },
+            cgroups: cgroups.clone(),
+        },
+        app.reaper.clone(),
+    );
+    let _ = app.container.set(container.clone());
+    container.start().await.map_err(|e| e.to_string())?;
+    Ok(container)
 }
 
 /// The environment every service starts from. The daemon's own environment
@@ -421,7 +413,7 @@ fn base_env(config: &Config) -> Vec<(String, String)> {
     vec![
         (
             "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.sprite/bin".into(),
         ),
         ("HOME".into(), "/root".into()),
         ("USER".into(), "root".into()),

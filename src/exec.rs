@@ -23,8 +23,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -36,7 +34,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{Cgroup, CgroupError, Cgroups};
-use crate::reaper::{Exit, Reaper};
+use crate::container::{Container, ContainerError};
+use crate::reaper::Exit;
 
 /// Output kept for clients that attach later, per session.
 pub const SCROLLBACK: usize = 256 * 1024;
@@ -71,15 +70,11 @@ pub enum ExecError {
 
 /// What the daemon hands the session manager.
 pub struct SessionsConfig {
-    pub reaper: Reaper,
     pub cgroups: Option<Cgroups>,
-    /// Working directory of a command without `dir`.
-    pub default_dir: PathBuf,
+    /// Where commands run (`None`: the environment is unavailable).
+    pub container: Option<Container>,
     /// The environment a command starts from (unless its request replaces it).
     pub base_env: Vec<(String, String)>,
-    /// `--chroot`: commands run with the environment tree as `/`; `Err`: it
-    /// was asked for and is unavailable, so nothing runs (never unconfined).
-    pub chroot: Result<Option<crate::sys::Chroot>, String>,
 }
 
 /// How a request sets the command's environment.
@@ -155,6 +150,45 @@ pub struct SessionSummary {
     pub exit_code: Option<i32>,
 }
 
+/// A session's process as it started (or as a restore brought it back).
+struct Started {
+    id: u64,
+    argv: Vec<String>,
+    workdir: String,
+    created: SystemTime,
+    pid: i32,
+    host_pid: i32,
+    cgroup: Cgroup,
+    max_run_after_disconnect: Duration,
+    /// `(rows, cols)` of its terminal, `(0, 0)` without one.
+    size: (u16, u16),
+}
+
+/// A running session in a checkpoint's dump.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DumpedSession {
+    pub id: u64,
+    pub argv: Vec<String>,
+    pub workdir: String,
+    pub created_ms: u64,
+    /// Its main process, inside the environment.
+    pub pid: i32,
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+    /// `pipe:[N]` of its stdin (when the daemon writes it), stdout, stderr.
+    pub stdin: Option<String>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    pub max_run_after_disconnect_ms: u64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A pseudo-terminal master, read and written without blocking a thread.
 struct Master(AsyncFd<OwnedFd>);
 
@@ -208,7 +242,10 @@ pub struct Session {
     pub argv: Vec<String>,
     pub workdir: String,
     pub created: SystemTime,
+    /// The pid inside the environment (what the API shows).
     pub pid: i32,
+    /// The same process on the host (its process group, for signals).
+    host_pid: i32,
     tty: Option<Arc<Master>>,
     cgroup: Option<Cgroup>,
     max_run_after_disconnect: Duration,
@@ -313,7 +350,7 @@ impl Session {
         if self.exit_code().is_some() {
             return Ok(());
         }
-        match crate::sys::kill_group(self.pid, signal) {
+        match crate::sys::kill_group(self.host_pid, signal) {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             r => r,
         }
@@ -329,7 +366,7 @@ impl Session {
                 }
             }
             None => {
-                let _ = crate::sys::kill_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = crate::sys::kill_group(self.host_pid, nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
@@ -444,109 +481,64 @@ impl Sessions {
                 ));
             }
         }
-        let chroot = match &self.inner.cfg.chroot {
-            Err(why) => {
-                return Err(ExecError::Unavailable(format!(
-                    "--chroot is unavailable ({why}); not running commands unconfined"
-                )));
-            }
-            Ok(c) => c.clone(),
+        let (Some(container), Some(cgroups)) = (&self.inner.cfg.container, &self.inner.cfg.cgroups)
+        else {
+            return Err(ExecError::Unavailable(
+                "the environment is unavailable (see /v1/status)".into(),
+            ));
         };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("session", id);
         let program = req.path.clone().unwrap_or_else(|| req.argv[0].clone());
-        let mut cmd = Command::new(&program);
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.arg0(&req.argv[0]);
-        }
-        cmd.args(&req.argv[1..]).env_clear();
-        match &req.env {
+        let mut env = match &req.env {
             EnvSpec::Extend(extra) => {
-                cmd.envs(self.inner.cfg.base_env.iter().map(|(k, v)| (k, v)));
-                cmd.envs(extra.iter().map(|(k, v)| (k, v)));
+                crate::container::env_list(&self.inner.cfg.base_env, extra.iter().cloned())
             }
-            EnvSpec::Replace(vars) => {
-                cmd.envs(vars.iter().map(|(k, v)| (k, v)));
-            }
-        }
-        for (k, v) in cmd.get_envs() {
-            let bad = |s: &std::ffi::OsStr| s.as_encoded_bytes().contains(&0);
-            if bad(k) || v.is_some_and(bad) || k.is_empty() || k.as_encoded_bytes().contains(&b'=')
-            {
-                return Err(ExecError::Invalid(format!(
-                    "bad environment variable {:?}",
-                    k.to_string_lossy()
-                )));
-            }
-        }
-        let workdir = match (&chroot, &req.dir) {
-            (_, Some(d)) => d.clone(),
-            (Some(_), None) => "/".to_owned(),
-            (None, None) => self.inner.cfg.default_dir.display().to_string(),
+            EnvSpec::Replace(vars) => crate::container::env_list(&[], vars.iter().cloned()),
         };
-        match &chroot {
-            Some(c) => crate::sys::chroot_before_exec(&mut cmd, c, &workdir)
-                .map_err(|e| ExecError::Invalid(format!("bad dir {workdir:?}: {e}")))?,
-            None => {
-                let d = Path::new(&workdir);
-                if !d.is_dir() {
-                    return Err(ExecError::Invalid(format!(
-                        "working directory {workdir:?} does not exist"
-                    )));
-                }
-                cmd.current_dir(d);
+        for kv in &env {
+            let k = kv.split('=').next().unwrap_or("");
+            if kv.contains('\0') || k.is_empty() {
+                return Err(ExecError::Invalid(format!("bad environment variable {k:?}")));
             }
         }
-        let mut pty = None;
-        match req.tty {
-            Some((rows, cols)) => {
-                if !cmd.get_envs().any(|(k, _)| k == "TERM") {
-                    cmd.env("TERM", "xterm-256color");
-                }
-                let p = crate::sys::open_pty(rows, cols).map_err(io_err("open a terminal", id))?;
-                let slave = |p: &crate::sys::Pty| -> Result<Stdio, ExecError> {
-                    Ok(Stdio::from(p.slave.try_clone().map_err(io_err("dup", id))?))
-                };
-                cmd.stdin(slave(&p)?).stdout(slave(&p)?).stderr(slave(&p)?);
-                crate::sys::controlling_tty_before_exec(&mut cmd);
-                pty = Some(p);
-            }
-            None => {
-                cmd.stdin(if req.stdin {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-                crate::sys::new_session_before_exec(&mut cmd);
-            }
+        if req.tty.is_some() && !env.iter().any(|kv| kv.starts_with("TERM=")) {
+            env.push("TERM=xterm-256color".into());
         }
-        let cgroup = match &self.inner.cfg.cgroups {
-            Some(cgs) => {
-                let cg = cgs.child(&format!("_exec-{id}"))?;
-                crate::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd()?);
-                Some(cg)
-            }
-            None => None,
+        let workdir = req.dir.clone().unwrap_or_else(|| "/".to_owned());
+        if workdir.contains('\0') {
+            return Err(ExecError::Invalid("bad dir: contains a NUL byte".into()));
+        }
+        let spec = crate::container::SpawnSpec {
+            argv: req.argv.clone(),
+            path: req.path.clone(),
+            env,
+            dir: workdir.clone(),
+            stdio: match req.tty {
+                Some((rows, cols)) => crate::container::Stdio::Tty { rows, cols },
+                None => crate::container::Stdio::Pipes { stdin: req.stdin },
+            },
         };
-        let spawned = self.inner.cfg.reaper.spawn(&mut cmd);
-        drop(cmd); // our copies of the slave and of the cgroup.procs fd
-        let (master, _slave) = match pty {
-            Some(p) => (Some(p.master), Some(p.slave)),
-            None => (None, None),
-        };
-        drop(_slave);
-        let mut child = match spawned {
+        let cg = cgroups.child(&format!("_exec-{id}"))?;
+        let mut child = match container.spawn(spec, &cg).await {
             Ok(c) => c,
             Err(e) => {
-                if let Some(cg) = &cgroup {
-                    let _ = cg.remove();
-                }
-                let message = match e.kind() {
-                    io::ErrorKind::NotFound => "command not found".to_owned(),
-                    io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+                let _ = cg.remove();
+                let message = match &e {
+                    ContainerError::Refused {
+                        errno: Some(libc::ENOENT),
+                        ..
+                    } => {
+                        if req.dir.is_some() {
+                            "command not found (or working directory missing)".to_owned()
+                        } else {
+                            "command not found".to_owned()
+                        }
+                    }
+                    ContainerError::Refused {
+                        errno: Some(libc::EACCES),
+                        ..
+                    } => "permission denied".to_owned(),
                     _ => e.to_string(),
                 };
                 return Err(ExecError::Start {
@@ -557,6 +549,40 @@ impl Sessions {
         };
         tracing::Span::current().record("pid", child.pid);
         tracing::info!(command = %req.argv.join(" "), tty = req.tty.is_some(), "started");
+        let (rows, cols) = req.tty.unwrap_or((0, 0));
+        let (session, attachment) = self.install(
+            Started {
+                id,
+                argv: req.argv.clone(),
+                workdir,
+                created: SystemTime::now(),
+                pid: child.pid,
+                host_pid: child.host_pid,
+                cgroup: cg,
+                max_run_after_disconnect: req.max_run_after_disconnect,
+                size: (rows, cols),
+            },
+            [child.stdin.take(), child.stdout.take(), child.stderr.take()],
+            child.master.take(),
+            child.exit,
+            true,
+        )?;
+        let _ = session;
+        Ok(attachment.expect("the owner attaches"))
+    }
+
+    /// Makes a started (or restored) process a session: its stdin writer,
+    /// output pumps and exit watcher. With `owner`, the creator attaches
+    /// before any output is read, so it misses nothing.
+    fn install(
+        &self,
+        st: Started,
+        [stdin_fd, stdout, stderr]: [Option<OwnedFd>; 3],
+        master: Option<OwnedFd>,
+        exit: tokio::sync::oneshot::Receiver<Exit>,
+        owner: bool,
+    ) -> Result<(Arc<Session>, Option<Attachment>), ExecError> {
+        let id = st.id;
         let master = match master {
             Some(m) => Some(Arc::new(
                 Master::new(m).map_err(io_err("register terminal", id))?,
@@ -577,10 +603,10 @@ impl Sessions {
                 }
             });
             Some(tx)
-        } else if let Some(pipe) = child.stdin.take() {
+        } else if let Some(pipe) = stdin_fd {
             let (tx, mut rx) = mpsc::channel::<Input>(16);
-            let mut pipe =
-                tokio::process::ChildStdin::from_std(pipe).map_err(io_err("register stdin", id))?;
+            let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(pipe)
+                .map_err(io_err("register stdin", id))?;
             tokio::spawn(async move {
                 while let Some(i) = rx.recv().await {
                     match i {
@@ -598,16 +624,17 @@ impl Sessions {
         } else {
             None
         };
-        let (rows, cols) = req.tty.unwrap_or((0, 0));
+        let (rows, cols) = st.size;
         let session = Arc::new(Session {
             id,
-            argv: req.argv.clone(),
-            workdir,
-            created: SystemTime::now(),
-            pid: child.pid,
+            argv: st.argv,
+            workdir: st.workdir,
+            created: st.created,
+            pid: st.pid,
+            host_pid: st.host_pid,
             tty: master.clone(),
-            cgroup,
-            max_run_after_disconnect: req.max_run_after_disconnect,
+            cgroup: Some(st.cgroup),
+            max_run_after_disconnect: st.max_run_after_disconnect,
             stdin,
             state: Mutex::new(State {
                 scrollback: VecDeque::new(),
@@ -624,20 +651,19 @@ impl Sessions {
             done: watch::channel(None).0,
             next_client: AtomicU64::new(1),
         });
-        // The creator attaches before any output is read, so it misses nothing.
-        let attachment = self.attach_session(&session, true);
+        let attachment = owner.then(|| self.attach_session(&session, true));
         self.table().insert(id, session.clone());
         let mut pumps = tokio::task::JoinSet::new();
         if let Some(m) = master {
             pumps.spawn(pump_master(session.clone(), m));
         } else {
-            if let Some(out) = child.stdout.take() {
-                let r = tokio::process::ChildStdout::from_std(out)
+            if let Some(out) = stdout {
+                let r = tokio::net::unix::pipe::Receiver::from_owned_fd(out)
                     .map_err(io_err("register stdout", id))?;
                 pumps.spawn(pump(session.clone(), 1, r));
             }
-            if let Some(err) = child.stderr.take() {
-                let r = tokio::process::ChildStderr::from_std(err)
+            if let Some(err) = stderr {
+                let r = tokio::net::unix::pipe::Receiver::from_owned_fd(err)
                     .map_err(io_err("register stderr", id))?;
                 pumps.spawn(pump(session.clone(), 2, r));
             }
@@ -645,10 +671,81 @@ impl Sessions {
         let me = self.clone();
         let s = session.clone();
         tokio::spawn(async move {
-            let exit = child.exit.await.unwrap_or(Exit::Code(-1));
+            let exit = exit.await.unwrap_or(Exit::Code(-1));
             me.finish(s, exit, pumps).await;
         });
-        Ok(attachment)
+        if !owner {
+            // Nobody is attached: it runs on as a detached session would.
+            self.detach(&session, 0);
+        }
+        Ok((session, attachment))
+    }
+
+    /// What a restore needs to adopt each running session: its process and
+    /// the pipes the daemon holds (`pipe:[N]`).
+    pub fn dump_plan(&self) -> Vec<DumpedSession> {
+        let pipe = |host_pid: i32, fd: u32| {
+            std::fs::read_link(format!("/proc/{host_pid}/fd/{fd}"))
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with("pipe:["))
+        };
+        self.table()
+            .values()
+            .filter(|s| s.exit_code().is_none())
+            .map(|s| {
+                let (rows, cols) = {
+                    let st = s.st();
+                    (st.rows, st.cols)
+                };
+                DumpedSession {
+                    id: s.id,
+                    argv: s.argv.clone(),
+                    workdir: s.workdir.clone(),
+                    created_ms: unix_ms(s.created),
+                    pid: s.pid,
+                    tty: s.tty.is_some(),
+                    rows,
+                    cols,
+                    stdin: s.stdin.as_ref().and_then(|_| pipe(s.host_pid, 0)),
+                    stdout: pipe(s.host_pid, 1),
+                    stderr: pipe(s.host_pid, 2),
+                    max_run_after_disconnect_ms: s.max_run_after_disconnect.as_millis() as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// Adopts a session whose process a restore brought back (`pipes`: the
+    /// daemon's new ends of its stdin, stdout and stderr).
+    pub fn adopt(
+        &self,
+        d: &DumpedSession,
+        host_pid: i32,
+        cgroup: Cgroup,
+        pipes: [Option<OwnedFd>; 3],
+        exit: tokio::sync::oneshot::Receiver<Exit>,
+    ) -> Result<(), ExecError> {
+        self.inner.next_id.fetch_max(d.id + 1, Ordering::Relaxed);
+        self.install(
+            Started {
+                id: d.id,
+                argv: d.argv.clone(),
+                workdir: d.workdir.clone(),
+                created: SystemTime::UNIX_EPOCH + Duration::from_millis(d.created_ms),
+                pid: d.pid,
+                host_pid,
+                cgroup,
+                max_run_after_disconnect: Duration::from_millis(d.max_run_after_disconnect_ms),
+                size: (d.rows, d.cols),
+            },
+            pipes,
+            None,
+            exit,
+            false,
+        )?;
+        tracing::info!(session = d.id, pid = d.pid, "adopted a restored session");
+        Ok(())
     }
 
     /// Attaches another client to a running (or just ended) session.

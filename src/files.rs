@@ -1,16 +1,16 @@
 //! File operations of the filesystem API, confined to the environment root.
 //! The only code that touches the environment's files on behalf of requests.
 //!
-//! Paths are as the environment sees them. With `--chroot` the root is `/`;
-//! otherwise processes see host paths, so an absolute path must lie under
-//! the root (`<root>/x`), and a relative one is taken from the request's
-//! `workingDir`. A `..` that climbs above the root is refused (400) before
-//! anything is opened. Every lookup then goes through `openat2(2)` from an fd
-//! on the root: `RESOLVE_BENEATH` (a symlink that leads outside fails with
-//! `EXDEV`, refused with 400) or, with `--chroot`, `RESOLVE_IN_ROOT` (an
-//! absolute symlink means what it means inside the chroot). Entries are
-//! created, renamed and removed with `*at` calls on a confined parent fd, so
-//! a symlink swapped in between cannot redirect them.
+//! Paths are as the environment sees them: `/` is the environment's `/`
+//! (the daemon opens it as the init's root, `/proc/<init>/root`, so the
+//! environment's own mounts are seen too), and a relative path is taken from
+//! the request's `workingDir` (default `/`). A `..` that climbs above the
+//! root is refused (400) before anything is opened. Every lookup then goes
+//! through `openat2(2)` from an fd on the root with `RESOLVE_IN_ROOT`: the
+//! kernel resolves `..` and symlinks (absolute ones included) as they
+//! resolve inside, never leaving the root. Entries are created, renamed and
+//! removed with `*at` calls on a confined parent fd, so a symlink swapped in
+//! between cannot redirect them.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -100,8 +100,8 @@ pub struct Entry {
 
 /// A request's view of the environment root.
 pub struct Files {
+    /// The host path of the environment's `/`.
     root: PathBuf,
-    chroot: bool,
 }
 
 /// A path resolved to (confined parent dir fd, last component).
@@ -113,34 +113,22 @@ struct Parent {
 }
 
 impl Files {
-    pub fn new(root: PathBuf, chroot: bool) -> Self {
-        Files { root, chroot }
+    pub fn new(root: PathBuf) -> Self {
+        Files { root }
     }
 
     fn os(&self, op: &'static str, rel: &str) -> impl FnOnce(Errno) -> FilesError + '_ {
         let path = self.display(rel);
-        move |errno| match errno {
-            Errno::EXDEV => FilesError::Outside {
-                path,
-                why: "a symlink on the way leads outside the environment root",
-            },
-            errno => FilesError::Os { op, path, errno },
-        }
+        move |errno| FilesError::Os { op, path, errno }
     }
 
     /// How a root-relative path looks to the client.
     pub fn display(&self, rel: &str) -> String {
-        if self.chroot {
-            format!("/{rel}")
-        } else if rel.is_empty() {
-            self.root.display().to_string()
-        } else {
-            format!("{}/{rel}", self.root.display())
-        }
+        format!("/{rel}")
     }
 
     /// Turns a request path into a root-relative one, refusing `..` above
-    /// the root and (without `--chroot`) absolute paths outside it.
+    /// the root.
     pub fn relative(&self, path: &str, working_dir: Option<&str>) -> Result<String, FilesError> {
         if path.is_empty() {
             return Err(FilesError::Invalid("path is required".into()));
@@ -173,23 +161,7 @@ impl Files {
                 c => parts.push(c),
             }
         }
-        if self.chroot {
-            return Ok(parts.join("/"));
-        }
-        let root: Vec<&str> = self
-            .root
-            .to_str()
-            .ok_or_else(|| FilesError::Invalid("environment root is not UTF-8".into()))?
-            .split('/')
-            .filter(|c| !c.is_empty())
-            .collect();
-        if parts.len() < root.len() || parts[..root.len()] != root[..] {
-            return Err(FilesError::Outside {
-                path: path.to_owned(),
-                why: "outside the environment root",
-            });
-        }
-        Ok(parts[root.len()..].join("/"))
+        Ok(parts.join("/"))
     }
 
     fn root_fd(&self) -> Result<OwnedFd, FilesError> {
@@ -202,11 +174,7 @@ impl Files {
     }
 
     fn how(&self, flags: OFlag, mode: u32) -> OpenHow {
-        let resolve = if self.chroot {
-            ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS
-        } else {
-            ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS
-        };
+        let resolve = ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS;
         OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .mode(Mode::from_bits_truncate(mode))
@@ -770,35 +738,26 @@ mod tests {
 
     #[test]
     fn relative_paths() {
-        let f = Files::new("/srv/env".into(), false);
-        assert_eq!(f.relative("/srv/env/a/b", None).unwrap(), "a/b");
-        assert_eq!(f.relative("/srv/env", None).unwrap(), "");
-        assert_eq!(f.relative("b/./c", Some("/srv/env/a")).unwrap(), "a/b/c");
-        assert_eq!(f.relative("x/../y", Some("/srv/env")).unwrap(), "y");
+        let f = Files::new("/srv/env".into());
+        assert_eq!(f.relative("/etc/passwd", None).unwrap(), "etc/passwd");
+        assert_eq!(f.relative("/", None).unwrap(), "");
+        assert_eq!(f.relative("b/./c", Some("/a")).unwrap(), "a/b/c");
+        assert_eq!(f.relative("x/../y", None).unwrap(), "y");
+        assert_eq!(f.relative("hello.txt", Some("/app")).unwrap(), "app/hello.txt");
         assert!(matches!(
-            f.relative("/etc/passwd", None),
+            f.relative("../../etc/passwd", Some("/a")),
             Err(FilesError::Outside { .. })
         ));
         assert!(matches!(
-            f.relative("../../etc/passwd", Some("/srv/env")),
-            Err(FilesError::Outside { .. })
-        ));
-        assert!(matches!(
-            f.relative("/srv/envy/x", None),
+            f.relative("/../etc", None),
             Err(FilesError::Outside { .. })
         ));
         assert!(matches!(
             f.relative("a", Some("rel")),
             Err(FilesError::Invalid(_))
         ));
-        let c = Files::new("/srv/env".into(), true);
-        assert_eq!(c.relative("/etc/passwd", None).unwrap(), "etc/passwd");
-        assert!(matches!(
-            c.relative("/../etc", None),
-            Err(FilesError::Outside { .. })
-        ));
-        assert_eq!(c.display("etc/passwd"), "/etc/passwd");
-        assert_eq!(f.display("a"), "/srv/env/a");
+        assert_eq!(f.display("etc/passwd"), "/etc/passwd");
+        assert_eq!(f.display(""), "/");
     }
 
     #[test]

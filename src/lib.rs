@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod container;
 pub mod criu;
 pub mod daemon;
 pub mod durable;

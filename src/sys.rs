@@ -539,3 +539,190 @@ pub fn open_by_handle(
     // SAFETY: the kernel just returned this fd; nothing else owns it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
+
+// --- the environment: namespaces, init, fds and capabilities -------------
+
+/// Arranges for the child of `cmd` to leave the daemon's mount, UTS, IPC and
+/// PID namespaces before `exec` (`unshare(2)` with `flags`). With
+/// `CLONE_NEWPID` the child itself stays in the daemon's PID namespace: its
+/// first child is PID 1 of the new one.
+#[allow(unsafe_code)]
+pub fn unshare_before_exec(cmd: &mut std::process::Command, flags: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec; unshare(2) is
+    // a raw system call, and nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(flags) < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
+/// Hands `fds` to the child of `cmd` as fds `first`, `first + 1`, … (open
+/// across `exec`). The fds stay owned by the closure until `cmd` is dropped.
+#[allow(unsafe_code)]
+pub fn pass_fds_before_exec(
+    cmd: &mut std::process::Command,
+    fds: Vec<std::os::fd::OwnedFd>,
+    first: std::os::fd::RawFd,
+) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let n = fds.len() as libc::c_int;
+    // SAFETY: the closure runs in the forked child before exec. It makes only
+    // fcntl(2) and dup2(2) calls on fds the closure owns, with no allocation:
+    // each source is first copied above the target range (close-on-exec), so
+    // a source that happens to sit on a target number is not clobbered.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.iter().enumerate() {
+                let high = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, first + n);
+                if high < 0 || libc::dup2(high, first + i as libc::c_int) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What [`fork_single_threaded`] returns in each process.
+pub enum Forked {
+    Parent(i32),
+    Child,
+}
+
+/// Forks. Only for the environment's init (and its first stage), which never
+/// start a second thread: the child may then run any code before it execs.
+#[allow(unsafe_code)]
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    // SAFETY: callers are single-threaded processes (the init modes of the
+    // binary run before any runtime or thread starts), so the child inherits
+    // no lock held by another thread.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child.as_raw())),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// A copy of fd `fd` of process `pid` (`pidfd_getfd(2)`, Linux 5.6): how the
+/// daemon takes its ends of the pipes and terminals the environment's init
+/// opened inside. Needs ptrace access to `pid` (root has it).
+pub fn fd_of_process(pid: i32, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+    Ok(pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())?)
+}
+
+/// Drops every capability whose number is not in `keep` from the bounding
+/// set, and clears the inheritable and ambient sets: a root process that
+/// execs then holds only `keep`. Irreversible for this process and its
+/// descendants.
+#[allow(unsafe_code)]
+pub fn restrict_capabilities(keep: &[u32]) -> io::Result<()> {
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    for cap in (0..=last).filter(|c| !keep.contains(c)) {
+        // SAFETY: prctl(PR_CAPBSET_DROP) takes plain integers and touches no
+        // memory of ours.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    rustix::thread::clear_ambient_capability_set()?;
+    let mut sets = rustix::thread::capabilities(None)?;
+    sets.inheritable = rustix::thread::CapabilitySet::empty();
+    rustix::thread::set_capabilities(None, sets)?;
+    Ok(())
+}
+
+/// A `File` over `fd`, an fd the process keeps open for its whole life
+/// (the init's request and event pipes). Wrap it in `ManuallyDrop` so that
+/// dropping it does not close the fd.
+#[allow(unsafe_code)]
+pub fn borrow_raw_file(fd: std::os::fd::RawFd) -> File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the callers pass fds that were open when the process started
+    // and are never closed elsewhere, and keep the File in ManuallyDrop, so
+    // no second owner ever closes them.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+/// Sets `FD_CLOEXEC` on an inherited fd.
+#[allow(unsafe_code)]
+pub fn set_cloexec(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) on an integer fd touches no memory of ours.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Ignores `signal` (`SIG_IGN`; kept across exec).
+#[allow(unsafe_code)]
+pub fn ignore_signal(signal: nix::sys::signal::Signal) -> io::Result<()> {
+    use nix::sys::signal::{SigHandler, signal as set};
+    // SAFETY: SIG_IGN installs no handler, so no code of ours runs on it.
+    unsafe { set(signal, SigHandler::SigIgn) }?;
+    Ok(())
+}
+
+/// Restores the default action of `signal`.
+#[allow(unsafe_code)]
+pub fn default_signal(signal: nix::sys::signal::Signal) -> io::Result<()> {
+    use nix::sys::signal::{SigHandler, signal as set};
+    // SAFETY: SIG_DFL installs no handler, so no code of ours runs on it.
+    unsafe { set(signal, SigHandler::SigDfl) }?;
+    Ok(())
+}
+
+/// `kill(pid, signal)` with a raw signal number (0 checks existence).
+pub fn kill_raw(pid: i32, signal: i32) -> io::Result<()> {
+    let sig = match signal {
+        0 => None,
+        s => Some(nix::sys::signal::Signal::try_from(s)?),
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(io::Error::from)
+}
+
+/// `_exit(2)`: ends a forked child without running any exit handler of
+/// the parent's image.
+#[allow(unsafe_code)]
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit(2) ends the process at once; it touches no memory.
+    unsafe { libc::_exit(code) }
+}
+
+/// Makes the terminal on `fd` the controlling terminal of the calling
+/// session leader (`TIOCSCTTY`).
+#[allow(unsafe_code)]
+pub fn take_controlling_tty(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: ioctl(TIOCSCTTY) takes an integer argument, no memory of ours.
+    if unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes every fd from `first` up (`close_range(2)`): what a process
+/// inherited without asking for it.
+#[allow(unsafe_code)]
+pub fn close_fds_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range takes integers only; the caller owns no fd in
+    // that range that it still means to use.
+    if unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

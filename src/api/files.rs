@@ -27,7 +27,13 @@ fn files(app: &AppState) -> Result<Files, ApiError> {
                 .unwrap_or_default()
         ))
     })?;
-    Ok(Files::new(env.root().to_owned(), app.config.chroot))
+    // The environment's `/` with its own mounts (as its processes see it),
+    // or the overlay itself while no environment runs.
+    let root = match app.container.get().and_then(|c| c.init_host_pid()) {
+        Some(pid) => std::path::PathBuf::from(format!("/proc/{pid}/root")),
+        None => env.root().to_owned(),
+    };
+    Ok(Files::new(root))
 }
 
 /// The `path` parameter, which every call needs.

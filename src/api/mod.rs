@@ -69,6 +69,9 @@ pub struct AppState {
     pub cgroups: OnceLock<Cgroups>,
     pub cgroup: OnceLock<CgroupSupport>,
     pub criu: OnceLock<CriuSupport>,
+    /// The environment's container (its init and namespaces), once the
+    /// boot task set it up.
+    pub container: OnceLock<crate::container::Container>,
     /// Exec sessions, once the boot task set them up.
     pub sessions: OnceLock<crate::exec::Sessions>,
     /// The listening-port watcher.

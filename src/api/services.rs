@@ -193,7 +193,7 @@ pub async fn signal(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Sta
             req.signal
         ))
     })?;
-    sup.signal(&req.name, sig)?;
+    sup.signal(&req.name, sig).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

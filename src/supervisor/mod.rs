@@ -31,7 +31,6 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,8 +40,9 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{Cgroup, CgroupError, Cgroups};
+use crate::container::{Container, ContainerError, SpawnSpec};
 use crate::durable::{self, DurableError};
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::Exit;
 use logs::{LogLine, LogSink, Stream, now_ms};
 pub use spec::{ServiceDef, ServiceSpec};
 
@@ -53,6 +53,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 /// Longest output line kept as one event; longer ones are split.
 const MAX_LINE: usize = 64 * 1024;
+/// Where the service logs are inside the environment.
+pub const LOGS_INSIDE: &str = "/.sprite/logs/services";
 /// How long a kill of a whole cgroup may take before it is an error.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -184,7 +186,9 @@ struct Runtime {
 
 struct Instance {
     generation: u64,
+    /// The main process, inside the environment and on the host.
     pid: i32,
+    host_pid: i32,
     cgroup: Cgroup,
     exited: watch::Receiver<Option<Exit>>,
     stopping: bool,
@@ -205,15 +209,11 @@ struct Svc {
 pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     pub cgroups: Option<Cgroups>,
-    pub reaper: Reaper,
-    /// Working directory of a service without `dir`.
-    pub default_dir: PathBuf,
+    /// Where services run (`None`: the environment is unavailable, and no
+    /// service starts).
+    pub container: Option<Container>,
     /// The environment every service starts from (its `env` is added on top).
     pub base_env: Vec<(String, String)>,
-    /// `--chroot`: services run with the environment tree as `/`. `Err`:
-    /// it was asked for but could not be prepared, and no service starts
-    /// (never unconfined).
-    pub chroot: Result<Option<crate::sys::Chroot>, String>,
     /// How long a start waits for a declared `http_port` to accept.
     pub port_wait: Duration,
     pub max_log_file: u64,
@@ -270,15 +270,8 @@ impl Supervisor {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io_err("read", &defs_path)(e)),
         };
-        if let Some(cgroups) = &cfg.cgroups {
-            for cg in cgroups.children()? {
-                if cg.populated().unwrap_or(false) {
-                    tracing::warn!(cgroup = %cg.path().display(), "killing processes a previous daemon left behind");
-                }
-                cg.kill_all(KILL_TIMEOUT)?;
-                cg.remove()?;
-            }
-        }
+        // What a previous daemon left in the cgroups went with the
+        // environment's first start (`Container::start`).
         let mut table = BTreeMap::new();
         for def in defs {
             let log = Arc::new(LogSink::open(
@@ -344,14 +337,10 @@ impl Supervisor {
         self.lookup(name, record)
     }
 
-    /// The log paths the `complete` event reports.
+    /// The log paths the `complete` event reports: where they are inside
+    /// the environment.
     pub fn log_files(&self, name: &str) -> BTreeMap<&'static str, String> {
-        let p = self
-            .inner
-            .logs_dir
-            .join(format!("{name}.log"))
-            .display()
-            .to_string();
+        let p = format!("{LOGS_INSIDE}/{name}.log");
         BTreeMap::from([
             ("combined", p.clone()),
             ("stderr", p.clone()),
@@ -479,71 +468,50 @@ impl Supervisor {
     async fn spawn_instance(&self, name: &str) -> Result<(), SupervisorError> {
         let def = self.lookup(name, |s| s.def.clone())?;
         // Nothing from a previous instance survives.
-        let (cgroup, procs) = self.fresh_cgroup(name).await?;
-        let mut cmd = Command::new(&def.spec.cmd);
-        cmd.args(&def.spec.args)
-            .env_clear()
-            .envs(self.inner.cfg.base_env.iter().map(|(k, v)| (k, v)))
-            .envs(&def.spec.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        crate::sys::new_session_before_exec(&mut cmd);
-        crate::sys::join_cgroup_before_exec(&mut cmd, procs);
-        match &self.inner.cfg.chroot {
-            Err(why) => {
-                let message =
-                    format!("--chroot is unavailable ({why}); not starting it unconfined");
-                return Err(self.failed_start(name, &cgroup, message));
-            }
-            // The working dir is a path inside the chroot, entered after it.
-            Ok(Some(chroot)) => {
-                let dir = def.spec.dir.as_deref().unwrap_or("/");
-                crate::sys::chroot_before_exec(&mut cmd, chroot, dir).map_err(|e| {
-                    SupervisorError::Start {
-                        name: name.to_owned(),
-                        message: e.to_string(),
-                    }
-                })?;
-            }
-            Ok(None) => {
-                cmd.current_dir(
-                    def.spec
-                        .dir
-                        .as_deref()
-                        .map(Path::new)
-                        .unwrap_or(&self.inner.cfg.default_dir),
-                );
-            }
-        }
-        let spawned = self.inner.cfg.reaper.spawn(&mut cmd);
-        drop(cmd); // closes our copy of the cgroup.procs fd
-        let mut child = match spawned {
+        let cgroup = self.fresh_cgroup(name).await?;
+        let Some(container) = self.inner.cfg.container.clone() else {
+            let message = "the environment is unavailable (see /v1/status)".to_owned();
+            return Err(self.failed_start(name, &cgroup, message));
+        };
+        let spec = SpawnSpec {
+            argv: std::iter::once(def.spec.cmd.clone())
+                .chain(def.spec.args.iter().cloned())
+                .collect(),
+            path: None,
+            env: crate::container::env_list(
+                &self.inner.cfg.base_env,
+                def.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())),
+            ),
+            dir: def.spec.dir.clone().unwrap_or_else(|| "/".to_owned()),
+            stdio: crate::container::Stdio::Pipes { stdin: false },
+        };
+        let mut child = match container.spawn(spec, &cgroup).await {
             Ok(c) => c,
             Err(e) => {
-                let message = match e.kind() {
-                    io::ErrorKind::NotFound => format!(
+                let message = match &e {
+                    ContainerError::Refused {
+                        errno: Some(libc::ENOENT),
+                        ..
+                    } => format!(
                         "command not found: {} (or dir does not exist)",
                         def.spec.cmd
                     ),
-                    io::ErrorKind::PermissionDenied => {
-                        format!("permission denied: {}", def.spec.cmd)
-                    }
+                    ContainerError::Refused {
+                        errno: Some(libc::EACCES),
+                        ..
+                    } => format!("permission denied: {}", def.spec.cmd),
                     _ => e.to_string(),
                 };
                 return Err(self.failed_start(name, &cgroup, message));
             }
         };
         tracing::Span::current().record("pid", child.pid);
-        tracing::info!("started");
+        tracing::info!(host_pid = child.host_pid, "started");
         let (generation, exit_rx) = self.attach(
             name,
             cgroup,
-            child.pid,
-            [
-                child.stdout.take().map(OwnedFd::from),
-                child.stderr.take().map(OwnedFd::from),
-            ],
+            (child.pid, child.host_pid),
+            [child.stdout.take(), child.stderr.take()],
             child.exit,
             Status::Starting,
             format!("Service {name} started"),
@@ -615,7 +583,7 @@ impl Supervisor {
         &self,
         name: &str,
         cgroup: Cgroup,
-        pid: i32,
+        (pid, host_pid): (i32, i32),
         pipes: [Option<OwnedFd>; 2],
         exit: tokio::sync::oneshot::Receiver<Exit>,
         status: Status,
@@ -640,6 +608,7 @@ impl Supervisor {
             svc.instance = Some(Instance {
                 generation,
                 pid,
+                host_pid,
                 cgroup,
                 exited: exit_rx.clone(),
                 stopping: false,
@@ -670,8 +639,8 @@ impl Supervisor {
     }
 
     /// The cgroup a service's next instance runs in, emptied of anything a
-    /// previous instance left, and its `cgroup.procs` opened for joining.
-    pub async fn fresh_cgroup(&self, name: &str) -> Result<(Cgroup, OwnedFd), SupervisorError> {
+    /// previous instance left.
+    pub async fn fresh_cgroup(&self, name: &str) -> Result<Cgroup, SupervisorError> {
         let cgroups = self.inner.cfg.cgroups.clone().ok_or_else(|| {
             SupervisorError::Unavailable("no cgroup v2 hierarchy: see /v1/status".into())
         })?;
@@ -681,8 +650,7 @@ impl Supervisor {
         tokio::task::spawn_blocking(move || leftover.kill_all(KILL_TIMEOUT))
             .await
             .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
-        let procs = cgroup.procs_fd()?;
-        Ok((cgroup, procs))
+        Ok(cgroup)
     }
 
     /// Adopts a process tree restored by CRIU into `cgroup` as the running
@@ -713,7 +681,7 @@ impl Supervisor {
         self.attach(
             name,
             was.cgroup.clone(),
-            pid,
+            (pid, was.host_pid),
             pipes,
             exit,
             Status::Running,
@@ -848,7 +816,7 @@ impl Supervisor {
         };
         self.emit(Event::new(EventKind::Stopping, name));
         tracing::info!(service = %name, pid, ?timeout, "stopping");
-        for p in cgroup.pids().unwrap_or_else(|_| vec![pid]) {
+        for p in cgroup.pids().unwrap_or_default() {
             let _ = crate::sys::kill(p, nix::sys::signal::Signal::SIGTERM);
         }
         let exited_in_time = tokio::time::timeout(timeout, exited.wait_for(|e| e.is_some()))
@@ -919,25 +887,21 @@ impl Supervisor {
     }
 
     /// Sends a signal to a running service's main process.
-    pub fn signal(
+    pub async fn signal(
         &self,
         name: &str,
         signal: nix::sys::signal::Signal,
     ) -> Result<(), SupervisorError> {
-        let table = self.table();
-        let svc = table
-            .get(name)
-            .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-        let pid = svc
-            .instance
-            .as_ref()
-            .map(|i| i.pid)
+        let pid = self
+            .lookup(name, |svc| svc.instance.as_ref().map(|i| i.pid))?
             .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))?;
-        crate::sys::kill(pid, signal).map_err(|e| SupervisorError::Io {
-            op: "signal",
-            path: PathBuf::from(format!("/proc/{pid}")),
-            source: e,
-        })
+        let container = self.inner.cfg.container.as_ref().ok_or_else(|| {
+            SupervisorError::Unavailable("the environment is unavailable".into())
+        })?;
+        container
+            .signal(pid, signal as i32)
+            .await
+            .map_err(|e| SupervisorError::Unavailable(format!("signal pid {pid}: {e}")))
     }
 
     /// Stops every service (dependents before what they need) without
@@ -1035,6 +999,7 @@ impl Supervisor {
                 s.instance.as_ref().map(|i| RunningService {
                     name: s.def.name.clone(),
                     pid: i.pid,
+                    host_pid: i.host_pid,
                     cgroup: i.cgroup.clone(),
                     restart_count: s.rt.restart_count,
                     started_at_ms: s
@@ -1064,7 +1029,9 @@ impl Supervisor {
 #[derive(Debug, Clone)]
 pub struct RunningService {
     pub name: String,
+    /// The main process inside the environment.
     pub pid: i32,
+    pub host_pid: i32,
     pub cgroup: Cgroup,
     pub restart_count: u32,
     /// When this instance started (ms since the Unix epoch).

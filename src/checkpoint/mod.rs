@@ -16,13 +16,17 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+mod capture;
+mod restore;
+
 use crate::archive;
-use crate::cgroup::{CgroupError, FreezeGuard};
-use crate::criu::{Criu, Dumped};
+use crate::container::Container;
+use crate::cgroup::CgroupError;
+use crate::criu::{Criu, DumpStats};
 use crate::durable::{self, DurableError};
 use crate::fs::manifest::{self, Manifest};
 use crate::fs::{Env, FsError};
@@ -32,8 +36,6 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Raw CRIU images are kept on disk for this many of the newest
 /// checkpoints (restoring them skips the decompression).
 const RAW_IMAGES_KEPT: usize = 2;
-/// How long a restore waits for the pids of killed services to be free.
-const PIDS_FREE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A line of progress for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,9 +128,9 @@ pub struct CheckpointMeta {
     pub services: Vec<ServiceDef>,
     pub running: Vec<String>,
     pub stats: CaptureStats,
-    /// CRIU images of the services that were running (none: files only).
+    /// The CRIU dump of the whole environment (none: files only).
     #[serde(default)]
-    pub processes: Vec<ProcessImages>,
+    pub env: Option<EnvImages>,
     /// Whether process state was asked for (`processes: false`: files only).
     #[serde(default)]
     pub with_processes: bool,
@@ -146,18 +148,34 @@ pub struct ImportedFrom {
     pub history: Vec<String>,
 }
 
-/// One service's process tree in a checkpoint.
+/// The CRIU dump of the whole environment in a checkpoint, and what the
+/// daemon needs to plug its side back in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProcessImages {
-    pub service: String,
-    pub restart_count: u32,
-    /// When the dumped instance started (ms since the Unix epoch).
-    #[serde(default)]
-    pub started_at_ms: u64,
-    #[serde(flatten)]
-    pub dumped: Dumped,
+pub struct EnvImages {
     /// Image file name → store object (zstd).
     pub images: BTreeMap<String, String>,
+    pub stats: DumpStats,
+    /// `pipe:[N]` of the init's request and event pipes.
+    pub init_pipes: [String; 2],
+    pub services: Vec<DumpedService>,
+    #[serde(default)]
+    pub sessions: Vec<crate::exec::DumpedSession>,
+    /// Cgroup name (under the daemon's) → the pids inside that were in it.
+    pub cgroups: BTreeMap<String, Vec<i32>>,
+}
+
+/// A running service in a dump.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DumpedService {
+    pub name: String,
+    /// Its main process, inside the environment.
+    pub pid: i32,
+    pub restart_count: u32,
+    /// When the dumped instance started (ms since the Unix epoch).
+    pub started_at_ms: u64,
+    /// `pipe:[N]` of its stdout and stderr (the daemon reads the other ends).
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
 }
 
 /// The manifest object of checkpoint `id` under `state_dir`, read from its
@@ -186,12 +204,13 @@ impl CheckpointMeta {
             "health": self.health,
             "services": self.running,
             "freeze_ms": self.stats.freeze_ms,
-            "processes": self.processes.iter().map(|p| serde_json::json!({
-                "service": p.service,
-                "pid": p.dumped.pid,
-                "dump_ms": p.dumped.dump_ms,
-                "bytes": p.dumped.bytes,
-            })).collect::<Vec<_>>(),
+            "processes": self.env.iter().flat_map(|e| e.services.iter().map(|p| serde_json::json!({
+                "service": p.name,
+                "pid": p.pid,
+                "dump_ms": e.stats.dump_ms,
+                "bytes": e.stats.bytes,
+            }))).collect::<Vec<_>>(),
+            "criu": self.env.as_ref().map(|e| &e.stats),
             "capture_ms": self.stats.capture_ms,
             "files": self.stats.entries,
             "imported_from": self.imported_from,
@@ -206,6 +225,8 @@ pub struct Checkpoints {
     env: Arc<Env>,
     sup: Supervisor,
     criu: Option<Criu>,
+    /// The environment's container (none: no environment, files only).
+    container: Option<Container>,
     metas: Mutex<BTreeMap<String, CheckpointMeta>>,
     /// The decoded manifest of the mounted layer (the parent of captures).
     parent: Mutex<Option<(String, Arc<Manifest>)>>,
@@ -250,6 +271,7 @@ impl Checkpoints {
         env: Arc<Env>,
         sup: Supervisor,
         criu: Option<Criu>,
+        container: Option<Container>,
     ) -> Result<Self, CheckpointError> {
         let dir = state_dir.join("checkpoints");
         let images = state_dir.join("criu");
@@ -299,6 +321,7 @@ impl Checkpoints {
             env,
             sup,
             criu,
+            container,
             metas: Mutex::new(metas),
             parent: Mutex::new(None),
             sessions: std::sync::OnceLock::new(),
@@ -411,375 +434,6 @@ impl Checkpoints {
         Ok(m)
     }
 
-    /// Takes a checkpoint: files, and with `processes` (and CRIU) the
-    /// memory of every running service. Blocking (disk work, CRIU): run it
-    /// off the async workers. `progress` receives human-readable steps.
-    #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty))]
-    pub fn capture(
-        &self,
-        comment: String,
-        id: Option<String>,
-        processes: bool,
-        progress: &dyn Fn(Note),
-    ) -> Result<CheckpointMeta, CheckpointError> {
-        let started = Instant::now();
-        let id = match id {
-            Some(id) => {
-                self.check_new_id(&id)?;
-                id
-            }
-            None => self.next_id()?,
-        };
-        tracing::Span::current().record("id", id.as_str());
-        let st = self.env.state();
-        let parent = self.parent_manifest(st.layer.as_deref())?;
-        durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
-        let result = (|| {
-            if self.env.cache_is_cold() {
-                info(progress, "Indexing files before freezing...");
-            }
-            if let Some(warm) = self.env.warm_scan()? {
-                info(
-                    progress,
-                    format!(
-                        "Indexed {} entries before freezing ({} files, {} bytes stored)",
-                        warm.entries, warm.files_hashed, warm.bytes_hashed
-                    ),
-                );
-            }
-            let services_running = self.sup.running();
-            let criu = self.criu.as_ref().filter(|_| processes);
-            info(
-                progress,
-                format!(
-                    "Freezing {} service(s){}...",
-                    services_running.len(),
-                    if criu.is_some() && !services_running.is_empty() {
-                        " and dumping their processes"
-                    } else {
-                        ""
-                    }
-                ),
-            );
-            let freeze_start = Instant::now();
-            // CRIU dumps start while the cgroups are still freezing (CRIU
-            // seizes the tasks itself and leaves each cgroup frozen); the
-            // file scan waits until every service is frozen.
-            let mut to_freeze: Vec<_> = services_running.iter().map(|r| r.cgroup.clone()).collect();
-            if let Some(s) = self.sessions.get() {
-                to_freeze.extend(s.cgroups());
-            }
-            let guard = FreezeGuard::begin(to_freeze)?;
-            let tmp_images = self.images.join(format!("{}{id}", durable::TEMP_PREFIX));
-            let mut dumps = Vec::new();
-            let mut failed = Vec::new();
-            if let Some(criu) = criu {
-                for r in &services_running {
-                    let dir = tmp_images.join(&r.name);
-                    match criu.dump(&r.name, r.pid, r.cgroup.path(), &dir) {
-                        Ok(d) => dumps.push((r, d, dir)),
-                        Err(e) => failed.push(e.to_string()),
-                    }
-                }
-            }
-            let dumped_at = freeze_start.elapsed();
-            // A dumped service is settled: CRIU seized every task of its
-            // cgroup (each stopped out of any system call), set the cgroup
-            // frozen again and only then let go of them, so none runs a user
-            // instruction before the thaw. The others must reach the freezer.
-            let settled: Vec<&Path> = dumps.iter().map(|(r, _, _)| r.cgroup.path()).collect();
-            guard.wait_except(&settled, FREEZE_TIMEOUT)?;
-            let frozen_at = freeze_start.elapsed();
-            let frozen = self.env.scan_frozen(&guard.pids())?;
-            let (services, running) = self.sup.snapshot();
-            let scanned_at = freeze_start.elapsed();
-            drop(guard);
-            let freeze_ms = freeze_start.elapsed().as_secs_f64() * 1e3;
-            tracing::debug!(
-                ?dumped_at,
-                ?frozen_at,
-                ?scanned_at,
-                freeze_ms,
-                "freeze window"
-            );
-            let scan = frozen.stats();
-            for e in failed {
-                progress(Note::Error(format!(
-                    "{e}; the checkpoint keeps its files and other services"
-                )));
-            }
-            let incremental = frozen.incremental();
-            let how = if incremental {
-                format!(
-                    "{} entries read (named by the change journal)",
-                    scan.entries
-                )
-            } else {
-                format!(
-                    "{} entries scanned, {} unchanged",
-                    scan.entries, scan.files_cached
-                )
-            };
-            info(
-                progress,
-                format!(
-                    "Services thawed after {freeze_ms:.1} ms; {how}, {} file(s) changed ({} bytes)",
-                    scan.files_hashed, scan.bytes_hashed
-                ),
-            );
-            for (r, d, _) in &dumps {
-                info(
-                    progress,
-                    format!(
-                        "Dumped {} (pid {}): {} bytes in {:.1} ms",
-                        r.name, d.pid, d.bytes, d.dump_ms
-                    ),
-                );
-            }
-            let mut captured = self.env.finish_capture(frozen, &parent)?;
-            info(progress, "Saving filesystem state...");
-            let manifest_id = captured.manifest.store(self.env.store())?;
-            let mut process_images = Vec::new();
-            for (r, dumped, dir) in dumps {
-                let mut images = BTreeMap::new();
-                for entry in std::fs::read_dir(&dir)
-                    .map_err(io_err("read dir", &dir))?
-                    .flatten()
-                {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name.ends_with(".log") {
-                        continue;
-                    }
-                    let (object, _) = self.env.store().put_file_compressed(&entry.path())?;
-                    images.insert(name, object);
-                }
-                process_images.push(ProcessImages {
-                    service: r.name.clone(),
-                    restart_count: r.restart_count,
-                    started_at_ms: r.started_at_ms,
-                    dumped,
-                    images,
-                });
-            }
-            let source = st.source.clone();
-            let mut history = Vec::new();
-            if let Some(src) = &source {
-                history.push(src.clone());
-                if let Ok(m) = self.get(src) {
-                    history.extend(m.history);
-                }
-            }
-            let meta = CheckpointMeta {
-                id: id.clone(),
-                create_time: now_rfc3339(),
-                source_id: source,
-                comment: comment.clone(),
-                history,
-                is_auto: false,
-                health: "ok".into(),
-                manifest: manifest_id,
-                services,
-                running,
-                processes: process_images,
-                with_processes: criu.is_some(),
-                imported_from: None,
-                stats: CaptureStats {
-                    freeze_ms,
-                    capture_ms: started.elapsed().as_secs_f64() * 1e3,
-                    entries: captured.manifest.len() as u64,
-                    files_hashed: scan.files_hashed,
-                    bytes_hashed: scan.bytes_hashed,
-                    files_cached: scan.files_cached,
-                    incremental,
-                },
-            };
-            // Visible only once complete: a temp dir renamed into place. One
-            // syncfs makes the objects, the manifest, the id counter and
-            // meta.json durable together, before the rename publishes them.
-            let tmp = self.stage_meta(&meta)?;
-            let pending = self.env.prepare_source(&id)?;
-            self.env.store().sync()?;
-            self.publish_meta(&tmp, &id)?;
-            // Published: from here on the environment descends from it.
-            self.env.publish_source(pending)?;
-            if tmp_images.exists() {
-                let _ = std::fs::rename(&tmp_images, self.images.join(&id));
-            }
-            self.env.keep_scan(captured);
-            Ok(meta)
-        })();
-        match &result {
-            Ok(meta) => {
-                self.metas
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), meta.clone());
-                let _ = std::fs::remove_file(self.journal());
-                self.prune_raw_images();
-                tracing::info!(
-                    freeze_ms = meta.stats.freeze_ms,
-                    capture_ms = meta.stats.capture_ms,
-                    "checkpoint created"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
-                let _ = std::fs::remove_dir_all(
-                    self.images.join(format!("{}{id}", durable::TEMP_PREFIX)),
-                );
-                self.env.store().clean_temp();
-                let _ = self.collect_garbage();
-                let _ = std::fs::remove_file(self.journal());
-            }
-        }
-        result
-    }
-
-    /// Restores `id`: kills every service, mounts the checkpoint's layer with
-    /// a fresh upper dir, restores the service definitions and starts those
-    /// that were running.
-    #[tracing::instrument(name = "restore", skip(self, progress), fields(checkpoint = id))]
-    pub async fn restore(
-        self: &Arc<Self>,
-        id: &str,
-        progress: &(dyn Fn(Note) + Sync),
-    ) -> Result<(), CheckpointError> {
-        let meta = self.get(id)?;
-        let t0 = Instant::now();
-        info(progress, "Stopping services...");
-        self.sup.kill_all().await;
-        if let Some(s) = self.sessions.get() {
-            s.kill_all().await;
-        }
-        let killed = t0.elapsed();
-        info(progress, "Restoring filesystem...");
-        let me = self.clone();
-        let target = meta.clone();
-        let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
-            let m = me.parent_manifest(Some(&target.id))?;
-            let built = me.env.ensure_layer(&target.id, &m)?;
-            me.env.switch_to(&target.id)?;
-            Ok(built)
-        })
-        .await
-        .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
-        if !built {
-            info(progress, format!("Layer of {id} reused from cache"));
-        }
-        self.sup
-            .replace_definitions(meta.services.clone(), &meta.running)?;
-        let files = t0.elapsed();
-        // Processes after the files, so they see the restored tree.
-        for name in &meta.running {
-            let why = match (
-                meta.processes.iter().find(|p| &p.service == name),
-                &self.criu,
-            ) {
-                (Some(p), Some(criu)) => match self.restore_process(&meta.id, p, criu).await {
-                    Ok(()) => {
-                        info(
-                            progress,
-                            format!(
-                                "Service {name} restored with its memory (pid {})",
-                                p.dumped.pid
-                            ),
-                        );
-                        continue;
-                    }
-                    Err(e) => e,
-                },
-                (Some(_), None) => "CRIU is unavailable".to_owned(),
-                (None, _) if !meta.with_processes => "the checkpoint keeps files only".to_owned(),
-                (None, _) => "its processes were not dumped".to_owned(),
-            };
-            info(progress, format!("Service {name} starts fresh: {why}"));
-        }
-        let processes = t0.elapsed();
-        self.sup.start_all().await;
-        tracing::debug!(?killed, ?files, ?processes, total = ?t0.elapsed(), "restore timing");
-        Ok(())
-    }
-
-    /// Restores one service's process tree with CRIU into a fresh cgroup
-    /// and hands it to the supervisor. The error is the reason to start it
-    /// fresh instead.
-    async fn restore_process(
-        self: &Arc<Self>,
-        id: &str,
-        p: &ProcessImages,
-        criu: &Criu,
-    ) -> Result<(), String> {
-        let (cgroup, procs) = self
-            .sup
-            .fresh_cgroup(&p.service)
-            .await
-            .map_err(|e| e.to_string())?;
-        let was = crate::supervisor::RunningService {
-            name: p.service.clone(),
-            pid: p.dumped.pid,
-            cgroup,
-            restart_count: p.restart_count,
-            started_at_ms: p.started_at_ms,
-        };
-        let me = self.clone();
-        let (id, p2, criu) = (id.to_owned(), p.clone(), criu.clone());
-        let restored = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let dir = me.raw_images(&id, &p2).map_err(|e| e.to_string())?;
-            // A pid held by a process that is not ours (an imported
-            // checkpoint, a long-lived machine) will not be freed: say so now.
-            if let Some(t) = p2
-                .dumped
-                .tids
-                .iter()
-                .find(|t| me.sup.owns_pid(**t) == Some(false))
-            {
-                let comm = std::fs::read_to_string(format!("/proc/{t}/comm")).unwrap_or_default();
-                return Err(format!(
-                    "its pid {t} is in use by another process ({}): a pid conflict",
-                    comm.trim()
-                ));
-            }
-            if !Criu::wait_free(&p2.dumped.tids, PIDS_FREE_TIMEOUT) {
-                return Err(format!("its pids ({:?}) are still in use", p2.dumped.tids));
-            }
-            criu.restore(&p2.service, &p2.dumped, &dir, procs)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        self.sup
-            .adopt(&was, [restored.stdout, restored.stderr], restored.exit)
-            .map_err(|e| e.to_string())
-    }
-
-    /// The raw images of a service in checkpoint `id`: the cached dir, or
-    /// decompressed from the store into it.
-    fn raw_images(&self, id: &str, p: &ProcessImages) -> Result<PathBuf, CheckpointError> {
-        let dir = self.images.join(id).join(&p.service);
-        if p.images.keys().all(|n| dir.join(n).exists()) {
-            return Ok(dir);
-        }
-        let tmp = self
-            .images
-            .join(format!("{}{id}-{}", durable::TEMP_PREFIX, p.service));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        for (name, object) in &p.images {
-            if name.contains('/') || name.starts_with('.') {
-                return Err(CheckpointError::Unavailable(format!(
-                    "bad image name {name:?}"
-                )));
-            }
-            self.env
-                .store()
-                .extract_compressed(object, &tmp.join(name))?;
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(self.images.join(id)).map_err(io_err("create", &dir))?;
-        std::fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
-        Ok(dir)
-    }
-
     /// Keeps raw images only for the newest [`RAW_IMAGES_KEPT`] checkpoints.
     fn prune_raw_images(&self) {
         let keep: HashSet<String> = self
@@ -888,7 +542,7 @@ impl Checkpoints {
                 services: src.services.clone(),
                 running: src.running.clone(),
                 stats: src.stats.clone(),
-                processes: src.processes.clone(),
+                env: src.env.clone(),
                 with_processes: src.with_processes,
                 imported_from: Some(ImportedFrom {
                     id: src.id.clone(),
@@ -1007,7 +661,7 @@ impl Checkpoints {
         let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
         for m in metas {
             manifest::references(self.env.store(), &m.manifest, &mut keep)?;
-            for p in &m.processes {
+            if let Some(p) = &m.env {
                 keep.extend(p.images.values().cloned());
             }
         }

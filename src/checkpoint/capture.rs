@@ -1,0 +1,341 @@
+//! Capture: a checkpoint of the environment's files and, with CRIU, of its
+//! whole process tree. The plan:
+//!
+//! 1. claim an id, write the capture journal;
+//! 2. index the files before freezing (when the scan cache is cold);
+//! 3. freeze the environment's cgroup; CRIU dumps the init's tree while it
+//!    freezes; scan what the file journal says changed; thaw;
+//! 4. store the changed files, the manifest and the CRIU images;
+//! 5. publish: one `syncfs`, then `meta.json` and the new source by rename.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{
+    CaptureStats, CheckpointError, CheckpointMeta, Checkpoints, DumpedService, EnvImages,
+    FREEZE_TIMEOUT, Note, info, io_err, now_rfc3339,
+};
+use crate::cgroup::FreezeGuard;
+use crate::durable;
+use crate::fs::manifest::Manifest;
+use crate::fs::{EnvState, FrozenScan};
+use crate::supervisor::ServiceDef;
+
+/// The bind mounts from the host inside the environment, and the keys their
+/// CRIU images name them by.
+pub(super) const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
+    ("/.sprite/bin/sprited", "sprited-exe"),
+    ("/.sprite/api.sock", "sprited-api"),
+    ("/.sprite/checkpoints", "sprited-checkpoints"),
+    ("/.sprite/logs/services", "sprited-logs"),
+];
+
+/// What the frozen moment produced.
+struct Frozen {
+    scan: FrozenScan,
+    services: Vec<ServiceDef>,
+    running: Vec<String>,
+    freeze_ms: f64,
+    /// The raw images dir and what to record with them.
+    dump: Option<(PathBuf, EnvImages)>,
+}
+
+impl Checkpoints {
+    /// Takes a checkpoint: files, and with `processes` (and CRIU) the
+    /// memory of the whole environment. Blocking (disk work, CRIU): run it
+    /// off the async workers. `progress` receives human-readable steps.
+    #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty))]
+    pub fn capture(
+        &self,
+        comment: String,
+        id: Option<String>,
+        processes: bool,
+        progress: &dyn Fn(Note),
+    ) -> Result<CheckpointMeta, CheckpointError> {
+        let started = Instant::now();
+        let id = match id {
+            Some(id) => {
+                self.check_new_id(&id)?;
+                id
+            }
+            None => self.next_id()?,
+        };
+        tracing::Span::current().record("id", id.as_str());
+        let st = self.env.state();
+        let parent = self.parent_manifest(st.layer.as_deref())?;
+        durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
+        let result = self.capture_steps(&id, &st, &parent, comment, processes, progress, started);
+        match &result {
+            Ok(meta) => {
+                self.metas
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), meta.clone());
+                let _ = std::fs::remove_file(self.journal());
+                self.prune_raw_images();
+                tracing::info!(
+                    freeze_ms = meta.stats.freeze_ms,
+                    capture_ms = meta.stats.capture_ms,
+                    "checkpoint created"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
+                let _ = std::fs::remove_dir_all(self.temp_images(&id));
+                self.env.store().clean_temp();
+                let _ = self.collect_garbage();
+                let _ = std::fs::remove_file(self.journal());
+            }
+        }
+        result
+    }
+
+    fn temp_images(&self, id: &str) -> PathBuf {
+        self.images.join(format!("{}{id}", durable::TEMP_PREFIX))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn capture_steps(
+        &self,
+        id: &str,
+        st: &EnvState,
+        parent: &Manifest,
+        comment: String,
+        processes: bool,
+        progress: &dyn Fn(Note),
+        started: Instant,
+    ) -> Result<CheckpointMeta, CheckpointError> {
+        self.index_before_freezing(progress)?;
+        let frozen = self.freeze_dump_scan(id, processes, progress)?;
+        let scan = frozen.scan.stats();
+        let incremental = frozen.scan.incremental();
+        let how = if incremental {
+            format!("{} entries read (named by the change journal)", scan.entries)
+        } else {
+            format!("{} entries scanned, {} unchanged", scan.entries, scan.files_cached)
+        };
+        info(
+            progress,
+            format!(
+                "Environment thawed after {:.1} ms; {how}, {} file(s) changed ({} bytes)",
+                frozen.freeze_ms, scan.files_hashed, scan.bytes_hashed
+            ),
+        );
+        let mut captured = self.env.finish_capture(frozen.scan, parent)?;
+        info(progress, "Saving filesystem state...");
+        let manifest_id = captured.manifest.store(self.env.store())?;
+        let env = match frozen.dump {
+            Some((dir, mut images)) => {
+                images.images = self.store_images(&dir)?;
+                Some(images)
+            }
+            None => None,
+        };
+        let meta = CheckpointMeta {
+            id: id.to_owned(),
+            create_time: now_rfc3339(),
+            source_id: st.source.clone(),
+            comment,
+            history: self.history_of(st.source.as_deref()),
+            is_auto: false,
+            health: "ok".into(),
+            manifest: manifest_id,
+            services: frozen.services,
+            running: frozen.running,
+            env,
+            with_processes: processes && self.criu.is_some(),
+            imported_from: None,
+            stats: CaptureStats {
+                freeze_ms: frozen.freeze_ms,
+                capture_ms: started.elapsed().as_secs_f64() * 1e3,
+                entries: captured.manifest.len() as u64,
+                files_hashed: scan.files_hashed,
+                bytes_hashed: scan.bytes_hashed,
+                files_cached: scan.files_cached,
+                incremental,
+            },
+        };
+        // Visible only once complete: a temp dir renamed into place. One
+        // syncfs makes the objects, the manifest, the id counter and
+        // meta.json durable together, before the rename publishes them.
+        let tmp = self.stage_meta(&meta)?;
+        let pending = self.env.prepare_source(id)?;
+        self.env.store().sync()?;
+        self.publish_meta(&tmp, id)?;
+        // Published: from here on the environment descends from it.
+        self.env.publish_source(pending)?;
+        let raw = self.temp_images(id);
+        if raw.exists() {
+            let _ = std::fs::rename(&raw, self.images.join(id));
+        }
+        self.env.keep_scan(captured);
+        Ok(meta)
+    }
+
+    /// Step 2: a cold scan cache is filled while everything still runs, so
+    /// the frozen scan only reads what changed since.
+    fn index_before_freezing(&self, progress: &dyn Fn(Note)) -> Result<(), CheckpointError> {
+        if self.env.cache_is_cold() {
+            info(progress, "Indexing files before freezing...");
+        }
+        if let Some(warm) = self.env.warm_scan()? {
+            info(
+                progress,
+                format!(
+                    "Indexed {} entries before freezing ({} files, {} bytes stored)",
+                    warm.entries, warm.files_hashed, warm.bytes_hashed
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Step 3: freeze the whole environment, dump it with CRIU while it
+    /// freezes (CRIU seizes the tasks itself), scan the files, thaw. A
+    /// failed dump is an `error` note: the checkpoint keeps the files.
+    fn freeze_dump_scan(
+        &self,
+        id: &str,
+        processes: bool,
+        progress: &dyn Fn(Note),
+    ) -> Result<Frozen, CheckpointError> {
+        let container = self.container.as_ref().filter(|c| c.is_running());
+        let dumper = self
+            .criu
+            .as_ref()
+            .filter(|_| processes)
+            .zip(container.and_then(|c| c.init_host_pid().map(|p| (c, p))));
+        info(
+            progress,
+            if dumper.is_some() {
+                "Freezing the environment and dumping its processes..."
+            } else {
+                "Freezing the environment..."
+            },
+        );
+        let freeze_start = Instant::now();
+        let whole = container.map(|c| c.config().cgroups.whole());
+        let guard = FreezeGuard::begin(whole.iter().cloned().collect())?;
+        let mut dump = None;
+        if let (Some((criu, (container, init))), Some(whole)) = (dumper, &whole) {
+            let dir = self.temp_images(id);
+            let plan = self.dump_plan(container);
+            match criu.dump_env(init, whole.path(), &dir, EXTERNAL_MOUNTS) {
+                Ok(stats) => {
+                    info(
+                        progress,
+                        format!(
+                            "Dumped the environment: {} bytes in {:.1} ms (frozen {:.1} ms by CRIU)",
+                            stats.bytes,
+                            stats.dump_ms,
+                            stats.frozen_time as f64 / 1e3
+                        ),
+                    );
+                    dump = Some((dir, EnvImages { stats, ..plan }));
+                }
+                Err(e) => progress(Note::Error(format!(
+                    "{e}; the checkpoint keeps the files, and a restore starts services fresh"
+                ))),
+            }
+        }
+        // A dumped cgroup is settled: CRIU seized every task (each stopped
+        // out of any system call), set the cgroup frozen again and only then
+        // let go of them. Otherwise wait for the freezer.
+        let settled: Vec<&Path> = match (&dump, &whole) {
+            (Some(_), Some(w)) => vec![w.path()],
+            _ => vec![],
+        };
+        guard.wait_except(&settled, FREEZE_TIMEOUT)?;
+        let scan = self.env.scan_frozen(&guard.pids())?;
+        let (services, running) = self.sup.snapshot();
+        drop(guard);
+        Ok(Frozen {
+            scan,
+            services,
+            running,
+            freeze_ms: freeze_start.elapsed().as_secs_f64() * 1e3,
+            dump,
+        })
+    }
+
+    /// What a restore needs besides CRIU's images, read while frozen: the
+    /// init's pipes, each service's and session's pipes, and which cgroup
+    /// each process of the environment is in.
+    fn dump_plan(&self, container: &crate::container::Container) -> EnvImages {
+        let pipe = |host_pid: i32, fd: u32| {
+            std::fs::read_link(format!("/proc/{host_pid}/fd/{fd}"))
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with("pipe:["))
+        };
+        let services = self
+            .sup
+            .running()
+            .into_iter()
+            .map(|r| DumpedService {
+                stdout: pipe(r.host_pid, 1),
+                stderr: pipe(r.host_pid, 2),
+                name: r.name,
+                pid: r.pid,
+                restart_count: r.restart_count,
+                started_at_ms: r.started_at_ms,
+            })
+            .collect();
+        let sessions = self
+            .sessions
+            .get()
+            .map(|s| s.dump_plan())
+            .unwrap_or_default();
+        let mut cgroups = BTreeMap::new();
+        for cg in container.config().cgroups.children().unwrap_or_default() {
+            let Some(name) = cg.path().file_name().map(|n| n.to_string_lossy().into_owned())
+            else {
+                continue;
+            };
+            let pids: Vec<i32> = cg
+                .pids()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(crate::container::ns_pid)
+                .collect();
+            if !pids.is_empty() {
+                cgroups.insert(name, pids);
+            }
+        }
+        EnvImages {
+            images: BTreeMap::new(),
+            stats: Default::default(),
+            init_pipes: container.pipe_ids().unwrap_or_default(),
+            services,
+            sessions,
+            cgroups,
+        }
+    }
+
+    /// Step 4: CRIU's images into the store (zstd), one object each.
+    fn store_images(&self, dir: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+        let mut images = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err("read dir", dir))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".log") || name.ends_with(".pid") {
+                continue;
+            }
+            let (object, _) = self.env.store().put_file_compressed(&entry.path())?;
+            images.insert(name, object);
+        }
+        Ok(images)
+    }
+
+    /// The ancestry of a checkpoint descending from `source`.
+    fn history_of(&self, source: Option<&str>) -> Vec<String> {
+        let mut history = Vec::new();
+        if let Some(src) = source {
+            history.push(src.to_owned());
+            if let Ok(m) = self.get(src) {
+                history.extend(m.history);
+            }
+        }
+        history
+    }
+}

@@ -1,0 +1,334 @@
+//! Restore: the environment as checkpoint `id` left it. The plan:
+//!
+//! 1. stop the environment (every process; services and sessions forgotten);
+//! 2. mount the checkpoint's layer with a fresh upper dir;
+//! 3. restore the service definitions;
+//! 4. with a CRIU dump: restore the init's whole tree onto the new root,
+//!    with new pipes where the daemon held the other ends; adopt the init,
+//!    put each process back in its cgroup, adopt services and sessions;
+//!    without one (or when CRIU fails): start a fresh environment and say why;
+//! 5. start the services that are not running yet.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::capture::EXTERNAL_MOUNTS;
+use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info, io_err};
+use crate::container::Container;
+use crate::durable;
+use crate::supervisor::RunningService;
+
+/// The daemon's ends of the pipes a restored environment gets.
+struct Ends {
+    init_requests: OwnedFd,
+    init_events: OwnedFd,
+    /// Per service (in dump order): stdout and stderr read ends.
+    services: Vec<[Option<OwnedFd>; 2]>,
+    /// Per session (in dump order): stdin write end, stdout and stderr read ends.
+    sessions: Vec<[Option<OwnedFd>; 3]>,
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+impl Checkpoints {
+    /// Restores `id`: stops the environment, mounts the checkpoint's layer
+    /// with a fresh upper dir, restores the service definitions, then the
+    /// processes (or a fresh environment, saying why).
+    #[tracing::instrument(name = "restore", skip(self, progress), fields(checkpoint = id))]
+    pub async fn restore(
+        self: &Arc<Self>,
+        id: &str,
+        progress: &(dyn Fn(Note) + Sync),
+    ) -> Result<(), CheckpointError> {
+        let meta = self.get(id)?;
+        let t0 = Instant::now();
+        info(progress, "Stopping the environment...");
+        self.stop_environment().await;
+        let killed = t0.elapsed();
+        info(progress, "Restoring filesystem...");
+        self.restore_files(&meta, progress).await?;
+        self.sup
+            .replace_definitions(meta.services.clone(), &meta.running)?;
+        let files = t0.elapsed();
+        if let Some(container) = &self.container {
+            let why = match self.restore_processes(&meta, container).await {
+                Ok(()) => None,
+                Err(why) => Some(why),
+            };
+            match why {
+                None => {
+                    for s in meta.env.iter().flat_map(|e| &e.services) {
+                        info(
+                            progress,
+                            format!("Service {} restored with its memory (pid {})", s.name, s.pid),
+                        );
+                    }
+                }
+                Some(why) => {
+                    if let Err(e) = container.start().await {
+                        return Err(CheckpointError::Unavailable(format!(
+                            "the environment cannot start: {e}"
+                        )));
+                    }
+                    for name in &meta.running {
+                        info(progress, format!("Service {name} starts fresh: {why}"));
+                    }
+                }
+            }
+        }
+        let processes = t0.elapsed();
+        self.sup.start_all().await;
+        tracing::debug!(?killed, ?files, ?processes, total = ?t0.elapsed(), "restore timing");
+        Ok(())
+    }
+
+    /// Step 1: every process of the environment goes.
+    async fn stop_environment(&self) {
+        self.sup.kill_all().await;
+        if let Some(s) = self.sessions.get() {
+            s.kill_all().await;
+        }
+        if let Some(c) = &self.container {
+            c.kill().await;
+        }
+    }
+
+    /// Step 2: the checkpoint's layer (built from its manifest unless
+    /// cached) under a fresh upper dir.
+    async fn restore_files(
+        self: &Arc<Self>,
+        meta: &CheckpointMeta,
+        progress: &(dyn Fn(Note) + Sync),
+    ) -> Result<(), CheckpointError> {
+        let me = self.clone();
+        let target = meta.id.clone();
+        let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
+            let m = me.parent_manifest(Some(&target))?;
+            let built = me.env.ensure_layer(&target, &m)?;
+            me.env.switch_to(&target)?;
+            Ok(built)
+        })
+        .await
+        .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
+        if !built {
+            info(progress, format!("Layer of {} reused from cache", meta.id));
+        }
+        Ok(())
+    }
+
+    /// Step 4: the whole tree back with CRIU. The error is the reason to
+    /// start a fresh environment instead.
+    async fn restore_processes(
+        self: &Arc<Self>,
+        meta: &CheckpointMeta,
+        container: &Container,
+    ) -> Result<(), String> {
+        let images = match (&meta.env, meta.with_processes) {
+            (Some(i), _) => i.clone(),
+            (None, false) => return Err("the checkpoint keeps files only".into()),
+            (None, true) => return Err("its processes were not dumped".into()),
+        };
+        let criu = self.criu.clone().ok_or("CRIU is unavailable")?;
+        let init_cgroup = container.init_cgroup().map_err(|e| e.to_string())?;
+        let me = self.clone();
+        let (id, plan) = (meta.id.clone(), images.clone());
+        let root = self.env.root().to_owned();
+        let externals = self.external_paths(container);
+        let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let dir = me.raw_images(&id, &plan).map_err(|e| e.to_string())?;
+            let (inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
+            let procs = init_cgroup.procs_fd().map_err(|e| e.to_string())?;
+            let externals: Vec<(&str, PathBuf)> = externals
+                .iter()
+                .map(|(k, p)| (k.as_str(), p.clone()))
+                .collect();
+            let pid = criu
+                .restore_env(&dir, &root, procs, &externals, inherit)
+                .map_err(|e| e.to_string())?;
+            Ok((pid, ends))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        container
+            .adopt(
+                init_pid,
+                ends.init_requests,
+                ends.init_events,
+                images.init_pipes.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.place_in_cgroups(container, &images).await;
+        self.adopt_processes(container, &images, ends.services, ends.sessions)
+    }
+
+    /// The host path of each external mount's key, for this daemon.
+    fn external_paths(&self, container: &Container) -> Vec<(String, PathBuf)> {
+        let s = &container.config().setup;
+        EXTERNAL_MOUNTS
+            .iter()
+            .map(|(inside, key)| {
+                let host = match *inside {
+                    "/.sprite/bin/sprited" => s.exe.clone(),
+                    "/.sprite/api.sock" => s.socket.clone(),
+                    "/.sprite/checkpoints" => s.checkpoints.clone(),
+                    _ => s.logs.clone(),
+                };
+                ((*key).to_owned(), host)
+            })
+            .collect()
+    }
+
+    /// Every restored task was born in the init's cgroup: each process goes
+    /// back to the cgroup it was dumped in (frozen meanwhile, so none forks
+    /// on the way).
+    async fn place_in_cgroups(&self, container: &Container, images: &EnvImages) {
+        let Ok(init_cg) = container.init_cgroup() else {
+            return;
+        };
+        let cgroups = container.config().cgroups.clone();
+        let wanted = images.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = init_cg.freeze(super::FREEZE_TIMEOUT);
+            for host in init_cg.pids().unwrap_or_default() {
+                let Some(pid) = crate::container::ns_pid(host) else {
+                    continue;
+                };
+                let Some((name, _)) = wanted
+                    .iter()
+                    .find(|(n, pids)| n.as_str() != crate::container::INIT_CGROUP && pids.contains(&pid))
+                else {
+                    continue;
+                };
+                if let Err(e) = cgroups.child(name).and_then(|cg| cg.add(host)) {
+                    tracing::warn!(pid, cgroup = %name, error = %e, "cannot put a restored process back in its cgroup");
+                }
+            }
+            let _ = init_cg.thaw(super::FREEZE_TIMEOUT);
+        })
+        .await;
+    }
+
+    /// The supervisor and the exec sessions take their processes back.
+    fn adopt_processes(
+        &self,
+        container: &Container,
+        images: &EnvImages,
+        services: Vec<[Option<OwnedFd>; 2]>,
+        sessions: Vec<[Option<OwnedFd>; 3]>,
+    ) -> Result<(), String> {
+        let init = container.init_host_pid().ok_or("the restored init exited")?;
+        let cgroups = container.config().cgroups.clone();
+        for (s, pipes) in images.services.iter().zip(services) {
+            let host_pid = crate::container::host_pid_of_child(init, s.pid)
+                .ok_or_else(|| format!("service {} (pid {}) did not come back", s.name, s.pid))?;
+            let was = RunningService {
+                name: s.name.clone(),
+                pid: s.pid,
+                host_pid,
+                cgroup: cgroups.child(&s.name).map_err(|e| e.to_string())?,
+                restart_count: s.restart_count,
+                started_at_ms: s.started_at_ms,
+            };
+            let exit = container.watch(s.pid).map_err(|e| e.to_string())?;
+            self.sup
+                .adopt(&was, pipes, exit)
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(all) = self.sessions.get() {
+            for (d, pipes) in images.sessions.iter().zip(sessions) {
+                let Some(host_pid) = crate::container::host_pid_of_child(init, d.pid) else {
+                    tracing::warn!(session = d.id, "a restored session's process is gone");
+                    continue;
+                };
+                let cgroup = cgroups
+                    .child(&format!("_exec-{}", d.id))
+                    .map_err(|e| e.to_string())?;
+                let exit = container.watch(d.pid).map_err(|e| e.to_string())?;
+                if let Err(e) = all.adopt(d, host_pid, cgroup, pipes, exit) {
+                    tracing::warn!(session = d.id, error = %e, "cannot adopt a restored session");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw images of checkpoint `id`: the cached dir, or decompressed
+    /// from the store into it.
+    fn raw_images(&self, id: &str, p: &EnvImages) -> Result<PathBuf, CheckpointError> {
+        let dir = self.images.join(id);
+        if p.images.keys().all(|n| dir.join(n).exists()) {
+            return Ok(dir);
+        }
+        let tmp = self
+            .images
+            .join(format!("{}{id}-restore", durable::TEMP_PREFIX));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+        for (name, object) in &p.images {
+            if name.contains('/') || name.starts_with('.') {
+                return Err(CheckpointError::Unavailable(format!(
+                    "bad image name {name:?}"
+                )));
+            }
+            self.env
+                .store()
+                .extract_compressed(object, &tmp.join(name))?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
+        Ok(dir)
+    }
+}
+
+/// New pipes for everything that had its other end in the daemon: the
+/// restored side (`--inherit-fd`, paired with the dumped `pipe:[N]`) and
+/// the daemon's side.
+fn new_pipes(plan: &EnvImages) -> std::io::Result<(Vec<(OwnedFd, String)>, Ends)> {
+    let mut inherit = Vec::new();
+    let (req_r, req_w) = pipe()?;
+    let (evt_r, evt_w) = pipe()?;
+    inherit.push((req_r, plan.init_pipes[0].clone()));
+    inherit.push((evt_w, plan.init_pipes[1].clone()));
+    // A reading end for the daemon; the writing end goes to the restore.
+    let mut out = |id: &Option<String>| -> std::io::Result<Option<OwnedFd>> {
+        match id {
+            Some(id) if !inherit.iter().any(|(_, i)| i == id) => {
+                let (r, w) = pipe()?;
+                inherit.push((w, id.clone()));
+                Ok(Some(r))
+            }
+            _ => Ok(None),
+        }
+    };
+    let mut services = Vec::new();
+    for s in &plan.services {
+        services.push([out(&s.stdout)?, out(&s.stderr)?]);
+    }
+    let mut sessions = Vec::new();
+    for s in &plan.sessions {
+        let o = out(&s.stdout)?;
+        let e = out(&s.stderr)?;
+        sessions.push([None, o, e]);
+    }
+    for (s, ends) in plan.sessions.iter().zip(sessions.iter_mut()) {
+        if let Some(id) = &s.stdin {
+            let (r, w) = pipe()?;
+            inherit.push((r, id.clone()));
+            ends[0] = Some(w);
+        }
+    }
+    Ok((
+        inherit,
+        Ends {
+            init_requests: req_w,
+            init_events: evt_r,
+            services,
+            sessions,
+        },
+    ))
+}
