@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sprited::checkpoint::Checkpoints;
 use sprited::fs::{Env, EnvConfig};
-use sprited::reaper::Reaper;
 use sprited::supervisor::{Supervisor, SupervisorConfig};
 
 const FILE_SIZE: usize = 100 * 1024; // 10,000 × 100 KiB ≈ 1 GiB
@@ -62,16 +61,14 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
         Supervisor::open(SupervisorConfig {
             state_dir: state.clone(),
             cgroups: None,
-            reaper: Reaper::start().unwrap(),
-            default_dir: root.clone(),
-            chroot: Ok(None),
+            container: None,
             base_env: vec![],
             port_wait: Duration::from_secs(1),
             max_log_file: 1 << 20,
         })
         .unwrap()
     });
-    let cps = Arc::new(Checkpoints::open(&state, env, sup, None).unwrap());
+    let cps = Arc::new(Checkpoints::open(&state, env, sup, None, None).unwrap());
     let t = Instant::now();
     let mut block = vec![0u8; size];
     for i in 0..files {

@@ -86,9 +86,11 @@ def wait_for(pred, what, secs=60):
 status = json.loads(ok(*req("GET", "/v1/status"), "status"))
 if status.get("state") != "running":
     ok(*req("GET", "/v1/ready", timeout=120), "ready")
-root = status["fs"]["env_root"] if status.get("fs", {}).get("env_root") else "/.sprite/root"
+# Paths are the environment's own: its `/` is the root of the filesystem API
+# and of every service.
+root = ""
 criu = bool((status.get("criu") or {}).get("available"))
-print(f"drill: {URL} ({status.get('kernel', '?')}; CRIU {'yes' if criu else 'no'}; env {root})")
+print(f"drill: {URL} ({status.get('kernel', '?')}; CRIU {'yes' if criu else 'no'}; env {status.get('fs', {}).get('env_root', '?')})")
 
 # 1. Files and a service that keeps state in memory and on disk.
 blob = os.urandom(1 << 20)
@@ -105,7 +107,7 @@ COUNTER = (
     "    time.sleep(0.05)\n"
 )
 stream_last("PUT", "/v1/services/drill-counter?duration=0",
-            {"cmd": "python3", "args": ["-u", "-c", COUNTER], "dir": root})
+            {"cmd": "python3", "args": ["-u", "-c", COUNTER], "dir": "/"})
 before = wait_for(lambda: (lambda s: s if s["status"] == "running" else None)(service("drill-counter")), "the counter")
 # Far enough that a fresh start (counting from 1) cannot pass for a restore.
 wait_for(lambda: (counter(root) or 0) >= 100, "the counter to reach 100")

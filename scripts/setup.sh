@@ -18,16 +18,26 @@
 #   3. The official Python SDK (sprites-py, pinned) in a venv, for the tests
 #      that check wire compatibility.
 #   4. Checks that a Rust toolchain (cargo >= 1.85) is present.
+#   5. The environment's default OS tree (--env-base, /var/lib/sprited/base):
+#      a Debian trixie minbase with bash, coreutils, python3, curl,
+#      ca-certificates, procps, iproute2 and git, built once by debootstrap
+#      and kept (rebuilt only when missing or incomplete).
+#   6. Checks every tool it promises and fails naming what is missing.
 #
 # Environment: SPRITED_CRIU_SUITE (default sid) picks the Debian suite whose
 # criu source is built; SPRITED_SETUP_CACHE (default /var/cache/sprited-setup)
-# keeps the downloaded source and the build between runs.
+# keeps the downloaded source and the build between runs; SPRITED_BASE_SUITE
+# (default trixie: its glibc runs binaries built on Debian 12 and Ubuntu 24.04)
+# and SPRITED_ENV_BASE (default /var/lib/sprited/base) pick the OS tree.
 set -euo pipefail
 
 CRIU_SUITE=${SPRITED_CRIU_SUITE:-sid}
 CACHE=${SPRITED_SETUP_CACHE:-/var/cache/sprited-setup}
 CRIU_DEST=/usr/local/sbin/criu
 MIN_RUST=1.85
+BASE_SUITE=${SPRITED_BASE_SUITE:-trixie}
+BASE=${SPRITED_ENV_BASE:-/var/lib/sprited/base}
+BASE_PKGS=bash,coreutils,python3,curl,ca-certificates,procps,iproute2,git,less,tar
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -37,7 +47,8 @@ command -v apt-get >/dev/null || die "this script needs a Debian or Ubuntu machi
 export DEBIAN_FRONTEND=noninteractive
 
 # --- 1. packages ------------------------------------------------------------
-RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils)
+# tar: CRIU archives the environment's tmpfs mounts (/dev, /.sprite) with it.
+RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils tar)
 # The VM tier: guest images (debootstrap, mkfs.ext4 -d), QEMU, Vagrant (validate).
 VM_PKGS=(qemu-system-x86 qemu-utils debootstrap e2fsprogs)
 BUILD_PKGS=(build-essential pkg-config git)
@@ -72,6 +83,9 @@ install_pkgs() {
 }
 
 install_pkgs "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "${VM_PKGS[@]}"
+# Installing Debian's qemu-system-x86 removes a newer qemu-utils (from
+# backports) that a fresh machine may ship: put Debian's back in the same run.
+install_pkgs "${VM_PKGS[@]}"
 # Vagrant with its libvirt provider (so that `vagrant validate` has a provider).
 if [ -n "$(missing vagrant vagrant-libvirt)" ]; then
   apt_update_once
@@ -191,4 +205,41 @@ if [ "$(printf '%s\n%s\n' "$MIN_RUST" "$rust_version" | sort -V | head -n1)" != 
   die "cargo $rust_version is older than $MIN_RUST: install a newer toolchain (rustup), then run this again"
 fi
 say "rust: cargo $rust_version"
+
+# --- 5. the environment's OS tree -------------------------------------------
+base_ok() { [ -f "$1/.sprited-base" ] && [ -x "$1/bin/bash" ] && [ -x "$1/usr/bin/python3" ]; }
+if base_ok "$BASE"; then
+  say "base: $BASE ($(cat "$BASE/.sprited-base"))"
+else
+  install_pkgs debootstrap debian-archive-keyring
+  tmp="$BASE.tmp"
+  rm -rf "$tmp"
+  mkdir -p "$(dirname "$BASE")"
+  say "building the environment's OS tree: debootstrap $BASE_SUITE into $BASE (about a minute; log: $CACHE/debootstrap.log)"
+  mkdir -p "$CACHE"
+  if ! debootstrap --variant=minbase --include="$BASE_PKGS" \
+      --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+      "$BASE_SUITE" "$tmp" http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1; then
+    tail -n 20 "$CACHE/debootstrap.log" >&2
+    die "debootstrap $BASE_SUITE failed (log: $CACHE/debootstrap.log)"
+  fi
+  # No package caches in the image; a resolv.conf so that DNS works inside.
+  rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
+  cp /etc/resolv.conf "$tmp/etc/resolv.conf" 2>/dev/null || true
+  echo "debian $BASE_SUITE minbase + $BASE_PKGS, $(date -u +%F)" >"$tmp/.sprited-base"
+  rm -rf "$BASE"
+  mv "$tmp" "$BASE"
+  say "base: $BASE built"
+fi
+
+# --- 6. everything promised is there ----------------------------------------
+missing_tools=()
+for t in qemu-img qemu-system-x86_64 debootstrap mkfs.ext4 tar "$CRIU_DEST"; do
+  command -v "$t" >/dev/null || [ -x "$t" ] || missing_tools+=("$t")
+done
+base_ok "$BASE" || missing_tools+=("the OS tree $BASE")
+[ -x "$SDK_VENV/bin/python" ] || missing_tools+=("the sprites-py venv $SDK_VENV")
+if [ "${#missing_tools[@]}" -gt 0 ]; then
+  die "missing after setup: ${missing_tools[*]}"
+fi
 say "done"

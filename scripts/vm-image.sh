@@ -38,6 +38,7 @@ TOKEN=${SPRITED_VM_TOKEN:-vm-test-token}
 MIRROR=${SPRITED_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=systemd-sysv,udev,linux-image-cloud-amd64,criu,python3,iproute2,procps,qemu-guest-agent,ca-certificates
 DISK_SIZE=${SPRITED_VM_DISK:-6G}
+STATE_SIZE=${SPRITED_VM_STATE_DISK:-4G}
 OUT=target/vm
 mkdir -p "$OUT"
 for b in sprited sprite-env; do
@@ -65,7 +66,7 @@ fi
 # --- the image: base + sprited (cached by the binaries' hashes) -------------
 image_key=$(
   {
-    echo "$base_key" "$TOKEN" "$DISK_SIZE" "image-v1"
+    echo "$base_key" "$TOKEN" "$DISK_SIZE" "image-v2"
     sha256sum "$BIN_DIR/sprited" "$BIN_DIR/sprite-env" packaging/sprited.service "$0" | cut -c1-64
   } | hash_of
 )
@@ -79,10 +80,13 @@ if [ ! -f "$IMG/done" ]; then
   install -m 0755 "$BIN_DIR/sprited" "$BIN_DIR/sprite-env" "$root/usr/local/bin/"
   install -m 0644 packaging/sprited.service "$root/etc/systemd/system/sprited.service"
   install -d -m 0700 "$root/etc/sprited"
-  printf 'SPRITE_HTTP_API_TOKEN=%s\nSPRITE_NAME=%s\nSPRITED_LOG=sprited=debug,info\n' "$TOKEN" "vm-$SUITE" >"$root/etc/sprited/env"
+  # The guest's own OS is the environment's base; the state dir is a disk of
+  # its own (/dev/vdb), so overlayfs accepts layers below the base's `/`.
+  printf 'SPRITE_HTTP_API_TOKEN=%s\nSPRITE_NAME=%s\nSPRITED_LOG=sprited=debug,info\nSPRITED_ENV_BASE=/\n' "$TOKEN" "vm-$SUITE" >"$root/etc/sprited/env"
   chmod 0600 "$root/etc/sprited/env"
   echo "vm-$SUITE" >"$root/etc/hostname"
-  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' >"$root/etc/fstab"
+  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n/dev/vdb /.sprite ext4 rw 0 2\n' >"$root/etc/fstab"
+  mkdir -p "$root/.sprite"
   # QEMU user networking: the guest is 10.0.2.15, the host 10.0.2.2.
   cat >"$root/etc/systemd/system/vm-net.service" <<'UNIT'
 [Unit]
@@ -114,6 +118,7 @@ UNIT
   cp "$root"/boot/initrd.img-* "$IMG/initrd.img"
   chmod 0644 "$IMG/vmlinuz" "$IMG/initrd.img"
   mkfs.ext4 -q -F -L root -d "$root" "$IMG/disk.raw" "$DISK_SIZE"
+  mkfs.ext4 -q -F -L sprite "$IMG/state.raw" "$STATE_SIZE"
   rm -rf "$root"
   touch "$IMG/done"
   # Older images of this suite are not needed any more.

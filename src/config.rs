@@ -39,8 +39,9 @@ pub enum ConfigError {
     #[error("cannot determine the host name for the default sprite name: {0}")]
     Hostname(#[source] std::io::Error),
     #[error(
-        "--env-base {base} contains the state dir {state}: overlayfs refuses a lower layer that contains \
-         another layer, so restores would fail. Put the state dir outside the base tree"
+        "--env-base {base} contains the state dir {state} on the same filesystem: overlayfs refuses a lower \
+         layer that contains another layer, so restores would fail. Put the state dir outside the base \
+         tree, or on a filesystem of its own"
     )]
     BaseContainsState { base: PathBuf, state: PathBuf },
     #[error(
@@ -296,7 +297,10 @@ impl Config {
             return Err(ConfigError::BadSpriteName { value: sprite_name });
         }
         let env_base = absolute(&args.env_base)?;
-        if state_dir.starts_with(&env_base) {
+        // Overlayfs refuses a lower dir holding the layers, unless they sit
+        // on another filesystem mounted below it (a VM's own `/` as the base,
+        // its state dir on a disk of its own).
+        if state_dir.starts_with(&env_base) && same_filesystem(&state_dir, &env_base) {
             return Err(ConfigError::BaseContainsState {
                 base: env_base,
                 state: state_dir,
@@ -374,6 +378,18 @@ pub fn valid_name(name: &str) -> bool {
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Whether `a` (or, while it does not exist yet, its nearest existing
+/// ancestor) is on the same filesystem as `b`.
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| {
+        p.ancestors()
+            .find_map(|q| std::fs::metadata(q).ok())
+            .map(|m| m.dev())
+    };
+    dev(a) == dev(b)
 }
 
 /// A short stable id for the daemon owning `state_dir`.
@@ -478,6 +494,11 @@ mod tests {
 
     fn args(extra: &[&str]) -> Args {
         let mut v = vec!["sprited", "--state-dir", "/tmp/x", "--sprite-name", "s1"];
+        if !extra.contains(&"--env-base") {
+            // Any existing dir outside the state dir (the default one is
+            // built by setup.sh, which unit tests do not need).
+            v.extend_from_slice(&["--env-base", "/usr"]);
+        }
         v.extend_from_slice(extra);
         Args::try_parse_from(v).unwrap()
     }
@@ -528,7 +549,12 @@ mod tests {
     fn a_base_may_not_contain_the_state_dir() {
         let e = Config::from_args(&args(&["--listen", "none", "--env-base", "/"])).unwrap_err();
         assert!(matches!(e, ConfigError::BaseContainsState { .. }), "{e}");
-        assert!(Config::from_args(&args(&["--listen", "none", "--env-base", "/srv/base"])).is_ok());
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path().to_str().unwrap();
+        assert!(Config::from_args(&args(&["--listen", "none", "--env-base", base])).is_ok());
+        let e = Config::from_args(&args(&["--listen", "none", "--env-base", "/no/such/base"]))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::NoBase { .. }), "{e}");
     }
 
     #[test]

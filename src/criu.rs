@@ -73,14 +73,14 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriuError {
-    #[error("criu {op} of service {service}: {line} (log: {log})")]
+    #[error("criu {op} of {service}: {line} (log: {log})")]
     Failed {
         op: &'static str,
         service: String,
         line: String,
         log: PathBuf,
     },
-    #[error("criu {op} of service {service}: cannot run {path}: {source}")]
+    #[error("criu {op} of {service}: cannot run {path}: {source}")]
     Spawn {
         op: &'static str,
         service: String,
@@ -178,7 +178,9 @@ impl Criu {
         }
         let text = std::fs::read_to_string(log).unwrap_or_default();
         // Kept past the images dir (which a failed capture removes).
-        let kept = self.logs.join(format!("{service}.{op}.log"));
+        let kept = self
+            .logs
+            .join(format!("{}.{op}.log", service.replace(' ', "-")));
         let log = match std::fs::create_dir_all(&self.logs).and_then(|_| std::fs::copy(log, &kept))
         {
             Ok(_) => kept.as_path(),
@@ -308,7 +310,8 @@ impl Criu {
                 "--file-locks",
             ]);
         for (key, host) in external {
-            cmd.arg("--external").arg(format!("mnt[{key}]:{}", host.display()));
+            cmd.arg("--external")
+                .arg(format!("mnt[{key}]:{}", host.display()));
         }
         let mut fds = Vec::new();
         for (i, (fd, id)) in inherit.into_iter().enumerate() {
@@ -334,7 +337,7 @@ impl Criu {
 }
 
 /// How errors and logs name a whole-environment dump or restore.
-const ENV: &str = "environment";
+const ENV: &str = "the environment";
 /// Where the fds handed to a restore start in CRIU's fd table.
 const INHERIT_FIRST_FD: i32 = 10;
 

@@ -344,7 +344,13 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     });
     let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {
-        match Checkpoints::open(&config.state_dir, env, sup.clone(), dumper, app.container.get().cloned()) {
+        match Checkpoints::open(
+            &config.state_dir,
+            env,
+            sup.clone(),
+            dumper,
+            app.container.get().cloned(),
+        ) {
             Ok(c) => {
                 if let Some(sessions) = app.sessions.get() {
                     c.set_sessions(sessions.clone());

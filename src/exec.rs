@@ -499,7 +499,9 @@ impl Sessions {
         for kv in &env {
             let k = kv.split('=').next().unwrap_or("");
             if kv.contains('\0') || k.is_empty() {
-                return Err(ExecError::Invalid(format!("bad environment variable {k:?}")));
+                return Err(ExecError::Invalid(format!(
+                    "bad environment variable {k:?}"
+                )));
             }
         }
         if req.tty.is_some() && !env.iter().any(|kv| kv.starts_with("TERM=")) {

@@ -743,7 +743,10 @@ mod tests {
         assert_eq!(f.relative("/", None).unwrap(), "");
         assert_eq!(f.relative("b/./c", Some("/a")).unwrap(), "a/b/c");
         assert_eq!(f.relative("x/../y", None).unwrap(), "y");
-        assert_eq!(f.relative("hello.txt", Some("/app")).unwrap(), "app/hello.txt");
+        assert_eq!(
+            f.relative("hello.txt", Some("/app")).unwrap(),
+            "app/hello.txt"
+        );
         assert!(matches!(
             f.relative("../../etc/passwd", Some("/a")),
             Err(FilesError::Outside { .. })

@@ -9,7 +9,11 @@ fn main() -> ExitCode {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     // Inside the environment, `sprite-env` is a symlink to this binary.
-    if args.first().and_then(|a| std::path::Path::new(a).file_name()) == Some("sprite-env".as_ref()) {
+    if args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        == Some("sprite-env".as_ref())
+    {
         return sprited::cli::main();
     }
     let run =

@@ -161,7 +161,7 @@ async fn a_service_keeps_running_through_a_checkpoint() {
     assert!(
         events.iter().any(|e| e["data"]
             .as_str()
-            .is_some_and(|s| s.starts_with("Freezing 1 service"))),
+            .is_some_and(|s| s.starts_with("Freezing the environment"))),
         "{events:?}"
     );
     let high: u64 = std::fs::read_to_string(d.env_root().join("counter"))
@@ -444,31 +444,6 @@ async fn sprite_env_checkpoint_commands() {
 }
 
 /// A minimal OS tree: `/bin/sh`, `/bin/sleep` and the libraries `ldd` names.
-fn minimal_os_tree(dest: &Path) {
-    let sh = std::fs::canonicalize("/bin/sh").unwrap();
-    let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
-    let mut files = vec![sh.clone(), sleep.clone()];
-    for bin in [&sh, &sleep] {
-        let ldd = std::process::Command::new("ldd").arg(bin).output().unwrap();
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
-                files.push(std::path::PathBuf::from(p));
-            }
-        }
-    }
-    for f in files {
-        let target = dest.join(f.strip_prefix("/").unwrap());
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(std::fs::canonicalize(&f).unwrap(), &target).unwrap();
-    }
-    std::fs::create_dir_all(dest.join("bin")).unwrap();
-    for (src, name) in [(&sh, "sh"), (&sleep, "sleep")] {
-        if !dest.join("bin").join(name).exists() {
-            std::fs::copy(src, dest.join("bin").join(name)).unwrap();
-        }
-    }
-}
-
 fn base_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("sprited-base-")
@@ -476,76 +451,139 @@ fn base_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// A daemon with `--chroot` over `base`.
-async fn start_chroot(base: &Path) -> Daemon {
-    Daemon::start_with(Options {
-        extra: vec![
-            "--chroot".into(),
-            "--env-base".into(),
-            base.display().to_string(),
-        ],
-        ..Default::default()
-    })
-    .await
+/// Runs `script` with `sh -c` inside the environment through the CLI's
+/// `exec`; returns its stdout (panics with its stderr on failure).
+async fn sh(d: &Daemon, script: &str) -> String {
+    let out = d.cli(&["exec", "--", "sh", "-c", script]).await;
+    assert!(
+        out.status.success(),
+        "{script}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The environment is the machine: `/` of a command is the environment's
+/// overlay (an OS tree), not the host's. Writes anywhere (as root) land in
+/// the checkpoint and a restore rolls them back; the host is untouched.
 #[tokio::test]
-async fn chroot_services_live_inside_the_environment() {
-    if !privileged("chroot_services_live_inside_the_environment") {
+async fn writes_anywhere_are_captured_and_rolled_back() {
+    if !privileged("writes_anywhere_are_captured_and_rolled_back") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let tag = format!("sprited-test-{}", std::process::id());
+    let paths = [
+        "/etc/motd.d/x",
+        "/usr/local/bin/tool",
+        "/home/u/file",
+        "/tmp/y",
+    ];
+    let mut write = String::new();
+    for p in paths {
+        write.push_str(&format!("mkdir -p $(dirname {p}); echo {tag} > {p}; "));
+    }
+    sh(&d, &write).await;
+    // A Debian userland with its own /proc, /dev and the API inside.
+    let facts = sh(
+        &d,
+        "cat /etc/debian_version >/dev/null && echo debian; test -c /dev/null && echo dev; \
+         cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; \
+         sprite-env services list >/dev/null && echo api; \
+         echo x > /.sprite/x 2>/dev/null || echo sprite-ro",
+    )
+    .await;
+    for want in [
+        "debian",
+        "dev",
+        "sprited __env-init",
+        common::NAME,
+        "api",
+        "sprite-ro",
+    ] {
+        assert!(facts.contains(want), "{want:?} missing from {facts:?}");
+    }
+    d.checkpoint("written").await;
+    sh(
+        &d,
+        "rm -rf /etc/motd.d/x /usr/local/bin/tool /home/u /tmp/y; echo other > /etc/other; echo z > /tmp/z",
+    )
+    .await;
+    d.restore("v1").await;
+    let after = sh(
+        &d,
+        &format!(
+            "for p in {}; do cat $p; done; test -e /etc/other || echo no-other; test -e /tmp/z || echo no-z",
+            paths.join(" ")
+        ),
+    )
+    .await;
+    assert_eq!(
+        after,
+        format!("{tag}\n{tag}\n{tag}\n{tag}\nno-other\nno-z\n"),
+        "the environment is not exactly the checkpoint's tree"
+    );
+    // Nothing reached the host (outside the state dir).
+    for p in paths {
+        let host = std::fs::read_to_string(p).unwrap_or_default();
+        assert!(!host.contains(&tag), "{p} was written on the host");
+    }
+    for (p, inside) in [("/etc/other", "other\n"), ("/tmp/z", "z\n")] {
+        let host = std::fs::read_to_string(p).unwrap_or_default();
+        assert_ne!(host, inside, "{p} was written on the host");
+    }
+    // The checkpoints are readable inside, and read-only.
+    let views = sh(
+        &d,
+        "test -r /.sprite/checkpoints/v1/meta.json && echo readable; \
+         touch /.sprite/checkpoints/v1/x 2>/dev/null || echo read-only",
+    )
+    .await;
+    assert_eq!(views, "readable\nread-only\n");
+    // And the API from inside can take one.
+    let inside = sh(
+        &d,
+        "sprite-env checkpoint create -m inside >/dev/null && echo created",
+    )
+    .await;
+    assert_eq!(inside, "created\n");
+    assert_eq!(d.get("/v1/checkpoints/v2").await.status(), 200);
+}
+
+/// An environment that cannot be set up (here a file where `/proc` must be
+/// mounted) starts no service, rather than running it on the host.
+#[tokio::test]
+async fn an_environment_that_cannot_start_runs_nothing_on_the_host() {
+    if !privileged("an_environment_that_cannot_start_runs_nothing_on_the_host") {
         return;
     }
     let base = base_dir();
-    minimal_os_tree(base.path());
-    let d = start_chroot(base.path()).await;
-    // The base has nothing but sh and sleep.
-    let script = "echo inside > /marker; test -e /proc/self/status && echo proc-ok; test -c /dev/null && echo dev-ok; \
-                  test -d /.sprite/checkpoints && echo checkpoints-ok; echo x > /.sprite/checkpoints/x || echo read-only; \
-                  echo cwd=$PWD; trap 'read v < /.sprite/checkpoints/v1/root/marker; echo seen=$v' HUP; \
-                  while :; do sleep 0.2; done";
-    let r = d
-        .req(
-            Method::PUT,
-            "/v1/services/jail?duration=30s",
-            Some(json!({"cmd": "sh", "args": ["-c", script]})),
+    std::fs::write(base.path().join("proc"), b"not a directory").unwrap();
+    let d = Daemon::start_with(Options {
+        extra: vec!["--env-base".into(), base.path().display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    let marker = base.path().join("ran-on-the-host");
+    let events = d
+        .put_service(
+            "jail",
+            json!({"cmd": "touch", "args": [marker.display().to_string()]}),
+            "1s",
         )
         .await;
-    let mut s = Ndjson::new(r);
-    let events = s
-        .until(|e| e["data"].as_str().is_some_and(|t| t.starts_with("cwd=")))
-        .await;
-    drop(s);
-    let out: Vec<&str> = events.iter().filter_map(|e| e["data"].as_str()).collect();
-    for want in [
-        "proc-ok\n",
-        "dev-ok\n",
-        "checkpoints-ok\n",
-        "read-only\n",
-        "cwd=/\n",
-    ] {
-        assert!(out.contains(&want), "{want:?} missing from {out:?}");
-    }
-    // Its `/` is the environment: the file is there, not on the host.
-    assert_eq!(
-        std::fs::read(d.env_root().join("marker")).unwrap(),
-        b"inside\n"
-    );
-    assert!(!Path::new("/marker").exists());
     assert!(
-        !base.path().join("marker").exists(),
-        "the base is read-only to the environment"
+        events.iter().any(|e| e["type"] == "error"
+            && e["data"]
+                .as_str()
+                .is_some_and(|s| s.contains("environment is unavailable"))),
+        "{events:?}"
     );
-
-    // A checkpoint is browsable from inside.
-    d.checkpoint("jail").await;
-    let mut follow = Ndjson::new(d.get("/v1/services/jail/logs?lines=0&duration=20s").await);
-    let hup = json!({"name": "jail", "signal": "HUP"});
-    assert_eq!(
-        d.req(Method::POST, "/v1/services/signal", Some(hup))
-            .await
-            .status(),
-        204
-    );
-    follow.until(|e| e["data"] == "seen=inside\n").await;
+    let st = d.service("jail").await["state"].clone();
+    assert_ne!(st["status"], "running", "{st}");
+    assert!(!marker.exists(), "the service ran outside the environment");
+    assert!(d.log_text().contains("mount proc"), "the reason is logged");
 }
 
 #[tokio::test]
@@ -572,7 +610,17 @@ async fn random_edits_over_many_checkpoints_all_restore_exactly() {
         return;
     }
     let d = Daemon::start().await;
-    let root = d.env_root();
+    // Under one dir of the environment (its OS tree stays as it is), which
+    // the edits may remove too.
+    let root = d.env_root().join("work");
+    std::fs::create_dir_all(&root).unwrap();
+    let tree = |r: &Path| {
+        if r.exists() {
+            tree(r)
+        } else {
+            Default::default()
+        }
+    };
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -656,36 +704,6 @@ async fn a_missing_layer_dir_is_rebuilt_at_start() {
     );
     assert!(d2.log_text().contains("rebuilding it"));
     d2.checkpoint("after").await;
-}
-
-/// `--chroot` that cannot be prepared (here a file where `/proc` must be
-/// mounted) starts no service, rather than running it unconfined.
-#[tokio::test]
-async fn a_chroot_that_cannot_be_prepared_starts_nothing_unconfined() {
-    if !privileged("a_chroot_that_cannot_be_prepared_starts_nothing_unconfined") {
-        return;
-    }
-    let base = base_dir();
-    std::fs::write(base.path().join("proc"), b"not a directory").unwrap();
-    let d = start_chroot(base.path()).await;
-    let marker = base.path().join("ran-unconfined");
-    let events = d
-        .put_service(
-            "jail",
-            json!({"cmd": "touch", "args": [marker.display().to_string()]}),
-            "1s",
-        )
-        .await;
-    assert!(
-        events.iter().any(|e| e["type"] == "error"
-            && e["data"]
-                .as_str()
-                .is_some_and(|s| s.contains("--chroot is unavailable"))),
-        "{events:?}"
-    );
-    let st = d.service("jail").await["state"].clone();
-    assert_ne!(st["status"], "running", "{st}");
-    assert!(!marker.exists(), "the service ran outside its chroot");
 }
 
 /// A clean shutdown saves what the scans learned: the first capture of the

@@ -55,8 +55,9 @@ async fn follow(d: &Daemon, name: &str) -> Ndjson {
 /// Asks the counter for its value (SIGUSR1) and reads the answer from the
 /// service's log stream.
 async fn ask(d: &Daemon, name: &str, pid: i32) -> u64 {
+    let host = d.host_pid(pid).await;
     let mut s = follow(d, name).await;
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    kill(Pid::from_raw(host), Signal::SIGUSR1).unwrap();
     let evs = s.until(|e| number(e, "value").is_some()).await;
     number(evs.last().unwrap(), "value").unwrap()
 }
@@ -104,7 +105,7 @@ async fn a_restored_counter_continues_from_its_checkpointed_memory() {
     assert!(
         infos(&events)
             .iter()
-            .any(|l| l.starts_with("Dumped counter (pid")),
+            .any(|l| l.starts_with("Dumped the environment")),
         "{events:?}"
     );
     let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
@@ -222,6 +223,7 @@ while True:
     drop(s);
     let fd: u32 = data(evs.last().unwrap()).trim()[6..].parse().unwrap();
     let pid = pid_of(&state);
+    let host = d.host_pid(pid).await;
     let pos = |pid: i32| -> u64 {
         let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
         info.lines()
@@ -231,17 +233,22 @@ while True:
             .parse()
             .unwrap()
     };
-    assert_eq!(pos(pid), 7);
+    assert_eq!(pos(host), 7);
     d.checkpoint("reader").await;
     std::fs::write(&file, b"").unwrap(); // truncated after the checkpoint
 
     d.restore("v1").await;
     let after = d.service("reader").await["state"].clone();
     assert_eq!(pid_of(&after), pid);
-    assert_eq!(pos(pid), 7, "the restored offset");
+    let host = d.host_pid(pid).await;
+    assert_eq!(pos(host), 7, "the restored offset");
     assert_eq!(std::fs::read(&file).unwrap(), b"0123456789abcdef");
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
-    assert_eq!(target, file, "the fd is the restored file");
+    let target = std::fs::read_link(format!("/proc/{host}/fd/{fd}")).unwrap();
+    assert_eq!(
+        target,
+        std::path::Path::new("/data.txt"),
+        "the fd is the restored file"
+    );
 }
 
 const SLEEPER: &str = "while :; do sleep 1; done";
@@ -252,10 +259,12 @@ async fn a_files_only_checkpoint_restores_services_fresh_and_says_so() {
         return;
     }
     let d = Daemon::start().await;
-    let mut pids = Vec::new();
+    // A fresh environment may hand out the same pids again: a fresh start
+    // shows in its start time.
+    let mut started = Vec::new();
     for name in ["one", "two"] {
         let st = start(&d, name, json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
-        pids.push(pid_of(&st));
+        started.push(st["started_at"].clone());
     }
     let events = checkpoint_with(&d, json!({"comment": "files", "processes": false})).await;
     assert!(
@@ -265,12 +274,12 @@ async fn a_files_only_checkpoint_restores_services_fresh_and_says_so() {
     let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
     assert_eq!(meta["processes"], json!([]));
     let events = d.restore("v1").await;
-    for (name, pid) in ["one", "two"].iter().zip(pids) {
+    for (name, at) in ["one", "two"].iter().zip(started) {
         let line = format!("Service {name} starts fresh: the checkpoint keeps files only");
         assert!(infos(&events).contains(&line.as_str()), "{events:?}");
         let st = d.service(name).await["state"].clone();
         assert_eq!(st["status"], "running");
-        assert_ne!(pid_of(&st), pid, "started afresh");
+        assert_ne!(st["started_at"], at, "started afresh");
     }
 }
 
@@ -300,7 +309,10 @@ async fn without_criu_checkpoints_keep_files_and_status_says_so() {
                 .any(|l| l.starts_with("Service svc starts fresh")),
             "{events:?}"
         );
-        assert_ne!(pid_of(&d.service("svc").await["state"]), pid_of(&st));
+        assert_ne!(
+            d.service("svc").await["state"]["started_at"],
+            st["started_at"]
+        );
     }
 }
 
@@ -348,7 +360,8 @@ async fn a_failing_dump_is_an_error_event_and_the_checkpoint_completes() {
         .collect();
     assert_eq!(errors.len(), 1, "{events:?}");
     assert!(
-        errors[0].contains("service svc") && errors[0].contains("fake dump failure"),
+        errors[0].contains("criu dump of the environment")
+            && errors[0].contains("fake dump failure"),
         "{errors:?}"
     );
     let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
@@ -387,8 +400,9 @@ while True:
 "#;
 
 async fn ask_plumbing(d: &Daemon, pid: i32) -> String {
+    let host = d.host_pid(pid).await;
     let mut s = follow(d, "plumbing").await;
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    kill(Pid::from_raw(host), Signal::SIGUSR1).unwrap();
     let evs = s
         .until(|e| e["type"] == "stdout" && data(e).starts_with("answer"))
         .await;
@@ -420,13 +434,16 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
         .until(|e| data(e).starts_with("ready"))
         .await;
     assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
-    assert!(holds_lock(pid));
+    assert!(holds_lock(d.host_pid(pid).await));
     let events = checkpoint_with(&d, json!({})).await;
     assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
     d.restore("v1").await;
     assert_eq!(pid_of(&d.service("plumbing").await["state"]), pid);
     assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
-    assert!(holds_lock(pid), "the restored process holds its lock again");
+    assert!(
+        holds_lock(d.host_pid(pid).await),
+        "the restored process holds its lock again"
+    );
 }
 
 /// A restore CRIU cannot do (its images damaged) starts the service fresh
@@ -442,7 +459,7 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     d.checkpoint("v1").await;
     std::fs::write(d.env_root().join("f"), b"later").unwrap();
     // Damage the images the restore would use (the raw copy kept on disk).
-    let pstree = d.state_dir.join("criu/v1/svc/pstree.img");
+    let pstree = d.state_dir.join("criu/v1/pstree.img");
     assert!(
         pstree.exists(),
         "raw images are kept for the newest checkpoints"
@@ -451,7 +468,7 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     let events = d.restore("v1").await;
     let line = infos(&events)
         .into_iter()
-        .find(|l| l.starts_with("Service svc starts fresh: criu restore of service svc"))
+        .find(|l| l.starts_with("Service svc starts fresh: criu restore of the environment"))
         .unwrap_or_else(|| panic!("{events:?}"));
     assert!(line.contains("Error"), "names CRIU's error: {line}");
     assert_eq!(
@@ -460,23 +477,19 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     );
     let after = d.service("svc").await["state"].clone();
     assert_eq!(after["status"], "running", "{after}");
-    assert_ne!(pid_of(&after), pid_of(&st), "started fresh");
+    assert_ne!(after["started_at"], st["started_at"], "started fresh");
 }
 
+/// No pid conflicts: the environment has its own PID namespace, so two
+/// daemons on one host (the exporting one still running the same tree)
+/// each import the same checkpoint and bring its processes back with CRIU,
+/// at the same pids inside.
 #[tokio::test]
-async fn an_imported_checkpoint_brings_its_processes_back_where_the_pids_are_free() {
-    if !with_criu("an_imported_checkpoint_brings_its_processes_back_where_the_pids_are_free") {
+async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
+    if !with_criu("two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids") {
         return;
     }
-    // Two daemons with their own state dirs and the same environment path,
-    // one after the other: a checkpoint moving to a fresh machine.
-    let env = tempfile::tempdir().unwrap();
-    let env_root = env.path().join("root");
-    let on_env_root = || Options {
-        extra: vec!["--env-root".into(), env_root.display().to_string()],
-        ..Default::default()
-    };
-    let a = Daemon::start_with(on_env_root()).await;
+    let a = Daemon::start().await;
     let before = start(
         &a,
         "counter",
@@ -496,39 +509,26 @@ async fn an_imported_checkpoint_brings_its_processes_back_where_the_pids_are_fre
             .body(archive.clone())
             .send()
     };
-
-    // Where the counter's pid is taken (A still runs it): started fresh, and said so.
-    let busy = Daemon::start().await;
-    assert_eq!(import(&busy).await.unwrap().status(), 200);
-    let events = busy.restore("v1").await;
-    assert!(
-        infos(&events)
-            .iter()
-            .any(|l| l.starts_with("Service counter starts fresh") && l.contains("in use")),
-        "{events:?}"
-    );
-    let fresh = busy.service("counter").await["state"].clone();
-    assert_ne!(pid_of(&fresh), pid);
-    drop(busy);
-
-    // A is gone (its pids are free): B restores the counter with its memory.
-    drop(a);
-    let b = Daemon::start_with(on_env_root()).await;
-    assert_eq!(import(&b).await.unwrap().status(), 200);
-    let events = b.restore("v1").await;
-    assert!(
-        infos(&events)
-            .iter()
-            .any(|l| l.starts_with("Service counter restored with its memory")),
-        "{events:?}\n{}",
-        b.log_text()
-    );
-    let after = b.service("counter").await["state"].clone();
-    assert_eq!(pid_of(&after), pid, "same pid on the new daemon");
-    assert_eq!(after["started_at"], before["started_at"]);
-    let value = ask(&b, "counter", pid).await;
-    assert!(
-        value >= low,
-        "continues from its checkpointed memory: {value} < {low}"
-    );
+    // A keeps running its counter meanwhile: the same pids are in use there.
+    let (b, c) = (Daemon::start().await, Daemon::start().await);
+    for d in [&b, &c] {
+        assert_eq!(import(d).await.unwrap().status(), 200);
+        let events = d.restore("v1").await;
+        assert!(
+            infos(&events)
+                .iter()
+                .any(|l| l.starts_with("Service counter restored with its memory")),
+            "{events:?}\n{}",
+            d.log_text()
+        );
+        let after = d.service("counter").await["state"].clone();
+        assert_eq!(pid_of(&after), pid, "same pid inside on the new daemon");
+        assert_eq!(after["started_at"], before["started_at"]);
+        let value = ask(d, "counter", pid).await;
+        assert!(
+            value >= low,
+            "continues from its checkpointed memory: {value} < {low}"
+        );
+    }
+    assert_eq!(pid_of(&a.service("counter").await["state"]), pid);
 }

@@ -703,8 +703,10 @@ async fn filesystem_api_round_trips_and_stays_inside_the_root() {
         return;
     }
     let d = Daemon::start().await;
-    let root = d.env_root();
-    let r = root.display().to_string();
+    // The API's paths are the environment's: `{r}/a` is `/work/a` inside,
+    // `root.join("a")` on the host (the overlay mount).
+    let r = "/work".to_owned();
+    let root = d.env_root().join("work");
     let q = |path: &str| percent(path);
     let outside = tempfile::tempdir().unwrap();
     let o = outside.path().display().to_string();
@@ -829,54 +831,65 @@ async fn filesystem_api_round_trips_and_stays_inside_the_root() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["code"], "ENOENT");
 
-    // Escapes: `..`, an absolute path outside, a symlink to outside.
+    // Escapes: `..` above the root is refused; absolute paths and symlinks
+    // (even ones naming host paths) resolve inside the environment.
     std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
     std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
-    let attempts = [
-        format!("/v1/fs/read?path=../../etc/passwd&workingDir={}", q(&r)),
-        "/v1/fs/read?path=/etc/passwd".to_owned(),
-        format!("/v1/fs/read?path={}", q(&format!("{r}/etc-link/passwd"))),
-        format!("/v1/fs/list?path={}", q(&format!("{r}/out"))),
-    ];
-    for a in &attempts {
-        let resp = d.get(a).await;
+    for a in [
+        "/v1/fs/read?path=../../etc/passwd&workingDir=/work".to_owned(),
+        format!("/v1/fs/read?path={}", q(&format!("/../{o}/keep.txt"))),
+    ] {
+        let resp = d.get(&a).await;
         assert_eq!(resp.status(), 400, "{a}");
         let v: Value = resp.json().await.unwrap();
         assert!(v["error"].as_str().unwrap().contains("outside"), "{a}: {v}");
     }
-    for path in [
-        format!("{r}/out/new.txt"),
-        format!("{r}/out/keep.txt"),
-        format!("{r}/../../{o}/x"),
-        format!("{o}/keep.txt"),
+    let env_passwd = std::fs::read(d.env_root().join("etc/passwd")).unwrap();
+    for a in [
+        "/v1/fs/read?path=/etc/passwd",
+        "/v1/fs/read?path=/work/etc-link/passwd",
     ] {
-        let resp = put(path.clone(), b"evil".to_vec()).await.unwrap();
-        assert_eq!(resp.status(), 400, "{path}");
+        let resp = d.get(a).await;
+        assert_eq!(resp.status(), 200, "{a}");
+        assert_eq!(
+            resp.bytes().await.unwrap().to_vec(),
+            env_passwd,
+            "{a}: the environment's"
+        );
     }
     let resp = d
-        .req(
+        .get(&format!(
+            "/v1/fs/read?path={}",
+            q(&format!("{r}/out/keep.txt"))
+        ))
+        .await;
+    assert_eq!(resp.status(), 404, "a symlink to a host path leads inside");
+    // Through the dangling link (its target does not exist inside): not found.
+    let resp = put(format!("{r}/out/new.txt"), b"evil".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    for path in [format!("{o}/keep.txt"), format!("{o}/new.txt")] {
+        let resp = put(path.clone(), b"evil".to_vec()).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let inside = d.env_root().join(o.trim_start_matches('/'));
+    assert_eq!(std::fs::read(inside.join("keep.txt")).unwrap(), b"evil");
+    assert_eq!(std::fs::read(inside.join("new.txt")).unwrap(), b"evil");
+    for (m, path, body) in [
+        (
             reqwest::Method::DELETE,
-            &format!("/v1/fs/delete?path={}", q(&format!("{r}/out/keep.txt"))),
+            format!("/v1/fs/delete?path={}", q(&format!("{o}/keep.txt"))),
             None,
-        )
-        .await;
-    assert_eq!(resp.status(), 400);
-    let resp = d
-        .req(
+        ),
+        (
             reqwest::Method::POST,
-            "/v1/fs/rename",
-            Some(json!({"source": format!("{r}/a/d.bin"), "dest": format!("{r}/out/d.bin")})),
-        )
-        .await;
-    assert_eq!(resp.status(), 400);
-    let resp = d
-        .req(
-            reqwest::Method::POST,
-            "/v1/fs/chmod",
-            Some(json!({"path": format!("{r}/out/keep.txt"), "mode": "0777"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 400);
+            "/v1/fs/chmod".to_owned(),
+            Some(json!({"path": format!("{o}/new.txt"), "mode": "0777"})),
+        ),
+    ] {
+        assert_eq!(d.req(m, &path, body).await.status(), 200, "{path}");
+    }
     // Nothing outside changed.
     let names: Vec<_> = std::fs::read_dir(outside.path())
         .unwrap()
@@ -906,6 +919,7 @@ async fn filesystem_api_round_trips_and_stays_inside_the_root() {
         .await;
     assert_eq!(resp.status(), 200);
     assert!(outside.path().join("keep.txt").exists());
+    assert!(!root.join("out").exists());
 }
 
 fn percent(s: &str) -> String {

@@ -126,13 +126,16 @@ impl Guest {
             .prefix("sprited-vm-")
             .tempdir()
             .unwrap();
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(image.join("disk.raw"))
-            .arg(dir.path().join("disk.qcow2"))
-            .status()
-            .expect("qemu-img");
-        assert!(st.success(), "qemu-img create failed");
+        // The OS disk and the state disk (/.sprite), each on an overlay.
+        for disk in ["disk", "state"] {
+            let st = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(image.join(format!("{disk}.raw")))
+                .arg(dir.path().join(format!("{disk}.qcow2")))
+                .status()
+                .expect("qemu-img");
+            assert!(st.success(), "qemu-img create failed");
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -186,6 +189,11 @@ impl Guest {
             .arg(format!(
                 "file={},if=virtio,format=qcow2",
                 d.join("disk.qcow2").display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=qcow2",
+                d.join("state.qcow2").display()
             ))
             .args([
                 "-netdev",

@@ -111,9 +111,15 @@ impl Checkpoints {
         let scan = frozen.scan.stats();
         let incremental = frozen.scan.incremental();
         let how = if incremental {
-            format!("{} entries read (named by the change journal)", scan.entries)
+            format!(
+                "{} entries read (named by the change journal)",
+                scan.entries
+            )
         } else {
-            format!("{} entries scanned, {} unchanged", scan.entries, scan.files_cached)
+            format!(
+                "{} entries scanned, {} unchanged",
+                scan.entries, scan.files_cached
+            )
         };
         info(
             progress,
@@ -289,7 +295,10 @@ impl Checkpoints {
             .unwrap_or_default();
         let mut cgroups = BTreeMap::new();
         for cg in container.config().cgroups.children().unwrap_or_default() {
-            let Some(name) = cg.path().file_name().map(|n| n.to_string_lossy().into_owned())
+            let Some(name) = cg
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
             else {
                 continue;
             };
@@ -316,7 +325,10 @@ impl Checkpoints {
     /// Step 4: CRIU's images into the store (zstd), one object each.
     fn store_images(&self, dir: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
         let mut images = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(io_err("read dir", dir))?.flatten() {
+        for entry in std::fs::read_dir(dir)
+            .map_err(io_err("read dir", dir))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".log") || name.ends_with(".pid") {
                 continue;

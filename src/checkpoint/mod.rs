@@ -24,8 +24,8 @@ mod capture;
 mod restore;
 
 use crate::archive;
-use crate::container::Container;
 use crate::cgroup::CgroupError;
+use crate::container::Container;
 use crate::criu::{Criu, DumpStats};
 use crate::durable::{self, DurableError};
 use crate::fs::manifest::{self, Manifest};

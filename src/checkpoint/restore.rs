@@ -64,7 +64,10 @@ impl Checkpoints {
                     for s in meta.env.iter().flat_map(|e| &e.services) {
                         info(
                             progress,
-                            format!("Service {} restored with its memory (pid {})", s.name, s.pid),
+                            format!(
+                                "Service {} restored with its memory (pid {})",
+                                s.name, s.pid
+                            ),
                         );
                     }
                 }
@@ -221,7 +224,9 @@ impl Checkpoints {
         services: Vec<[Option<OwnedFd>; 2]>,
         sessions: Vec<[Option<OwnedFd>; 3]>,
     ) -> Result<(), String> {
-        let init = container.init_host_pid().ok_or("the restored init exited")?;
+        let init = container
+            .init_host_pid()
+            .ok_or("the restored init exited")?;
         let cgroups = container.config().cgroups.clone();
         for (s, pipes) in images.services.iter().zip(services) {
             let host_pid = crate::container::host_pid_of_child(init, s.pid)

@@ -151,8 +151,18 @@ fn bind(src: &Path, target: &Path, recursive: bool, writable: bool) -> io::Resul
     } else {
         MsFlags::empty()
     };
-    mount(Some(src), target, None::<&str>, MsFlags::MS_BIND | rec, None::<&str>)
-        .map_err(ctx(format!("bind {} on {}", src.display(), target.display())))?;
+    mount(
+        Some(src),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | rec,
+        None::<&str>,
+    )
+    .map_err(ctx(format!(
+        "bind {} on {}",
+        src.display(),
+        target.display()
+    )))?;
     if !writable {
         let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
         mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
@@ -180,10 +190,14 @@ pub fn setup_mounts(s: &Setup) -> io::Result<()> {
     setup_dev(&r.join("dev"))?;
     // /.sprite: a small tmpfs holding the binds, read-only once they are in.
     let sprite = r.join(".sprite");
-    mount_fs("tmpfs", &sprite, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755,size=1m"))?;
+    mount_fs(
+        "tmpfs",
+        &sprite,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755,size=1m"),
+    )?;
     for d in ["bin", "checkpoints", "logs/services"] {
-        std::fs::create_dir_all(sprite.join(d))
-            .map_err(ctx_io(format!("create /.sprite/{d}")))?;
+        std::fs::create_dir_all(sprite.join(d)).map_err(ctx_io(format!("create /.sprite/{d}")))?;
     }
     bind(&s.exe, &sprite.join("bin/sprited"), false, false)?;
     std::os::unix::fs::symlink("sprited", sprite.join("bin/sprite-env"))
@@ -272,7 +286,10 @@ fn exec_init() -> io::Result<std::convert::Infallible> {
     nix::unistd::dup2_stdout(&null).map_err(ctx("dup2"))?;
     nix::unistd::dup2_stderr(&null).map_err(ctx("dup2"))?;
     let exe = CString::new(INSIDE_EXE).expect("no NUL");
-    let argv = [c"sprited".to_owned(), CString::new(INIT_ARG).expect("no NUL")];
+    let argv = [
+        c"sprited".to_owned(),
+        CString::new(INIT_ARG).expect("no NUL"),
+    ];
     let env = [c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()];
     match nix::unistd::execve(&exe, &argv, &env) {
         Err(e) => Err(ctx(format!("exec {INSIDE_EXE}"))(e)),
@@ -436,12 +453,21 @@ impl Init {
     /// Forks a child that waits for `Release`; returns its pid and the
     /// init's fd numbers of the daemon's ends.
     fn spawn(&mut self, spec: &SpawnSpec) -> io::Result<(i32, Vec<i32>)> {
-        let cstr = |s: &str| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+        let cstr =
+            |s: &str| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
         if spec.argv.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
         }
-        let argv = spec.argv.iter().map(|a| cstr(a)).collect::<io::Result<Vec<_>>>()?;
-        let env = spec.env.iter().map(|a| cstr(a)).collect::<io::Result<Vec<_>>>()?;
+        let argv = spec
+            .argv
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<io::Result<Vec<_>>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<io::Result<Vec<_>>>()?;
         let dir = cstr(&spec.dir)?;
         let candidates = program_candidates(spec)
             .iter()
@@ -453,7 +479,8 @@ impl Init {
         let (gate_r, gate_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         // (child's stdin, stdout, stderr), the daemon's ends, and whether a terminal.
-        let (child_stdio, daemon_ends, tty): ([OwnedFd; 3], Vec<OwnedFd>, bool) = match &spec.stdio {
+        let (child_stdio, daemon_ends, tty): ([OwnedFd; 3], Vec<OwnedFd>, bool) = match &spec.stdio
+        {
             Stdio::Pipes { stdin } => {
                 let (out_r, out_w) = pipe()?;
                 let (e_r, e_w) = pipe()?;
@@ -473,9 +500,16 @@ impl Init {
             }
         };
         match crate::sys::fork_single_threaded()? {
-            crate::sys::Forked::Child => {
-                child(child_stdio, tty, gate_r, err_w, &dir, &candidates, &argv, &env)
-            }
+            crate::sys::Forked::Child => child(
+                child_stdio,
+                tty,
+                gate_r,
+                err_w,
+                &dir,
+                &candidates,
+                &argv,
+                &env,
+            ),
             crate::sys::Forked::Parent(pid) => {
                 drop(child_stdio);
                 let fds = daemon_ends.iter().map(|f| f.as_raw_fd()).collect();
@@ -546,7 +580,11 @@ fn child(
     env: &[CString],
 ) -> ! {
     let fail = |e: i32| -> ! {
-        let mut f = std::fs::File::from(exec_error.try_clone().unwrap_or_else(|_| std::process::exit(127)));
+        let mut f = std::fs::File::from(
+            exec_error
+                .try_clone()
+                .unwrap_or_else(|_| std::process::exit(127)),
+        );
         let _ = f.write_all(&e.to_ne_bytes());
         crate::sys::exit_now(127)
     };

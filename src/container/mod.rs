@@ -31,8 +31,8 @@ use tokio::sync::oneshot;
 
 use crate::cgroup::{Cgroup, CgroupError, Cgroups};
 use crate::reaper::{Exit, Reaper};
-pub use proto::{SpawnSpec, Stdio};
 use proto::{Event, Request};
+pub use proto::{SpawnSpec, Stdio};
 
 /// How long the init may take to set up the environment, or to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -184,22 +184,20 @@ impl Container {
     #[tracing::instrument(name = "env_start", skip(self), fields(root = %self.inner.cfg.setup.root.display()))]
     pub async fn start(&self) -> Result<(), ContainerError> {
         self.kill().await;
-        let start_err = |what: &str, e: &dyn std::fmt::Display| {
-            ContainerError::Start(format!("{what}: {e}"))
-        };
-        let setup = serde_json::to_string(&self.inner.cfg.setup)
-            .map_err(|e| start_err("setup", &e))?;
+        let start_err =
+            |what: &str, e: &dyn std::fmt::Display| ContainerError::Start(format!("{what}: {e}"));
+        let setup =
+            serde_json::to_string(&self.inner.cfg.setup).map_err(|e| start_err("setup", &e))?;
         let cgroup = self.init_cgroup()?;
-        let (req_r, req_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| start_err("pipe", &e))?;
-        let (evt_r, evt_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| start_err("pipe", &e))?;
+        let (req_r, req_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| start_err("pipe", &e))?;
+        let (evt_r, evt_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| start_err("pipe", &e))?;
         let pipe_ids = [
             pipe_id(&req_r).map_err(|e| start_err("fstat", &e))?,
             pipe_id(&evt_w).map_err(|e| start_err("fstat", &e))?,
         ];
-        let exe = std::env::current_exe().map_err(|e| start_err("find own binary", &e))?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(&self.inner.cfg.setup.exe);
         cmd.arg(init::STAGE1_ARG)
             .arg(setup)
             .env_clear()
@@ -430,7 +428,10 @@ impl Container {
                 return Err(e);
             }
         };
-        if let Err(e) = self.call(&instance, |id| Request::Release { id, pid }).await {
+        if let Err(e) = self
+            .call(&instance, |id| Request::Release { id, pid })
+            .await
+        {
             instance
                 .table
                 .lock()
@@ -644,8 +645,14 @@ mod tests {
 
     #[test]
     fn later_env_values_win() {
-        let base = vec![("PATH".to_owned(), "/bin".to_owned()), ("A".into(), "1".into())];
-        let env = env_list(&base, [("A".to_owned(), "2".to_owned()), ("B".into(), "3".into())]);
+        let base = vec![
+            ("PATH".to_owned(), "/bin".to_owned()),
+            ("A".into(), "1".into()),
+        ];
+        let env = env_list(
+            &base,
+            [("A".to_owned(), "2".to_owned()), ("B".into(), "3".into())],
+        );
         assert_eq!(env, ["PATH=/bin", "A=2", "B=3"]);
     }
 

@@ -106,7 +106,8 @@ mod tests {
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
-        let e: Event = serde_json::from_str(r#"{"ev":"exit","pid":3,"code":null,"signal":9}"#).unwrap();
+        let e: Event =
+            serde_json::from_str(r#"{"ev":"exit","pid":3,"code":null,"signal":9}"#).unwrap();
         assert_eq!(
             e,
             Event::Exit {

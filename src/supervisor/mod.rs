@@ -895,9 +895,10 @@ impl Supervisor {
         let pid = self
             .lookup(name, |svc| svc.instance.as_ref().map(|i| i.pid))?
             .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))?;
-        let container = self.inner.cfg.container.as_ref().ok_or_else(|| {
-            SupervisorError::Unavailable("the environment is unavailable".into())
-        })?;
+        let container =
+            self.inner.cfg.container.as_ref().ok_or_else(|| {
+                SupervisorError::Unavailable("the environment is unavailable".into())
+            })?;
         container
             .signal(pid, signal as i32)
             .await

@@ -511,6 +511,38 @@ pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
 }
 
 impl Daemon {
+    /// The host pid of the process whose pid inside this daemon's
+    /// environment is `pid` (the API reports pids as the environment sees
+    /// them): found among the processes of the daemon's cgroups.
+    pub async fn host_pid(&self, pid: i32) -> i32 {
+        let parent = self.status().await["cgroup"]["parent"]
+            .as_str()
+            .expect("the daemon's cgroup")
+            .to_owned();
+        let mut dirs = vec![PathBuf::from(parent)];
+        while let Some(dir) = dirs.pop() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for host in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{host}/status")).unwrap_or_default();
+                let inner = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|l| l.split_whitespace().last())
+                    .and_then(|p| p.parse::<i32>().ok());
+                if inner == Some(pid) {
+                    return host;
+                }
+            }
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        panic!("no process with pid {pid} in the environment");
+    }
+
     /// The environment root this daemon mounted.
     pub fn env_root(&self) -> PathBuf {
         self.state_dir.join("root")

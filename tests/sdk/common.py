@@ -9,7 +9,15 @@ from sprites import SpritesClient
 
 client = SpritesClient(os.environ["SPRITED_TOKEN"], base_url=os.environ["SPRITED_URL"])
 sprite = client.sprite(os.environ["SPRITED_NAME"])
-root = os.environ.get("SPRITED_ENV_ROOT", "")
+# The environment's root as the host sees it (an overlay mount): where the
+# scripts check what the SDK did. The SDK itself uses the environment's own
+# absolute paths (its `/` is the environment's `/`).
+host_root = os.environ.get("SPRITED_ENV_ROOT", "")
+
+
+def on_host(path):
+    """The host path of an absolute path inside the environment."""
+    return os.path.join(host_root, path.lstrip("/"))
 
 
 def check(cond, what):

@@ -7,7 +7,7 @@ import threading
 import time
 
 from sprites.exceptions import ExitError
-from common import check, client, root, sprite
+from common import check, client, on_host, sprite
 
 
 # Commands.
@@ -20,8 +20,8 @@ try:
 except ExitError as e:
     check(e.exit_code() == 3, f"exit code 3: {e.exit_code()}")
     check(e.stdout == b"out\n" and e.stderr == b"err\n", f"stdout/stderr kept: {e.stdout!r} {e.stderr!r}")
-r = sprite.run("sh", "-c", "pwd", cwd=root, capture_output=True)
-check(r.returncode == 0 and r.stdout.decode().strip() == root, f"cwd: {r.stdout!r}")
+r = sprite.run("sh", "-c", "pwd", cwd="/usr/share", capture_output=True)
+check(r.returncode == 0 and r.stdout.decode().strip() == "/usr/share", f"cwd: {r.stdout!r}")
 r = sprite.run("sh", "-c", "echo $GREETING", env={"GREETING": "hi there"}, capture_output=True)
 check(r.stdout == b"hi there\n", f"env: {r.stdout!r}")
 
@@ -55,7 +55,16 @@ kinds = [m.type for m in stream]
 check(kinds[0] == "signal" and kinds[-1] == "complete", f"kill_session streams signal..complete: {kinds}")
 check(done.wait(15), "kill_session ends the command")
 
-# Filesystem.
+# Filesystem: absolute paths are the environment's, the same `/` as exec's.
+fs = sprite.filesystem("/")
+(fs / "app/hello.txt").write_text("hello from the sdk")
+r = sprite.run("cat", "/app/hello.txt", capture_output=True)
+check(r.stdout == b"hello from the sdk", f"exec sees what the fs API wrote: {r.stdout!r}")
+names = [p.name for p in (fs / "app").iterdir()]
+check(names == ["hello.txt"], f"list /app: {names}")
+sprite.run("sh", "-c", "mkdir -p /app/made && echo from-exec > /app/made/f", capture_output=True)
+check((fs / "app/made/f").read_text() == "from-exec\n", "the fs API sees what exec wrote")
+root = "/work"
 fs = sprite.filesystem(root)
 (fs / "dir/a.txt").write_text("alpha")
 check((fs / "dir/a.txt").read_text() == "alpha", "write_text/read_text")
@@ -67,15 +76,15 @@ st = (fs / "dir/a.txt").stat()
 check(st.size == 5, f"stat size: {st}")
 check((fs / "dir/a.txt").exists() and not (fs / "dir/nope").exists(), "exists")
 (fs / "dir/a.txt").chmod(0o600)
-check(os.stat(os.path.join(root, "dir/a.txt")).st_mode & 0o777 == 0o600, "chmod")
+check(os.stat(os.path.join(on_host(root), "dir/a.txt")).st_mode & 0o777 == 0o600, "chmod")
 (fs / "dir/a.txt").rename(fs / "dir/c.txt")
-check(os.path.exists(os.path.join(root, "dir/c.txt")) and not os.path.exists(os.path.join(root, "dir/a.txt")), "rename")
+check(os.path.exists(os.path.join(on_host(root), "dir/c.txt")) and not os.path.exists(os.path.join(on_host(root), "dir/a.txt")), "rename")
 (fs / "dir/c.txt").copy_to(fs / "dir/d.txt")
-check(open(os.path.join(root, "dir/d.txt")).read() == "alpha", "copy_to")
+check(open(os.path.join(on_host(root), "dir/d.txt")).read() == "alpha", "copy_to")
 (fs / "dir/d.txt").unlink()
-check(not os.path.exists(os.path.join(root, "dir/d.txt")), "unlink")
+check(not os.path.exists(os.path.join(on_host(root), "dir/d.txt")), "unlink")
 (fs / "made").mkdir()
-check(os.path.isdir(os.path.join(root, "made")), "mkdir")
+check(os.path.isdir(os.path.join(on_host(root), "made")), "mkdir")
 (fs / "dir").rmtree()
-check(not os.path.exists(os.path.join(root, "dir")), "rmtree")
+check(not os.path.exists(os.path.join(on_host(root), "dir")), "rmtree")
 print("SDK exec and fs: all passed")

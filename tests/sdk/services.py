@@ -5,7 +5,7 @@ daemon's URL, token and sprite name in the environment."""
 import os
 
 from sprites.exceptions import APIError
-from common import check, client, root, sprite
+from common import check, client, sprite
 
 
 check(sprite.list_services() == [], "list_services() on a fresh daemon is empty")
