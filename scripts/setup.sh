@@ -194,6 +194,18 @@ if ! "$SDK_VENV/bin/python" -c "import sprites, importlib.metadata as m; assert 
   "$SDK_VENV/bin/pip" install -q --disable-pip-version-check "sprites-py==$SDK_VERSION"
 fi
 say "sdk: sprites-py $SDK_VERSION in $SDK_VENV"
+# The JavaScript SDK (Node 20+: the tests run it with --experimental-websocket).
+JS_SDK_DIR="$CACHE/js-sdk"
+JS_SDK_VERSION=0.1.0
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  install_pkgs nodejs npm
+fi
+if [ "$(node -p "require('$JS_SDK_DIR/node_modules/@fly/sprites/package.json').version" 2>/dev/null)" != "$JS_SDK_VERSION" ]; then
+  say "installing @fly/sprites $JS_SDK_VERSION into $JS_SDK_DIR"
+  mkdir -p "$JS_SDK_DIR"
+  (cd "$JS_SDK_DIR" && npm install --silent --no-audit --no-fund --engine-strict=false "@fly/sprites@$JS_SDK_VERSION" >/dev/null)
+fi
+say "sdk: @fly/sprites $JS_SDK_VERSION in $JS_SDK_DIR (node $(node --version))"
 
 # --- 4. Rust ----------------------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -239,6 +251,7 @@ for t in qemu-img qemu-system-x86_64 debootstrap mkfs.ext4 tar "$CRIU_DEST"; do
 done
 base_ok "$BASE" || missing_tools+=("the OS tree $BASE")
 [ -x "$SDK_VENV/bin/python" ] || missing_tools+=("the sprites-py venv $SDK_VENV")
+[ -f "$JS_SDK_DIR/node_modules/@fly/sprites/package.json" ] || missing_tools+=("@fly/sprites in $JS_SDK_DIR")
 if [ "${#missing_tools[@]}" -gt 0 ]; then
   die "missing after setup: ${missing_tools[*]}"
 fi

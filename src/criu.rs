@@ -561,6 +561,49 @@ fn last_line(out: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A `stats-dump` as CRIU writes it: two magic words, a length, then
+    /// `StatsEntry { dump: DumpStatsEntry { 1: freezing, 2: frozen, 3:
+    /// memdump, 4: memwrite, 7: pages_written, ... } }`.
+    fn stats_file(dump: &[u8]) -> Vec<u8> {
+        let mut entry = vec![0x0a, dump.len() as u8];
+        entry.extend_from_slice(dump);
+        let mut f = vec![0u8; 8];
+        f.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        f.extend_from_slice(&entry);
+        f
+    }
+
+    #[test]
+    fn dump_statistics_are_read_and_hostile_files_are_not() {
+        // 1: 300, 2: 40000 (two-byte varints), 3: 5, 4: 6, 5: 9 (skipped), 7: 4096.
+        let dump = [
+            0x08, 0xac, 0x02, 0x10, 0xc0, 0xb8, 0x02, 0x18, 5, 0x20, 6, 0x28, 9, 0x38, 0x80, 0x20,
+        ];
+        let s = stats::parse_dump(&stats_file(&dump)).unwrap();
+        assert_eq!(
+            (
+                s.freezing_time,
+                s.frozen_time,
+                s.memdump_time,
+                s.memwrite_time,
+                s.pages_written
+            ),
+            (300, 40000, 5, 6, 4096)
+        );
+        // Truncated, oversized lengths, endless varints: no panic, no stats.
+        assert_eq!(stats::parse_dump(b"short"), None);
+        let mut long = stats_file(&dump);
+        long[8] = 0xff;
+        assert_eq!(stats::parse_dump(&long), None);
+        let endless = stats_file(&[
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        assert_eq!(
+            stats::parse_dump(&endless).map(|s| s.freezing_time),
+            Some(0)
+        );
+    }
+
     #[test]
     fn parses_output() {
         assert_eq!(parse_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));

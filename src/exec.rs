@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -189,38 +188,6 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// A pseudo-terminal master, read and written without blocking a thread.
-struct Master(AsyncFd<OwnedFd>);
-
-impl Master {
-    fn new(fd: OwnedFd) -> io::Result<Self> {
-        Ok(Master(crate::sys::async_fd(fd)?))
-    }
-
-    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.0.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            let mut guard = self.0.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => buf = &buf[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        Ok(())
-    }
-}
-
 struct State {
     scrollback: VecDeque<(u8, Bytes)>,
     scroll_bytes: usize,
@@ -246,7 +213,14 @@ pub struct Session {
     pub pid: i32,
     /// The same process on the host (its process group, for signals).
     host_pid: i32,
-    tty: Option<Arc<Master>>,
+    /// Whether it runs on a terminal (whose relay inside the environment
+    /// the daemon talks to through its stdin and stdout pipes).
+    tty: bool,
+    /// Where its terminal is resized.
+    container: Option<Container>,
+    /// `pipe:[N]` of the daemon's stdin, stdout and stderr pipes (what a
+    /// restore plugs new pipes into).
+    pipe_ids: [Option<String>; 3],
     cgroup: Option<Cgroup>,
     max_run_after_disconnect: Duration,
     stdin: Option<mpsc::Sender<Input>>,
@@ -262,7 +236,7 @@ impl Session {
     }
 
     pub fn is_tty(&self) -> bool {
-        self.tty.is_some()
+        self.tty
     }
 
     /// The session's cgroup, when it has one (for checkpoints and ports).
@@ -337,8 +311,15 @@ impl Session {
 
     /// Resizes the terminal (no-op without one).
     pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
-        let Some(m) = &self.tty else { return Ok(()) };
-        crate::sys::set_winsize(m.0.get_ref(), rows, cols)?;
+        let (true, Some(c)) = (self.tty, self.container.clone()) else {
+            return Ok(());
+        };
+        let pid = self.pid;
+        tokio::spawn(async move {
+            if let Err(e) = c.resize(pid, rows, cols).await {
+                tracing::debug!(pid, error = %e, "resize failed");
+            }
+        });
         let mut st = self.st();
         st.rows = rows;
         st.cols = cols;
@@ -565,7 +546,7 @@ impl Sessions {
                 size: (rows, cols),
             },
             [child.stdin.take(), child.stdout.take(), child.stderr.take()],
-            child.master.take(),
+            req.tty.is_some(),
             child.exit,
             true,
         )?;
@@ -580,32 +561,16 @@ impl Sessions {
         &self,
         st: Started,
         [stdin_fd, stdout, stderr]: [Option<OwnedFd>; 3],
-        master: Option<OwnedFd>,
+        tty: bool,
         exit: tokio::sync::oneshot::Receiver<Exit>,
         owner: bool,
     ) -> Result<(Arc<Session>, Option<Attachment>), ExecError> {
         let id = st.id;
-        let master = match master {
-            Some(m) => Some(Arc::new(
-                Master::new(m).map_err(io_err("register terminal", id))?,
-            )),
-            None => None,
-        };
-        // Stdin: one writer task owns the pipe (or writes to the terminal).
-        let stdin = if let Some(m) = &master {
-            let (tx, mut rx) = mpsc::channel::<Input>(16);
-            let m = m.clone();
-            tokio::spawn(async move {
-                while let Some(i) = rx.recv().await {
-                    if let Input::Data(b) = i
-                        && m.write_all(&b).await.is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-            Some(tx)
-        } else if let Some(pipe) = stdin_fd {
+        let id_of =
+            |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| crate::container::pipe_id(f).ok());
+        let pipe_ids = [id_of(&stdin_fd), id_of(&stdout), id_of(&stderr)];
+        // Stdin: one writer task owns the pipe (a terminal's input ignores EOF).
+        let stdin = if let Some(pipe) = stdin_fd {
             let (tx, mut rx) = mpsc::channel::<Input>(16);
             let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(pipe)
                 .map_err(io_err("register stdin", id))?;
@@ -617,6 +582,7 @@ impl Sessions {
                                 break;
                             }
                         }
+                        Input::Eof if tty => {}
                         Input::Eof => break,
                     }
                 }
@@ -634,7 +600,9 @@ impl Sessions {
             created: st.created,
             pid: st.pid,
             host_pid: st.host_pid,
-            tty: master.clone(),
+            tty,
+            container: self.inner.cfg.container.clone(),
+            pipe_ids,
             cgroup: Some(st.cgroup),
             max_run_after_disconnect: st.max_run_after_disconnect,
             stdin,
@@ -656,19 +624,15 @@ impl Sessions {
         let attachment = owner.then(|| self.attach_session(&session, true));
         self.table().insert(id, session.clone());
         let mut pumps = tokio::task::JoinSet::new();
-        if let Some(m) = master {
-            pumps.spawn(pump_master(session.clone(), m));
-        } else {
-            if let Some(out) = stdout {
-                let r = tokio::net::unix::pipe::Receiver::from_owned_fd(out)
-                    .map_err(io_err("register stdout", id))?;
-                pumps.spawn(pump(session.clone(), 1, r));
-            }
-            if let Some(err) = stderr {
-                let r = tokio::net::unix::pipe::Receiver::from_owned_fd(err)
-                    .map_err(io_err("register stderr", id))?;
-                pumps.spawn(pump(session.clone(), 2, r));
-            }
+        if let Some(out) = stdout {
+            let r = tokio::net::unix::pipe::Receiver::from_owned_fd(out)
+                .map_err(io_err("register stdout", id))?;
+            pumps.spawn(pump(session.clone(), 1, r));
+        }
+        if let Some(err) = stderr {
+            let r = tokio::net::unix::pipe::Receiver::from_owned_fd(err)
+                .map_err(io_err("register stderr", id))?;
+            pumps.spawn(pump(session.clone(), 2, r));
         }
         let me = self.clone();
         let s = session.clone();
@@ -686,12 +650,6 @@ impl Sessions {
     /// What a restore needs to adopt each running session: its process and
     /// the pipes the daemon holds (`pipe:[N]`).
     pub fn dump_plan(&self) -> Vec<DumpedSession> {
-        let pipe = |host_pid: i32, fd: u32| {
-            std::fs::read_link(format!("/proc/{host_pid}/fd/{fd}"))
-                .ok()
-                .map(|t| t.to_string_lossy().into_owned())
-                .filter(|t| t.starts_with("pipe:["))
-        };
         self.table()
             .values()
             .filter(|s| s.exit_code().is_none())
@@ -706,12 +664,12 @@ impl Sessions {
                     workdir: s.workdir.clone(),
                     created_ms: unix_ms(s.created),
                     pid: s.pid,
-                    tty: s.tty.is_some(),
+                    tty: s.tty,
                     rows,
                     cols,
-                    stdin: s.stdin.as_ref().and_then(|_| pipe(s.host_pid, 0)),
-                    stdout: pipe(s.host_pid, 1),
-                    stderr: pipe(s.host_pid, 2),
+                    stdin: s.pipe_ids[0].clone(),
+                    stdout: s.pipe_ids[1].clone(),
+                    stderr: s.pipe_ids[2].clone(),
                     max_run_after_disconnect_ms: s.max_run_after_disconnect.as_millis() as u64,
                 }
             })
@@ -742,7 +700,7 @@ impl Sessions {
                 size: (d.rows, d.cols),
             },
             pipes,
-            None,
+            d.tty,
             exit,
             false,
         )?;
@@ -901,17 +859,6 @@ async fn pump(session: Arc<Session>, stream: u8, mut r: impl AsyncRead + Unpin) 
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => deliver(&session, stream, Bytes::copy_from_slice(&buf[..n])).await,
-        }
-    }
-}
-
-async fn pump_master(session: Arc<Session>, m: Arc<Master>) {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        // EIO: every slave end is closed (the command and its children are gone).
-        match m.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => deliver(&session, 1, Bytes::copy_from_slice(&buf[..n])).await,
         }
     }
 }

@@ -532,3 +532,172 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
     }
     assert_eq!(pid_of(&a.service("counter").await["state"]), pid);
 }
+
+/// A free port on the loopback (bound, then released for a server to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /` on a local port answers 200.
+async fn answers(port: u16) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    out.starts_with(b"HTTP/1.0 200")
+}
+
+/// The environment's processes as `ps` inside shows them (pid, parent,
+/// command), without the `ps` itself.
+async fn ps_tree(d: &Daemon) -> Vec<String> {
+    let out = d
+        .cli(&["exec", "--", "ps", "-e", "-o", "pid=,ppid=,args="])
+        .await;
+    assert!(out.status.success());
+    let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("ps -e -o"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Reads a session's output until `want` shows up.
+async fn read_until(s: &mut common::Ws, want: &str) -> String {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut out = String::new();
+    while !out.contains(want) {
+        if let Message::Binary(b) = common::next(s).await {
+            out.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    out
+}
+
+/// Everything running in the environment comes back with a restore, from
+/// the checkpoint's memory: a counter service, a listening service, a server
+/// started through exec that outlives its client (seed 002's pattern), and a
+/// TTY shell whose variables are kept and which is re-attached by its id.
+#[tokio::test]
+async fn services_exec_servers_and_tty_sessions_come_back_with_the_restore() {
+    if !with_criu("services_exec_servers_and_tty_sessions_come_back_with_the_restore") {
+        return;
+    }
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let d = Daemon::start().await;
+    let counter = start(
+        &d,
+        "counter",
+        json!({"cmd": "python3", "args": ["-u", "-c", COUNTER]}),
+    )
+    .await;
+    let pid = pid_of(&counter);
+    let (web, server) = (free_port(), free_port());
+    start(
+        &d,
+        "web",
+        json!({"cmd": "python3", "args": ["-m", "http.server", "--bind", "127.0.0.1", web.to_string()],
+               "http_port": web}),
+    )
+    .await;
+    let (mut s, _) = common::ws(
+        &d,
+        &format!(
+            "/exec?cmd=python3&cmd=-m&cmd=http.server&cmd=--bind&cmd=127.0.0.1&cmd={server}&max_run_after_disconnect=0"
+        ),
+    )
+    .await;
+    let server_id = common::text(&common::next(&mut s).await).unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(s);
+    let (mut s, _) = common::ws(
+        &d,
+        "/exec?cmd=bash&cmd=--norc&cmd=-i&tty=true&rows=24&cols=80",
+    )
+    .await;
+    let tty_id = common::text(&common::next(&mut s).await).unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.send(Message::Binary(
+        b"X=42; echo set-$((40+2))\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    read_until(&mut s, "set-42").await;
+    drop(s);
+    for port in [web, server] {
+        let mut tries = 0;
+        while !answers(port).await {
+            tries += 1;
+            assert!(tries < 400, "port {port} never answered");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let low = ask(&d, "counter", pid).await;
+    let tree = ps_tree(&d).await;
+
+    let events = d.checkpoint("everything").await;
+    assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
+    let checkpointed = ask(&d, "counter", pid).await;
+    assert!(checkpointed >= low);
+    // Let them run on, then go back.
+    let later = {
+        let mut f = follow(&d, "counter").await;
+        let evs = f
+            .until(|e| number(e, "tick").is_some_and(|n| n > checkpointed + 200))
+            .await;
+        number(evs.last().unwrap(), "tick").unwrap()
+    };
+    let events = d.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service counter restored with its memory")),
+        "{events:?}"
+    );
+    let value = ask(&d, "counter", pid).await;
+    assert!(
+        value >= low && value < later,
+        "the counter continues from the checkpoint (taken after {low}), not from later ({later}): {value}"
+    );
+    assert_eq!(
+        pid_of(&d.service("counter").await["state"]),
+        pid,
+        "same pid inside"
+    );
+    assert!(answers(web).await, "the service's listener accepts");
+    assert!(answers(server).await, "the exec server's listener accepts");
+    assert_eq!(ps_tree(&d).await, tree, "ps inside shows the same tree");
+    let list: Value = d.get("/v1/exec").await.json().await.unwrap();
+    for id in [&server_id, &tty_id] {
+        assert!(
+            list["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == id.as_str()),
+            "session {id} is listed after the restore: {list}"
+        );
+    }
+    let (mut s, _) = common::ws(&d, &format!("/exec/{tty_id}")).await;
+    let info = common::text(&common::next(&mut s).await).unwrap();
+    assert_eq!(info["tty"], true, "{info}");
+    s.send(Message::Binary(b"echo value-$X\n".to_vec().into()))
+        .await
+        .unwrap();
+    read_until(&mut s, "value-42").await;
+}

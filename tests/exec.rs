@@ -6,45 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, NAME, TOKEN, privileged};
+use common::{Daemon, NAME, TOKEN, WAIT, next, privileged, text, ws};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Bound on waits for things that should happen promptly; reached only
-/// when something is broken.
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn ws(
-    d: &Daemon,
-    path_and_query: &str,
-) -> (Ws, tokio_tungstenite::tungstenite::http::HeaderMap) {
-    let url = format!("ws://{}/v1/sprites/{NAME}{path_and_query}", d.tcp.unwrap());
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    let (s, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    (s, resp.headers().clone())
-}
-
-async fn next(s: &mut Ws) -> Message {
-    match tokio::time::timeout(WAIT, s.next()).await {
-        Ok(Some(Ok(m))) => m,
-        other => panic!("no WebSocket message: {other:?}"),
-    }
-}
-
-fn text(m: &Message) -> Option<Value> {
-    match m {
-        Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
-        _ => None,
-    }
-}
 
 /// Server-sent events of a response, parsed incrementally.
 struct Sse {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::stream::{Emitter, ndjson};
 use super::{ApiError, AppState};
 use crate::supervisor::{
-    Event, EventKind, ServiceSpec, Status, Supervisor, SupervisorError, parse_signal, spec,
+    Event, EventKind, ServiceSpec, Supervisor, SupervisorError, parse_signal, spec,
 };
 
 /// Default time a start streams the service's output.
@@ -168,12 +168,8 @@ pub async fn stop(
     let sup = supervisor(&app)?;
     let timeout = duration_param("timeout", q.timeout.as_deref(), DEFAULT_STOP_TIMEOUT)?;
     let record = sup.get(&name)?;
-    let idle = match record.state.status {
-        Status::Stopped => true,
-        Status::Failed => record.state.next_restart_at.is_none(), // failed to spawn
-        Status::Starting | Status::Running | Status::Stopping => false,
-    };
-    if idle {
+    let restart_scheduled = record.state.next_restart_at.is_some();
+    if crate::supervisor::state::is_idle(record.state.status, restart_scheduled) {
         return Err(SupervisorError::NotRunning(name).into());
     }
     let (op_sup, op_name) = (sup.clone(), name.clone());

@@ -55,11 +55,7 @@ impl Checkpoints {
             .replace_definitions(meta.services.clone(), &meta.running)?;
         let files = t0.elapsed();
         if let Some(container) = &self.container {
-            let why = match self.restore_processes(&meta, container).await {
-                Ok(()) => None,
-                Err(why) => Some(why),
-            };
-            match why {
+            match self.restore_processes(&meta, container).await.err() {
                 None => {
                     for s in meta.env.iter().flat_map(|e| &e.services) {
                         info(

@@ -318,6 +318,9 @@ struct Pending {
 
 struct Init {
     pending: HashMap<i32, Pending>,
+    /// The terminal masters of spawned children (for `Resize`; the relay
+    /// holds its own copy).
+    terminals: HashMap<i32, OwnedFd>,
     /// Pids whose exit the daemon hears about.
     spawned: HashSet<i32>,
 }
@@ -352,6 +355,7 @@ fn init() -> i32 {
     };
     let mut me = Init {
         pending: HashMap::new(),
+        terminals: HashMap::new(),
         spawned: HashSet::new(),
     };
     send(&Event::Ready);
@@ -416,6 +420,7 @@ impl Init {
                 Err(_) => return,
             };
             self.pending.remove(&pid);
+            self.terminals.remove(&pid);
             if self.spawned.remove(&pid) {
                 send(&Event::Exit { pid, code, signal });
             }
@@ -439,6 +444,18 @@ impl Init {
                 (id, Ok(()))
             }
             Request::Signal { id, pid, signal } => (id, crate::sys::kill_raw(pid, signal)),
+            Request::Resize {
+                id,
+                pid,
+                rows,
+                cols,
+            } => (
+                id,
+                match self.terminals.get(&pid) {
+                    Some(m) => crate::sys::set_winsize(m, rows, cols),
+                    None => Err(io::Error::from_raw_os_error(libc::ENOTTY)),
+                },
+            ),
         };
         send(&match result {
             Ok(()) => Event::Done { id },
@@ -478,27 +495,31 @@ impl Init {
         };
         let (gate_r, gate_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        // (child's stdin, stdout, stderr), the daemon's ends, and whether a terminal.
-        let (child_stdio, daemon_ends, tty): ([OwnedFd; 3], Vec<OwnedFd>, bool) = match &spec.stdio
-        {
+        // (child's stdin, stdout, stderr), the daemon's ends, and a terminal's master.
+        type Wiring = ([OwnedFd; 3], Vec<OwnedFd>, Option<OwnedFd>);
+        let (child_stdio, daemon_ends, master): Wiring = match &spec.stdio {
             Stdio::Pipes { stdin } => {
                 let (out_r, out_w) = pipe()?;
                 let (e_r, e_w) = pipe()?;
                 if *stdin {
                     let (in_r, in_w) = pipe()?;
-                    ([in_r, out_w, e_w], vec![in_w, out_r, e_r], false)
+                    ([in_r, out_w, e_w], vec![in_w, out_r, e_r], None)
                 } else {
                     let null: OwnedFd = std::fs::File::open("/dev/null")?.into();
-                    ([null, out_w, e_w], vec![out_r, e_r], false)
+                    ([null, out_w, e_w], vec![out_r, e_r], None)
                 }
             }
             Stdio::Tty { rows, cols } => {
                 let pty = crate::sys::open_pty(*rows, *cols)?;
+                let (in_r, in_w) = pipe()?;
+                let (out_r, out_w) = pipe()?;
+                start_relay(pty.master.try_clone()?, in_r, out_w)?;
                 let s1 = pty.slave.try_clone()?;
                 let s2 = pty.slave.try_clone()?;
-                ([pty.slave, s1, s2], vec![pty.master], true)
+                ([pty.slave, s1, s2], vec![in_w, out_r], Some(pty.master))
             }
         };
+        let tty = master.is_some();
         match crate::sys::fork_single_threaded()? {
             crate::sys::Forked::Child => child(
                 child_stdio,
@@ -512,6 +533,9 @@ impl Init {
             ),
             crate::sys::Forked::Parent(pid) => {
                 drop(child_stdio);
+                if let Some(m) = master {
+                    self.terminals.insert(pid, m);
+                }
                 let fds = daemon_ends.iter().map(|f| f.as_raw_fd()).collect();
                 self.pending.insert(
                     pid,
@@ -545,6 +569,83 @@ impl Init {
         }
         self.spawned.insert(pid);
         Ok(())
+    }
+}
+
+/// Forks the relay of a terminal: a process of the environment that holds
+/// the master and copies the daemon's input pipe to it and its output to the
+/// daemon's output pipe, until the terminal's last user is gone (`EIO`).
+/// Because it lives inside, a CRIU dump takes the whole terminal along.
+fn start_relay(master: OwnedFd, input: OwnedFd, output: OwnedFd) -> io::Result<()> {
+    match crate::sys::fork_single_threaded()? {
+        crate::sys::Forked::Parent(_) => Ok(()),
+        crate::sys::Forked::Child => {
+            // stdin: the input pipe, stdout: the output pipe, stderr: the
+            // master; nothing else of the init's.
+            let ok = nix::unistd::dup2_stdin(&input).is_ok()
+                && nix::unistd::dup2_stdout(&output).is_ok()
+                && nix::unistd::dup2_stderr(&master).is_ok();
+            drop((input, output, master));
+            if !ok || crate::sys::close_fds_from(3).is_err() {
+                crate::sys::exit_now(1);
+            }
+            let _ = nix::sys::signal::SigSet::all().thread_unblock();
+            let _ = crate::sys::default_signal(nix::sys::signal::Signal::SIGPIPE);
+            relay();
+            crate::sys::exit_now(0)
+        }
+    }
+}
+
+/// The relay's loop over fds 0 (input), 1 (output) and 2 (master).
+fn relay() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut input = std::mem::ManuallyDrop::new(crate::sys::borrow_raw_file(0));
+    let mut output = std::mem::ManuallyDrop::new(crate::sys::borrow_raw_file(1));
+    let mut master = std::mem::ManuallyDrop::new(crate::sys::borrow_raw_file(2));
+    let mut buf = vec![0u8; 65536];
+    let mut input_open = true;
+    loop {
+        let (m_ready, i_ready) = {
+            let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+            if input_open {
+                fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let any = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+            (
+                fds[0].revents().is_some_and(|r| r.intersects(any)),
+                input_open && fds[1].revents().is_some_and(|r| r.intersects(any)),
+            )
+        };
+        if m_ready {
+            match master.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if output.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // EIO: every slave end is closed.
+                Err(_) => return,
+            }
+        }
+        if i_ready {
+            match input.read(&mut buf) {
+                // The daemon closed its end: output goes on.
+                Ok(0) | Err(_) => input_open = false,
+                Ok(n) => {
+                    if master.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -77,11 +77,11 @@ pub struct Process {
     /// The pid inside the environment (what `ps` there shows).
     pub pid: i32,
     pub host_pid: i32,
+    /// With `Stdio::Tty`: the terminal's input (the relay's pipe).
     pub stdin: Option<OwnedFd>,
+    /// With `Stdio::Tty`: everything the terminal shows.
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
-    /// A terminal's master (with `Stdio::Tty`).
-    pub master: Option<OwnedFd>,
     pub exit: oneshot::Receiver<Exit>,
 }
 
@@ -447,11 +447,13 @@ impl Container {
             stdin: None,
             stdout: None,
             stderr: None,
-            master: None,
             exit,
         };
         match stdio {
-            Stdio::Tty { .. } => p.master = ends.next(),
+            Stdio::Tty { .. } => {
+                p.stdin = ends.next();
+                p.stdout = ends.next();
+            }
             Stdio::Pipes { stdin } => {
                 if stdin {
                     p.stdin = ends.next();
@@ -493,6 +495,19 @@ impl Container {
         self.call(&instance, |id| Request::Signal { id, pid, signal })
             .await
             .map(|_| ())
+    }
+
+    /// Resizes the terminal of `pid` (started with `Stdio::Tty`).
+    pub async fn resize(&self, pid: i32, rows: u16, cols: u16) -> Result<(), ContainerError> {
+        let instance = self.current()?;
+        self.call(&instance, |id| Request::Resize {
+            id,
+            pid,
+            rows,
+            cols,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The exit of `pid` (a process the init spawned before a restore).

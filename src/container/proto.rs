@@ -12,8 +12,9 @@ pub enum Stdio {
     /// stdout and stderr are pipes to the daemon; stdin a pipe from it, or
     /// `/dev/null`.
     Pipes { stdin: bool },
-    /// A pseudo-terminal of the environment's devpts; the daemon holds the
-    /// master.
+    /// A pseudo-terminal of the environment's devpts. Its master stays
+    /// inside, held by a relay process (so a CRIU dump takes the terminal
+    /// along); the daemon writes the relay's input pipe and reads its output.
     Tty { rows: u16, cols: u16 },
 }
 
@@ -44,6 +45,13 @@ pub enum Request {
     Abort { id: u64, pid: i32 },
     /// `kill(pid, signal)` inside the environment (`pid < 0`: a process group).
     Signal { id: u64, pid: i32, signal: i32 },
+    /// Resize the terminal of `pid` (spawned with `Stdio::Tty`).
+    Resize {
+        id: u64,
+        pid: i32,
+        rows: u16,
+        cols: u16,
+    },
 }
 
 /// Init → daemon.
@@ -56,7 +64,7 @@ pub enum Event {
     Fatal { message: String },
     /// A child waits for `Release`. `fds` are the init's fd numbers of the
     /// daemon's ends: `[stdin?, stdout, stderr]` for pipes (stdin only when
-    /// asked for), `[master]` for a terminal.
+    /// asked for), `[input, output]` of the relay for a terminal.
     Spawned { id: u64, pid: i32, fds: Vec<i32> },
     /// The request succeeded (after `Release`: the child exec'd).
     Done { id: u64 },

@@ -26,6 +26,7 @@
 
 pub mod logs;
 pub mod spec;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -45,6 +46,7 @@ use crate::durable::{self, DurableError};
 use crate::reaper::Exit;
 use logs::{LogLine, LogSink, Stream, now_ms};
 pub use spec::{ServiceDef, ServiceSpec};
+use state::Happening;
 
 /// First restart delay; doubles per consecutive crash.
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -513,7 +515,7 @@ impl Supervisor {
             (child.pid, child.host_pid),
             [child.stdout.take(), child.stderr.take()],
             child.exit,
-            Status::Starting,
+            Happening::Spawned,
             format!("Service {name} started"),
         )?;
         // Up: spawned, and its declared http_port accepts connections.
@@ -548,7 +550,7 @@ impl Supervisor {
                 .is_some_and(|i| i.generation == generation)
                 && svc.rt.status == Some(Status::Starting)
             {
-                svc.rt.status = Some(Status::Running);
+                svc.apply(Happening::Up);
             }
         }
         Ok(())
@@ -560,7 +562,7 @@ impl Supervisor {
         {
             let mut table = self.table();
             if let Some(svc) = table.get_mut(name) {
-                svc.rt.status = Some(Status::Failed);
+                svc.apply(Happening::SpawnFailed);
                 svc.rt.error = Some(message.clone());
                 svc.rt.pid = None;
             }
@@ -586,7 +588,7 @@ impl Supervisor {
         (pid, host_pid): (i32, i32),
         pipes: [Option<OwnedFd>; 2],
         exit: tokio::sync::oneshot::Receiver<Exit>,
-        status: Status,
+        happening: Happening,
         message: String,
     ) -> Result<(u64, watch::Receiver<Option<Exit>>), SupervisorError> {
         let generation = self
@@ -599,7 +601,7 @@ impl Supervisor {
             let svc = table
                 .get_mut(name)
                 .ok_or_else(|| SupervisorError::NotFound(name.to_owned()))?;
-            svc.rt.status = Some(status);
+            svc.apply(happening);
             svc.rt.pid = Some(pid);
             svc.rt.started_at = Some(SystemTime::now());
             svc.rt.error = None;
@@ -684,7 +686,7 @@ impl Supervisor {
             (pid, was.host_pid),
             pipes,
             exit,
-            Status::Running,
+            Happening::Adopted,
             format!("Service {name} restored with its memory (pid {pid})"),
         )?;
         if let Some(svc) = self.table().get_mut(name) {
@@ -729,7 +731,7 @@ impl Supervisor {
                 .saturating_mul(1 << svc.backoff_exp.min(5))
                 .min(BACKOFF_MAX);
             svc.backoff_exp = (svc.backoff_exp + 1).min(5);
-            svc.rt.status = Some(Status::Failed);
+            svc.apply(Happening::Exited);
             svc.rt.pid = None;
             svc.rt.exit_code = Some(code);
             svc.rt.error = Some(format!("exited with code {code}"));
@@ -803,7 +805,7 @@ impl Supervisor {
             if let Some(t) = svc.restart_timer.take() {
                 // Crashed and waiting to restart: stopping it cancels the restart.
                 t.cancel();
-                svc.rt.status = Some(Status::Stopped);
+                svc.apply(Happening::RestartCancelled);
                 svc.rt.next_restart_at = None;
                 return Ok(svc.rt.exit_code);
             }
@@ -811,8 +813,9 @@ impl Supervisor {
                 return Err(SupervisorError::NotRunning(name.to_owned()));
             };
             inst.stopping = true;
-            svc.rt.status = Some(Status::Stopping);
-            (inst.pid, inst.cgroup.clone(), inst.exited.clone())
+            let taken = (inst.pid, inst.cgroup.clone(), inst.exited.clone());
+            svc.apply(Happening::StopAsked);
+            taken
         };
         self.emit(Event::new(EventKind::Stopping, name));
         tracing::info!(service = %name, pid, ?timeout, "stopping");
@@ -838,7 +841,7 @@ impl Supervisor {
             let mut table = self.table();
             if let Some(svc) = table.get_mut(name) {
                 svc.instance = None;
-                svc.rt.status = Some(Status::Stopped);
+                svc.apply(Happening::Stopped);
                 svc.rt.pid = None;
                 svc.rt.exit_code = code;
             }
@@ -1045,6 +1048,31 @@ pub struct PutOutcome {
     pub created: bool,
     /// The spec changed while it was running: restart it.
     pub restart: bool,
+}
+
+impl Svc {
+    /// The state now (never started counts as stopped).
+    fn status(&self) -> Status {
+        self.rt.status.unwrap_or(Status::Stopped)
+    }
+
+    /// Moves the service's state by `happening` ([`state::next_state`]).
+    /// A refused transition is a supervisor bug: it is logged and the
+    /// happening's usual outcome applied, so the record stays truthful.
+    fn apply(&mut self, happening: Happening) {
+        let to = state::next_state(self.status(), happening).unwrap_or_else(|refused| {
+            tracing::warn!(service = %self.def.name, error = %refused, "unexpected service transition");
+            debug_assert!(false, "{refused}");
+            match happening {
+                Happening::Spawned => Status::Starting,
+                Happening::Adopted | Happening::Up => Status::Running,
+                Happening::SpawnFailed | Happening::Exited => Status::Failed,
+                Happening::StopAsked => Status::Stopping,
+                Happening::RestartCancelled | Happening::Stopped => Status::Stopped,
+            }
+        });
+        self.rt.status = Some(to);
+    }
 }
 
 fn new_svc(def: ServiceDef, log: Arc<LogSink>) -> Svc {

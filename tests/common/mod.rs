@@ -576,3 +576,42 @@ impl Daemon {
             .await
     }
 }
+
+// --- WebSocket clients (exec sessions) -----------------------------------
+
+use futures_util::StreamExt as _;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Bound on waits for things that should happen promptly; reached only
+/// when something is broken.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub async fn ws(
+    d: &Daemon,
+    path_and_query: &str,
+) -> (Ws, tokio_tungstenite::tungstenite::http::HeaderMap) {
+    let url = format!("ws://{}/v1/sprites/{NAME}{path_and_query}", d.tcp.unwrap());
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (s, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    (s, resp.headers().clone())
+}
+
+pub async fn next(s: &mut Ws) -> Message {
+    match tokio::time::timeout(WAIT, s.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("no WebSocket message: {other:?}"),
+    }
+}
+
+pub fn text(m: &Message) -> Option<Value> {
+    match m {
+        Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,41 @@
+// The official JavaScript SDK (@fly/sprites 0.1.0) against a real sprited:
+// the filesystem at the environment's absolute paths, exec seeing what the
+// filesystem API wrote, and a checkpoint / overwrite / restore round trip.
+// Driven by tests/sdk.rs (Node 20 needs --experimental-websocket).
+import { SpritesClient } from '@fly/sprites';
+
+const client = new SpritesClient(process.env.SPRITED_TOKEN, { baseURL: process.env.SPRITED_URL });
+const sprite = client.sprite(process.env.SPRITED_NAME);
+
+function check(cond, what) {
+  if (!cond) {
+    console.error(`FAIL: ${what}`);
+    process.exit(1);
+  }
+  console.log(`ok: ${what}`);
+}
+
+const fs = sprite.filesystem('/');
+await fs.writeFile('/app/hello.txt', 'hello from js');
+const { stdout } = await sprite.execFile('cat', ['/app/hello.txt']);
+check(stdout === 'hello from js', `exec cat /app/hello.txt: ${JSON.stringify(stdout)}`);
+const names = await fs.readdir('/app');
+check(JSON.stringify(names) === JSON.stringify(['hello.txt']), `readdir /app: ${names}`);
+const rel = sprite.filesystem('/app');
+check((await rel.readFile('hello.txt', 'utf8')) === 'hello from js', 'a path relative to workingDir');
+
+const created = [];
+await (await sprite.createCheckpoint('from js')).processAll((m) => created.push(m));
+const last = created[created.length - 1];
+check(last && last.type === 'complete', `createCheckpoint streams to complete: ${JSON.stringify(last)}`);
+const ids = (await sprite.listCheckpoints()).map((c) => c.id);
+check(ids.includes('v1'), `listCheckpoints: ${ids}`);
+
+await fs.writeFile('/app/hello.txt', 'overwritten');
+check((await fs.readFile('/app/hello.txt', 'utf8')) === 'overwritten', 'overwritten');
+const restored = [];
+await (await sprite.restoreCheckpoint('v1')).processAll((m) => restored.push(m));
+const end = restored[restored.length - 1];
+check(end && end.type === 'complete', `restoreCheckpoint streams to complete: ${JSON.stringify(end)}`);
+check((await fs.readFile('/app/hello.txt', 'utf8')) === 'hello from js', 'the original content is back');
+console.log('JS SDK: all passed');
