@@ -708,6 +708,15 @@ impl Sessions {
         Ok(())
     }
 
+    /// Drops `session` from the table, unless a restore has put another
+    /// session under its id meanwhile.
+    fn forget(&self, session: &Arc<Session>) {
+        let mut table = self.table();
+        if table.get(&session.id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            table.remove(&session.id);
+        }
+    }
+
     /// Attaches another client to a running (or just ended) session.
     pub fn attach(&self, id: &str) -> Result<Attachment, ExecError> {
         let session = self.get(id)?;
@@ -754,7 +763,7 @@ impl Sessions {
         if st.exit.is_some() {
             if st.exit_seen {
                 drop(st);
-                self.table().remove(&session.id);
+                self.forget(session);
             }
             return;
         }
@@ -824,7 +833,7 @@ impl Sessions {
             loop {
                 let seen = session.st().exit_seen;
                 if seen || tokio::time::Instant::now() >= deadline {
-                    me.table().remove(&session.id);
+                    me.forget(&session);
                     return;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
