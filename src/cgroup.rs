@@ -232,6 +232,27 @@ impl Cgroup {
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
+    /// The processes of this cgroup and of every cgroup below it (a list
+    /// that cannot be read is skipped: the cgroup went away).
+    pub fn pids_below(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        out
+    }
+
     /// Whether any process lives in this cgroup or below (`populated 1`).
     pub fn populated(&self) -> Result<bool, CgroupError> {
         Ok(self.event("populated")? == Some(1))
@@ -401,22 +422,7 @@ impl FreezeGuard {
     /// The processes of every frozen cgroup and of the cgroups below them
     /// (a list that cannot be read is skipped: the cgroup went away).
     pub fn pids(&self) -> Vec<i32> {
-        let mut out = Vec::new();
-        let mut dirs: Vec<PathBuf> = self.frozen.iter().map(|cg| cg.path.clone()).collect();
-        while let Some(dir) = dirs.pop() {
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                dirs.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-        out
+        self.frozen.iter().flat_map(Cgroup::pids_below).collect()
     }
 
     pub fn is_empty(&self) -> bool {

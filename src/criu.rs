@@ -207,15 +207,20 @@ impl Criu {
     /// Dumps the whole environment (the tree of its init, host pid `init`,
     /// every task of the daemon's cgroup `cgroup`, which the caller has
     /// asked to freeze) into `images`, leaving it running (and frozen).
-    /// `external` names the bind mounts from the host (path inside → key).
-    /// Blocking.
-    #[tracing::instrument(name = "criu_dump", skip(self, cgroup, images, external), fields(init))]
+    /// `external` names the bind mounts from the host (path inside → key);
+    /// `external_sockets`, the unix sockets whose peer is outside. Blocking.
+    #[tracing::instrument(
+        name = "criu_dump",
+        skip(self, cgroup, images, external, external_sockets),
+        fields(init)
+    )]
     pub fn dump_env(
         &self,
         init: i32,
         cgroup: &Path,
         images: &Path,
         external: &[(&str, &str)],
+        external_sockets: &[u64],
     ) -> Result<DumpStats, CriuError> {
         let started = Instant::now();
         std::fs::create_dir_all(images).map_err(io_err("create", images))?;
@@ -242,6 +247,9 @@ impl Criu {
             ]);
         for (inside, key) in external {
             cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
+        }
+        for ino in external_sockets {
+            cmd.arg("--external").arg(format!("unix[{ino}]"));
         }
         if self.skip_network_lock {
             cmd.args(["--network-lock", "skip"]);

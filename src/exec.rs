@@ -712,7 +712,10 @@ impl Sessions {
     /// session under its id meanwhile.
     fn forget(&self, session: &Arc<Session>) {
         let mut table = self.table();
-        if table.get(&session.id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        if table
+            .get(&session.id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
             table.remove(&session.id);
         }
     }

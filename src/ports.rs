@@ -23,6 +23,7 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub struct Listener {
     pub port: u16,
     pub address: String,
+    /// The owner's pid in its own PID namespace (the environment's).
     pub pid: i32,
     /// The owner's cgroup v2 path (`/sprited/_exec-3`), empty if unknown.
     #[serde(skip)]
@@ -195,7 +196,9 @@ fn parse_addr(hex: &str) -> Option<String> {
     }
 }
 
-/// For each wanted socket inode, the pid holding it and that pid's cgroup.
+/// For each wanted socket inode, the pid holding it (as its own PID
+/// namespace sees it: the environment's pid for a process inside) and that
+/// pid's cgroup.
 fn find_owners(proc_root: &Path, wanted: &[u64]) -> BTreeMap<u64, (i32, String)> {
     let mut out = BTreeMap::new();
     let Ok(procs) = std::fs::read_dir(proc_root) else {
@@ -228,7 +231,18 @@ fn find_owners(proc_root: &Path, wanted: &[u64]) -> BTreeMap<u64, (i32, String)>
                             .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
                     })
                     .unwrap_or_default();
-                out.insert(inode, (pid, cg));
+                let inner = std::fs::read_to_string(p.path().join("status"))
+                    .ok()
+                    .and_then(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("NSpid:"))?
+                            .split_whitespace()
+                            .last()?
+                            .parse::<i32>()
+                            .ok()
+                    })
+                    .unwrap_or(pid);
+                out.insert(inode, (inner, cg));
             }
         }
         if out.len() == wanted.len() {

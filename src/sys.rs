@@ -726,3 +726,187 @@ pub fn close_fds_from(first: u32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Every unix socket of this network namespace with its peer (inode →
+/// peer inode; 0: none), from the kernel's `sock_diag` (`NETLINK_SOCK_DIAG`,
+/// `UDIAG_SHOW_PEER`), as `ss -x` reads it.
+pub fn unix_socket_peers() -> io::Result<std::collections::HashMap<u64, u64>> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    use std::os::fd::AsRawFd;
+    let request = sock_diag::unix_dump_request();
+    sendto(
+        fd.as_raw_fd(),
+        &request,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut out = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        match sock_diag::parse_unix_dump(&buf[..n], &mut out) {
+            sock_diag::Parsed::More => {}
+            sock_diag::Parsed::Done => return Ok(out),
+            sock_diag::Parsed::Error(errno) => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+/// The bytes of a `sock_diag` unix dump: the request and a parser for the
+/// kernel's answer (pure, so it is unit-tested).
+pub mod sock_diag {
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+
+    /// `nlmsghdr` + `unix_diag_req` asking for every unix socket and its peer.
+    pub fn unix_dump_request() -> Vec<u8> {
+        let mut m = Vec::with_capacity(40);
+        m.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+        m.push(libc::AF_UNIX as u8); // sdiag_family
+        m.push(0); // sdiag_protocol
+        m.extend_from_slice(&0u16.to_ne_bytes()); // pad
+        m.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_states: all
+        m.extend_from_slice(&0u32.to_ne_bytes()); // udiag_ino
+        m.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+        m.extend_from_slice(&[0xff; 8]); // udiag_cookie: none
+        m
+    }
+
+    /// Where a reply stands.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Parsed {
+        More,
+        Done,
+        Error(i32),
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// Adds the sockets of one datagram of the reply to `out`. Malformed
+    /// messages end the datagram (nothing is trusted past them).
+    pub fn parse_unix_dump(mut b: &[u8], out: &mut std::collections::HashMap<u64, u64>) -> Parsed {
+        while b.len() >= 16 {
+            let (Some(len), Some(kind)) = (u32_at(b, 0), u16_at(b, 4)) else {
+                break;
+            };
+            let len = len as usize;
+            if len < 16 || len > b.len() {
+                break;
+            }
+            let msg = &b[16..len];
+            match kind {
+                NLMSG_DONE => return Parsed::Done,
+                NLMSG_ERROR => {
+                    let errno = u32_at(msg, 0).map(|e| -(e as i32)).unwrap_or(libc::EIO);
+                    return Parsed::Error(errno);
+                }
+                SOCK_DIAG_BY_FAMILY if msg.len() >= 16 => {
+                    // unix_diag_msg: family, type, state, pad, ino, cookie[2]; then attributes.
+                    let ino = u32_at(msg, 4).unwrap_or(0) as u64;
+                    let mut peer = 0u64;
+                    let mut attrs = &msg[16..];
+                    while attrs.len() >= 4 {
+                        let (Some(alen), Some(akind)) = (u16_at(attrs, 0), u16_at(attrs, 2)) else {
+                            break;
+                        };
+                        let alen = alen as usize;
+                        if alen < 4 || alen > attrs.len() {
+                            break;
+                        }
+                        if akind == UNIX_DIAG_PEER {
+                            peer = u32_at(attrs, 4).unwrap_or(0) as u64;
+                        }
+                        attrs = &attrs[((alen + 3) & !3).min(attrs.len())..];
+                    }
+                    out.insert(ino, peer);
+                }
+                _ => {}
+            }
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+        Parsed::More
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn message(kind: u16, body: &[u8]) -> Vec<u8> {
+            let mut m = Vec::new();
+            m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0u8; 10]);
+            m.extend_from_slice(body);
+            while m.len() % 4 != 0 {
+                m.push(0);
+            }
+            m
+        }
+
+        fn socket(ino: u32, peer: Option<u32>) -> Vec<u8> {
+            let mut b = vec![libc::AF_UNIX as u8, 1, 1, 0];
+            b.extend_from_slice(&ino.to_ne_bytes());
+            b.extend_from_slice(&[0u8; 8]);
+            if let Some(p) = peer {
+                b.extend_from_slice(&8u16.to_ne_bytes());
+                b.extend_from_slice(&UNIX_DIAG_PEER.to_ne_bytes());
+                b.extend_from_slice(&p.to_ne_bytes());
+            }
+            message(SOCK_DIAG_BY_FAMILY, &b)
+        }
+
+        #[test]
+        fn a_dump_names_each_socket_and_its_peer() {
+            let mut out = std::collections::HashMap::new();
+            let mut d = socket(10, Some(11));
+            d.extend(socket(11, Some(10)));
+            d.extend(socket(12, None));
+            assert_eq!(parse_unix_dump(&d, &mut out), Parsed::More);
+            assert_eq!(out, [(10, 11), (11, 10), (12, 0)].into_iter().collect());
+            assert_eq!(
+                parse_unix_dump(&message(NLMSG_DONE, &[0; 4]), &mut out),
+                Parsed::Done
+            );
+            let err = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
+            assert_eq!(parse_unix_dump(&err, &mut out), Parsed::Error(libc::EPERM));
+            assert_eq!(unix_dump_request().len(), 40);
+        }
+
+        #[test]
+        fn malformed_replies_are_dropped_without_panicking() {
+            let mut out = std::collections::HashMap::new();
+            let mut bad = socket(10, Some(11));
+            bad[0] = 0xff; // a length past the end
+            assert_eq!(parse_unix_dump(&bad, &mut out), Parsed::More);
+            let mut short_attr = socket(10, Some(11));
+            short_attr[32] = 200; // an attribute longer than the message
+            assert_eq!(parse_unix_dump(&short_attr, &mut out), Parsed::More);
+            assert_eq!(parse_unix_dump(&[1, 2, 3], &mut out), Parsed::More);
+            assert!(out.get(&10).is_none_or(|p| *p == 0));
+        }
+    }
+}

@@ -398,7 +398,16 @@ async fn a_session_reports_the_port_it_opens() {
     };
     assert_eq!(opened["port"], port);
     assert_eq!(opened["address"], "127.0.0.1");
-    assert!(opened["pid"].as_i64().unwrap() > 0);
+    // The pid as the environment sees it: the session's own process.
+    let list: Value = d.get("/v1/exec").await.json().await.unwrap();
+    let row = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == info["session_id"])
+        .unwrap()
+        .clone();
+    assert_eq!(opened["pid"], row["pid"], "{opened} {row}");
     // The port watch saw it too.
     let seen = loop {
         let v = text(&next(&mut watch).await).unwrap();

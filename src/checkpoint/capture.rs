@@ -227,7 +227,13 @@ impl Checkpoints {
         if let (Some((criu, (container, init))), Some(whole)) = (dumper, &whole) {
             let dir = self.temp_images(id);
             let plan = self.dump_plan(container);
-            match criu.dump_env(init, whole.path(), &dir, EXTERNAL_MOUNTS) {
+            match criu.dump_env(
+                init,
+                whole.path(),
+                &dir,
+                EXTERNAL_MOUNTS,
+                &plan.external_sockets,
+            ) {
                 Ok(stats) => {
                     info(
                         progress,
@@ -319,6 +325,7 @@ impl Checkpoints {
             services,
             sessions,
             cgroups,
+            external_sockets: container.external_unix_sockets(),
         }
     }
 

@@ -7,11 +7,12 @@
 //! <state>/checkpoints/.capturing      journal: a capture is under way
 //! ```
 //!
-//! Capture: freeze every service cgroup → scan the upper dir and store what
-//! changed → record the service definitions → thaw → `syncfs` the store →
-//! store the manifest → write `meta.json` in a temp dir, fsync, rename. A
-//! crash before the rename leaves no checkpoint; the journal makes the next
-//! start collect the objects the half capture wrote.
+//! One file per operation: `capture.rs` (freeze the environment, CRIU dump,
+//! scan and store what changed, publish), `restore.rs` (stop the
+//! environment, mount the layer, CRIU restore, adopt) and `gc.rs` (delete,
+//! collect garbage); this file holds the chain and its metadata. A crash
+//! before a capture's final rename leaves no checkpoint; the journal makes
+//! the next start collect the objects the half capture wrote.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 mod capture;
+mod gc;
 mod restore;
 
 use crate::archive;
@@ -28,7 +30,7 @@ use crate::cgroup::CgroupError;
 use crate::container::Container;
 use crate::criu::{Criu, DumpStats};
 use crate::durable::{self, DurableError};
-use crate::fs::manifest::{self, Manifest};
+use crate::fs::manifest::Manifest;
 use crate::fs::{Env, FsError};
 use crate::supervisor::{ServiceDef, Supervisor, SupervisorError};
 
@@ -162,6 +164,10 @@ pub struct EnvImages {
     pub sessions: Vec<crate::exec::DumpedSession>,
     /// Cgroup name (under the daemon's) → the pids inside that were in it.
     pub cgroups: BTreeMap<String, Vec<i32>>,
+    /// Inodes of unix sockets inside whose peer was outside (a client of
+    /// the API socket): dumped as external, restored with a gone peer.
+    #[serde(default)]
+    pub external_sockets: Vec<u64>,
 }
 
 /// A running service in a dump.
@@ -573,41 +579,6 @@ impl Checkpoints {
         result
     }
 
-    /// Deletes a checkpoint and frees the objects no other one references.
-    /// Returns bytes freed.
-    pub fn delete(&self, id: &str) -> Result<u64, CheckpointError> {
-        self.get(id)?;
-        if self
-            .exporting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(id)
-        {
-            return Err(CheckpointError::Exporting(id.to_owned()));
-        }
-        let st = self.env.state();
-        if st.source.as_deref() == Some(id) || st.layer.as_deref() == Some(id) {
-            return Err(CheckpointError::InUse(id.to_owned()));
-        }
-        let dir = self.dir.join(id);
-        self.env.unmount_path(&self.root_of(id));
-        // Out of sight first (atomic), then gone.
-        let trash = self
-            .dir
-            .join(format!("{}deleted-{id}", durable::TEMP_PREFIX));
-        std::fs::rename(&dir, &trash).map_err(io_err("rename", &dir))?;
-        self.metas
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        let _ = std::fs::remove_dir_all(&trash);
-        self.env.remove_layer(id);
-        let _ = std::fs::remove_dir_all(self.images.join(id));
-        let (_, bytes) = self.collect_garbage()?;
-        self.refresh_browsable();
-        Ok(bytes)
-    }
-
     /// Where checkpoint `id` is browsable read-only.
     pub fn root_of(&self, id: &str) -> PathBuf {
         self.dir.join(id).join("root")
@@ -647,24 +618,5 @@ impl Checkpoints {
     fn parent_manifest_uncached(&self, id: &str) -> Result<Manifest, CheckpointError> {
         let meta = self.get(id)?;
         Ok(Manifest::load(self.env.store(), &meta.manifest)?)
-    }
-
-    /// Deletes every store object no checkpoint references.
-    fn collect_garbage(&self) -> Result<(u64, u64), CheckpointError> {
-        let metas: Vec<CheckpointMeta> = self
-            .metas
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
-        for m in metas {
-            manifest::references(self.env.store(), &m.manifest, &mut keep)?;
-            if let Some(p) = &m.env {
-                keep.extend(p.images.values().cloned());
-            }
-        }
-        Ok(self.env.store().collect_garbage(&keep)?)
     }
 }

@@ -323,6 +323,18 @@ fn new_pipes(plan: &EnvImages) -> std::io::Result<(Vec<(OwnedFd, String)>, Ends)
             ends[0] = Some(w);
         }
     }
+    // A client of the API socket inside gets a socket whose peer is gone:
+    // its call ended with the dump (it reads end of file).
+    for ino in &plan.external_sockets {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (mine, _gone) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        inherit.push((mine, format!("socket:[{ino}]")));
+    }
     Ok((
         inherit,
         Ends {

@@ -600,6 +600,48 @@ async fn read_events(
     }
 }
 
+impl Container {
+    /// Unix sockets of the environment's processes whose peer is outside
+    /// it (a `sprite-env` inside talking to the API socket): CRIU dumps them
+    /// as external (`--external unix[ino]`), and a restore hands each a
+    /// socket whose peer is gone. Read while the environment is frozen.
+    pub fn external_unix_sockets(&self) -> Vec<u64> {
+        let mut inside = std::collections::HashSet::new();
+        for pid in self.inner.cfg.cgroups.whole().pids_below() {
+            for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(ino) = std::fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|t| socket_inode(&t.to_string_lossy()))
+                {
+                    inside.insert(ino);
+                }
+            }
+        }
+        let Ok(peers) = crate::sys::unix_socket_peers() else {
+            return Vec::new();
+        };
+        let mut out: Vec<u64> = inside
+            .iter()
+            .filter(|s| peers.get(s).is_some_and(|p| *p != 0 && !inside.contains(p)))
+            .copied()
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// `socket:[N]` → N.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// The host pid of the init's child whose pid in the environment is `pid`:
 /// the init's children (`/proc/<init>/task/<init>/children`) whose last
 /// `NSpid` is `pid`.
@@ -669,6 +711,13 @@ mod tests {
             [("A".to_owned(), "2".to_owned()), ("B".into(), "3".into())],
         );
         assert_eq!(env, ["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn socket_links_name_their_inode() {
+        assert_eq!(socket_inode("socket:[4242]"), Some(4242));
+        assert_eq!(socket_inode("pipe:[4242]"), None);
+        assert_eq!(socket_inode("socket:[x]"), None);
     }
 
     #[test]
