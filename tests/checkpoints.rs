@@ -533,6 +533,20 @@ async fn writes_anywhere_are_captured_and_rolled_back() {
         let host = std::fs::read_to_string(p).unwrap_or_default();
         assert_ne!(host, inside, "{p} was written on the host");
     }
+    // A service's log is where the API says, inside.
+    let events = d
+        .put_service(
+            "hello",
+            json!({"cmd": "sh", "args": ["-c", "echo hello-log; sleep 1000"]}),
+            "1s",
+        )
+        .await;
+    let log = events.last().unwrap()["log_files"]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(log, "/.sprite/logs/services/hello.log");
+    assert!(sh(&d, &format!("cat {log}")).await.contains("hello-log"));
     // The checkpoints are readable inside, and read-only.
     let views = sh(
         &d,
