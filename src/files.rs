@@ -33,13 +33,24 @@ pub enum FilesError {
         path: String,
         errno: Errno,
     },
+    /// A recursive operation beyond its bounds (refused before anything
+    /// changed): too deep (400), or too many entries or too long an answer
+    /// (`too_large`: 413).
+    #[error("{path}: {why}")]
+    Limit {
+        path: String,
+        why: String,
+        too_large: bool,
+    },
 }
 
 impl FilesError {
     /// The path the error is about, for the error body.
     pub fn path(&self) -> Option<&str> {
         match self {
-            FilesError::Outside { path, .. } | FilesError::Os { path, .. } => Some(path),
+            FilesError::Outside { path, .. }
+            | FilesError::Os { path, .. }
+            | FilesError::Limit { path, .. } => Some(path),
             FilesError::Invalid(_) => None,
         }
     }
@@ -50,6 +61,10 @@ impl FilesError {
             FilesError::Os { errno, .. } => Some(errno_name(*errno)),
             FilesError::Outside { .. } => Some("EXDEV"),
             FilesError::Invalid(_) => Some("EINVAL"),
+            FilesError::Limit {
+                too_large: true, ..
+            } => Some("E2BIG"),
+            FilesError::Limit { .. } => Some("ELOOP"),
         }
     }
 }
@@ -96,6 +111,50 @@ pub struct Entry {
     pub mod_time: String,
     #[serde(rename = "isDir")]
     pub is_dir: bool,
+}
+
+/// How deep a recursive operation (delete, copy, chmod) may go.
+pub const MAX_DEPTH: usize = 256;
+/// How many entries it may touch.
+pub const MAX_ENTRIES: usize = 100_000;
+/// How many bytes of paths its answer may list.
+pub const MAX_LISTED_BYTES: usize = 8 << 20;
+
+/// A step of a bounded walk ([`Files::walk`]), parents before children.
+enum Step<'a> {
+    /// A directory, before what it holds.
+    Enter {
+        parent: &'a OwnedFd,
+        name: &'a [u8],
+        rel: &'a str,
+        st: &'a FileStat,
+    },
+    /// Anything but a directory (symlinks are not followed).
+    Leaf {
+        parent: &'a OwnedFd,
+        name: &'a [u8],
+        rel: &'a str,
+        st: &'a FileStat,
+    },
+    /// A directory, after what it holds.
+    Exit {
+        parent: &'a OwnedFd,
+        name: &'a [u8],
+        rel: &'a str,
+    },
+}
+
+/// A directory being walked.
+struct Frame {
+    fd: OwnedFd,
+    name: Vec<u8>,
+    rel: String,
+    names: Vec<Vec<u8>>,
+    next: usize,
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits()
 }
 
 /// A request's view of the environment root.
@@ -267,6 +326,13 @@ impl Files {
             return Err(self.os("read", rel)(Errno::EISDIR));
         }
         if !md.is_file() {
+            // A FIFO, socket or device: reading could block or never end.
+            return Err(FilesError::Invalid(format!(
+                "{}: not a regular file",
+                self.display(rel)
+            )));
+        }
+        if !md.is_file() {
             return Err(FilesError::Invalid(format!(
                 "{}: not a regular file",
                 self.display(rel)
@@ -391,10 +457,125 @@ impl Files {
             let e = e.map_err(self.os("read dir", rel))?;
             let n = e.file_name().to_bytes();
             if n != b"." && n != b".." {
+                if names.len() >= MAX_ENTRIES {
+                    return Err(too_many(rel));
+                }
                 names.push(n.to_vec());
             }
         }
         Ok(names)
+    }
+
+    /// Walks `top` without recursion and without following symlinks,
+    /// calling `visit` for every entry (a directory before and after what it
+    /// holds). Refuses, naming the limit, a tree deeper than [`MAX_DEPTH`],
+    /// with more than [`MAX_ENTRIES`] entries, or whose paths add up to
+    /// more than [`MAX_LISTED_BYTES`].
+    fn walk(
+        &self,
+        top: &Parent,
+        mut visit: impl FnMut(Step<'_>) -> Result<(), FilesError>,
+    ) -> Result<(), FilesError> {
+        let st = self.lstat(top)?;
+        if !is_dir(&st) {
+            return visit(Step::Leaf {
+                parent: &top.dir,
+                name: &top.name,
+                rel: &top.rel,
+                st: &st,
+            });
+        }
+        let open_dir = |parent: &OwnedFd, name: &[u8], rel: &str| {
+            nix::fcntl::openat(
+                parent,
+                name,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(self.os("open", rel))
+        };
+        let fd = open_dir(&top.dir, &top.name, &top.rel)?;
+        visit(Step::Enter {
+            parent: &top.dir,
+            name: &top.name,
+            rel: &top.rel,
+            st: &st,
+        })?;
+        let names = self.names(&fd, &top.rel)?;
+        let mut stack = vec![Frame {
+            fd,
+            name: top.name.clone(),
+            rel: top.rel.clone(),
+            names,
+            next: 0,
+        }];
+        let (mut entries, mut listed) = (1usize, top.rel.len() + 1);
+        while !stack.is_empty() {
+            let depth = stack.len();
+            let frame = stack.last_mut().expect("not empty");
+            if frame.next == frame.names.len() {
+                let done = stack.pop().expect("not empty");
+                let parent = stack.last().map(|f| &f.fd).unwrap_or(&top.dir);
+                visit(Step::Exit {
+                    parent,
+                    name: &done.name,
+                    rel: &done.rel,
+                })?;
+                continue;
+            }
+            let name = std::mem::take(&mut frame.names[frame.next]);
+            frame.next += 1;
+            let rel = format!("{}/{}", frame.rel, String::from_utf8_lossy(&name));
+            entries += 1;
+            listed += rel.len() + 1;
+            if entries > MAX_ENTRIES {
+                return Err(too_many(&top.rel));
+            }
+            if listed > MAX_LISTED_BYTES {
+                return Err(FilesError::Limit {
+                    path: self.display(&top.rel),
+                    why: format!("the paths below it add up to more than {MAX_LISTED_BYTES} bytes"),
+                    too_large: true,
+                });
+            }
+            let st = match fstatat(&frame.fd, name.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue, // went away meanwhile
+                Err(e) => return Err(self.os("lstat", &rel)(e)),
+            };
+            if !is_dir(&st) {
+                visit(Step::Leaf {
+                    parent: &frame.fd,
+                    name: &name,
+                    rel: &rel,
+                    st: &st,
+                })?;
+                continue;
+            }
+            if depth >= MAX_DEPTH {
+                return Err(FilesError::Limit {
+                    path: self.display(&top.rel),
+                    why: format!("the tree is deeper than {MAX_DEPTH} levels"),
+                    too_large: false,
+                });
+            }
+            let fd = open_dir(&frame.fd, &name, &rel)?;
+            visit(Step::Enter {
+                parent: &frame.fd,
+                name: &name,
+                rel: &rel,
+                st: &st,
+            })?;
+            let names = self.names(&fd, &rel)?;
+            stack.push(Frame {
+                fd,
+                name,
+                rel,
+                names,
+                next: 0,
+            });
+        }
+        Ok(())
     }
 
     fn list_dir(
@@ -442,60 +623,34 @@ impl Files {
     /// Removes a file, a symlink, an empty directory, or with `recursive`
     /// a whole tree. The paths removed.
     pub fn delete(&self, rel: &str, recursive: bool) -> Result<Vec<String>, FilesError> {
+        use nix::unistd::{UnlinkatFlags, unlinkat};
         let p = self.parent(rel, false)?;
         let st = self.lstat(&p)?;
-        let mut deleted = Vec::new();
-        if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
-            if recursive {
-                self.empty_dir(&p.dir, &p.name, rel, &mut deleted)?;
-            }
-            nix::unistd::unlinkat(
-                &p.dir,
-                p.name.as_slice(),
-                nix::unistd::UnlinkatFlags::RemoveDir,
-            )
-            .map_err(self.os("remove", rel))?;
-        } else {
-            nix::unistd::unlinkat(
-                &p.dir,
-                p.name.as_slice(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            )
-            .map_err(self.os("remove", rel))?;
-        }
-        deleted.push(self.display(rel));
-        Ok(deleted)
-    }
-
-    /// Removes everything inside `parent/name` (never following symlinks).
-    fn empty_dir(
-        &self,
-        parent: &OwnedFd,
-        name: &[u8],
-        rel: &str,
-        deleted: &mut Vec<String>,
-    ) -> Result<(), FilesError> {
-        let fd = nix::fcntl::openat(
-            parent,
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(self.os("open", rel))?;
-        for n in self.names(&fd, rel)? {
-            let child = format!("{rel}/{}", String::from_utf8_lossy(&n));
-            let st = fstatat(&fd, n.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(self.os("lstat", &child))?;
-            if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
-                self.empty_dir(&fd, &n, &child, deleted)?;
-                nix::unistd::unlinkat(&fd, n.as_slice(), nix::unistd::UnlinkatFlags::RemoveDir)
+        if !recursive || !is_dir(&st) {
+            let flag = if is_dir(&st) {
+                UnlinkatFlags::RemoveDir
             } else {
-                nix::unistd::unlinkat(&fd, n.as_slice(), nix::unistd::UnlinkatFlags::NoRemoveDir)
-            }
-            .map_err(self.os("remove", &child))?;
-            deleted.push(self.display(&child));
+                UnlinkatFlags::NoRemoveDir
+            };
+            unlinkat(&p.dir, p.name.as_slice(), flag).map_err(self.os("remove", rel))?;
+            return Ok(vec![self.display(rel)]);
         }
-        Ok(())
+        // Bounds first: a refused tree is left as it was.
+        self.walk(&p, |_| Ok(()))?;
+        let mut deleted = Vec::new();
+        self.walk(&p, |step| {
+            let (parent, name, rel, flag) = match step {
+                Step::Enter { .. } => return Ok(()),
+                Step::Leaf {
+                    parent, name, rel, ..
+                } => (parent, name, rel, UnlinkatFlags::NoRemoveDir),
+                Step::Exit { parent, name, rel } => (parent, name, rel, UnlinkatFlags::RemoveDir),
+            };
+            unlinkat(parent, name, flag).map_err(self.os("remove", rel))?;
+            deleted.push(self.display(rel));
+            Ok(())
+        })?;
+        Ok(deleted)
     }
 
     /// Renames (replacing an existing file at `dest`; parents created).
@@ -508,140 +663,236 @@ impl Files {
     }
 
     /// Copies a file, a symlink (as a symlink) or, with `recursive`, a
-    /// directory tree. `(source, dest)` pairs copied and the bytes.
+    /// directory tree (bounded: see [`Files::walk`]). `(source, dest)` pairs
+    /// copied and the bytes. A directory is never copied into itself, as the
+    /// kernel resolves the paths (a symlink on the way counts).
     pub fn copy(
         &self,
         source: &str,
         dest: &str,
         recursive: bool,
     ) -> Result<(Vec<(String, String)>, u64), FilesError> {
-        if dest == source || dest.starts_with(&format!("{source}/")) || source.is_empty() {
-            return Err(FilesError::Invalid(format!(
-                "cannot copy {} into itself",
-                self.display(source)
-            )));
+        if source.is_empty() || dest.is_empty() {
+            return Err(FilesError::Invalid(
+                "the environment's root cannot be copied or replaced".into(),
+            ));
         }
         let s = self.parent(source, false)?;
         let st = self.lstat(&s)?;
         let d = self.parent(dest, true)?;
-        let mut copied = Vec::new();
-        let mut bytes = 0;
-        self.copy_entry(&s, &st, &d, recursive, &mut copied, &mut bytes)?;
+        if is_dir(&st) {
+            if !recursive {
+                return Err(self.os("copy", source)(Errno::EISDIR));
+            }
+            self.refuse_into_itself(&s, &st, &d)?;
+            self.walk(&s, |_| Ok(()))?;
+        }
+        let (mut copied, mut bytes) = (Vec::new(), 0u64);
+        // The destination dirs entered so far (the walk is depth-first).
+        let mut dests: Vec<OwnedFd> = Vec::new();
+        let dest_rel = |rel: &str| format!("{}{}", d.rel, &rel[s.rel.len()..]);
+        self.walk(&s, |step| {
+            match step {
+                Step::Enter { name, rel, st, .. } => {
+                    let (dparent, dname) = match dests.last() {
+                        Some(fd) => (fd, name),
+                        None => (&d.dir, d.name.as_slice()),
+                    };
+                    let drel = dest_rel(rel);
+                    let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
+                    match nix::sys::stat::mkdirat(dparent, dname, mode) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(self.os("mkdir", &drel)(e)),
+                    }
+                    let fd = nix::fcntl::openat(
+                        dparent,
+                        dname,
+                        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(self.os("open", &drel))?;
+                    dests.push(fd);
+                    copied.push((self.display(rel), self.display(&drel)));
+                }
+                Step::Exit { .. } => {
+                    dests.pop();
+                }
+                Step::Leaf {
+                    parent,
+                    name,
+                    rel,
+                    st,
+                } => {
+                    let (dparent, dname) = match dests.last() {
+                        Some(fd) => (fd, name),
+                        None => (&d.dir, d.name.as_slice()),
+                    };
+                    let drel = dest_rel(rel);
+                    bytes += self.copy_leaf((parent, name, rel), st, (dparent, dname, &drel))?;
+                    copied.push((self.display(rel), self.display(&drel)));
+                }
+            }
+            Ok(())
+        })?;
         Ok((copied, bytes))
     }
 
-    fn copy_entry(
+    /// Refuses a copy of directory `s` into `d`'s directory or below it:
+    /// compares inode identities from `d` up to the root, after the
+    /// kernel's resolution (never the strings).
+    fn refuse_into_itself(&self, s: &Parent, st: &FileStat, d: &Parent) -> Result<(), FilesError> {
+        let id = |st: &FileStat| (st.st_dev, st.st_ino);
+        let source = id(st);
+        let root = nix::sys::stat::fstat(self.root_fd()?.as_fd()).map_err(self.os("stat", ""))?;
+        let mut cur = d.dir.try_clone().map_err(|e| self.io("open", &d.rel, e))?;
+        for _ in 0..=MAX_DEPTH * 16 {
+            let here = nix::sys::stat::fstat(cur.as_fd()).map_err(self.os("stat", &d.rel))?;
+            if id(&here) == source {
+                return Err(FilesError::Invalid(format!(
+                    "cannot copy {} into itself ({})",
+                    self.display(&s.rel),
+                    self.display(&d.rel)
+                )));
+            }
+            if id(&here) == id(&root) {
+                return Ok(());
+            }
+            let up = nix::fcntl::openat(
+                &cur,
+                "..",
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(self.os("open", &d.rel))?;
+            let above = nix::sys::stat::fstat(up.as_fd()).map_err(self.os("stat", &d.rel))?;
+            if id(&above) == id(&here) {
+                return Ok(()); // the top of a filesystem
+            }
+            cur = up;
+        }
+        Err(FilesError::Limit {
+            path: self.display(&d.rel),
+            why: "too deep below the root".into(),
+            too_large: false,
+        })
+    }
+
+    /// Copies a file (its bytes) or a symlink (as a symlink); anything else
+    /// is refused. Nothing is opened that could block: a FIFO, socket or
+    /// device at either end is refused at once.
+    fn copy_leaf(
         &self,
-        s: &Parent,
+        (sdir, sname, srel): (&OwnedFd, &[u8], &str),
         st: &FileStat,
-        d: &Parent,
-        recursive: bool,
-        copied: &mut Vec<(String, String)>,
-        bytes: &mut u64,
-    ) -> Result<(), FilesError> {
+        (ddir, dname, drel): (&OwnedFd, &[u8], &str),
+    ) -> Result<u64, FilesError> {
         let kind = st.st_mode & SFlag::S_IFMT.bits();
         let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
-        if kind == SFlag::S_IFDIR.bits() {
-            if !recursive {
-                return Err(self.os("copy", &s.rel)(Errno::EISDIR));
-            }
-            match nix::sys::stat::mkdirat(&d.dir, d.name.as_slice(), mode) {
-                Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(self.os("mkdir", &d.rel)(e)),
-            }
-            copied.push((self.display(&s.rel), self.display(&d.rel)));
-            let open = |p: &Parent, flags: OFlag| {
-                nix::fcntl::openat(
-                    &p.dir,
-                    p.name.as_slice(),
-                    flags | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(self.os("open", &p.rel))
-            };
-            let sfd = open(s, OFlag::O_RDONLY)?;
-            let dfd = open(d, OFlag::O_PATH)?;
-            for n in self.names(&sfd, &s.rel)? {
-                let child = |p: &Parent, fd: &OwnedFd| -> Result<Parent, FilesError> {
-                    Ok(Parent {
-                        dir: fd.try_clone().map_err(|e| self.io("open", &p.rel, e))?,
-                        name: n.clone(),
-                        rel: format!("{}/{}", p.rel, String::from_utf8_lossy(&n)),
-                    })
-                };
-                let cs = child(s, &sfd)?;
-                let cd = child(d, &dfd)?;
-                let cst = self.lstat(&cs)?;
-                self.copy_entry(&cs, &cst, &cd, true, copied, bytes)?;
-            }
-            return Ok(());
-        }
+        let not_regular = |rel: &str| {
+            FilesError::Invalid(format!(
+                "{}: only files, directories and symlinks can be copied",
+                self.display(rel)
+            ))
+        };
         if kind == SFlag::S_IFLNK.bits() {
-            let target = nix::fcntl::readlinkat(&s.dir, s.name.as_slice())
-                .map_err(self.os("readlink", &s.rel))?;
-            let _ = nix::unistd::unlinkat(
-                &d.dir,
-                d.name.as_slice(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
-            nix::unistd::symlinkat(target.as_os_str(), &d.dir, d.name.as_slice())
-                .map_err(self.os("symlink", &d.rel))?;
-            copied.push((self.display(&s.rel), self.display(&d.rel)));
-            return Ok(());
+            let target = nix::fcntl::readlinkat(sdir, sname).map_err(self.os("readlink", srel))?;
+            let _ = nix::unistd::unlinkat(ddir, dname, nix::unistd::UnlinkatFlags::NoRemoveDir);
+            nix::unistd::symlinkat(target.as_os_str(), ddir, dname)
+                .map_err(self.os("symlink", drel))?;
+            return Ok(0);
         }
         if kind != SFlag::S_IFREG.bits() {
+            return Err(not_regular(srel));
+        }
+        if let Ok(existing) = fstatat(ddir, dname, AtFlags::AT_SYMLINK_NOFOLLOW)
+            && existing.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits()
+        {
             return Err(FilesError::Invalid(format!(
-                "{}: only files, directories and symlinks can be copied",
-                self.display(&s.rel)
+                "{}: exists and is not a regular file",
+                self.display(drel)
             )));
         }
-        let src = nix::fcntl::openat(
-            &s.dir,
-            s.name.as_slice(),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(self.os("open", &s.rel))?;
-        let dst = nix::fcntl::openat(
-            &d.dir,
-            d.name.as_slice(),
-            OFlag::O_WRONLY
-                | OFlag::O_CREAT
-                | OFlag::O_TRUNC
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC,
+        let open = |dir: &OwnedFd, name: &[u8], flags: OFlag, mode: Mode, rel: &str| {
+            let fd = nix::fcntl::openat(
+                dir,
+                name,
+                flags | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                mode,
+            )
+            .map_err(self.os("open", rel))?;
+            let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
+            if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits() {
+                return Err(not_regular(rel));
+            }
+            Ok(std::fs::File::from(fd))
+        };
+        let mut src = open(sdir, sname, OFlag::O_RDONLY, Mode::empty(), srel)?;
+        let mut dst = open(
+            ddir,
+            dname,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
             mode,
-        )
-        .map_err(self.os("create", &d.rel))?;
-        let (mut src, mut dst) = (std::fs::File::from(src), std::fs::File::from(dst));
+            drel,
+        )?;
         // std::io::copy uses copy_file_range between files.
-        *bytes += io::copy(&mut src, &mut dst).map_err(|e| self.io("copy", &d.rel, e))?;
+        let n = io::copy(&mut src, &mut dst).map_err(|e| self.io("copy", drel, e))?;
         use std::os::unix::fs::PermissionsExt;
         dst.set_permissions(std::fs::Permissions::from_mode(mode.bits()))
-            .map_err(|e| self.io("chmod", &d.rel, e))?;
-        copied.push((self.display(&s.rel), self.display(&d.rel)));
-        Ok(())
+            .map_err(|e| self.io("chmod", drel, e))?;
+        Ok(n)
     }
 
     /// Changes the mode of a path (a final symlink is followed, inside the
-    /// root), and with `recursive` of everything below it. The paths changed.
+    /// root), and with `recursive` of everything below it (bounded; symlinks
+    /// below are neither followed nor changed). The paths changed.
     pub fn chmod(&self, rel: &str, mode: u32, recursive: bool) -> Result<Vec<String>, FilesError> {
         let fd = self.open(rel, OFlag::O_PATH)?;
-        let mut changed = Vec::new();
-        self.chmod_fd(&fd, rel, mode, recursive, &mut changed)?;
+        self.chmod_path_fd(&fd, rel, mode)?;
+        let mut changed = vec![self.display(rel)];
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
+        if !recursive || !is_dir(&st) {
+            return Ok(changed);
+        }
+        let top = Parent {
+            dir: fd,
+            name: b".".to_vec(),
+            rel: rel.to_owned(),
+        };
+        self.walk(&top, |_| Ok(()))?;
+        self.walk(&top, |step| {
+            let (parent, name, rel) = match step {
+                Step::Enter { rel: r, .. } if r == top.rel => return Ok(()),
+                Step::Enter {
+                    parent, name, rel, ..
+                }
+                | Step::Leaf {
+                    parent, name, rel, ..
+                } => (parent, name, rel),
+                Step::Exit { .. } => return Ok(()),
+            };
+            // Opened without following: a symlink (or one swapped in) is left alone.
+            let Ok(cfd) = nix::fcntl::openat(
+                parent,
+                name,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) else {
+                return Ok(());
+            };
+            let st = nix::sys::stat::fstat(cfd.as_fd()).map_err(self.os("stat", rel))?;
+            if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits() {
+                return Ok(());
+            }
+            self.chmod_path_fd(&cfd, rel, mode)?;
+            changed.push(self.display(rel));
+            Ok(())
+        })?;
         Ok(changed)
     }
 
-    fn chmod_fd(
-        &self,
-        fd: &OwnedFd,
-        rel: &str,
-        mode: u32,
-        recursive: bool,
-        changed: &mut Vec<String>,
-    ) -> Result<(), FilesError> {
-        // An O_PATH fd cannot be fchmod'ed; its /proc/self/fd link names
-        // exactly that inode.
+    /// chmod of an `O_PATH` fd (which cannot be `fchmod`ed; its
+    /// `/proc/self/fd` link names exactly that inode).
+    fn chmod_path_fd(&self, fd: &OwnedFd, rel: &str, mode: u32) -> Result<(), FilesError> {
         let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
         nix::sys::stat::fchmodat(
             nix::fcntl::AT_FDCWD,
@@ -649,33 +900,7 @@ impl Files {
             Mode::from_bits_truncate(mode & 0o7777),
             nix::sys::stat::FchmodatFlags::FollowSymlink,
         )
-        .map_err(self.os("chmod", rel))?;
-        changed.push(self.display(rel));
-        if !recursive {
-            return Ok(());
-        }
-        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
-        if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFDIR.bits() {
-            return Ok(());
-        }
-        for n in self.names(fd, rel)? {
-            let child = format!("{rel}/{}", String::from_utf8_lossy(&n));
-            // Symlinks inside are not followed (nor changed).
-            let Ok(cfd) = nix::fcntl::openat(
-                fd,
-                n.as_slice(),
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            ) else {
-                continue;
-            };
-            let st = nix::sys::stat::fstat(cfd.as_fd()).map_err(self.os("stat", &child))?;
-            if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits() {
-                continue;
-            }
-            self.chmod_fd(&cfd, &child, mode, true, changed)?;
-        }
-        Ok(())
+        .map_err(self.os("chmod", rel))
     }
 }
 
@@ -694,6 +919,14 @@ impl PendingWrite {
             self.tmp.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
+    }
+}
+
+fn too_many(rel: &str) -> FilesError {
+    FilesError::Limit {
+        path: format!("/{rel}"),
+        why: format!("more than {MAX_ENTRIES} entries"),
+        too_large: true,
     }
 }
 

@@ -62,6 +62,10 @@ impl ApiError {
             },
             ApiError::Files(e) => match e {
                 FilesError::Outside { .. } | FilesError::Invalid(_) => StatusCode::BAD_REQUEST,
+                FilesError::Limit {
+                    too_large: true, ..
+                } => StatusCode::PAYLOAD_TOO_LARGE,
+                FilesError::Limit { .. } => StatusCode::BAD_REQUEST,
                 FilesError::Os { errno, .. } => errno_status(*errno),
             },
             ApiError::Lifecycle(e) => match e {
