@@ -1,0 +1,211 @@
+//! Requests that used to crash or hang the daemon (issue 16): each gets a
+//! clean 4xx, the daemon stays up and keeps serving.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use common::{Daemon, privileged};
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, mkdirat};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A chain of `depth` nested dirs `root/name/d/d/…`, made one level at a
+/// time through fds (no path gets long).
+fn deep_chain(root: &Path, name: &str, depth: usize) {
+    std::fs::create_dir(root.join(name)).unwrap();
+    let mut fd: OwnedFd = std::fs::File::open(root.join(name)).unwrap().into();
+    for _ in 1..depth {
+        mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(
+            &fd,
+            "d",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+}
+
+/// Takes the chain apart top-down (each child moved up, its parent
+/// removed), so nothing recurses 12,000 levels deep to clean it up.
+fn dismantle(root: &Path, name: &str) {
+    let mut cur = root.join(name);
+    for i in 0.. {
+        let child = cur.join("d");
+        if child.exists() {
+            let next = root.join(format!(".dismantle-{i}"));
+            std::fs::rename(&child, &next).unwrap();
+            std::fs::remove_dir(&cur).unwrap();
+            cur = next;
+        } else {
+            std::fs::remove_dir(&cur).unwrap();
+            return;
+        }
+    }
+}
+
+/// Peak resident memory of a process, in KiB, after resetting the mark.
+fn reset_peak(pid: i32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+fn peak_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The daemon still serves: an exec and a checkpoint work.
+async fn still_serves(d: &Daemon) {
+    let out = d.cli(&["exec", "--", "echo", "alive"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
+    let events = d.checkpoint("still here").await;
+    assert!(!events.is_empty());
+}
+
+async fn post(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
+    let r = d.req(Method::POST, path, Some(body)).await;
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_copy_into_itself_through_a_symlink_is_refused() {
+    if !privileged("a_copy_into_itself_through_a_symlink_is_refused") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    std::fs::create_dir_all(root.join("a/inner")).unwrap();
+    std::fs::write(root.join("a/inner/f"), b"x").unwrap();
+    std::os::unix::fs::symlink("a", root.join("lnk")).unwrap();
+    let (status, body) = post(
+        &d,
+        "/v1/fs/copy",
+        json!({"source": "/a", "dest": "/lnk/x", "recursive": true}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("into itself"),
+        "{body}"
+    );
+    assert!(!root.join("a/x").exists(), "nothing was copied");
+    // A copy beside it works.
+    let (status, _) = post(
+        &d,
+        "/v1/fs/copy",
+        json!({"source": "/a", "dest": "/b", "recursive": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(std::fs::read(root.join("b/inner/f")).unwrap(), b"x");
+    still_serves(&d).await;
+}
+
+#[tokio::test]
+async fn recursive_operations_on_a_12000_deep_tree_are_refused_in_bounded_memory() {
+    if !privileged("recursive_operations_on_a_12000_deep_tree_are_refused_in_bounded_memory") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    deep_chain(&root, "deep", 12_000);
+    let pid = d.pid();
+    let idle = {
+        reset_peak(pid);
+        peak_kib(pid)
+    };
+    for (m, path, body) in [
+        (
+            Method::POST,
+            "/v1/fs/copy",
+            json!({"source": "/deep", "dest": "/copy", "recursive": true}),
+        ),
+        (
+            Method::POST,
+            "/v1/fs/chmod",
+            json!({"path": "/deep", "mode": "0700", "recursive": true}),
+        ),
+        (
+            Method::DELETE,
+            "/v1/fs/delete",
+            json!({"path": "/deep", "recursive": true}),
+        ),
+    ] {
+        let r = d.req(m, path, Some(body)).await;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 400, "{path}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("deeper than 256 levels"),
+            "{path}: {v}"
+        );
+    }
+    assert!(
+        root.join("deep/d/d").exists(),
+        "a refused delete changed nothing"
+    );
+    assert!(!root.join("copy").exists(), "a refused copy wrote nothing");
+    let peak = peak_kib(pid);
+    assert!(
+        peak < idle + 64 * 1024,
+        "the daemon's peak memory grew by {} KiB",
+        peak - idle
+    );
+    still_serves_without_checkpoint(&d).await;
+    dismantle(&root, "deep");
+    still_serves(&d).await;
+}
+
+/// An exec still works (a checkpoint of a 12,000-deep tree is issue 16's
+/// long-path work, not this test's).
+async fn still_serves_without_checkpoint(d: &Daemon) {
+    let out = d.cli(&["exec", "--", "echo", "alive"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
+}
+
+#[tokio::test]
+async fn copies_onto_fifos_are_refused_at_once_even_600_of_them() {
+    if !privileged("copies_onto_fifos_are_refused_at_once_even_600_of_them") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    std::fs::write(root.join("src"), b"data").unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+    let (status, body) = post(
+        &d,
+        "/v1/fs/copy",
+        json!({"source": "/src", "dest": "/fifo"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{body}"
+    );
+    let r = d.get("/v1/fs/read?path=/fifo").await;
+    assert_eq!(r.status(), 400, "reading a FIFO is refused, not waited on");
+    let all = futures_util::future::join_all((0..600).map(|_| {
+        post(
+            &d,
+            "/v1/fs/copy",
+            json!({"source": "/src", "dest": "/fifo"}),
+        )
+    }))
+    .await;
+    assert!(all.iter().all(|(s, _)| *s == 400), "every one answered 400");
+    still_serves(&d).await;
+}
