@@ -268,15 +268,6 @@ async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
     assert_eq!(leftovers(&small), Vec::<PathBuf>::new());
 }
 
-/// `VmRSS` or `VmHWM` of a process, in KiB.
-fn status_kib(pid: i32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn exporting_a_1_gib_checkpoint_streams_in_bounded_memory() {
     if !privileged("exporting_a_1_gib_checkpoint_streams_in_bounded_memory") {
@@ -295,7 +286,7 @@ async fn exporting_a_1_gib_checkpoint_streams_in_bounded_memory() {
     let pid = d.pid();
     // Reset the peak-RSS mark, then measure idle.
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-    let idle = status_kib(pid, "VmRSS:");
+    let idle = common::status_kib(pid, "VmRSS:");
     let r = d.get("/v1/checkpoints/v1/export").await;
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
@@ -303,7 +294,7 @@ async fn exporting_a_1_gib_checkpoint_streams_in_bounded_memory() {
     while let Some(chunk) = body.next().await {
         total += chunk.unwrap().len() as u64;
     }
-    let peak = status_kib(pid, "VmHWM:");
+    let peak = common::status_kib(pid, "VmHWM:");
     assert!(total > 1 << 30, "the whole GiB went out ({total} bytes)");
     let grew = peak.saturating_sub(idle);
     eprintln!("export of {total} bytes: RSS idle {idle} KiB, peak {peak} KiB (+{grew} KiB)");

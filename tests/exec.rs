@@ -57,15 +57,6 @@ async fn post_exec(d: &Daemon, body: Value) -> Sse {
     Sse::new(d.req(reqwest::Method::POST, "/exec", Some(body)).await)
 }
 
-/// Peak resident memory of a process, in KiB.
-fn vm_hwm(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Pids whose command line contains `needle`.
 fn procs_with(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
@@ -147,7 +138,7 @@ async fn post_exec_streams_events_times_out_and_carries_50_mib() {
 
     // 50 MiB arrive complete; the daemon's peak memory does not grow by it.
     const TOTAL: u64 = 50 * 1024 * 1024;
-    let before = vm_hwm(d.pid());
+    let before = common::status_kib(d.pid(), "VmHWM:");
     let mut s = post_exec(
         &d,
         json!({"command": ["sh", "-c", format!("yes 0123456789abcdef | head -c {TOTAL}")]}),
@@ -171,7 +162,7 @@ async fn post_exec_streams_events_times_out_and_carries_50_mib() {
     assert_eq!(got, TOTAL);
     assert_eq!(exit, Some(json!(0)));
     assert!(sample.starts_with(b"0123456789abcdef\n0123456789abcdef\n"));
-    let grew_kib = vm_hwm(d.pid()).saturating_sub(before);
+    let grew_kib = common::status_kib(d.pid(), "VmHWM:").saturating_sub(before);
     eprintln!("daemon peak RSS grew by {grew_kib} KiB while streaming 50 MiB");
     assert!(
         grew_kib < 32 * 1024,

@@ -47,17 +47,9 @@ fn dismantle(root: &Path, name: &str) {
     }
 }
 
-/// Peak resident memory of a process, in KiB, after resetting the mark.
+/// Resets a process's peak-memory mark (`VmHWM`).
 fn reset_peak(pid: i32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-}
-
-fn peak_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// The daemon still serves: an exec and a checkpoint work.
@@ -119,7 +111,7 @@ async fn recursive_operations_on_a_12000_deep_tree_are_refused_in_bounded_memory
     let pid = d.pid();
     let idle = {
         reset_peak(pid);
-        peak_kib(pid)
+        common::status_kib(pid, "VmHWM:")
     };
     for (m, path, body) in [
         (
@@ -155,7 +147,7 @@ async fn recursive_operations_on_a_12000_deep_tree_are_refused_in_bounded_memory
         "a refused delete changed nothing"
     );
     assert!(!root.join("copy").exists(), "a refused copy wrote nothing");
-    let peak = peak_kib(pid);
+    let peak = common::status_kib(pid, "VmHWM:");
     assert!(
         peak < idle + 64 * 1024,
         "the daemon's peak memory grew by {} KiB",

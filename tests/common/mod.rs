@@ -510,6 +510,15 @@ pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
     out
 }
 
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: i32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 impl Daemon {
     /// The host pid of the process whose pid inside this daemon's
     /// environment is `pid` (the API reports pids as the environment sees
