@@ -201,3 +201,45 @@ async fn copies_onto_fifos_are_refused_at_once_even_600_of_them() {
     assert!(all.iter().all(|(s, _)| *s == 400), "every one answered 400");
     still_serves(&d).await;
 }
+
+#[tokio::test]
+async fn a_checkpoint_body_with_unknown_fields_is_refused() {
+    if !privileged("a_checkpoint_body_with_unknown_fields_is_refused") {
+        return;
+    }
+    let d = Daemon::start().await;
+    for path in ["/v1/checkpoint", "/checkpoint"] {
+        let r = d
+            .req(Method::POST, path, Some(json!({"comment": "x", "coment": "typo"})))
+            .await;
+        assert_eq!(r.status(), 400, "{path}");
+        assert!(r.text().await.unwrap().contains("coment"), "{path}: names the field");
+    }
+    assert_eq!(d.get("/v1/checkpoints").await.json::<Value>().await.unwrap(), json!([]));
+}
+
+#[tokio::test]
+async fn the_frameworks_own_refusals_are_json_under_v1() {
+    if !privileged("the_frameworks_own_refusals_are_json_under_v1") {
+        return;
+    }
+    let d = Daemon::start().await;
+    // Over the default body limit (2 MiB): refused by the framework.
+    let big = vec![b' '; 3 << 20];
+    let r = d
+        .http
+        .post(d.url("/v1/checkpoint"))
+        .bearer_auth(common::TOKEN)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(
+        r.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+        "{:?}",
+        r.headers()
+    );
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+}

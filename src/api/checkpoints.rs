@@ -39,6 +39,7 @@ fn event(kind: &str, text: &str) -> Value {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateBody {
     #[serde(default)]
     comment: Option<String>,
@@ -237,6 +238,7 @@ pub async fn root_checkpoint(
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RestoreBody {
     #[serde(default)]
     checkpoint_id: Option<String>,

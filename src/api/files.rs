@@ -122,10 +122,16 @@ pub async fn write(
             }
         }
     }
+    // tokio's File hands writes to a thread: a full disk may show only here
+    // (ENOSPC → 507, as for a failed write).
     if failure.is_none()
         && let Err(e) = out.flush().await
     {
-        failure = Some(ApiError::Unavailable(format!("cannot write: {e}")));
+        failure = Some(ApiError::from(FilesError::Os {
+            op: "write",
+            path: f.display(&rel),
+            errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        }));
     }
     drop(out);
     if let Some(e) = failure {

@@ -142,7 +142,40 @@ fn routes(state: Arc<AppState>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// The framework's own refusals (a body over the limit, a malformed
+/// request) come as plain text: under `/v1/` they become JSON
+/// `{"error": ...}` like every other error there. The seed-003 root routes
+/// keep plain text, as that seed says.
+async fn json_errors(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use axum::response::IntoResponse;
+    let v1 = req.uri().path().starts_with("/v1/");
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/plain"));
+    if !v1 || !plain || !resp.status().is_client_error() {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let mut out = axum::Json(serde_json::json!({
+        "error": String::from_utf8_lossy(&text).trim(),
+    }))
+    .into_response();
+    *out.status_mut() = parts.status;
+    for (k, v) in parts.headers.iter() {
+        if k != CONTENT_TYPE && k != CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 fn exec_routes() -> axum::routing::MethodRouter<Arc<AppState>> {
