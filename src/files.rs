@@ -196,6 +196,9 @@ impl Files {
             return Err(FilesError::Invalid("path contains a NUL byte".into()));
         }
         let wd = working_dir.filter(|w| !w.is_empty()).unwrap_or("/");
+        if wd.contains('\0') {
+            return Err(FilesError::Invalid("workingDir contains a NUL byte".into()));
+        }
         let full = if path.starts_with('/') {
             path.to_owned()
         } else if wd.starts_with('/') {

@@ -210,12 +210,26 @@ async fn a_checkpoint_body_with_unknown_fields_is_refused() {
     let d = Daemon::start().await;
     for path in ["/v1/checkpoint", "/checkpoint"] {
         let r = d
-            .req(Method::POST, path, Some(json!({"comment": "x", "coment": "typo"})))
+            .req(
+                Method::POST,
+                path,
+                Some(json!({"comment": "x", "coment": "typo"})),
+            )
             .await;
         assert_eq!(r.status(), 400, "{path}");
-        assert!(r.text().await.unwrap().contains("coment"), "{path}: names the field");
+        assert!(
+            r.text().await.unwrap().contains("coment"),
+            "{path}: names the field"
+        );
     }
-    assert_eq!(d.get("/v1/checkpoints").await.json::<Value>().await.unwrap(), json!([]));
+    assert_eq!(
+        d.get("/v1/checkpoints")
+            .await
+            .json::<Value>()
+            .await
+            .unwrap(),
+        json!([])
+    );
 }
 
 #[tokio::test]
@@ -236,7 +250,10 @@ async fn the_frameworks_own_refusals_are_json_under_v1() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert!(
-        r.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
         "{:?}",
         r.headers()
     );

@@ -11,7 +11,7 @@ pub mod exec;
 mod files;
 pub mod gateway;
 pub mod ingress;
-mod params;
+pub mod params;
 mod proxy;
 mod services;
 pub mod stream;
@@ -164,7 +164,9 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> axum::respon
         return resp;
     }
     let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
     let mut out = axum::Json(serde_json::json!({
         "error": String::from_utf8_lossy(&text).trim(),
     }))
