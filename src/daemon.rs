@@ -65,6 +65,12 @@ pub enum DaemonError {
 pub fn run(args: Args) -> Result<(), DaemonError> {
     let config = Config::from_args(&args)?;
     init_tracing(&args.log);
+    // Connections, pipes and exec sessions each hold fds: the soft limit
+    // (often 1024) goes up to the hard one.
+    match sys::raise_fd_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open files"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let state_dir = StateDir::open(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,9 +185,8 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         let svc = api::service(app.clone(), Transport::Tcp);
         let stop = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(listener, svc)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            api::server::serve(listener, svc, stop).await;
+            Ok::<(), io::Error>(())
         });
     }
     if let Some(listener) = ingress {
@@ -195,9 +200,8 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         let svc = api::service(app.clone(), Transport::Unix);
         let stop = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(unix, svc)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            api::server::serve(unix, svc, stop).await;
+            Ok::<(), io::Error>(())
         });
     }
     tracing::info!(

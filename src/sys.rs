@@ -910,3 +910,14 @@ pub mod sock_diag {
         }
     }
 }
+
+/// Raises the soft limit of open files to the hard limit; returns it.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim.clone())?;
+    }
+    Ok(lim.current.unwrap_or(u64::MAX))
+}

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod ingress;
 pub mod params;
 mod proxy;
+pub mod server;
 mod services;
 pub mod stream;
 mod system;
@@ -201,10 +202,7 @@ async fn method_not_allowed(method: Method, req: Request) -> ApiError {
 }
 
 /// The service for one listener: gateway (auth, path mapping) around the routes.
-pub fn service(
-    state: Arc<AppState>,
-    transport: Transport,
-) -> axum::routing::IntoMakeService<Router> {
+pub fn service(state: Arc<AppState>, transport: Transport) -> Router {
     let gw = gateway::Gateway {
         state: state.clone(),
         transport,
@@ -214,5 +212,4 @@ pub fn service(
     Router::new()
         .fallback_service(inner)
         .layer(axum::middleware::from_fn_with_state(gw, gateway::gateway))
-        .into_make_service()
 }

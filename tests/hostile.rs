@@ -1,5 +1,6 @@
-//! Requests that used to crash or hang the daemon (issue 16): each gets a
-//! clean 4xx, the daemon stays up and keeps serving.
+//! Requests and connections that used to crash or hang the daemon (issue
+//! 16): each gets a clean 4xx or is dropped within its deadline, and the
+//! daemon stays up and keeps serving.
 
 mod common;
 
@@ -259,4 +260,48 @@ async fn the_frameworks_own_refusals_are_json_under_v1() {
     );
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+}
+
+/// Connections that never finish their request headers are closed by the
+/// daemon within its header deadline (those past the cap wait to be
+/// accepted, then get the same deadline), and the API stays reachable: the
+/// Unix socket meanwhile, TCP once they are gone.
+#[tokio::test]
+async fn half_open_connections_are_dropped_and_the_api_stays_reachable() {
+    if !privileged("half_open_connections_are_dropped_and_the_api_stays_reachable") {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::start().await;
+    let addr = d.tcp.unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Never finished: no blank line.
+        let _ = s
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: sprite\r\n")
+            .await;
+        conns.push(s);
+    }
+    let status = d.cli(&["status"]).await;
+    assert!(status.status.success(), "the Unix socket answers meanwhile");
+    // Bound: the deadline plus slack, reached only if the daemon keeps them.
+    let bound = sprited::api::server::HEADER_TIMEOUT * 2 + std::time::Duration::from_secs(10);
+    for (i, s) in conns.iter_mut().enumerate() {
+        let closed = tokio::time::timeout(bound, async {
+            let mut buf = [0u8; 512];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408 before the close is fine
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "connection {i} is still open after {bound:?}"
+        );
+    }
+    assert_eq!(d.get("/v1/status").await.status(), 200);
 }
