@@ -63,6 +63,11 @@ pub enum ConfigError {
 /// checkpoints of the environment (files and running processes). It serves one
 /// HTTP API on TCP (token required) and on a Unix socket (no token, mode 0600).
 ///
+/// The environment is the machine: every service, command and terminal runs
+/// inside a container whose `/` is an overlay of --env-base (own mount, PID,
+/// UTS and IPC namespaces; its PID 1 is this binary's init), with the API at
+/// /.sprite/api.sock and `sprite-env` on its PATH.
+///
 /// Every flag can also be set by the environment variable shown beside it.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sprited", version, about, long_about, after_help = AFTER_HELP)]
