@@ -115,7 +115,14 @@ pub async fn gateway(State(gw): State<Gateway>, mut req: Request, next: Next) ->
         match &config.tcp_auth {
             TcpAuth::Token(token) if !authorized(token, req.headers()) => {
                 tracing::info!(%method, %path, "401 unauthorized");
-                return ApiError::Unauthorized.into_response();
+                // Not kept alive: only an authenticated connection outlives
+                // the header deadline (see `api::server`).
+                let mut r = ApiError::Unauthorized.into_response();
+                r.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                return r;
             }
             TcpAuth::Token(_) | TcpAuth::Insecure => {}
         }

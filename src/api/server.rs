@@ -1,19 +1,21 @@
-//! The HTTP server loop of both API listeners: hyper's HTTP/1 with a
-//! deadline for the request headers, and a cap on connections that have not
-//! sent a complete request yet (before any token is checked), so slow or
-//! silent connections cannot use up the daemon's file descriptors.
+//! The HTTP server loop of both API listeners: hyper's HTTP/1, a deadline
+//! for a connection's first request, and a cap on connections that have not
+//! sent one yet (before any token is checked), so slow or silent
+//! connections cannot use up the daemon's file descriptors. A connection
+//! that sent a request is then kept alive as long as its client likes (a
+//! 401 closes it: only authenticated connections stay).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-/// How long a client may take to send a request's headers.
+/// How long a new connection may take to send its first request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections of one listener that have not sent a complete request yet;
 /// past this, no new one is accepted until one of them does (or times out):
@@ -40,18 +42,38 @@ where
         while conns.try_join_next().is_some() {}
         // Released by the first complete request (or when the connection ends).
         let permit = Arc::new(Mutex::new(Some(permit)));
+        let first = Arc::new(tokio::sync::Notify::new());
         let (router, stop) = (router.clone(), stop.clone());
         conns.spawn(async move {
+            let arrived = first.clone();
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if permit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .is_some()
+                {
+                    arrived.notify_one();
+                }
                 router.clone().oneshot(req.map(axum::body::Body::new))
             });
+            // No hyper timer: its header_read_timeout would also close idle
+            // keep-alive connections under a client about to reuse them.
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
             tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = first.notified() => {}
+                // No complete request in time: dropped (closed).
+                _ = tokio::time::sleep(HEADER_TIMEOUT) => return,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                    return;
+                }
+            }
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = stop.cancelled() => {
