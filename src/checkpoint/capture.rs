@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::{
     CaptureStats, CheckpointError, CheckpointMeta, Checkpoints, DumpedService, EnvImages,
-    FREEZE_TIMEOUT, Note, info, io_err, now_rfc3339,
+    FREEZE_TIMEOUT, Note, SKIPPED_LISTED, SkippedEntry, info, io_err, now_rfc3339,
 };
 use crate::cgroup::FreezeGuard;
 use crate::durable;
@@ -30,6 +30,40 @@ pub(super) const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
     ("/.sprite/checkpoints", "sprited-checkpoints"),
     ("/.sprite/logs/services", "sprited-logs"),
 ];
+
+/// The entries a capture could not record: an `error` note naming the
+/// first few, and the list the metadata keeps (at most [`SKIPPED_LISTED`])
+/// with the total.
+fn report_skipped(
+    skipped: &crate::fs::scan::Skipped,
+    progress: &dyn Fn(Note),
+) -> (Vec<SkippedEntry>, u64) {
+    if skipped.is_empty() {
+        return (Vec::new(), 0);
+    }
+    let listed: Vec<SkippedEntry> = skipped
+        .iter()
+        .take(SKIPPED_LISTED)
+        .map(|(rel, reason)| SkippedEntry {
+            path: crate::fs::shown_path(rel),
+            reason: reason.clone(),
+        })
+        .collect();
+    let first: Vec<String> = listed
+        .iter()
+        .take(3)
+        .map(|s| format!("{} ({})", s.path, s.reason))
+        .collect();
+    let more = skipped.len().saturating_sub(first.len());
+    progress(Note::Error(format!(
+        "{} entr{} not captured, the checkpoint is partial: {}{}",
+        skipped.len(),
+        if skipped.len() == 1 { "y" } else { "ies" },
+        first.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() },
+    )));
+    (listed, skipped.len() as u64)
+}
 
 /// What the frozen moment produced.
 struct Frozen {
@@ -129,6 +163,7 @@ impl Checkpoints {
             ),
         );
         let mut captured = self.env.finish_capture(frozen.scan, parent)?;
+        let (skipped, skipped_count) = report_skipped(captured.skipped(), progress);
         info(progress, "Saving filesystem state...");
         let manifest_id = captured.manifest.store(self.env.store())?;
         let env = match frozen.dump {
@@ -145,13 +180,15 @@ impl Checkpoints {
             comment,
             history: self.history_of(st.source.as_deref()),
             is_auto: false,
-            health: "ok".into(),
+            health: if skipped_count == 0 { "ok" } else { "partial" }.into(),
             manifest: manifest_id,
             services: frozen.services,
             running: frozen.running,
             env,
             with_processes: processes && self.criu.is_some(),
             imported_from: None,
+            skipped,
+            skipped_count,
             stats: CaptureStats {
                 freeze_ms: frozen.freeze_ms,
                 capture_ms: started.elapsed().as_secs_f64() * 1e3,

@@ -140,6 +140,28 @@ pub struct CheckpointMeta {
     /// ancestry on the machine that exported it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported_from: Option<ImportedFrom>,
+    /// What the environment held that this checkpoint does not (its
+    /// `health` is then `partial`): the first [`SKIPPED_LISTED`] entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedEntry>,
+    /// How many entries were skipped in all.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The metadata lists at most this many skipped entries (and counts all).
+pub const SKIPPED_LISTED: usize = 100;
+
+/// An entry of the environment a checkpoint could not record, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SkippedEntry {
+    /// Its path inside the environment (shortened when very long).
+    pub path: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +242,8 @@ impl CheckpointMeta {
             "capture_ms": self.stats.capture_ms,
             "files": self.stats.entries,
             "imported_from": self.imported_from,
+            "skipped": self.skipped,
+            "skipped_count": self.skipped_count,
         })
     }
 }
@@ -543,7 +567,15 @@ impl Checkpoints {
                 comment: src.comment.clone(),
                 history: Vec::new(),
                 is_auto: false,
-                health: "ok".into(),
+                // (what the exporting machine could not capture is missing here too)
+                health: if src.skipped_count == 0 && src.skipped.is_empty() {
+                    "ok"
+                } else {
+                    "partial"
+                }
+                .into(),
+                skipped: src.skipped.iter().take(SKIPPED_LISTED).cloned().collect(),
+                skipped_count: src.skipped_count.max(src.skipped.len() as u64),
                 manifest: src.manifest.clone(),
                 services: src.services.clone(),
                 running: src.running.clone(),

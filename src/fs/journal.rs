@@ -209,7 +209,14 @@ impl Journal {
 
 /// Whether a strict ancestor of encoded path `p` is in `dirs`.
 pub fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
-    !dirs.is_empty() && p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
+    // A few dirs: compare each as a prefix (hashing every prefix of a
+    // long, deep path costs its length times its depth).
+    if dirs.len() <= 16 {
+        return dirs
+            .iter()
+            .any(|d| p.len() > d.len() && p.as_bytes()[d.len()] == b'/' && p.starts_with(d.as_str()));
+    }
+    p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
 }
 
 /// Probe results by filesystem (device): the kernel and the filesystem

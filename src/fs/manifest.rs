@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -544,8 +544,7 @@ pub fn merge<'a>(
             Kind::Whiteout => {
                 remove_below(&mut entries, p);
                 entries.remove(p);
-                let in_base =
-                    fs::symlink_metadata(base.join(OsStr::from_bytes(&decode_path(p)))).is_ok();
+                let in_base = super::at::exists_beneath(base, &decode_path(p));
                 if in_base {
                     entries.insert(p.to_owned(), e.clone());
                 }
@@ -607,22 +606,66 @@ pub fn apply_delta<'a>(
     Some(m)
 }
 
+/// Whether `raw` is a relative path of proper names (no empty, `.` or
+/// `..` component): a manifest comes from an archive too, so it is hostile.
+fn proper(raw: &[u8]) -> bool {
+    !raw.is_empty()
+        && raw
+            .split(|&b| b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0))
+}
+
+/// The directories of a layer being built, opened beneath its top, the
+/// last one kept while entries share it. Paths of any length.
+struct Dirs {
+    top: OwnedFd,
+    last: Option<(Vec<u8>, OwnedFd)>,
+}
+
+impl Dirs {
+    fn get(&mut self, parent: &[u8], p: &str) -> Result<BorrowedFd<'_>, FsError> {
+        if self.last.as_ref().is_none_or(|(l, _)| l.as_slice() != parent) {
+            let fd = super::at::open_dir(self.top.as_fd(), parent)
+                .map_err(|e| rel_err("open", p)(e.into()))?;
+            self.last = Some((parent.to_vec(), fd));
+        }
+        Ok(self.last.as_ref().map_or(self.top.as_fd(), |(_, fd)| fd.as_fd()))
+    }
+}
+
+fn rel_err(op: &'static str, p: &str) -> impl FnOnce(std::io::Error) -> FsError {
+    let path = std::path::PathBuf::from(super::at::shown(p));
+    move |source| FsError::Io { op, path, source }
+}
+
 /// Builds a layer dir for `manifest` at `dest` (which must not exist): dirs
 /// are created, files are hard links to store objects (so hard-linked paths
 /// share an inode), whiteouts and opaque dirs are overlay's own markers.
+/// Every entry is made relative to its directory's fd (any path length).
 pub fn materialize(manifest: &Manifest, store: &Store, dest: &Path) -> Result<(), FsError> {
-    use nix::sys::stat::{Mode, SFlag, mknod};
+    use super::at::{proc_path, split_parent};
+    use nix::sys::stat::{Mode, SFlag, mkdirat, mknodat};
     fs::create_dir(dest).map_err(io_err("create", dest))?;
-    let mut dirs = Vec::new();
+    let top: OwnedFd = fs::File::open(dest).map_err(io_err("open", dest))?.into();
+    let mut dirs = Dirs { top, last: None };
+    let mut made = Vec::new();
     for (p, e) in manifest.sorted() {
-        let path = dest.join(OsStr::from_bytes(&decode_path(p)));
+        let raw = decode_path(p);
+        if !proper(&raw) {
+            return Err(FsError::Corrupt(format!("manifest path {p:?} is not a proper relative path")));
+        }
+        let (parent, name) = split_parent(&raw);
+        let dir = dirs.get(parent, p)?;
+        let nm = OsStr::from_bytes(name);
+        let errno = |op| move |err: nix::errno::Errno| rel_err(op, p)(err.into());
         match e.kind {
             Kind::Dir => {
-                fs::create_dir(&path).map_err(io_err("mkdir", &path))?;
+                mkdirat(dir, nm, Mode::from_bits_truncate(0o700)).map_err(errno("mkdir"))?;
                 if e.opaque {
-                    xattr::set(&path, OPAQUE_XATTR, b"y").map_err(io_err("setxattr", &path))?;
+                    xattr::set(proc_path(dir, name), OPAQUE_XATTR, b"y")
+                        .map_err(rel_err("setxattr", p))?;
                 }
-                dirs.push((path, e));
+                made.push((p, e));
             }
             Kind::File => {
                 let object = e
@@ -630,17 +673,23 @@ pub fn materialize(manifest: &Manifest, store: &Store, dest: &Path) -> Result<()
                     .as_deref()
                     .ok_or_else(|| FsError::Corrupt(format!("file {p} has no object")))?;
                 let src = store.object_path(object);
-                fs::hard_link(&src, &path).map_err(io_err("link", &path))?;
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    &src,
+                    dir,
+                    nm,
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .map_err(errno("link"))?;
             }
             Kind::Symlink => {
                 let target = decode_path(e.target.as_deref().unwrap_or(""));
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
-                    .map_err(io_err("symlink", &path))?;
-                set_owner_times(&path, e, true)?;
+                nix::unistd::symlinkat(OsStr::from_bytes(&target), dir, nm)
+                    .map_err(errno("symlink"))?;
+                set_owner_times(dir, name, p, e, true)?;
             }
             Kind::Whiteout => {
-                mknod(&path, SFlag::S_IFCHR, Mode::empty(), 0)
-                    .map_err(|e| io_err("mknod", &path)(e.into()))?;
+                mknodat(dir, nm, SFlag::S_IFCHR, Mode::empty(), 0).map_err(errno("mknod"))?;
             }
             Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
                 let kind = match e.kind {
@@ -649,42 +698,58 @@ pub fn materialize(manifest: &Manifest, store: &Store, dest: &Path) -> Result<()
                     Kind::Block => SFlag::S_IFBLK,
                     _ => SFlag::S_IFSOCK,
                 };
-                mknod(&path, kind, Mode::from_bits_truncate(e.mode), e.rdev)
-                    .map_err(|err| io_err("mknod", &path)(err.into()))?;
-                set_owner_times(&path, e, false)?;
+                mknodat(dir, nm, kind, Mode::from_bits_truncate(e.mode), e.rdev)
+                    .map_err(errno("mknod"))?;
+                set_owner_times(dir, name, p, e, false)?;
             }
         }
     }
     // Directory metadata last, deepest first: creating entries changes mtimes.
-    for (path, e) in dirs.into_iter().rev() {
+    for (p, e) in made.into_iter().rev() {
+        let raw = decode_path(p);
+        let (parent, name) = split_parent(&raw);
+        let dir = dirs.get(parent, p)?;
         for (k, v) in &e.xattrs {
-            xattr::set(&path, k, &unhex(v)).map_err(io_err("setxattr", &path))?;
+            xattr::set(proc_path(dir, name), k, &unhex(v)).map_err(rel_err("setxattr", p))?;
         }
-        fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
-            .map_err(io_err("chmod", &path))?;
-        set_owner_times(&path, e, false)?;
+        nix::sys::stat::fchmodat(
+            dir,
+            OsStr::from_bytes(name),
+            Mode::from_bits_truncate(e.mode),
+            // (a directory this function made: no symlink)
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|err| rel_err("chmod", p)(err.into()))?;
+        set_owner_times(dir, name, p, e, false)?;
     }
     Ok(())
 }
 
-fn set_owner_times(path: &Path, e: &Entry, nofollow: bool) -> Result<(), FsError> {
+fn set_owner_times(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    p: &str,
+    e: &Entry,
+    nofollow: bool,
+) -> Result<(), FsError> {
     use nix::fcntl::AtFlags;
     use nix::sys::stat::utimensat;
     use nix::sys::time::TimeSpec;
     use nix::unistd::{Gid, Uid, fchownat};
+    let name = OsStr::from_bytes(name);
     let flag = if nofollow {
         AtFlags::AT_SYMLINK_NOFOLLOW
     } else {
         AtFlags::empty()
     };
     fchownat(
-        nix::fcntl::AT_FDCWD,
-        path,
+        dir,
+        name,
         Some(Uid::from_raw(e.uid)),
         Some(Gid::from_raw(e.gid)),
         flag,
     )
-    .map_err(|err| io_err("chown", path)(err.into()))?;
+    .map_err(|err| rel_err("chown", p)(err.into()))?;
     let ts = TimeSpec::new(
         e.mtime_ns.div_euclid(1_000_000_000),
         e.mtime_ns.rem_euclid(1_000_000_000),
@@ -694,8 +759,7 @@ fn set_owner_times(path: &Path, e: &Entry, nofollow: bool) -> Result<(), FsError
     } else {
         nix::sys::stat::UtimensatFlags::FollowSymlink
     };
-    utimensat(nix::fcntl::AT_FDCWD, path, &ts, &ts, uflag)
-        .map_err(|err| io_err("utimensat", path)(err.into()))?;
+    utimensat(dir, name, &ts, &ts, uflag).map_err(|err| rel_err("utimensat", p)(err.into()))?;
     Ok(())
 }
 

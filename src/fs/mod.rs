@@ -17,6 +17,7 @@
 //! environment or the new one, never a mix; the stale generation is deleted
 //! afterwards (or on the next start).
 
+pub(crate) mod at;
 pub mod journal;
 pub mod manifest;
 pub mod scan;
@@ -89,6 +90,19 @@ impl FrozenScan {
 pub struct Captured {
     pub manifest: Manifest,
     delta: Delta,
+}
+
+impl Captured {
+    /// What the environment holds that the manifest does not.
+    pub fn skipped(&self) -> &scan::Skipped {
+        &self.delta.skipped
+    }
+}
+
+/// An upper-dir path (encoded) as the environment shows it, shortened
+/// when very long.
+pub fn shown_path(rel: &str) -> String {
+    at::shown(rel)
 }
 
 /// Workers sharing out the directories of a scan.
@@ -683,7 +697,7 @@ pub(crate) fn mount_overlay(
 
 /// Removes a tree, logging (not failing) on error.
 fn remove_tree(path: &Path) {
-    match std::fs::remove_dir_all(path) {
+    match at::remove_tree(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),

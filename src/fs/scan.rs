@@ -12,17 +12,19 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
-use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use nix::fcntl::AtFlags;
-use nix::sys::stat::{FileStat, SFlag, fstatat};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
 use serde::{Deserialize, Serialize};
 
+use super::at;
 use super::journal::{Dirty, Held, Journal, under_any};
 use super::manifest::{self, Entry, Kind, Manifest};
 use super::store::{Meta, Staged, Store};
@@ -32,9 +34,18 @@ use super::{FsError, io_err};
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
-fn errno<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::errno::Errno) -> FsError + 'a {
-    move |e| io_err(op, path)(e.into())
+/// An error about upper entry `rel`, named as the environment sees it
+/// (never by the host path of the upper dir).
+fn rel_err(op: &'static str, rel: &str) -> impl FnOnce(std::io::Error) -> FsError {
+    let path = PathBuf::from(at::shown(rel));
+    move |source| FsError::Io { op, path, source }
 }
+
+/// Why an entry the scan met is not in the capture: (relative path, reason).
+pub type Skipped = BTreeMap<String, String>;
+
+/// The reason given for a file replaced between its stat and its copy.
+const RACED: &str = "changed while it was read (read again next time)";
 
 /// What a capture learned about an upper entry: while its inode, size,
 /// mtime and ctime are unchanged, so is its entry (any chmod, chown, xattr
@@ -75,6 +86,9 @@ pub struct Tracked {
     /// writes without moving mtime), or written according to a journal
     /// drain whose scan was not kept. Replaced when a scan is applied.
     force_pending: HashSet<String>,
+    /// What the upper dir holds that the cache (and so a capture) does
+    /// not: entries beyond [`at::MAX_DEPTH`] or [`at::MAX_PATH_BYTES`].
+    pub skipped: Skipped,
 }
 
 /// Counters of one scan.
@@ -95,7 +109,10 @@ pub struct Delta {
     /// Staged copies of changed files, by index into `changed`.
     pub staged: Vec<(usize, Staged)>,
     /// Changed files still to stage: (index into `changed`, path, metadata).
-    to_stage: Vec<(usize, PathBuf, Meta)>,
+    to_stage: Vec<(usize, String, Meta)>,
+    /// Everything the upper dir holds that the scan did not record, once
+    /// the scan is applied (not only what this scan met).
+    pub skipped: Skipped,
     /// Cached paths no longer in the upper dir (filled by [`Tracked::removed`]).
     pub removed: Vec<String>,
     pub stats: ScanStats,
@@ -236,6 +253,7 @@ impl Tracked {
         self.merged = Some(merged);
         self.unsettled = false;
         self.force_pending = next_force;
+        self.skipped = delta.skipped;
     }
 
     /// Whether the next scan would list the whole upper dir: nothing is
@@ -347,13 +365,14 @@ fn scan_upper_at(
     tracked.unsettled = true;
     let mut delta = match dirty {
         Some((dirty, written)) => scan_dirty(
-            (upper, &upper_fd),
+            &upper_fd,
             &tracked.seen,
             tracked.journal.as_ref(),
             dirty,
             &written,
             held,
             &forced,
+            &tracked.skipped,
             epoch,
             threads,
         )?,
@@ -370,7 +389,12 @@ fn scan_upper_at(
                     }
                 }
             }
-            let roots = vec![(upper.to_owned(), String::new())];
+            let roots = vec![Pending {
+                at: Arc::new(upper_fd.try_clone().map_err(rel_err("dup", ""))?),
+                name: None,
+                rel: String::new(),
+                depth: 0,
+            }];
             walk(
                 roots,
                 &tracked.seen,
@@ -399,15 +423,27 @@ fn scan_upper_at(
     } else {
         forced
     };
-    delta.staged = stage_all(store, std::mem::take(&mut delta.to_stage), threads)?;
+    let staged = stage_all(store, &upper_fd, std::mem::take(&mut delta.to_stage), threads)?;
+    delta.keep_staged(staged);
     Ok(delta)
+}
+
+/// A directory for [`walk`] to list: entry `name` of open directory `at`
+/// (`None`: `at` itself), at path `rel`, `depth` levels down. Queued
+/// directories share their parent's fd, so a walk holds about as many fds
+/// as the tree is deep, and never resolves a long path.
+struct Pending {
+    at: Arc<OwnedFd>,
+    name: Option<Vec<u8>>,
+    rel: String,
+    depth: usize,
 }
 
 /// Lists directories `roots` (dir, its path relative to the upper dir) and
 /// everything under them, shared out to `threads` workers; each directory
 /// is marked in `journal` before it is listed.
 fn walk(
-    roots: Vec<(PathBuf, String)>,
+    roots: Vec<Pending>,
     cache: &ScanCache,
     journal: Option<&Journal>,
     forced: &HashSet<String>,
@@ -415,7 +451,7 @@ fn walk(
     threads: usize,
 ) -> Result<Delta, FsError> {
     // (directories to scan, workers busy)
-    let queue: Mutex<(Vec<(PathBuf, String)>, usize)> = Mutex::new((roots, 0));
+    let queue: Mutex<(Vec<Pending>, usize)> = Mutex::new((roots, 0));
     let ready = Condvar::new();
     let worker = || -> Result<Delta, FsError> {
         let mut out = Delta {
@@ -424,7 +460,7 @@ fn walk(
         };
         loop {
             // Take a directory; stop when none is queued and no worker may add one.
-            let (dir, rel) = {
+            let dir = {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
                     if let Some(d) = q.0.pop() {
@@ -438,7 +474,7 @@ fn walk(
                     q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let result = scan_dir(&dir, &rel, cache, journal, forced, epoch, &mut out);
+            let result = scan_dir(dir, cache, journal, forced, epoch, &mut out);
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
             q.1 -= 1;
             match result {
@@ -473,6 +509,38 @@ fn walk(
 }
 
 impl Delta {
+    /// Gives the scanned files their staged copies. A file replaced between
+    /// its stat and its copy (`None`: a scan made with services running, or
+    /// a writer outside the environment) leaves the delta: it is skipped,
+    /// and the next scan reads it again.
+    fn keep_staged(&mut self, staged: Vec<(usize, Option<Staged>)>) {
+        let raced: HashSet<usize> = staged
+            .iter()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| *i)
+            .collect();
+        if raced.is_empty() {
+            self.staged = staged.into_iter().filter_map(|(i, s)| Some((i, s?))).collect();
+            return;
+        }
+        let mut index = vec![usize::MAX; self.changed.len()];
+        let mut kept = Vec::with_capacity(self.changed.len());
+        for (i, (rel, seen)) in std::mem::take(&mut self.changed).into_iter().enumerate() {
+            if raced.contains(&i) {
+                self.skipped.insert(rel.clone(), RACED.to_owned());
+                self.next_force.insert(rel);
+            } else {
+                index[i] = kept.len();
+                kept.push((rel, seen));
+            }
+        }
+        self.changed = kept;
+        self.staged = staged
+            .into_iter()
+            .filter_map(|(i, s)| Some((index[i], s?)))
+            .collect();
+    }
+
     /// Adds what another part of the same scan found.
     fn absorb(&mut self, part: Delta) {
         let offset = self.changed.len();
@@ -483,6 +551,7 @@ impl Delta {
                 .map(|(i, p, m)| (i + offset, p, m)),
         );
         self.removed.extend(part.removed);
+        self.skipped.extend(part.skipped);
         self.watched.extend(part.watched);
         self.watch_error = self.watch_error.take().or(part.watch_error);
         self.met += part.met;
@@ -519,13 +588,14 @@ fn linked_inodes(upper_fd: &OwnedFd, written: &HashSet<Vec<u8>>) -> Result<HashS
 /// links share a changed inode.
 #[allow(clippy::too_many_arguments)]
 fn scan_dirty(
-    (upper, upper_fd): (&Path, &OwnedFd),
+    upper_fd: &OwnedFd,
     cache: &ScanCache,
     journal: Option<&Journal>,
     dirty: Dirty,
     written: &HashSet<u64>,
     held: &Held,
     forced: &HashSet<String>,
+    old_skipped: &Skipped,
     epoch: u32,
     threads: usize,
 ) -> Result<Delta, FsError> {
@@ -557,7 +627,14 @@ fn scan_dirty(
         }
         let cached = cache.get(rel.as_str());
         let was_dir = cached.is_some_and(|c| c.entry.kind == Kind::Dir);
-        let Some((dir, name, st)) = stat_beneath(upper_fd, upper, rel)? else {
+        let depth = rel.matches('/').count() + 1;
+        if let Some(why) = at::beyond_limits(rel, depth) {
+            if stat_beneath(upper_fd, rel)?.is_some() {
+                out.skipped.insert(rel.clone(), why);
+            }
+            continue;
+        }
+        let Some((dir, name, st)) = stat_beneath(upper_fd, rel)? else {
             if cached.is_some() {
                 removed.insert(rel.clone());
             }
@@ -566,18 +643,29 @@ fn scan_dirty(
             }
             continue;
         };
-        record(&dir, &name, &st, rel, cache, epoch, *force, &mut out)?;
+        record(dir.as_fd(), &name, &st, rel, cache, epoch, *force, &mut out)?;
         let is_dir = kind_of(&st) == SFlag::S_IFDIR;
         let same_dir = was_dir && cached.is_some_and(|c| c.ino == st.st_ino);
         if is_dir && (!same_dir || dirty.subtrees.contains(rel)) {
             walked.insert(rel.clone());
-            roots.push((dir.join(OsStr::from_bytes(&name)), rel.clone()));
+            roots.push(Pending {
+                at: Arc::new(dir),
+                name: Some(name),
+                rel: rel.clone(),
+                depth,
+            });
         } else if was_dir && !is_dir {
             emptied.insert(rel.clone());
         }
     }
     out.absorb(walk(roots, cache, journal, forced, epoch, threads)?);
     emptied.extend(walked);
+    // What was skipped before and this scan did not look at again still is.
+    for (p, why) in old_skipped {
+        if !paths.contains_key(p) && !under_any(p, &emptied) && !out.skipped.contains_key(p) {
+            out.skipped.insert(p.clone(), why.clone());
+        }
+    }
     if !emptied.is_empty() {
         for (p, s) in cache {
             if s.visited.load(Ordering::Relaxed) != epoch && under_any(p, &emptied) {
@@ -618,9 +706,9 @@ fn scan_dirty(
             .map(|(p, _)| p.clone())
             .collect();
         for rel in siblings {
-            match stat_beneath(upper_fd, upper, &rel)? {
+            match stat_beneath(upper_fd, &rel)? {
                 Some((dir, name, st)) => {
-                    record(&dir, &name, &st, &rel, cache, epoch, true, &mut out)?;
+                    record(dir.as_fd(), &name, &st, &rel, cache, epoch, true, &mut out)?;
                 }
                 None => {
                     removed.insert(rel);
@@ -643,7 +731,6 @@ pub fn verify(
     tracked: &Tracked,
     delta: Option<&Delta>,
 ) -> Result<Vec<String>, FsError> {
-    use std::os::unix::fs::MetadataExt;
     let changed: HashMap<&str, &Seen> = delta
         .map(|d| d.changed.iter().map(|(p, s)| (p.as_str(), s)).collect())
         .unwrap_or_default();
@@ -659,31 +746,58 @@ pub fn verify(
     };
     let mut out = Vec::new();
     let mut met = HashSet::new();
-    let mut dirs = vec![(upper.to_owned(), String::new())];
-    while let Some((dir, rel)) = dirs.pop() {
-        for item in std::fs::read_dir(&dir).map_err(io_err("read dir", &dir))? {
-            let item = item.map_err(io_err("read dir", &dir))?;
-            let md = item.metadata().map_err(io_err("stat", &item.path()))?;
+    // (parent, name (none: the upper dir), path, depth)
+    let upper_fd = Arc::new(open_dir(upper)?);
+    let mut dirs = vec![(upper_fd, None::<Vec<u8>>, String::new(), 0usize)];
+    while let Some((parent, name, rel, depth)) = dirs.pop() {
+        let fd = match name {
+            None => parent.try_clone().map_err(rel_err("dup", &rel))?,
+            Some(n) => nix::fcntl::openat(
+                parent.as_fd(),
+                OsStr::from_bytes(&n),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| rel_err("open", &rel)(e.into()))?,
+        };
+        let fd = Arc::new(fd);
+        let mut listing = nix::dir::Dir::from_fd(fd.try_clone().map_err(rel_err("dup", &rel))?)
+            .map_err(|e| rel_err("read dir", &rel)(e.into()))?;
+        for item in listing.iter() {
+            let item = item.map_err(|e| rel_err("read dir", &rel)(e.into()))?;
+            let bytes = item.file_name().to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
             let mut p = rel.clone();
             if !p.is_empty() {
                 p.push('/');
             }
-            manifest::push_encoded(&mut p, item.file_name().as_bytes());
+            manifest::push_encoded(&mut p, bytes);
+            if at::beyond_limits(&p, depth + 1).is_some() {
+                if !tracked.skipped.contains_key(&p)
+                    && !delta.is_some_and(|d| d.skipped.contains_key(&p))
+                {
+                    out.push(format!("{p}: beyond the limits, not known as skipped"));
+                }
+                continue;
+            }
+            let st = fstatat(fd.as_fd(), OsStr::from_bytes(bytes), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| rel_err("stat", &p)(e.into()))?;
             match expected(&p) {
                 None => out.push(format!("{p}: not known")),
                 Some(s) => {
-                    let st =
-                        nix::sys::stat::lstat(&item.path()).map_err(errno("stat", &item.path()))?;
-                    let (now, _) = read_entry(&item.path(), &st, &mut ScanStats::default())?;
+                    let (now, _) =
+                        read_entry(fd.as_fd(), bytes, &p, &st, &mut ScanStats::default())?;
                     let mut was = s.entry.clone();
                     was.object = None;
-                    if s.ino != md.ino() || s.size != md.size() || now != was {
+                    if s.ino != st.st_ino || s.size != st.st_size as u64 || now != was {
                         out.push(format!("{p}: recorded {was:?}, now {now:?}"));
                     }
                 }
             }
-            if md.is_dir() {
-                dirs.push((item.path(), p.clone()));
+            if kind_of(&st) == SFlag::S_IFDIR {
+                dirs.push((fd.clone(), Some(bytes.to_vec()), p.clone(), depth + 1));
             }
             met.insert(p);
         }
@@ -710,64 +824,60 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, FsError> {
 
 /// The stat of upper entry `rel` (encoded), looked up without following
 /// any symlink: (its directory, its name, its stat), or `None` if it is
-/// not there (or a component is no longer a directory).
+/// not there (or a component is no longer a directory). Any length.
 fn stat_beneath(
     upper_fd: &OwnedFd,
-    upper: &Path,
     rel: &str,
-) -> Result<Option<(PathBuf, Vec<u8>, FileStat)>, FsError> {
-    use nix::errno::Errno;
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-    let (parent, name) = match rel.rsplit_once('/') {
-        Some((p, n)) => (manifest::decode_path(p), manifest::decode_path(n)),
-        None => (Vec::new(), manifest::decode_path(rel)),
-    };
-    let dir = upper.join(OsStr::from_bytes(&parent));
+) -> Result<Option<(OwnedFd, Vec<u8>, FileStat)>, FsError> {
+    let raw = manifest::decode_path(rel);
+    let (parent, name) = at::split_parent(&raw);
     let gone = |e: Errno| {
         matches!(
             e,
             Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV
         )
     };
-    let opened;
-    let fd = if parent.is_empty() {
-        upper_fd
-    } else {
-        let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            );
-        match openat2(upper_fd, OsStr::from_bytes(&parent), how) {
-            Ok(fd) => {
-                opened = fd;
-                &opened
-            }
-            Err(e) if gone(e) => return Ok(None),
-            Err(e) => return Err(errno("open", &dir)(e)),
-        }
+    let dir = match at::open_dir(upper_fd.as_fd(), parent) {
+        Ok(fd) => fd,
+        Err(e) if gone(e) => return Ok(None),
+        Err(e) => return Err(rel_err("open", rel)(e.into())),
     };
-    match fstatat(fd, OsStr::from_bytes(&name), AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some((dir, name, st))),
+    match fstatat(&dir, OsStr::from_bytes(name), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((dir, name.to_vec(), st))),
         Err(e) if gone(e) => Ok(None),
-        Err(e) => Err(errno("stat", &dir.join(OsStr::from_bytes(&name)))(e)),
+        Err(e) => Err(rel_err("stat", rel)(e.into())),
     }
 }
 
 /// Copies the changed files into the store's temp dir, on `threads` workers
 /// (changes often cluster in one directory, which one scan worker lists).
+/// Each is opened beneath the upper dir without following symlinks and
+/// must still be the regular file the scan saw; one that is not gives
+/// `None` (see [`Delta::keep_staged`]).
 fn stage_all(
     store: &Store,
-    files: Vec<(usize, PathBuf, Meta)>,
+    upper_fd: &OwnedFd,
+    files: Vec<(usize, String, Meta)>,
     threads: usize,
-) -> Result<Vec<(usize, Staged)>, FsError> {
+) -> Result<Vec<(usize, Option<Staged>)>, FsError> {
     // On an error, the copies already made stay in the store's temp dir
     // until the failed capture cleans it.
-    super::par_map(files, threads, "stage", |(i, path, meta)| {
-        Ok((i, store.stage_file(&path, &meta)?))
+    super::par_map(files, threads, "stage", |(i, rel, meta)| {
+        let raw = manifest::decode_path(&rel);
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+        let file = match at::open_beneath(upper_fd.as_fd(), &raw, flags) {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV | Errno::ENXIO) => {
+                return Ok((i, None));
+            }
+            Err(e) => return Err(rel_err("open", &rel)(e.into())),
+        };
+        let st = nix::sys::stat::fstat(&file).map_err(|e| rel_err("stat", &rel)(e.into()))?;
+        if kind_of(&st) != SFlag::S_IFREG {
+            return Ok((i, None));
+        }
+        let shown = PathBuf::from(at::shown(&rel));
+        Ok((i, Some(store.stage_open(&file, &shown, &meta)?)))
     })
 }
 
@@ -780,46 +890,62 @@ fn kind_of(st: &FileStat) -> SFlag {
 }
 
 /// Scans one directory's entries into `out` (marking it in `journal`
-/// first); returns its subdirectories.
+/// first); returns its subdirectories. Entries beyond the capture's limits
+/// ([`at::beyond_limits`]) go into `out.skipped`, and nothing under them
+/// is listed.
 fn scan_dir(
-    dir: &Path,
-    rel: &str,
+    dir: Pending,
     cache: &ScanCache,
     journal: Option<&Journal>,
     forced: &HashSet<String>,
     epoch: u32,
     out: &mut Delta,
-) -> Result<Vec<(PathBuf, String)>, FsError> {
+) -> Result<Vec<Pending>, FsError> {
+    let Pending {
+        at: parent,
+        name,
+        rel,
+        depth,
+    } = dir;
     // Entries that vanish between the listing and their stat (a scan made
     // with services running) are skipped: they are gone.
-    let fd = match open_dir(dir) {
-        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Vec::new());
-        }
-        r => r?,
+    let fd = match name {
+        None => parent.try_clone().map_err(rel_err("dup", &rel))?,
+        Some(name) => match nix::fcntl::openat(
+            parent.as_fd(),
+            OsStr::from_bytes(&name),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(Vec::new()),
+            Err(e) => return Err(rel_err("open", &rel)(e.into())),
+        },
     };
+    drop(parent);
+    let fd = Arc::new(fd);
     if let Some(j) = journal {
         match j.watch(fd.as_fd()) {
-            Ok(handle) => out.watched.push((handle, rel.to_owned())),
+            Ok(handle) => out.watched.push((handle, rel.clone())),
             Err(e) => {
                 out.watch_error
-                    .get_or_insert_with(|| format!("{}: {e}", dir.display()));
+                    .get_or_insert_with(|| format!("{}: {e}", at::shown(&rel)));
             }
         }
     }
     // Listing and stat share the directory (the listing owns a duplicate).
-    let listing = fd.try_clone().map_err(io_err("dup", dir))?;
-    let mut listing = nix::dir::Dir::from_fd(listing).map_err(errno("read dir", dir))?;
+    let listing = fd.try_clone().map_err(rel_err("dup", &rel))?;
+    let mut listing = nix::dir::Dir::from_fd(listing).map_err(|e| rel_err("read dir", &rel)(e.into()))?;
     let mut subdirs = Vec::new();
     // The relative path of the current entry, reused: only a change allocates.
     let mut rel_path = String::with_capacity(rel.len() + 64);
-    rel_path.push_str(rel);
+    rel_path.push_str(&rel);
     if !rel.is_empty() {
         rel_path.push('/');
     }
     let prefix = rel_path.len();
     for item in listing.iter() {
-        let item = item.map_err(errno("read dir", dir))?;
+        let item = item.map_err(|e| rel_err("read dir", &rel)(e.into()))?;
         let name: &CStr = item.file_name();
         let bytes = name.to_bytes();
         if bytes == b"." || bytes == b".." {
@@ -827,19 +953,24 @@ fn scan_dir(
         }
         rel_path.truncate(prefix);
         manifest::push_encoded(&mut rel_path, bytes);
-        let st = match fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        if let Some(why) = at::beyond_limits(&rel_path, depth + 1) {
+            out.skipped.insert(rel_path.clone(), why);
+            continue;
+        }
+        let st = match fstatat(fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(nix::errno::Errno::ENOENT) => continue,
-            Err(e) => {
-                return Err(io_err("stat", &dir.join(OsStr::from_bytes(bytes)))(
-                    e.into(),
-                ));
-            }
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(rel_err("stat", &rel_path)(e.into())),
         };
         let force = !forced.is_empty() && forced.contains(rel_path.as_str());
-        record(dir, bytes, &st, &rel_path, cache, epoch, force, out)?;
+        record(fd.as_fd(), bytes, &st, &rel_path, cache, epoch, force, out)?;
         if kind_of(&st) == SFlag::S_IFDIR {
-            subdirs.push((dir.join(OsStr::from_bytes(bytes)), rel_path.clone()));
+            subdirs.push(Pending {
+                at: fd.clone(),
+                name: Some(bytes.to_vec()),
+                rel: rel_path.clone(),
+                depth: depth + 1,
+            });
         }
     }
     Ok(subdirs)
@@ -850,7 +981,7 @@ fn scan_dir(
 /// (a file's copy to be staged).
 #[allow(clippy::too_many_arguments)]
 fn record(
-    dir: &Path,
+    dir: BorrowedFd<'_>,
     name: &[u8],
     st: &FileStat,
     rel_path: &str,
@@ -881,8 +1012,7 @@ fn record(
         }
         return Ok(());
     }
-    let path = dir.join(OsStr::from_bytes(name));
-    let (entry, meta) = read_entry(&path, st, &mut out.stats)?;
+    let (entry, meta) = read_entry(dir, name, rel_path, st, &mut out.stats)?;
     out.changed.push((
         rel_path.to_owned(),
         Seen {
@@ -895,38 +1025,49 @@ fn record(
         },
     ));
     if let Some(meta) = meta {
-        out.to_stage.push((out.changed.len() - 1, path, meta));
+        out.to_stage
+            .push((out.changed.len() - 1, rel_path.to_owned(), meta));
     }
     Ok(())
 }
 
-fn xattrs_of(path: &Path) -> Result<(BTreeMap<String, String>, bool), FsError> {
+/// The xattrs of entry `name` of `dir` (not following a symlink), and
+/// whether it is an overlay opaque dir.
+fn xattrs_of(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    rel: &str,
+) -> Result<(BTreeMap<String, String>, bool), FsError> {
+    let path = at::proc_path(dir, name);
     let mut out = BTreeMap::new();
     let mut opaque = false;
-    let names = xattr::list(path).map_err(io_err("listxattr", path))?;
-    for name in names {
-        let Some(n) = name.to_str() else { continue };
-        if n == OPAQUE_XATTR {
-            opaque = xattr::get(path, &name)
+    let names = xattr::list(&path).map_err(rel_err("listxattr", rel))?;
+    for n in names {
+        let Some(key) = n.to_str() else { continue };
+        if key == OPAQUE_XATTR {
+            opaque = xattr::get(&path, &n)
                 .ok()
                 .flatten()
                 .is_some_and(|v| v == b"y");
             continue;
         }
-        if n.starts_with(OVERLAY_XATTR_PREFIX) {
+        if key.starts_with(OVERLAY_XATTR_PREFIX) {
             continue;
         }
-        if let Some(v) = xattr::get(path, &name).map_err(io_err("getxattr", path))? {
-            out.insert(n.to_owned(), super::store::hex(&v));
+        if let Some(v) = xattr::get(&path, &n).map_err(rel_err("getxattr", rel))? {
+            out.insert(key.to_owned(), super::store::hex(&v));
         }
     }
     Ok((out, opaque))
 }
 
-/// Reads one upper entry the cache does not cover; for a file, also the
-/// metadata its store object will carry (its content is staged later).
+/// Reads one upper entry (`name` of `dir`, at `rel`) the cache does not
+/// cover; for a file, also the metadata its store object will carry (its
+/// content is staged later).
 fn read_entry(
-    path: &Path,
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    rel: &str,
     st: &FileStat,
     stats: &mut ScanStats,
 ) -> Result<(Entry, Option<Meta>), FsError> {
@@ -941,7 +1082,7 @@ fn read_entry(
     let entry = if kind == SFlag::S_IFCHR && st.st_rdev == 0 {
         base(Kind::Whiteout)
     } else if kind == SFlag::S_IFDIR {
-        let (xattrs, opaque) = xattrs_of(path)?;
+        let (xattrs, opaque) = xattrs_of(dir, name, rel)?;
         Entry {
             xattrs,
             opaque,
@@ -949,13 +1090,14 @@ fn read_entry(
         }
     } else if kind == SFlag::S_IFLNK {
         // (user xattrs are not allowed on symlinks)
-        let target = fs::read_link(path).map_err(io_err("readlink", path))?;
+        let target = nix::fcntl::readlinkat(dir, OsStr::from_bytes(name))
+            .map_err(|e| rel_err("readlink", rel)(e.into()))?;
         Entry {
-            target: Some(manifest::encode_path(target.as_os_str().as_bytes())),
+            target: Some(manifest::encode_path(target.as_bytes())),
             ..base(Kind::Symlink)
         }
     } else if kind == SFlag::S_IFREG {
-        let (xattrs, _) = xattrs_of(path)?;
+        let (xattrs, _) = xattrs_of(dir, name, rel)?;
         let mut e = Entry {
             xattrs,
             size: st.st_size as u64,

@@ -143,15 +143,20 @@ impl Store {
     /// an in-kernel copy (`copy_file_range`, data segments only) into the
     /// store's temp dir, no hashing.
     pub fn stage_file(&self, src: &Path, meta: &Meta) -> Result<Staged, FsError> {
+        let input = File::open(src).map_err(io_err("open", src))?;
+        self.stage_open(&input, src, meta)
+    }
+
+    /// [`Store::stage_file`] of a file already open (`src` names it in errors).
+    pub fn stage_open(&self, input: &File, src: &Path, meta: &Meta) -> Result<Staged, FsError> {
         let (tmp, out) = self.temp()?;
         let staged = Staged {
             tmp: tmp.clone(),
             meta: meta.clone(),
         };
         let result = (|| {
-            let input = File::open(src).map_err(io_err("open", src))?;
             let len = input.metadata().map_err(io_err("stat", src))?.len();
-            copy_segments(&input, &out, len, src, &tmp)
+            copy_segments(input, &out, len, src, &tmp)
         })();
         match result {
             Ok(()) => Ok(staged),
