@@ -12,9 +12,11 @@
 //! removed with `*at` calls on a confined parent fd, so a symlink swapped in
 //! between cannot redirect them.
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
@@ -42,6 +44,9 @@ pub enum FilesError {
         why: String,
         too_large: bool,
     },
+    /// The client went away: the work stopped where it was.
+    #[error("cancelled: the client went away")]
+    Cancelled,
 }
 
 impl FilesError {
@@ -51,7 +56,7 @@ impl FilesError {
             FilesError::Outside { path, .. }
             | FilesError::Os { path, .. }
             | FilesError::Limit { path, .. } => Some(path),
-            FilesError::Invalid(_) => None,
+            FilesError::Invalid(_) | FilesError::Cancelled => None,
         }
     }
 
@@ -65,6 +70,7 @@ impl FilesError {
                 too_large: true, ..
             } => Some("E2BIG"),
             FilesError::Limit { .. } => Some("ELOOP"),
+            FilesError::Cancelled => Some("ECANCELED"),
         }
     }
 }
@@ -161,7 +167,32 @@ fn is_dir(st: &FileStat) -> bool {
 pub struct Files {
     /// The host path of the environment's `/`.
     root: PathBuf,
+    /// Set when the request's client goes away (see [`Files::canceller`]):
+    /// long work checks it between entries and between chunks of data.
+    cancel: Arc<AtomicBool>,
 }
+
+/// Cancels the work of the [`Files`] it came from when dropped: a request
+/// handler holds it, and hyper drops the handler when its client goes away.
+pub struct Canceller(Option<Arc<AtomicBool>>);
+
+impl Canceller {
+    /// The work ended with its client still there: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Canceller {
+    fn drop(&mut self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Data is copied in chunks of this size, the request checked in between.
+const COPY_CHUNK: u64 = 8 << 20;
 
 /// A path resolved to (confined parent dir fd, last component).
 struct Parent {
@@ -173,7 +204,23 @@ struct Parent {
 
 impl Files {
     pub fn new(root: PathBuf) -> Self {
-        Files { root }
+        Files {
+            root,
+            cancel: Arc::default(),
+        }
+    }
+
+    /// The guard whose drop cancels this request's work.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(Some(self.cancel.clone()))
+    }
+
+    /// `Err(Cancelled)` once the client has gone.
+    fn go_on(&self) -> Result<(), FilesError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(FilesError::Cancelled);
+        }
+        Ok(())
     }
 
     fn os(&self, op: &'static str, rel: &str) -> impl FnOnce(Errno) -> FilesError + '_ {
@@ -514,6 +561,7 @@ impl Files {
         }];
         let (mut entries, mut listed) = (1usize, top.rel.len() + 1);
         while !stack.is_empty() {
+            self.go_on()?;
             let depth = stack.len();
             let frame = stack.last_mut().expect("not empty");
             if frame.next == frame.names.len() {
@@ -837,8 +885,18 @@ impl Files {
             mode,
             drel,
         )?;
-        // std::io::copy uses copy_file_range between files.
-        let n = io::copy(&mut src, &mut dst).map_err(|e| self.io("copy", drel, e))?;
+        // std::io::copy uses copy_file_range between files (a Take of one
+        // too), one chunk at a time so a client that left stops it.
+        let mut n = 0;
+        loop {
+            self.go_on()?;
+            let chunk = io::copy(&mut (&mut src).take(COPY_CHUNK), &mut dst)
+                .map_err(|e| self.io("copy", drel, e))?;
+            n += chunk;
+            if chunk < COPY_CHUNK {
+                break;
+            }
+        }
         use std::os::unix::fs::PermissionsExt;
         dst.set_permissions(std::fs::Permissions::from_mode(mode.bits()))
             .map_err(|e| self.io("chmod", drel, e))?;

@@ -384,3 +384,98 @@ async fn half_open_connections_are_dropped_and_the_api_stays_reachable() {
     }
     assert_eq!(d.get("/v1/status").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_copy() {
+    if !privileged("a_client_that_goes_away_cancels_its_copy") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let root = d.env_root();
+    const FILES: usize = 60_000;
+    std::fs::create_dir(root.join("many")).unwrap();
+    for i in 0..FILES {
+        std::fs::write(root.join(format!("many/{i}")), b"x").unwrap();
+    }
+    let copy = d.req(
+        Method::POST,
+        "/v1/fs/copy",
+        Some(json!({"source": "/many", "dest": "/copy", "recursive": true})),
+    );
+    // The client leaves once the copy has begun.
+    let begun = common::when(
+        &root,
+        nix::sys::inotify::AddWatchFlags::IN_CREATE,
+        "the copy to begin",
+        || root.join("copy").exists(),
+    );
+    tokio::select! {
+        r = copy => panic!("the copy of {FILES} files finished before its client left: {}", r.status()),
+        () = begun => {}
+    }
+    d.log_shows("file operation cancelled: its client went away").await;
+    let copied = std::fs::read_dir(root.join("copy")).unwrap().count();
+    assert!(copied < FILES, "all {copied} files were copied");
+    still_serves(&d).await;
+}
+
+/// A tmpfs mounted for one test, detached when dropped (after the daemon
+/// using it, declared later, is gone).
+struct SmallDisk(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("disk");
+        std::fs::create_dir(&dir).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap();
+        SmallDisk(dir, tmp)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn a_write_to_a_full_disk_is_507_and_leaves_nothing_behind() {
+    if !privileged("a_write_to_a_full_disk_is_507_and_leaves_nothing_behind") {
+        return;
+    }
+    let disk = SmallDisk::new("48m");
+    let d = Daemon::start_with(common::Options {
+        state_dir: Some(disk.0.join("state")),
+        ..Default::default()
+    })
+    .await;
+    let free = |p: &Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks_available() * s.fragment_size()
+    };
+    let before = free(&disk.0);
+    // More than the disk holds.
+    let r = d
+        .http
+        .put(d.url("/v1/fs/write?path=/big"))
+        .bearer_auth(common::TOKEN)
+        .body(vec![7u8; 64 << 20])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 507, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("space"), "{body}");
+    assert!(!d.env_root().join("big").exists());
+    assert_eq!(free(&disk.0), before, "the partial file was removed");
+    still_serves(&d).await;
+}

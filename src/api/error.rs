@@ -67,6 +67,8 @@ impl ApiError {
                 } => StatusCode::PAYLOAD_TOO_LARGE,
                 FilesError::Limit { .. } => StatusCode::BAD_REQUEST,
                 FilesError::Os { errno, .. } => errno_status(*errno),
+                // (nobody is left to read it)
+                FilesError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             },
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::Busy { .. } => StatusCode::CONFLICT,

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::params::{Params, json_body};
 use super::{ApiError, AppState};
-use crate::files::{Files, FilesError, parse_mode};
+use crate::files::{Canceller, Files, FilesError, parse_mode};
 
 fn files(app: &AppState) -> Result<Files, ApiError> {
     let env = app.env.get().ok_or_else(|| {
@@ -43,12 +43,23 @@ fn required_path(q: &Params) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("path is required".into()))
 }
 
-/// Runs blocking file work off the async workers.
+/// Runs blocking file work off the async workers. `cancel` goes with the
+/// handler's future: when the client goes away, hyper drops it, and the
+/// work stops at its next entry or chunk.
 async fn blocking<T: Send + 'static>(
+    cancel: Canceller,
     f: impl FnOnce() -> Result<T, FilesError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
+    let done = tokio::task::spawn_blocking(move || {
+        let r = f();
+        if let Err(FilesError::Cancelled) = &r {
+            tracing::info!("file operation cancelled: its client went away");
+        }
+        r
+    })
+    .await;
+    cancel.disarm();
+    done
         .map_err(|e| ApiError::Unavailable(format!("file operation failed: {e}")))?
         .map_err(ApiError::from)
 }
@@ -61,7 +72,7 @@ pub async fn read(
     let f = files(&app)?;
     let q = Params::parse(q.as_deref());
     let rel = f.relative(required_path(&q)?, q.get("workingDir"))?;
-    let (file, len) = blocking(move || f.read(&rel)).await?;
+    let (file, len) = blocking(f.canceller(), move || f.read(&rel)).await?;
     let stream =
         tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 64 * 1024);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -93,7 +104,7 @@ pub async fn write(
         None => 0o644,
     };
     let (f2, r2) = (f.clone(), rel.clone());
-    let pending = blocking(move || f2.begin_write(&r2)).await?;
+    let pending = blocking(f2.canceller(), move || f2.begin_write(&r2)).await?;
     let std_file = match pending.file.try_clone() {
         Ok(c) => c,
         Err(e) => {
@@ -138,7 +149,7 @@ pub async fn write(
         pending.abort();
         return Err(e);
     }
-    let entry = blocking(move || f.commit(pending, mode)).await?;
+    let entry = blocking(f.canceller(), move || f.commit(pending, mode)).await?;
     Ok(Json(
         json!({"path": entry.path, "size": entry.size, "mode": format!("{:04o}", mode)}),
     ))
@@ -158,7 +169,7 @@ pub async fn list(
         .filter(|p| !p.is_empty())
         .map(str::to_owned);
     let shown = f.display(&rel);
-    let entries = blocking(move || f.list(&rel, recursive, pattern.as_deref())).await?;
+    let entries = blocking(f.canceller(), move || f.list(&rel, recursive, pattern.as_deref())).await?;
     Ok(Json(
         json!({"path": shown, "count": entries.len(), "entries": entries}),
     ))
@@ -204,7 +215,7 @@ pub async fn delete(
         None => q.flag("recursive")?.unwrap_or(false),
     };
     let rel = f.relative(&path, wd.as_deref())?;
-    let deleted = blocking(move || f.delete(&rel, recursive)).await?;
+    let deleted = blocking(f.canceller(), move || f.delete(&rel, recursive)).await?;
     Ok(Json(json!({"deleted": deleted, "count": deleted.len()})))
 }
 
@@ -243,7 +254,7 @@ pub async fn rename(
     let s = f.relative(&b.source, b.working_dir.as_deref())?;
     let d = f.relative(&b.dest, b.working_dir.as_deref())?;
     let (ss, ds) = (f.display(&s), f.display(&d));
-    blocking(move || f.rename(&s, &d)).await?;
+    blocking(f.canceller(), move || f.rename(&s, &d)).await?;
     Ok(Json(json!({"source": ss, "dest": ds})))
 }
 
@@ -257,7 +268,7 @@ pub async fn copy(
     let s = f.relative(&b.source, b.working_dir.as_deref())?;
     let d = f.relative(&b.dest, b.working_dir.as_deref())?;
     let recursive = b.recursive.unwrap_or(false);
-    let (copied, total) = blocking(move || f.copy(&s, &d, recursive)).await?;
+    let (copied, total) = blocking(f.canceller(), move || f.copy(&s, &d, recursive)).await?;
     let copied: Vec<Value> = copied
         .into_iter()
         .map(|(s, d)| json!({"source": s, "dest": d}))
@@ -285,7 +296,7 @@ pub async fn chmod(
         .ok_or_else(|| ApiError::BadRequest(format!("mode {m:?}: expected octal like 0755")))?;
     let rel = f.relative(&path, b.working_dir.as_deref())?;
     let recursive = b.recursive.unwrap_or(false);
-    let changed = blocking(move || f.chmod(&rel, mode, recursive)).await?;
+    let changed = blocking(f.canceller(), move || f.chmod(&rel, mode, recursive)).await?;
     let affected: Vec<Value> = changed
         .into_iter()
         .map(|p| json!({"path": p, "mode": format!("{mode:04o}")}))

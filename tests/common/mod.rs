@@ -624,3 +624,42 @@ pub fn text(m: &Message) -> Option<Value> {
         _ => None,
     }
 }
+
+/// Waits (up to [`WAIT`]) until `cond` holds, checking it again each time
+/// inotify reports `mask` on `watch` (never by polling on a timer).
+pub async fn when(
+    watch: &Path,
+    mask: nix::sys::inotify::AddWatchFlags,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    use nix::sys::inotify::{InitFlags, Inotify};
+    use std::os::fd::AsFd;
+    let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    ino.add_watch(watch, mask).unwrap();
+    // (a duplicate registered with tokio; the events are read through `ino`)
+    let fd = sprited::sys::async_fd(ino.as_fd().try_clone_to_owned().unwrap()).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        let mut ready = tokio::time::timeout_at(deadline, fd.readable())
+            .await
+            .unwrap_or_else(|_| panic!("waited {WAIT:?} for {what}"))
+            .unwrap();
+        let _ = ino.read_events();
+        ready.clear_ready();
+    }
+}
+
+impl Daemon {
+    /// Waits until the daemon's log holds `needle`.
+    pub async fn log_shows(&self, needle: &str) {
+        let log = self.log.clone();
+        when(
+            &log,
+            nix::sys::inotify::AddWatchFlags::IN_MODIFY,
+            needle,
+            || read(&log).contains(needle),
+        )
+        .await;
+    }
+}
