@@ -164,7 +164,10 @@ async fn recursive_operations_on_a_12000_deep_tree_are_refused_in_bounded_memory
     assert_eq!(meta["health"], "partial", "{meta}");
     assert_eq!(meta["skipped_count"], 1, "{meta}");
     assert!(
-        meta["skipped"][0]["path"].as_str().unwrap().starts_with("/deep/d/d"),
+        meta["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/deep/d/d"),
         "{meta}"
     );
     let out = d.cli(&["exec", "--", "echo", "alive"]).await;
@@ -216,8 +219,14 @@ async fn a_5000_byte_path_is_captured_and_restored_exactly() {
     let run = |arg: &'static str| {
         let d = &d;
         async move {
-            let out = d.cli(&["exec", "--", "python3", "-c", LONG_PATH, arg]).await;
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = d
+                .cli(&["exec", "--", "python3", "-c", LONG_PATH, arg])
+                .await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8(out.stdout).unwrap()
         }
     };
@@ -226,17 +235,24 @@ async fn a_5000_byte_path_is_captured_and_restored_exactly() {
     let before = run("check").await;
     assert_eq!(before, "at the bottom 0o640 b'v' f True 0o750\n");
     let events = d.checkpoint("long path").await;
-    assert!(
-        !events.iter().any(|e| e["type"] == "error"),
-        "{events:?}"
-    );
+    assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
     let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
     assert_eq!(meta["health"], "ok", "{meta}");
     // Gone, then back exactly with the restore.
     let out = d
-        .cli(&["exec", "--", "python3", "-c", "import shutil; shutil.rmtree('/tmp/00' + 'x' * 199)"])
+        .cli(&[
+            "exec",
+            "--",
+            "python3",
+            "-c",
+            "import shutil; shutil.rmtree('/tmp/00' + 'x' * 199)",
+        ])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     d.restore("v1").await;
     assert_eq!(run("check").await, before);
     // And a checkpoint of the restored tree holds it again.
@@ -413,7 +429,8 @@ async fn a_client_that_goes_away_cancels_its_copy() {
         r = copy => panic!("the copy of {FILES} files finished before its client left: {}", r.status()),
         () = begun => {}
     }
-    d.log_shows("file operation cancelled: its client went away").await;
+    d.log_shows("file operation cancelled: its client went away")
+        .await;
     let copied = std::fs::read_dir(root.join("copy")).unwrap().count();
     assert!(copied < FILES, "all {copied} files were copied");
     still_serves(&d).await;

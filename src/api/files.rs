@@ -59,8 +59,7 @@ async fn blocking<T: Send + 'static>(
     })
     .await;
     cancel.disarm();
-    done
-        .map_err(|e| ApiError::Unavailable(format!("file operation failed: {e}")))?
+    done.map_err(|e| ApiError::Unavailable(format!("file operation failed: {e}")))?
         .map_err(ApiError::from)
 }
 
@@ -169,7 +168,10 @@ pub async fn list(
         .filter(|p| !p.is_empty())
         .map(str::to_owned);
     let shown = f.display(&rel);
-    let entries = blocking(f.canceller(), move || f.list(&rel, recursive, pattern.as_deref())).await?;
+    let entries = blocking(f.canceller(), move || {
+        f.list(&rel, recursive, pattern.as_deref())
+    })
+    .await?;
     Ok(Json(
         json!({"path": shown, "count": entries.len(), "entries": entries}),
     ))

@@ -60,7 +60,11 @@ fn report_skipped(
         skipped.len(),
         if skipped.len() == 1 { "y" } else { "ies" },
         first.join(", "),
-        if more > 0 { format!(" and {more} more") } else { String::new() },
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
     )));
     (listed, skipped.len() as u64)
 }

@@ -42,12 +42,14 @@ pub(crate) fn beyond_limits(rel: &str, depth: usize) -> Option<String> {
 }
 
 fn how(flags: OFlag) -> OpenHow {
-    OpenHow::new().flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).resolve(
-        ResolveFlag::RESOLVE_BENEATH
-            | ResolveFlag::RESOLVE_NO_SYMLINKS
-            | ResolveFlag::RESOLVE_NO_MAGICLINKS
-            | ResolveFlag::RESOLVE_NO_XDEV,
-    )
+    OpenHow::new()
+        .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        )
 }
 
 /// Splits off the first at most [`CHUNK`] bytes of `rel`, at a `/`.
@@ -66,7 +68,11 @@ fn split_chunk(rel: &[u8]) -> (&[u8], &[u8]) {
 /// Opens `rel` (raw bytes, relative, any length) beneath directory `root`
 /// with `flags`, following no symlink and leaving neither `root` nor its
 /// mount. An empty `rel` is `root` itself.
-pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: OFlag) -> Result<OwnedFd, Errno> {
+pub(crate) fn open_beneath(
+    root: BorrowedFd<'_>,
+    rel: &[u8],
+    flags: OFlag,
+) -> Result<OwnedFd, Errno> {
     let mut rest = rel;
     while rest.first() == Some(&b'/') {
         rest = &rest[1..];
@@ -81,7 +87,11 @@ pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: OFlag) -> Re
         if tail.is_empty() {
             return openat2(at, OsStr::from_bytes(chunk), how(flags));
         }
-        let dir = openat2(at, OsStr::from_bytes(chunk), how(OFlag::O_PATH | OFlag::O_DIRECTORY))?;
+        let dir = openat2(
+            at,
+            OsStr::from_bytes(chunk),
+            how(OFlag::O_PATH | OFlag::O_DIRECTORY),
+        )?;
         cur = Some(dir);
         rest = tail;
     }
@@ -113,7 +123,13 @@ pub(crate) fn exists_beneath(root: &Path, rel: &[u8]) -> bool {
     };
     let (parent, name) = split_parent(rel);
     open_beneath(top.as_fd(), parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
-        .and_then(|dir| fstatat(&dir, OsStr::from_bytes(name), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW))
+        .and_then(|dir| {
+            fstatat(
+                &dir,
+                OsStr::from_bytes(name),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+        })
         .is_ok()
 }
 
@@ -203,7 +219,13 @@ pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
                 loop {
                     moved += 1;
                     let up = format!(".rm-{moved}");
-                    match renameat2(&dir, inner, &top, up.as_str(), RenameFlags::RENAME_NOREPLACE) {
+                    match renameat2(
+                        &dir,
+                        inner,
+                        &top,
+                        up.as_str(),
+                        RenameFlags::RENAME_NOREPLACE,
+                    ) {
                         Ok(()) | Err(Errno::ENOENT) => break,
                         Err(Errno::EEXIST) => continue,
                         Err(e) => return Err(e.into()),
@@ -250,7 +272,13 @@ mod tests {
         let mut rel = Vec::new();
         for i in 0..depth {
             nix::sys::stat::mkdirat(&fd, name, Mode::from_bits_truncate(0o755)).unwrap();
-            fd = openat(&fd, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+            fd = openat(
+                &fd,
+                name,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
             if i > 0 {
                 rel.push(b'/');
             }
@@ -268,7 +296,10 @@ mod tests {
         assert!(rel.len() > 8000);
         let root: OwnedFd = std::fs::File::open(tmp.path()).unwrap().into();
         let dir = open_dir(root.as_fd(), &rel).unwrap();
-        assert_eq!(std::fs::read(proc_path(dir.as_fd(), b"f")).unwrap(), b"deep");
+        assert_eq!(
+            std::fs::read(proc_path(dir.as_fd(), b"f")).unwrap(),
+            b"deep"
+        );
         let mut file = rel.clone();
         file.extend_from_slice(b"/f");
         assert!(open_beneath(root.as_fd(), &file, OFlag::O_RDONLY).is_ok());
@@ -297,8 +328,16 @@ mod tests {
     #[test]
     fn limits_and_shown_paths() {
         assert_eq!(beyond_limits("a/b", 2), None);
-        assert!(beyond_limits("a", MAX_DEPTH + 1).unwrap().contains("deeper"));
-        assert!(beyond_limits(&"a".repeat(MAX_PATH_BYTES), 1).unwrap().contains("longer"));
+        assert!(
+            beyond_limits("a", MAX_DEPTH + 1)
+                .unwrap()
+                .contains("deeper")
+        );
+        assert!(
+            beyond_limits(&"a".repeat(MAX_PATH_BYTES), 1)
+                .unwrap()
+                .contains("longer")
+        );
         assert_eq!(shown("a/b"), "/a/b");
         let long = "é".repeat(500);
         let s = shown(&long);

@@ -212,9 +212,9 @@ pub fn under_any(p: &str, dirs: &HashSet<String>) -> bool {
     // A few dirs: compare each as a prefix (hashing every prefix of a
     // long, deep path costs its length times its depth).
     if dirs.len() <= 16 {
-        return dirs
-            .iter()
-            .any(|d| p.len() > d.len() && p.as_bytes()[d.len()] == b'/' && p.starts_with(d.as_str()));
+        return dirs.iter().any(|d| {
+            p.len() > d.len() && p.as_bytes()[d.len()] == b'/' && p.starts_with(d.as_str())
+        });
     }
     p.match_indices('/').any(|(i, _)| dirs.contains(&p[..i]))
 }
@@ -425,6 +425,9 @@ pub fn held(proc: &Path, pids: &[i32], env_root: &Path, upper: &Path, env_dev: u
                     continue;
                 }
                 let Ok(target) = std::fs::read_link(&link) else {
+                    // (an environment file whose path the kernel cannot
+                    // print, e.g. longer than PATH_MAX: not placed)
+                    unplaced(&link, &mut out);
                     continue;
                 };
                 if target.as_os_str().as_bytes().ends_with(DELETED) {

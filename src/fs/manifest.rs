@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -624,12 +624,19 @@ struct Dirs {
 
 impl Dirs {
     fn get(&mut self, parent: &[u8], p: &str) -> Result<BorrowedFd<'_>, FsError> {
-        if self.last.as_ref().is_none_or(|(l, _)| l.as_slice() != parent) {
+        if self
+            .last
+            .as_ref()
+            .is_none_or(|(l, _)| l.as_slice() != parent)
+        {
             let fd = super::at::open_dir(self.top.as_fd(), parent)
                 .map_err(|e| rel_err("open", p)(e.into()))?;
             self.last = Some((parent.to_vec(), fd));
         }
-        Ok(self.last.as_ref().map_or(self.top.as_fd(), |(_, fd)| fd.as_fd()))
+        Ok(self
+            .last
+            .as_ref()
+            .map_or(self.top.as_fd(), |(_, fd)| fd.as_fd()))
     }
 }
 
@@ -652,7 +659,9 @@ pub fn materialize(manifest: &Manifest, store: &Store, dest: &Path) -> Result<()
     for (p, e) in manifest.sorted() {
         let raw = decode_path(p);
         if !proper(&raw) {
-            return Err(FsError::Corrupt(format!("manifest path {p:?} is not a proper relative path")));
+            return Err(FsError::Corrupt(format!(
+                "manifest path {p:?} is not a proper relative path"
+            )));
         }
         let (parent, name) = split_parent(&raw);
         let dir = dirs.get(parent, p)?;

@@ -423,7 +423,12 @@ fn scan_upper_at(
     } else {
         forced
     };
-    let staged = stage_all(store, &upper_fd, std::mem::take(&mut delta.to_stage), threads)?;
+    let staged = stage_all(
+        store,
+        &upper_fd,
+        std::mem::take(&mut delta.to_stage),
+        threads,
+    )?;
     delta.keep_staged(staged);
     Ok(delta)
 }
@@ -520,7 +525,10 @@ impl Delta {
             .map(|(i, _)| *i)
             .collect();
         if raced.is_empty() {
-            self.staged = staged.into_iter().filter_map(|(i, s)| Some((i, s?))).collect();
+            self.staged = staged
+                .into_iter()
+                .filter_map(|(i, s)| Some((i, s?)))
+                .collect();
             return;
         }
         let mut index = vec![usize::MAX; self.changed.len()];
@@ -782,8 +790,12 @@ pub fn verify(
                 }
                 continue;
             }
-            let st = fstatat(fd.as_fd(), OsStr::from_bytes(bytes), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(|e| rel_err("stat", &p)(e.into()))?;
+            let st = fstatat(
+                fd.as_fd(),
+                OsStr::from_bytes(bytes),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| rel_err("stat", &p)(e.into()))?;
             match expected(&p) {
                 None => out.push(format!("{p}: not known")),
                 Some(s) => {
@@ -935,7 +947,8 @@ fn scan_dir(
     }
     // Listing and stat share the directory (the listing owns a duplicate).
     let listing = fd.try_clone().map_err(rel_err("dup", &rel))?;
-    let mut listing = nix::dir::Dir::from_fd(listing).map_err(|e| rel_err("read dir", &rel)(e.into()))?;
+    let mut listing =
+        nix::dir::Dir::from_fd(listing).map_err(|e| rel_err("read dir", &rel)(e.into()))?;
     let mut subdirs = Vec::new();
     // The relative path of the current entry, reused: only a change allocates.
     let mut rel_path = String::with_capacity(rel.len() + 64);
