@@ -155,6 +155,34 @@ pub struct Args {
     )]
     pub wait_for_running: String,
 
+    /// Sleep after this long without activity (API requests other than
+    /// `GET /v1/status` and the sprite record, open exec WebSockets, proxy
+    /// tunnels, ingress connections): the environment is frozen (warm).
+    /// `0` never sleeps.
+    #[arg(
+        long,
+        env = "SPRITED_AUTO_SLEEP",
+        default_value = "30s",
+        value_name = "DURATION"
+    )]
+    pub auto_sleep: String,
+
+    /// After this long warm (or at once under memory pressure), the
+    /// environment is dumped whole with CRIU and its processes end (cold):
+    /// its memory goes back to the machine. The next request restores it.
+    #[arg(
+        long,
+        env = "SPRITED_COLD_AFTER",
+        default_value = "5m",
+        value_name = "DURATION"
+    )]
+    pub cold_after: String,
+
+    /// How many automatic checkpoints (taken before each restore, for
+    /// `sprite-env checkpoint restore --undo`) are kept.
+    #[arg(long, env = "SPRITED_AUTO_KEEP", default_value = "5", value_name = "N")]
+    pub auto_keep: usize,
+
     /// Parent of the daemon's cgroups, relative to the cgroup v2 root.
     /// Default: sprited/<daemon-id>, where the id derives from the state dir.
     #[arg(long, env = "SPRITED_CGROUP_PARENT", value_name = "PATH")]
@@ -259,6 +287,10 @@ pub struct Config {
     pub url: Option<String>,
     pub wait_for_running: Duration,
     pub shutdown_timeout: Duration,
+    /// Zero: never.
+    pub auto_sleep: Duration,
+    pub cold_after: Duration,
+    pub auto_keep: usize,
     /// Relative to the cgroup v2 mount.
     pub cgroup_parent: PathBuf,
     pub daemon_id: String,
@@ -350,6 +382,9 @@ impl Config {
             url: args.url.clone(),
             wait_for_running: parse_secs(&args.wait_for_running)?,
             shutdown_timeout: parse_secs(&args.shutdown_timeout)?,
+            auto_sleep: parse_secs(&args.auto_sleep)?,
+            cold_after: parse_secs(&args.cold_after)?,
+            auto_keep: args.auto_keep,
             cgroup_parent,
             daemon_id,
             criu_path: args.criu.clone(),

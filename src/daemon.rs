@@ -173,6 +173,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         container: OnceLock::new(),
         sessions: OnceLock::new(),
         ports: OnceLock::new(),
+        sleep: crate::sleep::Sleep::new(config.auto_sleep, config.cold_after),
         shutdown: shutdown.clone(),
     });
 
@@ -227,6 +228,14 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     // Wait until it really stopped: it may be mounting the environment.
     let _ = boot.await;
     shutdown.cancel();
+    // Warm: thawed, so the services stop as usual. Cold stays cold (its
+    // record and dump are kept for the next start).
+    if app.sleep.depth() == crate::sleep::Depth::Warm
+        && let Some(cps) = app.checkpoints.get()
+    {
+        cps.thaw_environment(std::time::Duration::from_secs(10))
+            .await;
+    }
     if let Some(sup) = app.supervisor.get() {
         sup.shutdown(config.shutdown_timeout).await;
     }
@@ -302,8 +311,14 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
+    // Cold when the daemon last stopped: nothing starts until a request
+    // wakes the sprite (its processes come back from the dump).
+    let cold = crate::checkpoint::cold_record_path(&config.state_dir).exists();
+    if cold {
+        tracing::info!("the sprite was asleep (cold): it stays so until a request wakes it");
+    }
     let container = match (&env, app.cgroups.get()) {
-        (Some(env), Some(cgroups)) => match start_container(&app, env, cgroups).await {
+        (Some(env), Some(cgroups)) => match start_container(&app, env, cgroups, !cold).await {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::error!(error = %e, "the environment cannot start: services and commands will not run");
@@ -359,6 +374,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
                 if let Some(sessions) = app.sessions.get() {
                     c.set_sessions(sessions.clone());
                 }
+                c.set_auto_keep(config.auto_keep);
                 let _ = app.checkpoints.set(Arc::new(c));
             }
             Err(e) => {
@@ -367,7 +383,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             }
         }
     }
-    if let Some(sup) = supervisor {
+    if let Some(sup) = supervisor.filter(|_| !cold) {
         sup.start_all().await;
     }
     if let Some(mut gate) = gate {
@@ -382,6 +398,19 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     {
         notify::notify("STATUS=running");
     }
+    if let Some(cps) = app.checkpoints.get() {
+        let since = cold.then(|| {
+            cps.cold_record()
+                .map_or_else(SystemTime::now, |r| r.since())
+        });
+        app.sleep.start(
+            crate::sleep::Parts {
+                checkpoints: cps.clone(),
+                lifecycle: app.lifecycle.clone(),
+            },
+            since,
+        );
+    }
 }
 
 /// Sets up the environment's container over the mounted root and starts
@@ -390,6 +419,7 @@ async fn start_container(
     app: &AppState,
     env: &Env,
     cgroups: &Cgroups,
+    start: bool,
 ) -> Result<crate::container::Container, String> {
     let config = &app.config;
     let checkpoints = config.state_dir.join("checkpoints");
@@ -413,7 +443,12 @@ async fn start_container(
         app.reaper.clone(),
     );
     let _ = app.container.set(container.clone());
-    container.start().await.map_err(|e| e.to_string())?;
+    if start {
+        container.start().await.map_err(|e| e.to_string())?;
+    } else {
+        // (what a crashed daemon left goes all the same)
+        container.kill().await;
+    }
     Ok(container)
 }
 

@@ -10,6 +10,7 @@ use crate::checkpoint::CheckpointError;
 use crate::exec::ExecError;
 use crate::files::FilesError;
 use crate::lifecycle::LifecycleError;
+use crate::sleep::SleepError;
 use crate::supervisor::SupervisorError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum ApiError {
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Sleep(#[from] SleepError),
 }
 
 impl ApiError {
@@ -77,6 +80,10 @@ impl ApiError {
                 LifecycleError::Invalid { .. } => StatusCode::CONFLICT,
             },
             ApiError::Supervisor(e) => supervisor_status(e),
+            ApiError::Sleep(e) => match e {
+                SleepError::Refused(_) => StatusCode::CONFLICT,
+                SleepError::Freeze(_) | SleepError::Dump(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
             ApiError::Checkpoint(e) => match e {
                 CheckpointError::NotFound(_) => StatusCode::NOT_FOUND,
                 CheckpointError::BadId(_) => StatusCode::BAD_REQUEST,

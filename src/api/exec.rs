@@ -148,9 +148,14 @@ async fn attach_ws(app: Arc<AppState>, id: String, req: Request) -> Result<Respo
 }
 
 fn ws_response(app: Arc<AppState>, ws: WebSocketUpgrade, att: Attachment) -> Response {
+    // An open exec WebSocket keeps the sprite awake.
+    let hold = app.sleep.hold();
     let mut resp = ws
         .max_message_size(16 * 1024 * 1024)
-        .on_upgrade(move |socket| run_ws(app, socket, att));
+        .on_upgrade(move |socket| async move {
+            let _hold = hold;
+            run_ws(app, socket, att).await
+        });
     resp.headers_mut()
         .insert("x-sprite-capabilities", HeaderValue::from_static("signal"));
     resp

@@ -51,6 +51,9 @@ pub async fn serve(app: Arc<AppState>, listener: TcpListener) {
 
 #[tracing::instrument(name = "ingress", skip(app, client), fields(%peer, port))]
 async fn forward(app: Arc<AppState>, mut client: TcpStream, peer: std::net::SocketAddr) {
+    // An ingress connection wakes the sprite and keeps it awake.
+    let _hold = app.sleep.hold();
+    app.sleep.wake().await;
     let mut upstream = match upstream(&app).await {
         Ok(u) => u,
         Err((status, message)) => {

@@ -77,6 +77,8 @@ pub struct AppState {
     pub sessions: OnceLock<crate::exec::Sessions>,
     /// The listening-port watcher.
     pub ports: OnceLock<crate::ports::Ports>,
+    /// Idleness, sleep and wake: every counted request passes through it.
+    pub sleep: Arc<crate::sleep::Sleep>,
     /// Cancelled when the daemon shuts down: long streams end on it.
     pub shutdown: CancellationToken,
 }
@@ -85,6 +87,8 @@ pub struct AppState {
 fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/status", get(system::status))
+        .route("/v1/sleep", post(system::sleep))
+        .route("/v1/wake", post(system::wake))
         .route("/v1/ready", get(system::ready))
         .route("/v1/sprite", get(system::sprite_record))
         .route("/v1/services", get(services::list))
@@ -144,7 +148,65 @@ fn routes(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            keep_awake,
+        ))
         .with_state(state)
+}
+
+/// Reads that show whether the sprite sleeps, and the call that puts it to
+/// sleep: they neither wake it nor count as activity.
+fn leaves_asleep(method: &Method, path: &str) -> bool {
+    (method == Method::GET && matches!(path, "/v1/status" | "/v1/sprite"))
+        || (method == Method::POST && path == "/v1/sleep")
+}
+
+/// Every other request counts as activity for as long as its response is
+/// being sent, and finds the sprite awake (waking it first: a thaw, or a
+/// restore of the whole tree).
+async fn keep_awake(
+    axum::extract::State(app): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if leaves_asleep(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    let hold = app.sleep.hold();
+    app.sleep.wake().await;
+    let resp = next.run(req).await;
+    let (parts, body) = resp.into_parts();
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::new(HeldBody { body, _hold: hold }),
+    )
+}
+
+/// A response body that keeps the sprite awake until it is sent (or dropped).
+struct HeldBody {
+    body: axum::body::Body,
+    _hold: crate::sleep::Hold,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The framework's own refusals (a body over the limit, a malformed

@@ -64,6 +64,9 @@ fn connect_port(req: &Request) -> Result<u16, ApiError> {
 /// `CONNECT`: waits for `running`, dials the port, answers 200 and splices
 /// the upgraded connection to it.
 pub async fn connect(app: Arc<AppState>, mut req: Request) -> Response {
+    // An open tunnel keeps the sprite awake (and finds it awake).
+    let hold = app.sleep.hold();
+    app.sleep.wake().await;
     let port = connect_port(&req);
     let r = async {
         app.lifecycle
@@ -80,6 +83,7 @@ pub async fn connect(app: Arc<AppState>, mut req: Request) -> Response {
     };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _hold = hold;
         match upgrade.await {
             Ok(conn) => {
                 let mut conn = hyper_util::rt::TokioIo::new(conn);
@@ -94,7 +98,11 @@ pub async fn connect(app: Arc<AppState>, mut req: Request) -> Response {
 
 /// `GET .../proxy` (WebSocket): the first text message names the port.
 pub async fn ws_proxy(ws: WebSocketUpgrade, State(app): State<Arc<AppState>>) -> Response {
-    ws.on_upgrade(move |socket| run_proxy(app, socket))
+    let hold = app.sleep.hold();
+    ws.on_upgrade(move |socket| async move {
+        let _hold = hold;
+        run_proxy(app, socket).await
+    })
 }
 
 async fn close(mut socket: WebSocket, code: u16, reason: String) {

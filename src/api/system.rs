@@ -31,6 +31,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
             "auth": match c.tcp_auth { crate::config::TcpAuth::Token(_) => "token", crate::config::TcpAuth::Insecure => "none" },
         },
         "wait_for_running_secs": c.wait_for_running.as_secs_f64(),
+        "sleep": sleep_json(&app),
         "cgroup": app.cgroup.get(),
         "criu": app.criu.get(),
         "fs": match app.checkpoints.get() {
@@ -56,7 +57,7 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiE
 /// shaped like the hosted API's sprite object.
 pub async fn sprite_record(State(app): State<Arc<AppState>>) -> Json<Value> {
     let status = match app.lifecycle.state() {
-        Life::Running | Life::Checkpointing | Life::Restoring => "running",
+        Life::Running | Life::Checkpointing | Life::Restoring => app.sleep.depth().as_str(),
         Life::Booting | Life::ShuttingDown => "warm",
     };
     Json(json!({
@@ -67,4 +68,39 @@ pub async fn sprite_record(State(app): State<Arc<AppState>>) -> Json<Value> {
         "updated_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         "url": app.config.url,
     }))
+}
+
+/// The sleep part of `/v1/status`: `status` (`running`, `warm`, `cold`),
+/// `since`, how long it has slept, what the last wake could not restore,
+/// and the settings.
+fn sleep_json(app: &AppState) -> Value {
+    let st = app.sleep.status();
+    json!({
+        "status": st.status,
+        "since": st.since.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "slept_secs": st.since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
+        "last_wake_error": st.last_wake_error,
+        "auto_sleep_secs": app.config.auto_sleep.as_secs_f64(),
+        "cold_after_secs": app.config.cold_after.as_secs_f64(),
+    })
+}
+
+/// `POST /v1/sleep?cold=true`: sleeps now (warm, or cold), whatever the
+/// activity. 409 while a checkpoint or restore runs.
+pub async fn sleep(
+    State(app): State<Arc<AppState>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let q = super::params::Params::parse(q.as_deref());
+    let cold = q.flag("cold")?.unwrap_or(false);
+    app.lifecycle
+        .wait_running(app.config.wait_for_running)
+        .await?;
+    app.sleep.force(cold).await?;
+    Ok(Json(sleep_json(&app)))
+}
+
+/// `POST /v1/wake`: awake (the request itself woke the sprite).
+pub async fn wake(State(app): State<Arc<AppState>>) -> Json<Value> {
+    Json(sleep_json(&app))
 }

@@ -83,12 +83,24 @@ impl Checkpoints {
     /// Takes a checkpoint: files, and with `processes` (and CRIU) the
     /// memory of the whole environment. Blocking (disk work, CRIU): run it
     /// off the async workers. `progress` receives human-readable steps.
-    #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty))]
     pub fn capture(
         &self,
         comment: String,
         id: Option<String>,
         processes: bool,
+        progress: &dyn Fn(Note),
+    ) -> Result<CheckpointMeta, CheckpointError> {
+        self.capture_as(comment, id, processes, false, progress)
+    }
+
+    /// [`Checkpoints::capture`], marked automatic (`is_auto`) with `auto`.
+    #[tracing::instrument(name = "checkpoint", skip_all, fields(id = tracing::field::Empty, auto))]
+    pub(super) fn capture_as(
+        &self,
+        comment: String,
+        id: Option<String>,
+        processes: bool,
+        auto: bool,
         progress: &dyn Fn(Note),
     ) -> Result<CheckpointMeta, CheckpointError> {
         let started = Instant::now();
@@ -103,7 +115,15 @@ impl Checkpoints {
         let st = self.env.state();
         let parent = self.parent_manifest(st.layer.as_deref())?;
         durable::write_atomic(&self.journal(), id.as_bytes(), 0o644)?;
-        let result = self.capture_steps(&id, &st, &parent, comment, processes, progress, started);
+        let result = self.capture_steps(
+            &id,
+            &st,
+            &parent,
+            (comment, auto),
+            processes,
+            progress,
+            started,
+        );
         match &result {
             Ok(meta) => {
                 self.metas
@@ -139,7 +159,7 @@ impl Checkpoints {
         id: &str,
         st: &EnvState,
         parent: &Manifest,
-        comment: String,
+        (comment, auto): (String, bool),
         processes: bool,
         progress: &dyn Fn(Note),
         started: Instant,
@@ -183,7 +203,7 @@ impl Checkpoints {
             source_id: st.source.clone(),
             comment,
             history: self.history_of(st.source.as_deref()),
-            is_auto: false,
+            is_auto: auto,
             health: if skipped_count == 0 { "ok" } else { "partial" }.into(),
             manifest: manifest_id,
             services: frozen.services,
@@ -315,7 +335,7 @@ impl Checkpoints {
     /// What a restore needs besides CRIU's images, read while frozen: the
     /// init's pipes, each service's and session's pipes, and which cgroup
     /// each process of the environment is in.
-    fn dump_plan(&self, container: &crate::container::Container) -> EnvImages {
+    pub(super) fn dump_plan(&self, container: &crate::container::Container) -> EnvImages {
         let pipe = |host_pid: i32, fd: u32| {
             std::fs::read_link(format!("/proc/{host_pid}/fd/{fd}"))
                 .ok()

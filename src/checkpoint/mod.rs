@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 mod capture;
 mod gc;
 mod restore;
+mod sleep;
+
+pub use sleep::{ColdRecord, cold_record_path};
 
 use crate::archive;
 use crate::cgroup::CgroupError;
@@ -264,7 +267,12 @@ pub struct Checkpoints {
     sessions: std::sync::OnceLock<crate::exec::Sessions>,
     /// Checkpoints being exported (id → how many exports): not deletable.
     exporting: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// How many automatic checkpoints (taken before restores) are kept.
+    auto_keep: std::sync::atomic::AtomicUsize,
 }
+
+/// The default of `--auto-keep`.
+pub const AUTO_KEEP: usize = 5;
 
 /// Keeps a checkpoint from being deleted while it is exported.
 pub struct ExportPin {
@@ -356,6 +364,7 @@ impl Checkpoints {
             parent: Mutex::new(None),
             sessions: std::sync::OnceLock::new(),
             exporting: Arc::default(),
+            auto_keep: AUTO_KEEP.into(),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -369,6 +378,25 @@ impl Checkpoints {
     /// Exec sessions to freeze during captures and to kill on restores.
     pub fn set_sessions(&self, sessions: crate::exec::Sessions) {
         let _ = self.sessions.set(sessions);
+    }
+
+    /// How many automatic checkpoints to keep (`--auto-keep`).
+    pub fn set_auto_keep(&self, n: usize) {
+        self.auto_keep
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Deletes the automatic checkpoints beyond the newest `--auto-keep`.
+    pub(crate) fn prune_auto(&self) {
+        let keep = self.auto_keep.load(std::sync::atomic::Ordering::Relaxed);
+        for m in self.list(None).into_iter().filter(|m| m.is_auto).skip(keep) {
+            match self.delete(&m.id) {
+                Ok(_) => tracing::info!(id = %m.id, "old automatic checkpoint deleted"),
+                Err(e) => {
+                    tracing::warn!(id = %m.id, error = %e, "cannot delete an old automatic checkpoint")
+                }
+            }
+        }
     }
 
     fn journal(&self) -> PathBuf {

@@ -1,5 +1,8 @@
 //! Restore: the environment as checkpoint `id` left it. The plan:
 //!
+//! 0. take an automatic checkpoint of the state about to be replaced (the
+//!    undo point; not when restoring an automatic checkpoint), and delete
+//!    the automatic ones beyond `--auto-keep`;
 //! 1. stop the environment (every process; services and sessions forgotten);
 //! 2. mount the checkpoint's layer with a fresh upper dir;
 //! 3. restore the service definitions;
@@ -19,6 +22,14 @@ use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info,
 use crate::container::Container;
 use crate::durable;
 use crate::supervisor::RunningService;
+
+/// Where the raw images of a dump are.
+pub(super) enum ImagesAt {
+    /// A checkpoint's (cached, or extracted from the store).
+    Checkpoint(String),
+    /// A dir of raw images (a cold sleep's).
+    Dir(PathBuf),
+}
 
 /// The daemon's ends of the pipes a restored environment gets.
 struct Ends {
@@ -45,6 +56,9 @@ impl Checkpoints {
         progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
+        if !meta.is_auto {
+            self.take_undo_point(id, progress).await;
+        }
         let t0 = Instant::now();
         info(progress, "Stopping the environment...");
         self.stop_environment().await;
@@ -85,8 +99,47 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Step 0: an automatic checkpoint of what is about to be replaced,
+    /// with its processes (`sprite-env checkpoint restore --undo` goes back
+    /// to it). When it cannot be taken the restore goes on, saying so.
+    async fn take_undo_point(self: &Arc<Self>, target: &str, progress: &(dyn Fn(Note) + Sync)) {
+        info(
+            progress,
+            "Taking an automatic checkpoint first (to undo this restore)...",
+        );
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let me = self.clone();
+        let comment = format!("before restore to {target}");
+        let done = tokio::task::spawn_blocking(move || {
+            me.capture_as(comment, None, true, true, &|n| {
+                let _ = tx.send(n);
+            })
+        });
+        while let Some(n) = rx.recv().await {
+            progress(n);
+        }
+        match done.await {
+            Ok(Ok(meta)) => {
+                info(
+                    progress,
+                    format!(
+                        "Automatic checkpoint {} taken (sprite-env checkpoint restore --undo goes back to it)",
+                        meta.id
+                    ),
+                );
+                self.prune_auto();
+            }
+            Ok(Err(e)) => progress(Note::Error(format!(
+                "no automatic checkpoint ({e}): this restore cannot be undone"
+            ))),
+            Err(e) => progress(Note::Error(format!(
+                "no automatic checkpoint ({e}): this restore cannot be undone"
+            ))),
+        }
+    }
+
     /// Step 1: every process of the environment goes.
-    async fn stop_environment(&self) {
+    pub(super) async fn stop_environment(&self) {
         self.sup.kill_all().await;
         if let Some(s) = self.sessions.get() {
             s.kill_all().await;
@@ -131,14 +184,31 @@ impl Checkpoints {
             (None, false) => return Err("the checkpoint keeps files only".into()),
             (None, true) => return Err("its processes were not dumped".into()),
         };
+        self.restore_tree(container, images, ImagesAt::Checkpoint(meta.id.clone()))
+            .await
+    }
+
+    /// The whole tree of a CRIU dump back onto the mounted root, with new
+    /// pipes where the daemon held the other ends; the init adopted, each
+    /// process put back in its cgroup, services and sessions adopted. The
+    /// error says why it could not be.
+    pub(super) async fn restore_tree(
+        self: &Arc<Self>,
+        container: &Container,
+        images: EnvImages,
+        at: ImagesAt,
+    ) -> Result<(), String> {
         let criu = self.criu.clone().ok_or("CRIU is unavailable")?;
         let init_cgroup = container.init_cgroup().map_err(|e| e.to_string())?;
         let me = self.clone();
-        let (id, plan) = (meta.id.clone(), images.clone());
+        let plan = images.clone();
         let root = self.env.root().to_owned();
         let externals = self.external_paths(container);
         let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let dir = me.raw_images(&id, &plan).map_err(|e| e.to_string())?;
+            let dir = match at {
+                ImagesAt::Checkpoint(id) => me.raw_images(&id, &plan).map_err(|e| e.to_string())?,
+                ImagesAt::Dir(dir) => dir,
+            };
             let (inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
             let procs = init_cgroup.procs_fd().map_err(|e| e.to_string())?;
             let externals: Vec<(&str, PathBuf)> = externals

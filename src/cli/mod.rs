@@ -78,8 +78,20 @@ pub enum Command {
         #[arg(short = 'i', long)]
         include: bool,
     },
-    /// Show the daemon's status (state, version, kernel, cgroup and CRIU support).
+    /// Show the daemon's status (state, version, kernel, cgroup and CRIU
+    /// support, and `sleep`: running, warm or cold, since when and for how
+    /// long). Does not wake a sleeping sprite.
     Status,
+    /// Put the sprite to sleep now: warm (its processes frozen, memory
+    /// kept), or with --cold dumped whole with CRIU and ended (its memory
+    /// goes back to the machine). The next request wakes it.
+    Sleep {
+        /// Cold: dump and end the processes, not just freeze them.
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Wake the sprite (thaw it, or restore its processes from a cold sleep).
+    Wake,
     /// Manage services (long-running processes the daemon supervises).
     #[command(subcommand)]
     Services(ServicesCmd),
@@ -173,8 +185,18 @@ pub enum CheckpointCmd {
     },
     /// Show one checkpoint.
     Get { id: String },
-    /// Restore the environment to a checkpoint (services are restarted).
-    Restore { id: String },
+    /// Restore the environment to a checkpoint (its processes come back
+    /// with it). An automatic checkpoint of the current state is taken
+    /// first: `--undo` goes back to the newest one.
+    #[command(arg_required_else_help = true)]
+    Restore {
+        /// The checkpoint (`vN`).
+        #[arg(required_unless_present = "undo", conflicts_with = "undo")]
+        id: Option<String>,
+        /// Undo the last restore: restore the newest automatic checkpoint.
+        #[arg(long)]
+        undo: bool,
+    },
     /// Delete a checkpoint and free what only it used.
     Delete { id: String },
     /// Write a checkpoint as one archive (zstd-compressed tar), to move it
@@ -192,6 +214,29 @@ pub enum CheckpointCmd {
         /// The archive (`-` = stdin).
         file: PathBuf,
     },
+}
+
+/// The newest automatic checkpoint (taken before a restore).
+async fn newest_auto(client: &UnixClient) -> Result<String, CliError> {
+    let (status, body) = client.call(Method::GET, "/v1/checkpoints", None).await?;
+    if !status.is_success() {
+        return Err(CliError::Http {
+            status: status.as_u16(),
+            message: error_message(&body),
+        });
+    }
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["is_auto"] == true)
+        .and_then(|c| c["id"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::Http {
+            status: 404,
+            message: "no automatic checkpoint: nothing to undo (one is taken before each restore)"
+                .into(),
+        })
 }
 
 /// Runs a checkpoint command: the transfers stream files, the rest are one request.
@@ -218,7 +263,14 @@ async fn checkpoint(client: &UnixClient, cmd: CheckpointCmd) -> Result<(), CliEr
             None,
         ),
         CheckpointCmd::Get { id } => ("GET", one(&id), None),
-        CheckpointCmd::Restore { id } => ("POST", one(&id) + "/restore", None),
+        CheckpointCmd::Restore { id, undo } => {
+            let id = match id {
+                Some(id) if !undo => id,
+                _ => newest_auto(client).await?,
+            };
+            eprintln!("restoring {id}");
+            ("POST", one(&id) + "/restore", None)
+        }
         CheckpointCmd::Delete { id } => ("DELETE", one(&id), None),
         CheckpointCmd::Export { id, output } => {
             return transfer::export(client, &one(&id), &id, output).await;
@@ -498,6 +550,19 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 .await
                 .map(|_| 0)
         }
+        Command::Sleep { cold } => {
+            let path = if cold {
+                "/v1/sleep?cold=true"
+            } else {
+                "/v1/sleep"
+            };
+            curl(&client, path, Some("POST".into()), None, &[], false)
+                .await
+                .map(|_| 0)
+        }
+        Command::Wake => curl(&client, "/v1/wake", Some("POST".into()), None, &[], false)
+            .await
+            .map(|_| 0),
         Command::Status => {
             let (status, body) = client.call(Method::GET, "/v1/status", None).await?;
             if !status.is_success() {

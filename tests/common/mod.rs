@@ -124,6 +124,14 @@ pub fn spawn(opts: Options) -> Spawned {
             "sprited=debug,info",
         ])
         .args(&opts.extra)
+        // Tests of other things do not want their sprite to fall asleep
+        // between two steps: sleep is off unless a test sets it.
+        .args(
+            (!opts.extra.iter().any(|a| a == "--auto-sleep"))
+                .then_some(["--auto-sleep", "0"])
+                .into_iter()
+                .flatten(),
+        )
         .env_remove("SPRITE_HTTP_API_TOKEN")
         .env("NOTIFY_SOCKET", &notify_path)
         .stdin(Stdio::null())
@@ -654,12 +662,32 @@ impl Daemon {
     /// Waits until the daemon's log holds `needle`.
     pub async fn log_shows(&self, needle: &str) {
         let log = self.log.clone();
-        when(
-            &log,
-            nix::sys::inotify::AddWatchFlags::IN_MODIFY,
-            needle,
-            || read(&log).contains(needle),
+        let found = std::sync::atomic::AtomicBool::new(false);
+        let r = tokio::time::timeout(
+            WAIT + Duration::from_secs(1),
+            tokio::spawn({
+                let log = log.clone();
+                let needle = needle.to_owned();
+                async move {
+                    when(
+                        &log,
+                        nix::sys::inotify::AddWatchFlags::IN_MODIFY,
+                        &needle,
+                        || read(&log).contains(&needle),
+                    )
+                    .await
+                }
+            }),
         )
         .await;
+        found.store(
+            matches!(r, Ok(Ok(()))),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        assert!(
+            found.load(std::sync::atomic::Ordering::Relaxed),
+            "waited for {needle:?} in the log:\n{}",
+            read(&log)
+        );
     }
 }
