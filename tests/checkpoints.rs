@@ -95,11 +95,15 @@ async fn the_chain_records_where_each_checkpoint_came_from() {
     d.checkpoint("first").await; // v1
     write(&d.env_root(), "f", b"2");
     d.checkpoint("second").await; // v2, from v1
-    d.restore("v1").await;
+    d.restore("v1").await; // v3: the automatic checkpoint (undo point)
     write(&d.env_root(), "f", b"3");
-    d.checkpoint("branch").await; // v3, from v1
+    d.checkpoint("branch").await; // v4, from v1
 
-    let v3: Value = d.get("/v1/checkpoints/v3").await.json().await.unwrap();
+    let auto: Value = d.get("/v1/checkpoints/v3").await.json().await.unwrap();
+    assert_eq!(auto["is_auto"], true, "{auto}");
+    assert_eq!(auto["comment"], "before restore to v1", "{auto}");
+    assert_eq!(auto["source_id"], "v2", "{auto}");
+    let v3: Value = d.get("/v1/checkpoints/v4").await.json().await.unwrap();
     assert_eq!(v3["source_id"], "v1");
     assert_eq!(v3["history"][0], "v1");
     assert_eq!(v3["comment"], "branch");
@@ -107,7 +111,7 @@ async fn the_chain_records_where_each_checkpoint_came_from() {
     assert_eq!(v2["history"], json!(["v1"]));
     let list: Vec<Value> = d.get("/v1/checkpoints").await.json().await.unwrap();
     let ids: Vec<&str> = list.iter().map(|c| c["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["v3", "v2", "v1"], "newest first");
+    assert_eq!(ids, ["v4", "v3", "v2", "v1"], "newest first");
     let from_v1: Vec<Value> = d
         .get("/v1/checkpoints?history=v1")
         .await
@@ -116,7 +120,7 @@ async fn the_chain_records_where_each_checkpoint_came_from() {
         .unwrap();
     let mut ids: Vec<&str> = from_v1.iter().map(|c| c["id"].as_str().unwrap()).collect();
     ids.sort();
-    assert_eq!(ids, ["v2", "v3"]);
+    assert_eq!(ids, ["v2", "v3", "v4"]);
     // The external path shape and the browsable roots.
     let via_sprite = d
         .get(&format!("/v1/sprites/{}/checkpoints/v1", common::NAME))
@@ -334,12 +338,15 @@ async fn conflicts_unknown_ids_and_deletes_that_free_space() {
     );
 
     d.restore("v1").await;
-    assert_eq!(
-        d.req(Method::DELETE, "/v1/checkpoints/v2", None)
-            .await
-            .status(),
-        204
-    );
+    // (v3, the automatic checkpoint the restore took, holds the big file too)
+    for id in ["v2", "v3"] {
+        assert_eq!(
+            d.req(Method::DELETE, &format!("/v1/checkpoints/{id}"), None)
+                .await
+                .status(),
+            204
+        );
+    }
     let after = du(&store);
     assert!(
         after + (7 << 20) < before,
@@ -672,8 +679,15 @@ async fn random_edits_over_many_checkpoints_all_restore_exactly() {
                 _ => std::fs::create_dir_all(&dir),
             };
         }
-        d.checkpoint(&format!("round {round}")).await;
-        let id = format!("v{}", round + 1);
+        let events = d.checkpoint(&format!("round {round}")).await;
+        // (restores take automatic checkpoints too: the id is the one reported)
+        let id = events.last().unwrap()["data"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned();
         taken.push((id, tree(&root)));
         if round % 4 == 3 {
             let (id, want) = &taken[next(taken.len() as u64) as usize];
