@@ -201,11 +201,6 @@ impl Sleep {
         self.status.borrow().status
     }
 
-    /// A watch of the status (tests and the status route).
-    pub fn subscribe(&self) -> watch::Receiver<Status> {
-        self.status.subscribe()
-    }
-
     fn touch(&self) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
@@ -311,7 +306,7 @@ impl Sleep {
                 Depth::Running if self.holds.load(Ordering::SeqCst) > 0 => None,
                 Depth::Running => {
                     let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
-                    Some((last + self.auto_sleep, Happening::Idle))
+                    Some((last + self.auto_sleep, Some(Happening::Idle)))
                 }
                 Depth::Warm => {
                     let since = status.since.unwrap_or_else(SystemTime::now);
@@ -320,11 +315,12 @@ impl Sleep {
                         .saturating_sub(since.elapsed().unwrap_or_default());
                     let pressure = Instant::now() + PRESSURE_CHECK;
                     if pressured() {
-                        Some((Instant::now(), Happening::Pressure))
+                        Some((Instant::now(), Some(Happening::Pressure)))
                     } else if left > PRESSURE_CHECK {
-                        Some((pressure, Happening::Idle))
+                        // (nothing due yet: look at the pressure again then)
+                        Some((pressure, None))
                     } else {
-                        Some((Instant::now() + left, Happening::ColdDue))
+                        Some((Instant::now() + left, Some(Happening::ColdDue)))
                     }
                 }
                 Depth::Cold => None,
@@ -337,9 +333,9 @@ impl Sleep {
                 () = tokio::time::sleep_until(at.into()) => {}
                 () = &mut notified => continue,
             }
-            if h == Happening::Idle && status.status == Depth::Warm {
-                continue; // (a pressure check: loop round)
-            }
+            let Some(h) = h else {
+                continue;
+            };
             let op = self.ops.lock().await;
             // Looked at again under the lock: a request may have come.
             let idle = self.holds.load(Ordering::SeqCst) == 0

@@ -533,15 +533,6 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
     assert_eq!(pid_of(&a.service("counter").await["state"]), pid);
 }
 
-/// A free port on the loopback (bound, then released for a server to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /` on a local port answers 200.
 async fn answers(port: u16) -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
@@ -603,7 +594,7 @@ async fn services_exec_servers_and_tty_sessions_come_back_with_the_restore() {
     )
     .await;
     let pid = pid_of(&counter);
-    let (web, server) = (free_port(), free_port());
+    let (web, server) = (common::free_port(), common::free_port());
     start(
         &d,
         "web",

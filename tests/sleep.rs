@@ -33,14 +33,6 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /` on a port of the sprite (the environment shares the host's
 /// network): `(pid, count)`. Not an API call: it neither wakes the sprite
 /// nor counts as activity.
@@ -150,7 +142,7 @@ async fn an_idle_sprite_goes_warm_then_cold_and_one_request_brings_every_process
         return;
     }
     let d = Daemon::start_with(sleepy(&["--auto-sleep", "2s", "--cold-after", "3s"])).await;
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (common::free_port(), common::free_port());
     service(&d, p1, 256).await;
     exec_server(&d, p2, 16).await;
     let (pid1, _) = ask(p1).await.unwrap();
@@ -189,7 +181,7 @@ async fn an_attached_terminal_or_an_open_tunnel_keeps_the_sprite_awake() {
         return;
     }
     let d = Daemon::start_with(sleepy(&["--auto-sleep", "1s", "--cold-after", "1h"])).await;
-    let port = free_port();
+    let port = common::free_port();
     service(&d, port, 1).await;
     // A terminal held open for three idle periods.
     let (mut tty, _) = common::ws(&d, "/exec?cmd=bash&cmd=--norc&tty=true").await;
@@ -261,7 +253,7 @@ async fn an_ingress_request_wakes_a_cold_sprite() {
         "127.0.0.1:0",
     ]))
     .await;
-    let port = free_port();
+    let port = common::free_port();
     service(&d, port, 8).await;
     let (pid, _) = ask(port).await.unwrap();
     let r = d
@@ -290,7 +282,7 @@ async fn a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes
     }
     let flags = ["--auto-sleep", "1h"];
     let mut d = Daemon::start_with(sleepy(&flags)).await;
-    let port = free_port();
+    let port = common::free_port();
     service(&d, port, 32).await;
     let (pid, n) = ask(port).await.unwrap();
     let out = d.cli(&["sleep", "--cold"]).await;

@@ -639,8 +639,20 @@ pub async fn when(
     watch: &Path,
     mask: nix::sys::inotify::AddWatchFlags,
     what: &str,
-    mut cond: impl FnMut() -> bool,
+    cond: impl FnMut() -> bool,
 ) {
+    assert!(
+        within(watch, mask, cond).await,
+        "waited {WAIT:?} for {what}"
+    );
+}
+
+/// [`when`], saying whether `cond` came true within [`WAIT`].
+async fn within(
+    watch: &Path,
+    mask: nix::sys::inotify::AddWatchFlags,
+    mut cond: impl FnMut() -> bool,
+) -> bool {
     use nix::sys::inotify::{InitFlags, Inotify};
     use std::os::fd::AsFd;
     let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
@@ -649,45 +661,36 @@ pub async fn when(
     let fd = sprited::sys::async_fd(ino.as_fd().try_clone_to_owned().unwrap()).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        let mut ready = tokio::time::timeout_at(deadline, fd.readable())
-            .await
-            .unwrap_or_else(|_| panic!("waited {WAIT:?} for {what}"))
-            .unwrap();
+        let Ok(ready) = tokio::time::timeout_at(deadline, fd.readable()).await else {
+            return false;
+        };
         let _ = ino.read_events();
-        ready.clear_ready();
+        ready.unwrap().clear_ready();
     }
+    true
 }
 
 impl Daemon {
-    /// Waits until the daemon's log holds `needle`.
+    /// Waits until the daemon's log holds `needle` (the log is shown if not).
     pub async fn log_shows(&self, needle: &str) {
-        let log = self.log.clone();
-        let found = std::sync::atomic::AtomicBool::new(false);
-        let r = tokio::time::timeout(
-            WAIT + Duration::from_secs(1),
-            tokio::spawn({
-                let log = log.clone();
-                let needle = needle.to_owned();
-                async move {
-                    when(
-                        &log,
-                        nix::sys::inotify::AddWatchFlags::IN_MODIFY,
-                        &needle,
-                        || read(&log).contains(&needle),
-                    )
-                    .await
-                }
-            }),
-        )
+        let log = &self.log;
+        let found = within(log, nix::sys::inotify::AddWatchFlags::IN_MODIFY, || {
+            read(log).contains(needle)
+        })
         .await;
-        found.store(
-            matches!(r, Ok(Ok(()))),
-            std::sync::atomic::Ordering::Relaxed,
-        );
         assert!(
-            found.load(std::sync::atomic::Ordering::Relaxed),
-            "waited for {needle:?} in the log:\n{}",
-            read(&log)
+            found,
+            "waited {WAIT:?} for {needle:?} in the log:\n{}",
+            read(log)
         );
     }
+}
+
+/// A free port on the loopback (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
