@@ -204,6 +204,11 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    /// The cgroup at `path` (a path the daemon made: a restore's plan).
+    pub(crate) fn at(path: PathBuf) -> Cgroup {
+        Cgroup { path }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

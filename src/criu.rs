@@ -292,7 +292,8 @@ impl Criu {
         cgroup_procs: OwnedFd,
         external: &[(&str, PathBuf)],
         inherit: Vec<(OwnedFd, String)>,
-    ) -> Result<i32, CriuError> {
+        hook: Option<&ActionHook>,
+    ) -> Result<(i32, RestoreStats), CriuError> {
         let log = images.join("restore.log");
         let pidfile = images.join("restore.pid");
         for f in [&log, &pidfile] {
@@ -321,6 +322,11 @@ impl Criu {
             cmd.arg("--external")
                 .arg(format!("mnt[{key}]:{}", host.display()));
         }
+        if let Some(h) = hook {
+            cmd.arg("--action-script")
+                .arg(&h.script)
+                .envs(h.env.iter().cloned());
+        }
         let mut fds = Vec::new();
         for (i, (fd, id)) in inherit.into_iter().enumerate() {
             cmd.arg("--inherit-fd")
@@ -333,15 +339,35 @@ impl Criu {
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
         crate::sys::join_cgroup_before_exec(&mut cmd, cgroup_procs);
+        let started = std::time::Instant::now();
         self.run(cmd, "restore", ENV, &log)?;
+        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
         let pid = std::fs::read_to_string(&pidfile)
             .map_err(io_err("read", &pidfile))?
             .trim()
             .parse()
             .map_err(|_| io_err("parse", &pidfile)(std::io::ErrorKind::InvalidData.into()))?;
-        tracing::info!(pid, "restored");
-        Ok(pid)
+        let stats = std::fs::read(images.join("stats-restore"))
+            .ok()
+            .and_then(|b| stats::parse_restore(&b))
+            .unwrap_or_default();
+        tracing::info!(
+            pid,
+            criu_restore_us = stats.restore_time,
+            wall_ms,
+            pages_restored = stats.pages_restored,
+            "restored"
+        );
+        Ok((pid, stats))
     }
+}
+
+/// An action script for a restore: CRIU runs `script` (no arguments) at
+/// each stage, with `env` set.
+#[derive(Debug, Clone)]
+pub struct ActionHook {
+    pub script: PathBuf,
+    pub env: Vec<(String, std::ffi::OsString)>,
 }
 
 /// How errors and logs name a whole-environment dump or restore.
@@ -361,6 +387,14 @@ pub struct DumpStats {
     pub memdump_time: u64,
     pub memwrite_time: u64,
     pub pages_written: u64,
+}
+
+/// What CRIU measured of a restore (`stats-restore`; microseconds).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreStats {
+    pub forking_time: u64,
+    pub restore_time: u64,
+    pub pages_restored: u64,
 }
 
 /// CRIU's `stats-dump` image: two magic words, then one length-prefixed
@@ -407,11 +441,30 @@ pub mod stats {
         out
     }
 
-    /// Parses a `stats-dump` file (`None` when it is not one).
-    pub fn parse_dump(file: &[u8]) -> Option<DumpStats> {
+    /// The entry of a stats image: field `n` of its one `StatsEntry`.
+    fn entry(file: &[u8], n: u64) -> Option<&[u8]> {
         let len = u32::from_le_bytes(file.get(8..12)?.try_into().ok()?) as usize;
         let entry = file.get(12..12usize.checked_add(len)?)?;
-        let dump = fields(entry).into_iter().find(|f| f.0 == 1)?.2;
+        Some(fields(entry).into_iter().find(|f| f.0 == n)?.2)
+    }
+
+    /// Parses a `stats-restore` file (`None` when it is not one).
+    pub fn parse_restore(file: &[u8]) -> Option<super::RestoreStats> {
+        let mut s = super::RestoreStats::default();
+        for (n, v, _) in fields(entry(file, 2)?) {
+            match n {
+                3 => s.forking_time = v,
+                4 => s.restore_time = v,
+                5 => s.pages_restored = v,
+                _ => {}
+            }
+        }
+        Some(s)
+    }
+
+    /// Parses a `stats-dump` file (`None` when it is not one).
+    pub fn parse_dump(file: &[u8]) -> Option<DumpStats> {
+        let dump = entry(file, 1)?;
         let mut s = DumpStats::default();
         for (n, v, _) in fields(dump) {
             match n {
@@ -610,6 +663,27 @@ mod tests {
             stats::parse_dump(&endless).map(|s| s.freezing_time),
             Some(0)
         );
+    }
+
+    #[test]
+    fn restore_statistics_are_read() {
+        // StatsEntry { restore (2): { 1: 7, 2: 0, 3: 300 (forking), 4: 40000, 5: 4096 } }
+        let restore = [
+            0x08, 7, 0x10, 0, 0x18, 0xac, 0x02, 0x20, 0xc0, 0xb8, 0x02, 0x28, 0x80, 0x20,
+        ];
+        let mut file = vec![0u8; 8];
+        let mut entry = vec![0x12, restore.len() as u8];
+        entry.extend_from_slice(&restore);
+        file.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        file.extend_from_slice(&entry);
+        let s = stats::parse_restore(&file).unwrap();
+        assert_eq!(
+            (s.forking_time, s.restore_time, s.pages_restored),
+            (300, 40000, 4096)
+        );
+        // A dump's stats are not a restore's.
+        assert_eq!(stats::parse_restore(&stats_file(&[0x08, 1])), None);
+        assert_eq!(stats::parse_restore(b"short"), None);
     }
 
     #[test]

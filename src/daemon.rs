@@ -233,8 +233,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     if app.sleep.depth() == crate::sleep::Depth::Warm
         && let Some(cps) = app.checkpoints.get()
     {
-        cps.thaw_environment(std::time::Duration::from_secs(10))
-            .await;
+        cps.thaw_environment();
     }
     if let Some(sup) = app.supervisor.get() {
         sup.shutdown(config.shutdown_timeout).await;

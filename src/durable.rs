@@ -21,7 +21,10 @@ pub struct DurableError {
     pub source: io::Error,
 }
 
-fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DurableError + 'a {
+pub(crate) fn err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> DurableError + 'a {
     move |source| DurableError {
         op,
         path: path.to_owned(),

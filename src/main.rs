@@ -8,6 +8,10 @@ fn main() -> ExitCode {
     if let Some(code) = sprited::container::init::dispatch(&args) {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
+    // CRIU's action script during a restore (see `checkpoint::place`).
+    if let Some(code) = sprited::checkpoint::criu_action() {
+        return ExitCode::from(code);
+    }
     // Inside the environment, `sprite-env` is a symlink to this binary.
     if args
         .first()

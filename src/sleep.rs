@@ -136,6 +136,11 @@ impl Drop for Hold {
     }
 }
 
+/// Keeps a cold sprite cold (no wake, no other transition) while it lives.
+pub struct StayCold {
+    _op: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// What sleeping and waking act on.
 pub struct Parts {
     pub checkpoints: Arc<Checkpoints>,
@@ -150,7 +155,7 @@ pub struct Sleep {
     changed: Notify,
     status: watch::Sender<Status>,
     /// One transition at a time; a request waking the sprite waits here.
-    ops: tokio::sync::Mutex<()>,
+    ops: Arc<tokio::sync::Mutex<()>>,
     /// Set once the boot is done (before: nothing sleeps, nothing to wake).
     parts: OnceLock<Parts>,
 }
@@ -176,7 +181,7 @@ impl Sleep {
                 last_wake_error: None,
             })
             .0,
-            ops: tokio::sync::Mutex::new(()),
+            ops: Arc::new(tokio::sync::Mutex::new(())),
             parts: OnceLock::new(),
         })
     }
@@ -221,6 +226,20 @@ impl Sleep {
         }
         let _op = self.ops.lock().await;
         self.apply(Happening::Wake).await.ok();
+    }
+
+    /// For a checkpoint: a cold sprite stays cold (the returned guard
+    /// keeps it so, holding off every transition, until dropped: the
+    /// checkpoint takes the images the cold sleep left); otherwise the
+    /// sprite is woken, as for any request, and `None` is returned.
+    pub async fn stay_cold_or_wake(&self) -> Option<StayCold> {
+        self.parts.get()?;
+        let op = self.ops.clone().lock_owned().await;
+        if self.depth() == Depth::Cold {
+            return Some(StayCold { _op: op });
+        }
+        self.apply(Happening::Wake).await.ok();
+        None
     }
 
     /// `sprite-env sleep [--cold]`.
@@ -281,7 +300,7 @@ impl Sleep {
                 self.publish(Depth::Cold, Some(since), None);
             }
             Step::Thaw => {
-                cps.thaw_environment(FREEZE_TIMEOUT).await;
+                cps.thaw_environment();
                 self.touch();
                 self.publish(Depth::Running, None, None);
             }

@@ -142,6 +142,20 @@ async fn a_restored_counter_continues_from_its_checkpointed_memory() {
         value >= low && value < later,
         "restored counter at {value}: checkpointed between {low} and {high}, later {later}"
     );
+
+    // A restored tree checkpoints and restores again (its init talks over
+    // the pipes the first restore made, which the next dump must name).
+    let again = ask(&d, "counter", pid).await;
+    d.checkpoint("again").await;
+    let events = d.restore("v3").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service counter restored with its memory")),
+        "{events:?}"
+    );
+    assert_eq!(d.service("counter").await["state"]["pid"], pid, "same pid");
+    assert!(ask(&d, "counter", pid).await >= again);
 }
 
 #[tokio::test]

@@ -143,6 +143,7 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
         let mut peers = std::collections::HashMap::new();
         let _ = sprited::sys::sock_diag::parse_unix_dump(&rng.bytes(200), &mut peers);
         let _ = sprited::criu::stats::parse_dump(&rng.bytes(64));
+        let _ = sprited::criu::stats::parse_restore(&rng.bytes(64));
         // Archives: every one refused (none is complete and valid), cleanly.
         if rounds % 4 == 0 {
             let archive = random_archive(&mut rng);

@@ -314,6 +314,48 @@ async fn a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes
 }
 
 #[tokio::test]
+async fn a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waking_it() {
+    if !with_criu("a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waking_it") {
+        return;
+    }
+    let d = Daemon::start_with(sleepy(&["--auto-sleep", "1h"])).await;
+    let port = common::free_port();
+    service(&d, port, 16).await;
+    let (pid, n) = ask(port).await.unwrap();
+    std::fs::write(d.env_root().join("note"), "while awake").unwrap();
+    let r = d
+        .req(reqwest::Method::POST, "/v1/sleep?cold=true", None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(record_status(&d).await, "cold");
+
+    let events = d.checkpoint("taken cold").await;
+    let said: Vec<&str> = events.iter().filter_map(|e| e["data"].as_str()).collect();
+    assert!(said.iter().any(|l| l.contains("sleeps cold")), "{said:?}");
+    assert_eq!(record_status(&d).await, "cold", "the checkpoint woke it");
+    assert!(ask(port).await.is_none(), "nothing runs while cold");
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    assert_eq!(meta["processes"][0]["service"], "mem", "{meta}");
+
+    // Woken, it goes on from where it slept; restored, from the same point.
+    let out = d.cli(&["wake"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ask(port).await, Some((pid, n + 1)));
+    assert_eq!(ask(port).await, Some((pid, n + 2)));
+    std::fs::write(d.env_root().join("note"), "changed").unwrap();
+    d.restore("v1").await;
+    assert_eq!(ask(port).await, Some((pid, n + 1)), "the restored counter");
+    assert_eq!(
+        std::fs::read_to_string(d.env_root().join("note")).unwrap(),
+        "while awake"
+    );
+}
+
+#[tokio::test]
 async fn a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept() {
     if !with_criu("a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept") {
         return;

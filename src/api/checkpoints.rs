@@ -17,6 +17,7 @@ use super::stream::{Emitter, ndjson};
 use super::{ApiError, AppState, PlainError};
 use crate::checkpoint::{CheckpointError, Checkpoints, Note};
 use crate::lifecycle::{OperationGuard, Transition};
+use crate::sleep::StayCold;
 
 fn checkpoints(app: &AppState) -> Result<Arc<Checkpoints>, ApiError> {
     if let Some(c) = app.checkpoints.get() {
@@ -81,7 +82,7 @@ async fn forward(
 /// Starts a capture in the background; the lifecycle guard lives as long as it.
 fn spawn_capture(
     cps: Arc<Checkpoints>,
-    guard: OperationGuard,
+    guard: (OperationGuard, Option<StayCold>),
     comment: String,
     id: Option<String>,
     processes: bool,
@@ -134,11 +135,13 @@ async fn begin_capture(
         cps.check_new_id(id)?;
     }
     let guard = app.lifecycle.begin(Transition::BeginCheckpoint).await?;
+    // A cold sprite stays cold: the capture takes the images it has.
+    let cold = app.sleep.stay_cold_or_wake().await;
     let id = req.checkpoint_id.clone();
     Ok((
         spawn_capture(
             cps,
-            guard,
+            (guard, cold),
             req.comment.unwrap_or_default(),
             req.checkpoint_id,
             req.processes.unwrap_or(true),

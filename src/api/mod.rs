@@ -162,6 +162,12 @@ fn leaves_asleep(method: &Method, path: &str) -> bool {
         || (method == Method::POST && path == "/v1/sleep")
 }
 
+/// A checkpoint's creation: it counts as activity but does not wake a cold
+/// sprite (its handler takes the cold sleep's images instead).
+fn checkpoints_while_cold(method: &Method, path: &str) -> bool {
+    method == Method::POST && matches!(path, "/v1/checkpoint" | "/v1/checkpoints" | "/checkpoint")
+}
+
 /// Every other request counts as activity for as long as its response is
 /// being sent, and finds the sprite awake (waking it first: a thaw, or a
 /// restore of the whole tree).
@@ -174,7 +180,9 @@ async fn keep_awake(
         return next.run(req).await;
     }
     let hold = app.sleep.hold();
-    app.sleep.wake().await;
+    if !checkpoints_while_cold(req.method(), req.uri().path()) {
+        app.sleep.wake().await;
+    }
     let resp = next.run(req).await;
     let (parts, body) = resp.into_parts();
     axum::response::Response::from_parts(

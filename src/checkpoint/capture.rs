@@ -268,6 +268,11 @@ impl Checkpoints {
         progress: &dyn Fn(Note),
     ) -> Result<Frozen, CheckpointError> {
         let container = self.container.as_ref().filter(|c| c.is_running());
+        if container.is_none()
+            && let Some(cold) = self.cold_record()
+        {
+            return self.scan_cold(cold, processes, progress);
+        }
         let dumper = self
             .criu
             .as_ref()
@@ -328,6 +333,42 @@ impl Checkpoints {
             services,
             running,
             freeze_ms: freeze_start.elapsed().as_secs_f64() * 1e3,
+            dump,
+        })
+    }
+
+    /// Step 3 of a cold sprite: nothing runs, so nothing is frozen; the
+    /// processes are the images its cold sleep dumped (stored as they are,
+    /// the sprite stays cold).
+    fn scan_cold(
+        &self,
+        cold: super::sleep::ColdRecord,
+        processes: bool,
+        progress: &dyn Fn(Note),
+    ) -> Result<Frozen, CheckpointError> {
+        info(
+            progress,
+            if processes {
+                "The sprite sleeps cold: taking the processes its sleep dumped"
+            } else {
+                "The sprite sleeps cold: taking its files"
+            },
+        );
+        let start = Instant::now();
+        let scan = self.env.scan_frozen(&[])?;
+        let (services, _) = self.sup.snapshot();
+        let running = cold
+            .images
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let dump = (processes && self.criu.is_some()).then(|| (self.sleep_images(), cold.images));
+        Ok(Frozen {
+            scan,
+            services,
+            running,
+            freeze_ms: start.elapsed().as_secs_f64() * 1e3,
             dump,
         })
     }

@@ -23,8 +23,11 @@ use serde::{Deserialize, Serialize};
 
 mod capture;
 mod gc;
+mod place;
 mod restore;
 mod sleep;
+
+pub use place::criu_action;
 
 pub use sleep::{ColdRecord, cold_record_path};
 
@@ -269,6 +272,8 @@ pub struct Checkpoints {
     exporting: Arc<Mutex<BTreeMap<String, usize>>>,
     /// How many automatic checkpoints (taken before restores) are kept.
     auto_keep: std::sync::atomic::AtomicUsize,
+    /// What CRIU measured of the last restore of the whole tree.
+    last_restore: Mutex<Option<crate::criu::RestoreStats>>,
 }
 
 /// The default of `--auto-keep`.
@@ -365,6 +370,7 @@ impl Checkpoints {
             sessions: std::sync::OnceLock::new(),
             exporting: Arc::default(),
             auto_keep: AUTO_KEEP.into(),
+            last_restore: Mutex::new(None),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {

@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::EXTERNAL_MOUNTS;
+use super::place::{self, Placement};
 use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info, io_err};
 use crate::container::Container;
+use crate::criu::ActionHook;
 use crate::durable;
 use crate::supervisor::RunningService;
 
@@ -29,6 +31,23 @@ pub(super) enum ImagesAt {
     Checkpoint(String),
     /// A dir of raw images (a cold sleep's).
     Dir(PathBuf),
+}
+
+/// Whatever the `pre-resume` hook left in the init's cgroup goes to its own,
+/// with that cgroup frozen meanwhile (so none forks on the way).
+async fn place_the_rest(placement: Placement) {
+    let _ = tokio::task::spawn_blocking(move || {
+        if placement.pending().is_empty() {
+            return;
+        }
+        tracing::warn!("the restore hook left processes in the init's cgroup: placing them now");
+        let init = placement.init();
+        let _ = init.freeze(super::FREEZE_TIMEOUT);
+        Placement::apply(&placement.pending());
+        // (released: the tasks run on as soon as they are scheduled)
+        let _ = init.release();
+    })
+    .await;
 }
 
 /// The daemon's ends of the pipes a restored environment gets.
@@ -204,6 +223,9 @@ impl Checkpoints {
         let plan = images.clone();
         let root = self.env.root().to_owned();
         let externals = self.external_paths(container);
+        let placement = Placement::new(&container.config().cgroups, &images.cgroups)
+            .map_err(|e| e.to_string())?;
+        let hook = self.placement_hook(container, &placement);
         let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let dir = match at {
                 ImagesAt::Checkpoint(id) => me.raw_images(&id, &plan).map_err(|e| e.to_string())?,
@@ -215,24 +237,32 @@ impl Checkpoints {
                 .iter()
                 .map(|(k, p)| (k.as_str(), p.clone()))
                 .collect();
-            let pid = criu
-                .restore_env(&dir, &root, procs, &externals, inherit)
+            let (pid, stats) = criu
+                .restore_env(&dir, &root, procs, &externals, inherit, hook.as_ref())
                 .map_err(|e| e.to_string())?;
+            *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
             Ok((pid, ends))
         })
         .await
         .map_err(|e| e.to_string())??;
+        // The restored init holds the new pipes now: the next dump must
+        // name them, not the ones in these images.
+        let pipe_ids = [
+            crate::container::pipe_id(&ends.init_requests).map_err(|e| format!("pipes: {e}"))?,
+            crate::container::pipe_id(&ends.init_events).map_err(|e| format!("pipes: {e}"))?,
+        ];
         container
-            .adopt(
-                init_pid,
-                ends.init_requests,
-                ends.init_events,
-                images.init_pipes.clone(),
-            )
+            .adopt(init_pid, ends.init_requests, ends.init_events, pipe_ids)
             .await
             .map_err(|e| e.to_string())?;
-        self.place_in_cgroups(container, &images).await;
+        place_the_rest(placement).await;
         self.adopt_processes(container, &images, ends.services, ends.sessions)
+    }
+
+    /// What CRIU measured of the last restore of the whole tree (a wake
+    /// from cold or a checkpoint's), if there was one.
+    pub fn last_restore_stats(&self) -> Option<crate::criu::RestoreStats> {
+        *self.last_restore.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The host path of each external mount's key, for this daemon.
@@ -252,34 +282,20 @@ impl Checkpoints {
             .collect()
     }
 
-    /// Every restored task was born in the init's cgroup: each process goes
-    /// back to the cgroup it was dumped in (frozen meanwhile, so none forks
-    /// on the way).
-    async fn place_in_cgroups(&self, container: &Container, images: &EnvImages) {
-        let Ok(init_cg) = container.init_cgroup() else {
-            return;
-        };
-        let cgroups = container.config().cgroups.clone();
-        let wanted = images.cgroups.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = init_cg.freeze(super::FREEZE_TIMEOUT);
-            for host in init_cg.pids().unwrap_or_default() {
-                let Some(pid) = crate::container::ns_pid(host) else {
-                    continue;
-                };
-                let Some((name, _)) = wanted
-                    .iter()
-                    .find(|(n, pids)| n.as_str() != crate::container::INIT_CGROUP && pids.contains(&pid))
-                else {
-                    continue;
-                };
-                if let Err(e) = cgroups.child(name).and_then(|cg| cg.add(host)) {
-                    tracing::warn!(pid, cgroup = %name, error = %e, "cannot put a restored process back in its cgroup");
-                }
+    /// CRIU's `pre-resume` hook that puts each restored process in its
+    /// cgroup before any runs (see `place`), with the plan and the script
+    /// written to the state dir. None if they cannot be written (the
+    /// restore then places every process itself).
+    fn placement_hook(&self, container: &Container, placement: &Placement) -> Option<ActionHook> {
+        let state = self.dir.parent()?;
+        let written = place::write_hook(state, placement, &container.config().setup.exe);
+        match written {
+            Ok(hook) => Some(hook),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the restore hook");
+                None
             }
-            let _ = init_cg.thaw(super::FREEZE_TIMEOUT);
-        })
-        .await;
+        }
     }
 
     /// The supervisor and the exec sessions take their processes back.

@@ -58,7 +58,7 @@ impl Checkpoints {
         self.sleep_dir().join("cold.json")
     }
 
-    fn sleep_images(&self) -> PathBuf {
+    pub(super) fn sleep_images(&self) -> PathBuf {
         self.sleep_dir().join("images")
     }
 
@@ -86,15 +86,15 @@ impl Checkpoints {
         Ok(())
     }
 
-    pub async fn thaw_environment(&self, timeout: Duration) {
+    /// Thaws the environment: its tasks run again as soon as they are
+    /// scheduled (not waiting for the kernel to report every one thawed,
+    /// which can take a scheduler tick: a waking request goes on at once).
+    pub fn thaw_environment(&self) {
         let Some(c) = self.container.as_ref() else {
             return;
         };
-        let whole = c.config().cgroups.whole();
-        match tokio::task::spawn_blocking(move || whole.thaw(timeout)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot thaw the environment"),
-            Err(e) => tracing::warn!(error = %e, "cannot thaw the environment"),
+        if let Err(e) = c.config().cgroups.whole().release() {
+            tracing::warn!(error = %e, "cannot thaw the environment");
         }
     }
 
@@ -123,6 +123,10 @@ impl Checkpoints {
             .map_or(0, |d| d.as_millis() as u64);
         tokio::task::spawn_blocking(move || -> Result<(), CheckpointError> {
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(sleep_dir) = dir.parent() {
+                // (best effort: the last wake's removal may still run)
+                let _ = durable::clean_temp_files(sleep_dir);
+            }
             if let Some(parent) = record_path.parent() {
                 std::fs::create_dir_all(parent).map_err(io_err("create", parent))?;
             }
@@ -151,10 +155,11 @@ impl Checkpoints {
         .await
         .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
         // Killed while frozen (the init, which reaps and reports exits, is
-        // frozen too, so nothing could stop politely), then the cgroups
-        // thawed for what the wake restores; then the bookkeeping.
-        container.kill().await;
-        self.thaw_environment(Duration::from_secs(10)).await;
+        // frozen too, so nothing could stop politely): the services end as
+        // stopped, not crashed. Then the cgroups thawed for what the wake
+        // restores; then the rest of the bookkeeping.
+        self.sup.end_all_with(container.kill()).await;
+        self.thaw_environment();
         self.stop_environment().await;
         Ok(())
     }
@@ -197,7 +202,8 @@ impl Checkpoints {
         why
     }
 
-    /// The record first (durably), then the images.
+    /// The record first (durably), then the images: renamed aside at once
+    /// (the next cold sleep writes a fresh dir), removed in the background.
     fn forget_cold(&self) {
         let path = self.cold_path();
         match std::fs::remove_file(&path) {
@@ -211,6 +217,16 @@ impl Checkpoints {
                 tracing::warn!(error = %io_err("remove", &path)(e), "cannot remove the cold-sleep record")
             }
         }
-        let _ = std::fs::remove_dir_all(self.sleep_images());
+        let dir = self.sleep_dir();
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let aside = dir.join(format!("{}images-{stamp}", durable::TEMP_PREFIX));
+        if std::fs::rename(self.sleep_images(), &aside).is_ok() {
+            // (a crash meanwhile leaves it to the next cold sleep's cleanup)
+            std::thread::spawn(move || {
+                let _ = std::fs::remove_dir_all(&aside);
+            });
+        }
     }
 }

@@ -662,6 +662,17 @@ pub fn ns_pid(host_pid: i32) -> Option<i32> {
     parse_ns_pid(&status)
 }
 
+/// The pid of host process `host_pid` in a nested PID namespace (the
+/// environment's), or `None` for a process of the host's own namespace.
+pub fn ns_pid_inside(host_pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    let pids = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    if pids.split_whitespace().count() < 2 {
+        return None;
+    }
+    parse_ns_pid(&status)
+}
+
 fn parse_ns_pid(status: &str) -> Option<i32> {
     status
         .lines()

@@ -832,6 +832,17 @@ impl Supervisor {
         tokio::task::spawn_blocking(move || cg.kill_all(KILL_TIMEOUT))
             .await
             .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
+        self.stopped(name, &cgroup, exited).await
+    }
+
+    /// The end of a stop: the main process's exit awaited, the instance
+    /// gone, its cgroup removed.
+    async fn stopped(
+        &self,
+        name: &str,
+        cgroup: &Cgroup,
+        mut exited: watch::Receiver<Option<Exit>>,
+    ) -> Result<Option<i32>, SupervisorError> {
         let exit = *exited
             .wait_for(|e| e.is_some())
             .await
@@ -849,6 +860,51 @@ impl Supervisor {
         let _ = cgroup.remove();
         self.emit(Event::new(EventKind::Stopped, name).code(code));
         Ok(code)
+    }
+
+    /// Ends every running service with the environment, when it cannot stop
+    /// them politely (it is frozen, its init too): each is marked stopping,
+    /// `end` kills the environment, and each is then stopped as [`stop`]
+    /// leaves it: no crash, no restart, still to be started (autostart
+    /// kept). Services waiting to restart have their restart cancelled.
+    ///
+    /// [`stop`]: Supervisor::stop
+    pub async fn end_all_with(&self, end: impl std::future::Future<Output = ()>) {
+        let names: Vec<String> = self.table().keys().cloned().collect();
+        let mut guards = Vec::new();
+        for name in &names {
+            if let Ok(op) = self.lookup(name, |s| s.op.clone()) {
+                guards.push(op.lock_owned().await);
+            }
+        }
+        let mut ending = Vec::new();
+        {
+            let mut table = self.table();
+            for (name, svc) in table.iter_mut() {
+                if let Some(t) = svc.restart_timer.take() {
+                    t.cancel();
+                    svc.apply(Happening::RestartCancelled);
+                    svc.rt.next_restart_at = None;
+                    continue;
+                }
+                let Some(inst) = svc.instance.as_mut().filter(|i| !i.stopping) else {
+                    continue;
+                };
+                inst.stopping = true;
+                ending.push((name.clone(), inst.cgroup.clone(), inst.exited.clone()));
+                svc.apply(Happening::StopAsked);
+            }
+        }
+        for (name, ..) in &ending {
+            self.emit(Event::new(EventKind::Stopping, name));
+        }
+        end.await;
+        for (name, cgroup, exited) in ending {
+            if let Err(e) = self.stopped(&name, &cgroup, exited).await {
+                tracing::warn!(service = %name, error = %e, "cannot finish stopping");
+            }
+        }
+        drop(guards);
     }
 
     /// Stops `name` if it runs; not running is fine.
