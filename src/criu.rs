@@ -66,6 +66,11 @@ pub struct CriuSupport {
     pub check_ok: bool,
     /// Why CRIU is unavailable, or the warning lines of `criu check`.
     pub message: Option<String>,
+    /// The kernel tracks dirtied pages (`criu check --feature
+    /// mem_dirty_track`: `CONFIG_MEM_SOFT_DIRTY`), which incremental dumps
+    /// (pre-dump, then only what changed) need. Without it every dump is
+    /// whole.
+    pub dirty_tracking: bool,
 }
 
 /// Longest a dump or restore may run before it is killed.
@@ -503,6 +508,7 @@ pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) 
         version: None,
         check_ok: false,
         message: Some(message),
+        dirty_tracking: false,
     };
     if disabled {
         return none(
@@ -549,7 +555,12 @@ pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) 
     } else {
         None
     };
-    tracing::info!(path = %path.display(), version = version.as_deref().unwrap_or("?"), check_ok, "criu detected");
+    let dirty_tracking = check_ok
+        && matches!(
+            run(reaper, &path, &["check", "--feature", "mem_dirty_track"]).await,
+            Ok((true, _))
+        );
+    tracing::info!(path = %path.display(), version = version.as_deref().unwrap_or("?"), check_ok, dirty_tracking, "criu detected");
     CriuSupport {
         available: check_ok,
         disabled,
@@ -557,6 +568,7 @@ pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) 
         version,
         check_ok,
         message,
+        dirty_tracking,
     }
 }
 
