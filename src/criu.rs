@@ -383,7 +383,13 @@ const INHERIT_FIRST_FD: i32 = 10;
 /// What a dump measured: the daemon's own timing and CRIU's statistics
 /// (`stats-dump`, as podman's `--print-stats` reports them; microseconds).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct DumpStats {
+    /// `full`: every page written (`incremental`: only those dirtied since
+    /// a pre-dump, where the kernel tracks dirty pages).
+    pub kind: DumpKind,
+    /// Time of the pre-dump taken while the processes ran (ms; none: 0).
+    pub pre_dump_ms: f64,
     pub dump_ms: f64,
     /// Bytes of images written.
     pub bytes: u64,
@@ -391,7 +397,17 @@ pub struct DumpStats {
     pub frozen_time: u64,
     pub memdump_time: u64,
     pub memwrite_time: u64,
+    pub pages_scanned: u64,
     pub pages_written: u64,
+}
+
+/// Which kind of dump a checkpoint took.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DumpKind {
+    #[default]
+    Full,
+    Incremental,
 }
 
 /// What CRIU measured of a restore (`stats-restore`; microseconds).
@@ -477,6 +493,7 @@ pub mod stats {
                 2 => s.frozen_time = v,
                 3 => s.memdump_time = v,
                 4 => s.memwrite_time = v,
+                5 => s.pages_scanned = v,
                 7 => s.pages_written = v,
                 _ => {}
             }
@@ -648,7 +665,7 @@ mod tests {
 
     #[test]
     fn dump_statistics_are_read_and_hostile_files_are_not() {
-        // 1: 300, 2: 40000 (two-byte varints), 3: 5, 4: 6, 5: 9 (skipped), 7: 4096.
+        // 1: 300, 2: 40000 (two-byte varints), 3: 5, 4: 6, 5: 9, 7: 4096.
         let dump = [
             0x08, 0xac, 0x02, 0x10, 0xc0, 0xb8, 0x02, 0x18, 5, 0x20, 6, 0x28, 9, 0x38, 0x80, 0x20,
         ];
@@ -659,9 +676,10 @@ mod tests {
                 s.frozen_time,
                 s.memdump_time,
                 s.memwrite_time,
+                s.pages_scanned,
                 s.pages_written
             ),
-            (300, 40000, 5, 6, 4096)
+            (300, 40000, 5, 6, 9, 4096)
         );
         // Truncated, oversized lengths, endless varints: no panic, no stats.
         assert_eq!(stats::parse_dump(b"short"), None);

@@ -156,7 +156,24 @@ async fn a_restored_counter_continues_from_its_checkpointed_memory() {
     // A restored tree checkpoints and restores again (its init talks over
     // the pipes the first restore made, which the next dump must name).
     let again = ask(&d, "counter", pid).await;
-    d.checkpoint("again").await;
+    let events = d.checkpoint("again").await;
+    // The final event carries the figures: the kind of dump (every dump is
+    // whole so far), its pages, and what the store had already (the images
+    // that did not change since v1).
+    let stats = &events.last().unwrap()["stats"];
+    assert_eq!(stats["criu"]["kind"], "full", "{stats}");
+    assert!(
+        stats["criu"]["pages_scanned"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(
+        stats["criu"]["pages_written"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(stats["images_new_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["images_dedup_bytes"].as_u64().unwrap() > 0, "{stats}");
+    let meta: Value = d.get("/v1/checkpoints/v3").await.json().await.unwrap();
+    assert_eq!(meta["store"]["images_new_bytes"], stats["images_new_bytes"]);
     let events = d.restore("v3").await;
     assert!(
         infos(&events)

@@ -57,7 +57,7 @@ struct CreateBody {
 async fn forward(
     em: Emitter,
     mut rx: mpsc::UnboundedReceiver<Note>,
-    done: tokio::task::JoinHandle<Result<String, String>>,
+    done: tokio::task::JoinHandle<Result<Done, String>>,
 ) {
     let mut client = true;
     while let Some(note) = rx.recv().await {
@@ -70,13 +70,25 @@ async fn forward(
         }
     }
     let end = match done.await {
-        Ok(Ok(msg)) => event("complete", &msg),
+        Ok(Ok(done)) => {
+            let mut ev = event("complete", &done.msg);
+            if let Some(stats) = done.stats {
+                ev["stats"] = stats;
+            }
+            ev
+        }
         Ok(Err(e)) => event("error", &e),
         Err(e) => event("error", &format!("internal error: {e}")),
     };
     if client {
         let _ = em.send(&end).await;
     }
+}
+
+/// How an operation ended: the `complete` event's text, and its figures.
+struct Done {
+    msg: String,
+    stats: Option<Value>,
 }
 
 /// Starts a capture in the background; the lifecycle guard lives as long as it.
@@ -98,7 +110,16 @@ fn spawn_capture(
             .capture(comment, id, processes, &progress)
             .map_err(|e| e.to_string())?;
         cps.refresh_browsable();
-        Ok(format!("Checkpoint {} created", meta.id))
+        Ok(Done {
+            msg: format!("Checkpoint {} created", meta.id),
+            stats: Some(json!({
+                "freeze_ms": meta.stats.freeze_ms,
+                "capture_ms": meta.stats.capture_ms,
+                "criu": meta.env.as_ref().map(|e| &e.stats),
+                "images_new_bytes": meta.stats.images_new_bytes,
+                "images_dedup_bytes": meta.stats.images_dedup_bytes,
+            })),
+        })
     });
     (rx, done)
 }
@@ -113,7 +134,10 @@ fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Pr
         };
         cps.restore(&id, &progress)
             .await
-            .map(|()| format!("Restored to {id}"))
+            .map(|()| Done {
+                msg: format!("Restored to {id}"),
+                stats: None,
+            })
             .map_err(|e| e.to_string())
     });
     (rx, done)
@@ -121,7 +145,7 @@ fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Pr
 
 type Progress = (
     mpsc::UnboundedReceiver<Note>,
-    tokio::task::JoinHandle<Result<String, String>>,
+    tokio::task::JoinHandle<Result<Done, String>>,
 );
 
 /// Validates a create request and starts the capture (409 while busy).
@@ -156,7 +180,7 @@ fn log_when_done(progress: Progress, what: &'static str) {
     drop(rx);
     tokio::spawn(async move {
         match done.await {
-            Ok(Ok(msg)) => tracing::info!("{msg}"),
+            Ok(Ok(done)) => tracing::info!("{}", done.msg),
             Ok(Err(e)) => tracing::warn!(error = %e, "background {what} failed"),
             Err(e) => tracing::warn!(error = %e, "background {what} panicked"),
         }

@@ -69,6 +69,15 @@ fn report_skipped(
     (listed, skipped.len() as u64)
 }
 
+/// A dump's images in the store.
+#[derive(Default)]
+struct StoredImages {
+    /// Image name → object.
+    objects: BTreeMap<String, String>,
+    new_bytes: u64,
+    dedup_bytes: u64,
+}
+
 /// What the frozen moment produced.
 struct Frozen {
     scan: FrozenScan,
@@ -190,9 +199,19 @@ impl Checkpoints {
         let (skipped, skipped_count) = report_skipped(captured.skipped(), progress);
         info(progress, "Saving filesystem state...");
         let manifest_id = captured.manifest.store(self.env.store())?;
+        let (mut images_new_bytes, mut images_dedup_bytes) = (0, 0);
         let env = match frozen.dump {
             Some((dir, mut images)) => {
-                images.images = self.store_images(&dir)?;
+                let stored = self.store_images(&dir)?;
+                images.images = stored.objects;
+                (images_new_bytes, images_dedup_bytes) = (stored.new_bytes, stored.dedup_bytes);
+                info(
+                    progress,
+                    format!(
+                        "Stored the process images: {} bytes new, {} bytes already in the store",
+                        stored.new_bytes, stored.dedup_bytes
+                    ),
+                );
                 Some(images)
             }
             None => None,
@@ -221,6 +240,8 @@ impl Checkpoints {
                 bytes_hashed: scan.bytes_hashed,
                 files_cached: scan.files_cached,
                 incremental,
+                images_new_bytes,
+                images_dedup_bytes,
             },
         };
         // Visible only once complete: a temp dir renamed into place. One
@@ -432,8 +453,8 @@ impl Checkpoints {
     }
 
     /// Step 4: CRIU's images into the store (zstd), one object each.
-    fn store_images(&self, dir: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
-        let mut images = BTreeMap::new();
+    fn store_images(&self, dir: &Path) -> Result<StoredImages, CheckpointError> {
+        let mut out = StoredImages::default();
         for entry in std::fs::read_dir(dir)
             .map_err(io_err("read dir", dir))?
             .flatten()
@@ -442,10 +463,15 @@ impl Checkpoints {
             if name.ends_with(".log") || name.ends_with(".pid") {
                 continue;
             }
-            let (object, _) = self.env.store().put_file_compressed(&entry.path())?;
-            images.insert(name, object);
+            let c = self.env.store().put_file_compressed(&entry.path())?;
+            if c.new {
+                out.new_bytes += c.len;
+            } else {
+                out.dedup_bytes += c.len;
+            }
+            out.objects.insert(name, c.id);
         }
-        Ok(images)
+        Ok(out)
     }
 
     /// The ancestry of a checkpoint descending from `source`.

@@ -118,6 +118,12 @@ pub struct CaptureStats {
     /// Whether the change journal spared listing the whole upper dir.
     #[serde(default)]
     pub incremental: bool,
+    /// Bytes of CRIU images (compressed) new to the store, and already
+    /// there (deduplicated).
+    #[serde(default)]
+    pub images_new_bytes: u64,
+    #[serde(default)]
+    pub images_dedup_bytes: u64,
 }
 
 /// A checkpoint's metadata (`meta.json`); the API shows the public fields.
@@ -245,6 +251,10 @@ impl CheckpointMeta {
                 "bytes": e.stats.bytes,
             }))).collect::<Vec<_>>(),
             "criu": self.env.as_ref().map(|e| &e.stats),
+            "store": {
+                "images_new_bytes": self.stats.images_new_bytes,
+                "images_dedup_bytes": self.stats.images_dedup_bytes,
+            },
             "capture_ms": self.stats.capture_ms,
             "files": self.stats.entries,
             "imported_from": self.imported_from,

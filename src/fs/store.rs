@@ -67,6 +67,15 @@ pub fn valid_id(id: &str) -> bool {
     id.len() > 64 && id.len() < 100 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
+/// A file stored compressed: its object, the object's size, and whether
+/// the store did not have it yet.
+#[derive(Debug, Clone)]
+pub struct Compressed {
+    pub id: String,
+    pub len: u64,
+    pub new: bool,
+}
+
 impl Store {
     /// Opens the store at `root`, removing temp files a crash left.
     pub fn open(root: &Path) -> Result<Self, FsError> {
@@ -120,16 +129,18 @@ impl Store {
         Ok((path, f))
     }
 
-    fn publish(&self, tmp: &Path, id: &str) -> Result<(), FsError> {
+    /// Moves `tmp` in as object `id`; false when the store had it already.
+    fn publish(&self, tmp: &Path, id: &str) -> Result<bool, FsError> {
         let dest = self.object_path(id);
         if dest.exists() {
             let _ = fs::remove_file(tmp);
-            return Ok(());
+            return Ok(false);
         }
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         }
-        fs::rename(tmp, &dest).map_err(io_err("rename", &dest))
+        fs::rename(tmp, &dest).map_err(io_err("rename", &dest))?;
+        Ok(true)
     }
 
     /// Copies `src` into the store (holes stay holes), with `meta` applied to
@@ -227,7 +238,7 @@ impl Store {
 
     /// Stores a file compressed (zstd, streaming: any size). Returns the
     /// object id and the compressed size.
-    pub fn put_file_compressed(&self, src: &Path) -> Result<(String, u64), FsError> {
+    pub fn put_file_compressed(&self, src: &Path) -> Result<Compressed, FsError> {
         struct Hashing {
             file: File,
             hash: Sha256,
@@ -265,8 +276,8 @@ impl Store {
             }
         };
         let id = format!("{hash}-{}", Self::bytes_meta().key());
-        self.publish(&tmp, &id)?;
-        Ok((id, len))
+        let new = self.publish(&tmp, &id)?;
+        Ok(Compressed { id, len, new })
     }
 
     /// Writes the decompressed content of object `id` (stored by
