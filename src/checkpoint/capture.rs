@@ -254,8 +254,8 @@ impl Checkpoints {
         // Published: from here on the environment descends from it.
         self.env.publish_source(pending)?;
         let raw = self.temp_images(id);
-        if raw.exists() {
-            let _ = std::fs::rename(&raw, self.images.join(id));
+        if raw.exists() && std::fs::rename(&raw, self.images.join(id)).is_ok() {
+            self.raw_used(id);
         }
         self.env.keep_scan(captured);
         Ok(meta)

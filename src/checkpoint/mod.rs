@@ -41,8 +41,8 @@ use crate::fs::{Env, FsError};
 use crate::supervisor::{ServiceDef, Supervisor, SupervisorError};
 
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Raw CRIU images are kept on disk for this many of the newest
-/// checkpoints (restoring them skips the decompression).
+/// Raw CRIU images are kept on disk for this many checkpoints, the most
+/// recently taken or restored (restoring them skips the decompression).
 const RAW_IMAGES_KEPT: usize = 2;
 
 /// A line of progress for the client.
@@ -284,6 +284,9 @@ pub struct Checkpoints {
     auto_keep: std::sync::atomic::AtomicUsize,
     /// What CRIU measured of the last restore of the whole tree.
     last_restore: Mutex<Option<crate::criu::RestoreStats>>,
+    /// Checkpoints most recently taken or restored, newest first (whose
+    /// raw images are kept); empty after a start.
+    raw_used: Mutex<Vec<String>>,
 }
 
 /// The default of `--auto-keep`.
@@ -381,6 +384,7 @@ impl Checkpoints {
             exporting: Arc::default(),
             auto_keep: AUTO_KEEP.into(),
             last_restore: Mutex::new(None),
+            raw_used: Mutex::new(Vec::new()),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -508,13 +512,28 @@ impl Checkpoints {
         Ok(m)
     }
 
-    /// Keeps raw images only for the newest [`RAW_IMAGES_KEPT`] checkpoints.
+    /// Checkpoint `id`'s raw images were just made or used.
+    fn raw_used(&self, id: &str) {
+        let mut used = self.raw_used.lock().unwrap_or_else(|e| e.into_inner());
+        used.retain(|u| u != id);
+        used.insert(0, id.to_owned());
+        used.truncate(RAW_IMAGES_KEPT);
+    }
+
+    /// Keeps raw images only for [`RAW_IMAGES_KEPT`] checkpoints: those
+    /// most recently taken or restored.
     fn prune_raw_images(&self) {
-        let keep: HashSet<String> = self
-            .list(None)
+        // The most recently used, then the newest (after a start).
+        let used = self
+            .raw_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let keep: HashSet<String> = used
             .into_iter()
+            .chain(self.list(None).into_iter().map(|m| m.id))
+            .filter(|id| self.images.join(id).exists())
             .take(RAW_IMAGES_KEPT)
-            .map(|m| m.id)
             .collect();
         for entry in std::fs::read_dir(&self.images)
             .into_iter()

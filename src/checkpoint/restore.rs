@@ -75,6 +75,8 @@ impl Checkpoints {
         progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
+        // (its raw images stay cached through the undo point's capture)
+        self.raw_used(id);
         if !meta.is_auto {
             self.take_undo_point(id, progress).await;
         }

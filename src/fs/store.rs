@@ -67,6 +67,9 @@ pub fn valid_id(id: &str) -> bool {
     id.len() > 64 && id.len() < 100 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
+/// zstd worker threads for large compressed objects (CRIU images).
+const COMPRESS_WORKERS: u32 = 4;
+
 /// A file stored compressed: its object, the object's size, and whether
 /// the store did not have it yet.
 #[derive(Debug, Clone)]
@@ -264,6 +267,12 @@ impl Store {
                 len: 0,
             };
             let mut enc = zstd::stream::Encoder::new(sink, 1).map_err(io_err("compress", src))?;
+            // Compressed by worker threads while this one hashes and writes
+            // what they produced. A fixed count, so that the same content
+            // is the same object on every machine (objects are named by
+            // the compressed bytes).
+            enc.multithread(COMPRESS_WORKERS)
+                .map_err(io_err("compress", src))?;
             io::copy(&mut input, &mut enc).map_err(io_err("compress", src))?;
             let sink = enc.finish().map_err(io_err("compress", src))?;
             Ok((hex(&sink.hash.finalize()), sink.len))
