@@ -613,6 +613,19 @@ fn validate_meta(m: &CheckpointMeta) -> Result<(), String> {
                 s.name
             ));
         }
+        // The cgroups its processes go back to: the init's, a service's
+        // (named as services are), an exec session's.
+        for name in p.cgroups.keys() {
+            let session = name
+                .strip_prefix("_exec-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !(name == crate::container::INIT_CGROUP
+                || session
+                || crate::config::valid_name(name))
+            {
+                return Err(format!("bad cgroup name {name:?}"));
+            }
+        }
         for (name, o) in &p.images {
             let plain = !name.is_empty()
                 && !name.starts_with('.')

@@ -37,6 +37,11 @@ pub enum CgroupError {
     },
 }
 
+/// One plain path component.
+fn plain_child_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
     move |source| CgroupError::Io {
         op,
@@ -164,10 +169,15 @@ impl Cgroups {
 }
 
 impl Cgroups {
-    /// The child cgroup `name` (created if missing). Names are validated by
-    /// the caller; a `/` or `..` here would be a bug.
+    /// The child cgroup `name` (created if missing). A name that is not one
+    /// plain path component (a `/`, `.`, `..`, empty, a NUL) is refused:
+    /// names can come from an imported checkpoint.
     pub fn child(&self, name: &str) -> Result<Cgroup, CgroupError> {
-        debug_assert!(!name.contains('/') && name != ".." && name != ".");
+        if !plain_child_name(name) {
+            return Err(CgroupError::Unavailable(format!(
+                "{name:?} is not a cgroup name"
+            )));
+        }
         let path = self.parent.join(name);
         match std::fs::create_dir(&path) {
             Ok(()) => {}
@@ -476,6 +486,16 @@ impl CgroupSupport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn child_names_are_one_plain_component() {
+        for ok in ["_init", "web", "_exec-12", "a.b"] {
+            assert!(plain_child_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "../..", "a/b", "/abs", "nul\0"] {
+            assert!(!plain_child_name(bad), "{bad:?}");
+        }
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

@@ -356,6 +356,57 @@ async fn a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waki
 }
 
 #[tokio::test]
+async fn a_cold_sleep_during_a_slow_stop_does_not_hang() {
+    if !with_criu("a_cold_sleep_during_a_slow_stop_does_not_hang") {
+        return;
+    }
+    let d = std::sync::Arc::new(Daemon::start_with(sleepy(&["--auto-sleep", "1h"])).await);
+    let stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(1e6)";
+    d.put_service(
+        "stubborn",
+        json!({"cmd": "python3", "args": ["-c", stubborn]}),
+        "1s",
+    )
+    .await;
+    // A stop that waits 5 s for a process ignoring SIGTERM...
+    let stopping = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            d.req(
+                reqwest::Method::POST,
+                "/v1/services/stubborn/stop?timeout=5s",
+                None,
+            )
+            .await
+            .status()
+        })
+    };
+    tokio::time::timeout(common::WAIT, async {
+        while d.service("stubborn").await["state"]["status"] != "stopping" {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stop began");
+    // ...and a cold sleep meanwhile: both finish.
+    let r = tokio::time::timeout(
+        common::WAIT,
+        d.req(reqwest::Method::POST, "/v1/sleep?cold=true", None),
+    )
+    .await
+    .expect("the sleep finished");
+    assert_eq!(r.status(), 200, "{}", d.log_text());
+    assert_eq!(record_status(&d).await, "cold");
+    let stopped = tokio::time::timeout(common::WAIT, stopping)
+        .await
+        .expect("the stop finished")
+        .unwrap();
+    assert!(stopped.is_success(), "{stopped}");
+    let st = d.service("stubborn").await;
+    assert_ne!(st["state"]["status"], "stopping", "{st}");
+}
+
+#[tokio::test]
 async fn a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept() {
     if !with_criu("a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept") {
         return;

@@ -239,6 +239,13 @@ fn stream_op(
     follow: Duration,
 ) -> Response {
     let sub = sup.subscribe(); // before `op` first runs: no event is missed
+    // Its own task: a client that goes away stops following, not the
+    // operation (a stop dropped half-way would leave its service stopping).
+    let op = tokio::spawn(op);
+    let op = async move {
+        op.await
+            .unwrap_or_else(|e| Err(SupervisorError::Unavailable(e.to_string())))
+    };
     let shutdown = app.shutdown.clone();
     ndjson(app.shutdown.clone(), move |em| {
         run_and_follow(sup, em, sub, names, target, op, follow, shutdown)

@@ -114,8 +114,23 @@ pub(crate) fn write_hook(
     // (not durable: read once, now; a crash leaves a stale one to overwrite)
     write_private(&plan, &json).map_err(crate::durable::err("write", &plan))?;
     let script = state.join("criu-hook.sh");
+    // CRIU aborts a restore whose script fails at an early stage, so only a
+    // script that can surely run is handed over: an executable file on a
+    // filesystem that allows it.
+    let noexec = nix::sys::statvfs::statvfs(state)
+        .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+        .unwrap_or(true);
+    if noexec {
+        return Err(crate::durable::err("run scripts from", state)(
+            std::io::Error::other("the state dir's filesystem is mounted noexec"),
+        ));
+    }
     if std::fs::read(&script).ok().as_deref() != Some(HOOK_SCRIPT.as_bytes()) {
         crate::durable::write_atomic(&script, HOOK_SCRIPT.as_bytes(), 0o700)?;
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
+            .map_err(crate::durable::err("chmod", &script))?;
     }
     Ok(ActionHook {
         script,

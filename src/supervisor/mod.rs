@@ -49,6 +49,8 @@ pub use spec::{ServiceDef, ServiceSpec};
 use state::Happening;
 
 /// First restart delay; doubles per consecutive crash.
+/// How long a stop waits for the exit report of a killed service.
+const EXIT_AFTER_KILL: Duration = Duration::from_secs(30);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A service up this long has its backoff reset.
@@ -809,7 +811,9 @@ impl Supervisor {
                 svc.rt.next_restart_at = None;
                 return Ok(svc.rt.exit_code);
             }
-            let Some(inst) = svc.instance.as_mut() else {
+            // (being stopped already: by a cold sleep's end, whose kill
+            // finishes it)
+            let Some(inst) = svc.instance.as_mut().filter(|i| !i.stopping) else {
                 return Err(SupervisorError::NotRunning(name.to_owned()));
             };
             inst.stopping = true;
@@ -843,10 +847,18 @@ impl Supervisor {
         cgroup: &Cgroup,
         mut exited: watch::Receiver<Option<Exit>>,
     ) -> Result<Option<i32>, SupervisorError> {
-        let exit = *exited
-            .wait_for(|e| e.is_some())
+        // (the cgroup is killed: the exit is reported at once, or the
+        // environment is gone and its exits with it)
+        let exit = match tokio::time::timeout(EXIT_AFTER_KILL, exited.wait_for(|e| e.is_some()))
             .await
-            .map_err(|_| SupervisorError::Unavailable("reaper stopped".into()))?;
+        {
+            Ok(Ok(e)) => *e,
+            Ok(Err(_)) => return Err(SupervisorError::Unavailable("reaper stopped".into())),
+            Err(_) => {
+                tracing::warn!(service = %name, "no exit reported after the kill; taken as stopped");
+                None
+            }
+        };
         let code = exit.map(Exit::code);
         {
             let mut table = self.table();
@@ -867,20 +879,28 @@ impl Supervisor {
     /// `end` kills the environment, and each is then stopped as [`stop`]
     /// leaves it: no crash, no restart, still to be started (autostart
     /// kept). Services waiting to restart have their restart cancelled.
+    /// A service in the middle of another operation (a stop, a start) is
+    /// left to it: it ends when the environment does (waiting for its lock
+    /// here would wait on a frozen environment).
     ///
     /// [`stop`]: Supervisor::stop
     pub async fn end_all_with(&self, end: impl std::future::Future<Output = ()>) {
         let names: Vec<String> = self.table().keys().cloned().collect();
-        let mut guards = Vec::new();
-        for name in &names {
-            if let Ok(op) = self.lookup(name, |s| s.op.clone()) {
-                guards.push(op.lock_owned().await);
+        let mut guards = BTreeMap::new();
+        for name in names {
+            if let Ok(op) = self.lookup(&name, |s| s.op.clone())
+                && let Ok(guard) = op.try_lock_owned()
+            {
+                guards.insert(name, guard);
             }
         }
         let mut ending = Vec::new();
         {
             let mut table = self.table();
             for (name, svc) in table.iter_mut() {
+                if !guards.contains_key(name) {
+                    continue;
+                }
                 if let Some(t) = svc.restart_timer.take() {
                     t.cancel();
                     svc.apply(Happening::RestartCancelled);

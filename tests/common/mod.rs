@@ -294,6 +294,14 @@ impl Drop for Daemon {
     /// Stops the daemon as a user would (SIGTERM), so it removes its cgroups;
     /// SIGKILL only if it does not exit within 10 s.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // (the test failed: the end of the daemon's log, before the
+            // temp dir holding it goes)
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- the daemon's log, last 40 lines ---\n{tail}");
+        }
         if matches!(self.child.try_wait(), Ok(None)) {
             if let Some(pid) = self.child.id() {
                 let _ = nix::sys::signal::kill(
