@@ -658,29 +658,30 @@ pub fn host_pid_of_child(init_host_pid: i32, pid: i32) -> Option<i32> {
 
 /// The pid of host process `host_pid` in its own (innermost) PID namespace.
 pub fn ns_pid(host_pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
-    parse_ns_pid(&status)
+    ns_pids(host_pid)?.last().copied()
 }
 
 /// The pid of host process `host_pid` in a nested PID namespace (the
 /// environment's), or `None` for a process of the host's own namespace.
 pub fn ns_pid_inside(host_pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
-    let pids = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-    if pids.split_whitespace().count() < 2 {
-        return None;
-    }
-    parse_ns_pid(&status)
+    let pids = ns_pids(host_pid)?;
+    (pids.len() >= 2).then(|| pids.last().copied()).flatten()
 }
 
-fn parse_ns_pid(status: &str) -> Option<i32> {
+/// `NSpid:` of `/proc/<host_pid>/status`: its pid in each PID namespace,
+/// outermost first.
+fn ns_pids(host_pid: i32) -> Option<Vec<i32>> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    parse_ns_pids(&status)
+}
+
+fn parse_ns_pids(status: &str) -> Option<Vec<i32>> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))?
         .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
+        .map(|p| p.parse().ok())
+        .collect()
 }
 
 /// A process environment as `KEY=VALUE` lines: `base`, then `extra`
@@ -706,9 +707,11 @@ mod tests {
     #[test]
     fn ns_pid_is_the_innermost() {
         let status = "Name:\tsh\nPid:\t4242\nNSpid:\t4242\t7\nNgid:\t0\n";
-        assert_eq!(parse_ns_pid(status), Some(7));
-        assert_eq!(parse_ns_pid("NSpid:\t12\n"), Some(12));
-        assert_eq!(parse_ns_pid("Pid:\t1\n"), None);
+        let innermost = |s: &str| parse_ns_pids(s).and_then(|p| p.last().copied());
+        assert_eq!(innermost(status), Some(7));
+        assert_eq!(innermost("NSpid:\t12\n"), Some(12));
+        assert_eq!(innermost("Pid:\t1\n"), None);
+        assert_eq!(parse_ns_pids(status), Some(vec![4242, 7]));
     }
 
     #[test]
