@@ -833,9 +833,18 @@ impl Supervisor {
             tracing::info!(service = %name, pid, "did not exit after SIGTERM; killing its cgroup");
         }
         let cg = cgroup.clone();
-        tokio::task::spawn_blocking(move || cg.kill_all(KILL_TIMEOUT))
+        let killed = tokio::task::spawn_blocking(move || cg.kill_all(KILL_TIMEOUT))
             .await
-            .map_err(|e| SupervisorError::Unavailable(e.to_string()))??;
+            .map_err(|e| SupervisorError::Unavailable(e.to_string()))?;
+        if let Err(e) = killed {
+            // (its cgroup is gone when the whole environment was killed
+            // meanwhile, a cold sleep's end: the stop still finishes, or
+            // the service would stay `stopping`)
+            if cgroup.path().exists() {
+                return Err(e.into());
+            }
+            tracing::debug!(service = %name, error = %e, "cgroup gone before the kill");
+        }
         self.stopped(name, &cgroup, exited).await
     }
 
