@@ -4,10 +4,16 @@
 //! the daemon's overhead shows as a ratio (needs root and CRIU).
 //!
 //! - `daemon_freeze_window_<size>`: what the service feels of a checkpoint
-//!   (freeze → CRIU dump → file scan → thaw; `freeze_ms` of the checkpoint);
+//!   (freeze → CRIU dump → file scan → thaw; `freeze_ms` of the checkpoint),
+//!   each after the service changed 1% of its pages at random (untimed);
+//!   the whole capture (until the images are durable in the store) and
+//!   the store's growth are recorded too;
 //! - `plain_dump_<size>`: `criu dump --leave-running` of the copy;
-//! - `daemon_restore_<size>`: a whole restore (kill, files, CRIU restore
-//!   from the cached images, adoption);
+//! - `daemon_restore_<size>`: a whole restore (the undo point: a capture
+//!   of the state being replaced; then kill, files, the images rebuilt
+//!   from the store's packs meanwhile, CRIU restore, adoption);
+//! - `daemon_restore_without_undo_point_<size>`: the same of an automatic
+//!   checkpoint, which takes no undo point: the restore itself;
 //! - `plain_restore_<size>`: killing the copy, waiting until its pid is free,
 //!   and `criu restore --restore-detached` (a restore of a running service
 //!   has to stop it first; the daemon's restore does the same).
@@ -21,9 +27,10 @@
 //! the copy, and the median of those pairs' ratios is printed too (less
 //! sensitive to the machine drifting between the criterion groups).
 //!
-//! After the criterion figures it prints the ratios, and the end-to-end
-//! capture time (the freeze window plus storing the images, zstd, in the
-//! content-addressed store after the thaw).
+//! After the criterion figures it prints the ratios, the end-to-end
+//! capture time (the freeze window plus storing the images by page after
+//! the thaw) and the store's growth per checkpoint, as a share of the
+//! service's memory.
 //!
 //! Run: `sudo cargo bench --bench criu` (about five minutes).
 
@@ -36,13 +43,21 @@ use common::{Rig, median, median_ratio, run_criu as run, spawn_plain};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sprited::supervisor::Status;
 
-/// Touches N MiB (1 MiB of random bytes repeated: zstd level 1 cannot
-/// shrink it), says "ready", then idles.
+/// Fills N MiB with random bytes (nothing to compress or deduplicate),
+/// says "ready", then idles; on SIGUSR1 it overwrites 1% of its pages,
+/// picked at random, and says "dirtied".
 const HOLDER: &str = r#"
-import os, sys, time
+import mmap, os, random, signal, sys, time
 n = int(sys.argv[1]) << 20
-block = os.urandom(1 << 20)
-mem = bytearray(block * (n >> 20))
+mem = mmap.mmap(-1, n)
+for off in range(0, n, 1 << 20):
+    mem[off:off + (1 << 20)] = os.urandom(1 << 20)
+pages = n // 4096
+def dirty(*_):
+    for p in random.sample(range(pages), max(1, pages // 100)):
+        mem[p * 4096:(p + 1) * 4096] = os.urandom(4096)
+    print("dirtied", flush=True)
+signal.signal(signal.SIGUSR1, dirty)
 print("ready", flush=True)
 while True:
     time.sleep(1)
@@ -94,16 +109,24 @@ fn bench(c: &mut Criterion) {
         let pid = spawn_plain(HOLDER, &[mib.to_string()]);
         let images = tmp.path().join(format!("plain-{mib}"));
         let (mut freeze, mut capture, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+        let mut growth = Vec::new();
+        // The first checkpoint stores everything; the timed ones after it
+        // store what changed.
+        cps.capture(String::new(), None, true, &|_| {}).unwrap();
         let (mut paired_dump, mut paired_restore) = (Vec::new(), Vec::new());
         let mut taken: Vec<String> = Vec::new();
         g.bench_function(format!("daemon_freeze_window_{label}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    // (untimed) 1% of the service's pages change
+                    rig.signal_service(&name, "dirtied");
                     nix::unistd::sync();
+                    let stored = rig.env.store().objects_bytes();
                     let t = Instant::now();
                     let meta = cps.capture(String::new(), None, true, &|_| {}).unwrap();
                     capture.push(t.elapsed().as_secs_f64() * 1e3);
+                    growth.push(rig.env.store().objects_bytes().saturating_sub(stored) as f64);
                     assert!(meta.env.is_some(), "the environment was dumped");
                     freeze.push(meta.stats.freeze_ms);
                     total += Duration::from_secs_f64(meta.stats.freeze_ms / 1e3);
@@ -129,6 +152,32 @@ fn bench(c: &mut Criterion) {
                     let st = sup.get(&name).unwrap();
                     assert_eq!(st.state.status, Status::Running);
                     paired_restore.push(plain_restore(&criu_path, pid, &images));
+                }
+                total
+            })
+        });
+        // An automatic checkpoint (an undo point the restores above took)
+        // restores without taking one: the restore itself.
+        let auto = cps
+            .list(None)
+            .into_iter()
+            .find(|m| m.is_auto && m.env.is_some())
+            .expect("the restores took undo points")
+            .id;
+        let mut step = Vec::new();
+        let mut paired_step = Vec::new();
+        g.bench_function(format!("daemon_restore_without_undo_point_{label}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    nix::unistd::sync();
+                    let t = Instant::now();
+                    rt.block_on(cps.restore(&auto, &|_| {})).unwrap();
+                    let took = t.elapsed();
+                    step.push(took.as_secs_f64() * 1e3);
+                    total += took;
+                    assert_eq!(sup.get(&name).unwrap().state.status, Status::Running);
+                    paired_step.push(plain_restore(&criu_path, pid, &images));
                 }
                 total
             })
@@ -170,19 +219,40 @@ fn bench(c: &mut Criterion) {
                 median(&mut restore.clone()),
                 median(&mut prestore),
                 median(&mut capture),
+                median(&mut growth) / (mib << 20) as f64 * 100.0,
                 median_ratio(&freeze, &paired_dump),
                 median_ratio(&restore, &paired_restore),
+                median(&mut step.clone()),
+                median_ratio(&step, &paired_step),
             ],
         ));
     }
     g.finish();
     drop(rig);
-    for (label, [f, pd, r, pr, cap, dump_pairs, restore_pairs]) in report {
+    for (
+        label,
+        [
+            f,
+            pd,
+            r,
+            pr,
+            cap,
+            grew,
+            dump_pairs,
+            restore_pairs,
+            st,
+            step_pairs,
+        ],
+    ) in report
+    {
         eprintln!(
             "{label}: freeze window {f:.1} ms vs plain dump {pd:.1} ms ({:.2}x; paired runs {dump_pairs:.2}x); \
-             restore {r:.1} ms vs plain {pr:.1} ms ({:.2}x; paired runs {restore_pairs:.2}x); whole capture {cap:.1} ms",
+             restore {r:.1} ms vs plain {pr:.1} ms ({:.2}x; paired runs {restore_pairs:.2}x), \
+             without the undo point {st:.1} ms ({:.2}x; paired runs {step_pairs:.2}x); \
+             whole capture after 1% changed {cap:.1} ms, store growth {grew:.2}% of the memory",
             f / pd,
-            r / pr
+            r / pr,
+            st / pr
         );
     }
 }

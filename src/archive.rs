@@ -8,16 +8,20 @@
 //!                          every entry below, in order (not itself)
 //! meta.json                the checkpoint's metadata (services, CRIU image list, manifest id)
 //! objects/<sha256>-<meta>  the manifest object, its shards, the CRIU images,
-//!                          then every file object once; the name is the
+//!                          the page lists of the pages images and the packs
+//!                          they name, then every file object once; the name is the
 //!                          SHA-256 of the content and a digest of the inode
 //!                          metadata the manifest gives the file
 //! ```
 //!
 //! Only regular files, only these names, each once, each with the size and
 //! digest the index gives. An object must be announced by what came before
-//! it (meta.json names the manifest and images, the manifest its shards, the
-//! shards the files), so an import learns every object's metadata before its
-//! bytes arrive and never holds more than one manifest object in memory.
+//! it (meta.json names the manifest, images and page lists, a page list its
+//! packs, the manifest its shards, the shards the files), so an import
+//! learns every object's metadata before its bytes arrive and never holds
+//! more than one manifest object in memory. A pack is checked page by page
+//! against its trailer once staged ([`pages::verify_pack`]): the page
+//! index of later captures trusts it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
@@ -28,6 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::CheckpointMeta;
 use crate::fs::FsError;
 use crate::fs::manifest::{self, Parts};
+use crate::fs::pages::{self, PageList};
 use crate::fs::store::{Meta, Staging, Store, hex, id_digest, valid_id};
 
 pub const FORMAT: &str = "sprited-checkpoint/1";
@@ -87,6 +92,13 @@ pub fn export(store: &Store, meta: &CheckpointMeta, out: impl Write) -> Result<u
         for o in p.images.values() {
             if !images.contains(o) {
                 images.push(o.clone());
+            }
+        }
+        for list in p.pages.values() {
+            for o in std::iter::once(list.clone()).chain(pages::packs_of(store, list)?) {
+                if !images.contains(&o) {
+                    images.push(o);
+                }
             }
         }
     }
@@ -171,6 +183,9 @@ enum Expect {
     Shard,
     /// A CRIU image (opaque bytes).
     Image,
+    /// A page list (decoded once it arrives) and a pack it names.
+    PageList,
+    Pack,
     /// A file of the tree, with the metadata its inode gets.
     File(Meta),
 }
@@ -335,7 +350,9 @@ impl State<'_> {
         })?;
         let meta = match &expect {
             Expect::File(m) => m.clone(),
-            Expect::Manifest | Expect::Shard | Expect::Image => Store::bytes_meta(),
+            Expect::Manifest | Expect::Shard | Expect::Image | Expect::PageList | Expect::Pack => {
+                Store::bytes_meta()
+            }
         };
         if !id.ends_with(&format!("-{}", meta.key())) {
             return Err(invalid(
@@ -356,8 +373,25 @@ impl State<'_> {
                         .write(&id, &mut bytes.as_slice(), size, &meta)?;
                 }
             }
-            Expect::Image | Expect::File(_) => {
-                let sha = if self.staging.keep_existing(self.store, &id)? {
+            Expect::PageList => {
+                let bytes = read_small(entry, size, MAX_MANIFEST_OBJECT, &name)?;
+                check_digest(&name, &hex(&Sha256::digest(&bytes)), &declared.sha256)?;
+                let list =
+                    PageList::parse(&bytes).map_err(|e| invalid(Some(&name), e.to_string()))?;
+                for pack in list.packs {
+                    self.expect_once(pack, Expect::Pack);
+                }
+                if self.staging.keep_existing(self.store, &id)? {
+                    self.reused += 1;
+                } else {
+                    self.staging
+                        .write(&id, &mut bytes.as_slice(), size, &meta)?;
+                }
+            }
+            Expect::Image | Expect::File(_) | Expect::Pack => {
+                let verify = matches!(expect, Expect::Pack);
+                let existing = self.staging.keep_existing(self.store, &id)?;
+                let sha = if existing {
                     // Still read and checked: the archive must be whole.
                     self.reused += 1;
                     let mut h = HashingSink(Sha256::new());
@@ -381,6 +415,11 @@ impl State<'_> {
                     }
                 };
                 check_digest(&name, &sha, &declared.sha256)?;
+                if verify && !existing {
+                    let (f, path) = self.staging.open(&id)?;
+                    pages::verify_pack(&f, &path)
+                        .map_err(|e| invalid(Some(&name), e.to_string()))?;
+                }
             }
         }
         Ok(())
@@ -440,6 +479,11 @@ impl State<'_> {
             for o in p.images.values() {
                 if o != &meta.manifest {
                     self.expect.insert(o.clone(), Expect::Image);
+                }
+            }
+            for o in p.pages.values() {
+                if o != &meta.manifest && !p.images.values().any(|i| i == o) {
+                    self.expect.insert(o.clone(), Expect::PageList);
                 }
             }
         }
@@ -626,7 +670,12 @@ fn validate_meta(m: &CheckpointMeta) -> Result<(), String> {
                 return Err(format!("bad cgroup name {name:?}"));
             }
         }
-        for (name, o) in &p.images {
+        if let Some(name) = p.pages.keys().find(|n| !pages::is_pages_image(n)) {
+            return Err(format!(
+                "page list for {name:?}, which is not a pages image"
+            ));
+        }
+        for (name, o) in p.images.iter().chain(&p.pages) {
             let plain = !name.is_empty()
                 && !name.starts_with('.')
                 && name

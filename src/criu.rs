@@ -279,7 +279,14 @@ impl Criu {
             .unwrap_or_default();
         stats.dump_ms = started.elapsed().as_secs_f64() * 1e3;
         stats.bytes = bytes;
-        tracing::info!(dump_ms = stats.dump_ms, bytes, "dumped");
+        tracing::info!(
+            dump_ms = stats.dump_ms,
+            bytes,
+            frozen_us = stats.frozen_time,
+            memdump_us = stats.memdump_time,
+            memwrite_us = stats.memwrite_time,
+            "dumped"
+        );
         Ok(stats)
     }
 

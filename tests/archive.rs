@@ -73,22 +73,6 @@ async fn import(d: &Daemon, archive: Vec<u8>) -> reqwest::Response {
         .unwrap()
 }
 
-/// The tar inside an archive, entry by entry.
-fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let tar = zstd::decode_all(archive).unwrap();
-    let mut a = tar::Archive::new(tar.as_slice());
-    a.entries()
-        .unwrap()
-        .map(|e| {
-            let mut e = e.unwrap();
-            let name = e.path().unwrap().to_string_lossy().into_owned();
-            let mut data = Vec::new();
-            e.read_to_end(&mut data).unwrap();
-            (name, data)
-        })
-        .collect()
-}
-
 /// An archive of `entries` (regular files), plus `extra` headers as given.
 fn build(entries: &[(String, Vec<u8>)], extra: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -138,7 +122,10 @@ async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
     assert!(out.status.success(), "{out:?}");
     let archive = std::fs::read(&file).unwrap();
     assert_eq!(archive, export(&a, "v1").await, "exports are deterministic");
-    let names: Vec<String> = entries(&archive).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = common::archive_entries(&archive)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(&names[..2], ["index.json", "meta.json"]);
     assert!(
         names[2..].iter().all(|n| n.starts_with("objects/")),
@@ -186,7 +173,7 @@ async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
     assert_eq!(objects(&b), before, "the second import stores no object");
 
     // Hostile archives: each refused with 400 naming the problem, nothing kept.
-    let good = entries(&archive);
+    let good = common::archive_entries(&archive);
     let file_object = good
         .iter()
         .position(|(_, data)| data.as_slice() == b"only uid 1000")

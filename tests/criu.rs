@@ -499,13 +499,18 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     std::fs::write(d.env_root().join("f"), b"checkpointed").unwrap();
     d.checkpoint("v1").await;
     std::fs::write(d.env_root().join("f"), b"later").unwrap();
-    // Damage the images the restore would use (the raw copy kept on disk).
-    let pstree = d.state_dir.join("criu/v1/pstree.img");
-    assert!(
-        pstree.exists(),
-        "raw images are kept for the newest checkpoints"
-    );
-    std::fs::write(&pstree, b"not an image").unwrap();
+    // Damage the image in the store (still a zstd object: CRIU reads it).
+    let meta: Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("checkpoints/v1/meta.json")).unwrap(),
+    )
+    .unwrap();
+    let object = meta["env"]["images"]["pstree.img"].as_str().unwrap();
+    let path = d
+        .state_dir
+        .join("store/objects")
+        .join(&object[..2])
+        .join(object);
+    std::fs::write(&path, zstd::encode_all(&b"not an image"[..], 1).unwrap()).unwrap();
     let events = d.restore("v1").await;
     let line = infos(&events)
         .into_iter()
@@ -572,6 +577,119 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
         );
     }
     assert_eq!(pid_of(&a.service("counter").await["state"]), pid);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The archive with the first pack's trailer claiming another content for
+/// its last page, and every name and digest made consistent again (as a
+/// forger would): only the pages themselves can tell.
+fn with_a_forged_pack(archive: &[u8]) -> Vec<u8> {
+    let mut entries = common::archive_entries(archive);
+    let object = |entries: &[(String, Vec<u8>)], id: &str| {
+        entries
+            .iter()
+            .position(|(n, _)| n == &format!("objects/{id}"))
+            .unwrap()
+    };
+    let renamed = |old: &str, data: &[u8]| format!("{}{}", sha256_hex(data), &old[64..]);
+    let mut meta: Value = serde_json::from_slice(&entries[1].1).unwrap();
+    let (image, list_id) = meta["env"]["pages"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .unwrap();
+    let li = object(&entries, &list_id);
+    let mut list: Value = serde_json::from_slice(&entries[li].1).unwrap();
+    let pack_id = list["packs"][0].as_str().unwrap().to_owned();
+    let pi = object(&entries, &pack_id);
+    let pack = &mut entries[pi].1;
+    let at = pack.len() - 16 - 1; // the last byte of the last page's hash
+    pack[at] ^= 0xff;
+    let new_pack = renamed(&pack_id, pack);
+    entries[pi].0 = format!("objects/{new_pack}");
+    list["packs"][0] = json!(new_pack);
+    entries[li].1 = serde_json::to_vec(&list).unwrap();
+    let new_list = renamed(&list_id, &entries[li].1);
+    entries[li].0 = format!("objects/{new_list}");
+    meta["env"]["pages"][&image] = json!(new_list);
+    entries[1].1 = serde_json::to_vec_pretty(&meta).unwrap();
+    let mut index: Value = serde_json::from_slice(&entries[0].1).unwrap();
+    index["entries"] = json!(
+        entries[1..]
+            .iter()
+            .map(|(n, d)| json!({"name": n, "sha256": sha256_hex(d), "size": d.len()}))
+            .collect::<Vec<_>>()
+    );
+    entries[0].1 = serde_json::to_vec(&index).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in &entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_path(name).unwrap();
+        h.set_cksum();
+        b.append(&h, data.as_slice()).unwrap();
+    }
+    zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap()
+}
+
+/// A pack whose pages do not match its trailer would poison the page
+/// index of every later capture: an import refuses it, and nothing of the
+/// archive enters the store.
+#[tokio::test]
+async fn an_archive_with_a_forged_memory_pack_is_refused() {
+    if !with_criu("an_archive_with_a_forged_memory_pack_is_refused") {
+        return;
+    }
+    let a = Daemon::start().await;
+    start(
+        &a,
+        "counter",
+        json!({"cmd": "python3", "args": ["-u", "-c", COUNTER]}),
+    )
+    .await;
+    a.checkpoint("to forge").await;
+    let archive = a
+        .get("/v1/checkpoints/v1/export")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let forged = with_a_forged_pack(&archive);
+    let b = Daemon::start().await;
+    let objects = |d: &Daemon| common::tree(&d.state_dir.join("store/objects")).len();
+    let before = objects(&b);
+    let r = b
+        .http
+        .post(b.url("/v1/checkpoints/import"))
+        .bearer_auth(common::TOKEN)
+        .body(forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("does not match its hash"), "{body}");
+    assert_eq!(objects(&b), before, "nothing entered the store");
+    // The genuine archive goes in.
+    let r = b
+        .http
+        .post(b.url("/v1/checkpoints/import"))
+        .bearer_auth(common::TOKEN)
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 /// `GET /` on a local port answers 200.

@@ -1,7 +1,8 @@
 //! A bounded fuzzer for the parsers that read hostile input: query strings
 //! and JSON bodies of requests, request paths (the gateway's mapping and the
-//! filesystem API's), checkpoint archives (`archive::import`), and the
-//! kernel and CRIU records the daemon decodes. Random and mutated inputs for
+//! filesystem API's), checkpoint archives (`archive::import`), memory
+//! packs' trailers and page lists, and the kernel and CRIU records the
+//! daemon decodes. Random and mutated inputs for
 //! `SPRITED_FUZZ_SECS` (default 5; CI runs 60): no input may panic, and
 //! each parser's promises must hold.
 
@@ -144,6 +145,38 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
         let _ = sprited::sys::sock_diag::parse_unix_dump(&rng.bytes(200), &mut peers);
         let _ = sprited::criu::stats::parse_dump(&rng.bytes(64));
         let _ = sprited::criu::stats::parse_restore(&rng.bytes(64));
+        // Memory packs and page lists (store objects an archive brings).
+        let n = 1 + rng.below(3);
+        let mut tail = rng.bytes(12);
+        tail.extend(vec![7u8; 32 * n]);
+        tail.extend((n as u32).to_le_bytes());
+        tail.extend(1u32.to_le_bytes());
+        tail.extend(b"SPRPACK1");
+        if rng.below(2) == 0 {
+            let i = rng.below(tail.len());
+            tail[i] ^= rng.next() as u8;
+        }
+        let len = (tail.len() + rng.below(64)) as u64 - rng.below(40) as u64;
+        if let Ok(t) = sprited::fs::pages::parse_trailer(&tail, len) {
+            let data: u64 = t.frames.iter().map(|(_, c)| u64::from(*c)).sum();
+            assert!(data <= len, "frames beyond the pack: {t:?}");
+            assert!(!t.hashes.is_empty());
+        }
+        let list = format!(
+            r#"{{"v":1,"len":{},"packs":["{}"],"runs":[[{},{},{}]]}}"#,
+            rng.next() % 3 * 4096,
+            "a".repeat(64 + rng.below(3)) + "-0",
+            rng.below(3),
+            rng.next() % 5,
+            rng.below(3),
+        );
+        for text in [list, rng.text(60)] {
+            if let Ok(l) = sprited::fs::pages::PageList::parse(text.as_bytes()) {
+                let pages: u64 = l.runs.iter().map(|r| r[2]).sum();
+                assert_eq!(pages * 4096, l.len, "{text}");
+                assert!(l.runs.iter().all(|r| (r[0] as usize) < l.packs.len()));
+            }
+        }
         // Archives: every one refused (none is complete and valid), cleanly.
         if rounds % 4 == 0 {
             let archive = random_archive(&mut rng);

@@ -146,6 +146,34 @@ impl Rig {
 
 /// Stops everything and removes what the rig made (also when a bench
 /// panics).
+impl Rig {
+    /// Sends SIGUSR1 to service `name`'s main process and waits until it
+    /// prints `line`.
+    pub fn signal_service(&self, name: &str, line: &str) {
+        let mut events = self.sup.subscribe();
+        let s = self
+            .sup
+            .running()
+            .into_iter()
+            .find(|s| s.name == name)
+            .expect("the service runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(s.host_pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        let want = format!("{line}\n");
+        self.rt.block_on(async {
+            loop {
+                let ev = events.recv().await.unwrap();
+                if ev.kind == EventKind::Stdout && ev.data.as_deref() == Some(want.as_str()) {
+                    break;
+                }
+            }
+        });
+    }
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         self.rt.block_on(self.sup.shutdown(Duration::from_secs(5)));

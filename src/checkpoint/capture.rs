@@ -19,7 +19,7 @@ use super::{
 use crate::cgroup::FreezeGuard;
 use crate::durable;
 use crate::fs::manifest::Manifest;
-use crate::fs::{EnvState, FrozenScan};
+use crate::fs::{EnvState, FrozenScan, pages};
 use crate::supervisor::ServiceDef;
 
 /// The bind mounts from the host inside the environment, and the keys their
@@ -74,8 +74,12 @@ fn report_skipped(
 struct StoredImages {
     /// Image name → object.
     objects: BTreeMap<String, String>,
+    /// Pages image name → page list.
+    pages_lists: BTreeMap<String, String>,
     new_bytes: u64,
     dedup_bytes: u64,
+    pages: u64,
+    new_pages: u64,
 }
 
 /// What the frozen moment produced.
@@ -140,7 +144,6 @@ impl Checkpoints {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id.clone(), meta.clone());
                 let _ = std::fs::remove_file(self.journal());
-                self.prune_raw_images();
                 tracing::info!(
                     freeze_ms = meta.stats.freeze_ms,
                     capture_ms = meta.stats.capture_ms,
@@ -202,14 +205,29 @@ impl Checkpoints {
         let (mut images_new_bytes, mut images_dedup_bytes) = (0, 0);
         let env = match frozen.dump {
             Some((dir, mut images)) => {
+                let t = Instant::now();
                 let stored = self.store_images(&dir)?;
+                tracing::info!(
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    pages = stored.pages,
+                    new_pages = stored.new_pages,
+                    new_bytes = stored.new_bytes,
+                    "process images stored"
+                );
                 images.images = stored.objects;
+                images.pages = stored.pages_lists;
+                // Stored: the raw images go before the syncfs below, so
+                // the kernel never writes them back (a dump is as large
+                // as the memory it took).
+                if dir == self.temp_images(id) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 (images_new_bytes, images_dedup_bytes) = (stored.new_bytes, stored.dedup_bytes);
                 info(
                     progress,
                     format!(
-                        "Stored the process images: {} bytes new, {} bytes already in the store",
-                        stored.new_bytes, stored.dedup_bytes
+                        "Stored the process images: {} of {} pages new, {} bytes added to the store, {} bytes already there",
+                        stored.new_pages, stored.pages, stored.new_bytes, stored.dedup_bytes
                     ),
                 );
                 Some(images)
@@ -249,14 +267,12 @@ impl Checkpoints {
         // meta.json durable together, before the rename publishes them.
         let tmp = self.stage_meta(&meta)?;
         let pending = self.env.prepare_source(id)?;
+        let t = Instant::now();
         self.env.store().sync()?;
+        tracing::info!(ms = t.elapsed().as_secs_f64() * 1e3, "store synced");
         self.publish_meta(&tmp, id)?;
         // Published: from here on the environment descends from it.
         self.env.publish_source(pending)?;
-        let raw = self.temp_images(id);
-        if raw.exists() && std::fs::rename(&raw, self.images.join(id)).is_ok() {
-            self.raw_used(id);
-        }
         self.env.keep_scan(captured);
         Ok(meta)
     }
@@ -443,6 +459,7 @@ impl Checkpoints {
         }
         EnvImages {
             images: BTreeMap::new(),
+            pages: BTreeMap::new(),
             stats: Default::default(),
             init_pipes: container.pipe_ids().unwrap_or_default(),
             services,
@@ -452,9 +469,13 @@ impl Checkpoints {
         }
     }
 
-    /// Step 4: CRIU's images into the store (zstd), one object each.
+    /// Step 4: CRIU's images into the store: the pages images by page
+    /// (only pages the store does not have are written), the others zstd,
+    /// one object each.
     fn store_images(&self, dir: &Path) -> Result<StoredImages, CheckpointError> {
+        let store = self.env.store();
         let mut out = StoredImages::default();
+        let mut pages_images = Vec::new();
         for entry in std::fs::read_dir(dir)
             .map_err(io_err("read dir", dir))?
             .flatten()
@@ -463,13 +484,27 @@ impl Checkpoints {
             if name.ends_with(".log") || name.ends_with(".pid") {
                 continue;
             }
-            let c = self.env.store().put_file_compressed(&entry.path())?;
+            if pages::is_pages_image(&name) {
+                pages_images.push((name, entry.path()));
+                continue;
+            }
+            let c = store.put_file_compressed(&entry.path())?;
             if c.new {
                 out.new_bytes += c.len;
             } else {
                 out.dedup_bytes += c.len;
             }
             out.objects.insert(name, c.id);
+        }
+        let paths: Vec<PathBuf> = pages_images.iter().map(|(_, p)| p.clone()).collect();
+        let stored = self
+            .with_page_index(|index| pages::store_images(store, index, &paths, pages::threads()))?;
+        out.new_bytes += stored.new_bytes;
+        out.dedup_bytes += stored.dedup_bytes;
+        out.new_pages = stored.new_pages;
+        out.pages = stored.pages;
+        for ((name, _), list) in pages_images.into_iter().zip(stored.lists) {
+            out.pages_lists.insert(name, list);
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::{CheckpointError, CheckpointMeta, Checkpoints, io_err};
 use crate::durable;
-use crate::fs::manifest;
+use crate::fs::{manifest, pages};
 
 impl Checkpoints {
     /// Deletes a checkpoint and frees the objects no other one references.
@@ -36,7 +36,6 @@ impl Checkpoints {
             .remove(id);
         let _ = std::fs::remove_dir_all(&trash);
         self.env.remove_layer(id);
-        let _ = std::fs::remove_dir_all(self.images.join(id));
         let (_, bytes) = self.collect_garbage()?;
         self.refresh_browsable();
         Ok(bytes)
@@ -51,13 +50,27 @@ impl Checkpoints {
             .values()
             .cloned()
             .collect();
+        let store = self.env.store();
         let mut keep: HashSet<String> = self.env.cached_objects().into_iter().collect();
         for m in metas {
-            manifest::references(self.env.store(), &m.manifest, &mut keep)?;
+            manifest::references(store, &m.manifest, &mut keep)?;
             if let Some(p) = &m.env {
                 keep.extend(p.images.values().cloned());
+                for list in p.pages.values() {
+                    keep.extend(pages::packs_of(store, list)?);
+                    keep.insert(list.clone());
+                }
             }
         }
-        Ok(self.env.store().collect_garbage(&keep)?)
+        // Packs no checkpoint names go: the index forgets them.
+        if let Some(index) = self
+            .page_index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            index.retain_packs(|id| keep.contains(id));
+        }
+        Ok(store.collect_garbage(&keep)?)
     }
 }

@@ -14,10 +14,10 @@
 //! before a capture's final rename leaves no checkpoint; the journal makes
 //! the next start collect the objects the half capture wrote.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +41,6 @@ use crate::fs::{Env, FsError};
 use crate::supervisor::{ServiceDef, Supervisor, SupervisorError};
 
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Raw CRIU images are kept on disk for this many checkpoints, the most
-/// recently taken or restored (restoring them skips the decompression).
-const RAW_IMAGES_KEPT: usize = 2;
 
 /// A line of progress for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,8 +185,13 @@ pub struct ImportedFrom {
 /// daemon needs to plug its side back in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnvImages {
-    /// Image file name → store object (zstd).
+    /// Image file name → store object (zstd), for every image but the
+    /// pages ones.
     pub images: BTreeMap<String, String>,
+    /// Pages image name (`pages-<n>.img`) → its page list
+    /// ([`crate::fs::pages`]: stored by page, deduplicated).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pages: BTreeMap<String, String>,
     pub stats: DumpStats,
     /// `pipe:[N]` of the init's request and event pipes.
     pub init_pipes: [String; 2],
@@ -284,9 +286,9 @@ pub struct Checkpoints {
     auto_keep: std::sync::atomic::AtomicUsize,
     /// What CRIU measured of the last restore of the whole tree.
     last_restore: Mutex<Option<crate::criu::RestoreStats>>,
-    /// Checkpoints most recently taken or restored, newest first (whose
-    /// raw images are kept); empty after a start.
-    raw_used: Mutex<Vec<String>>,
+    /// Where every page of the live packs is (none: built at the next
+    /// capture; pruned by every garbage collection).
+    page_index: Mutex<Option<crate::fs::pages::PageIndex>>,
 }
 
 /// The default of `--auto-keep`.
@@ -334,18 +336,14 @@ impl Checkpoints {
         for d in [&dir, &images] {
             std::fs::create_dir_all(d).map_err(io_err("create", d))?;
         }
-        // Dumps a crash interrupted.
+        // Raw images live only while a capture stores them or a restore
+        // reads them: whatever is here, a crash left (or an older version's
+        // cache).
         for entry in std::fs::read_dir(&images)
             .map_err(io_err("read dir", &images))?
             .flatten()
         {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(durable::TEMP_PREFIX)
-            {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+            let _ = std::fs::remove_dir_all(entry.path());
         }
         let mut metas = BTreeMap::new();
         for entry in std::fs::read_dir(&dir)
@@ -384,7 +382,7 @@ impl Checkpoints {
             exporting: Arc::default(),
             auto_keep: AUTO_KEEP.into(),
             last_restore: Mutex::new(None),
-            raw_used: Mutex::new(Vec::new()),
+            page_index: Mutex::new(None),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -512,39 +510,39 @@ impl Checkpoints {
         Ok(m)
     }
 
-    /// Checkpoint `id`'s raw images were just made or used.
-    fn raw_used(&self, id: &str) {
-        let mut used = self.raw_used.lock().unwrap_or_else(|e| e.into_inner());
-        used.retain(|u| u != id);
-        used.insert(0, id.to_owned());
-        used.truncate(RAW_IMAGES_KEPT);
-    }
-
-    /// Keeps raw images only for [`RAW_IMAGES_KEPT`] checkpoints: those
-    /// most recently taken or restored.
-    fn prune_raw_images(&self) {
-        // The most recently used, then the newest (after a start).
-        let used = self
-            .raw_used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let keep: HashSet<String> = used
-            .into_iter()
-            .chain(self.list(None).into_iter().map(|m| m.id))
-            .filter(|id| self.images.join(id).exists())
-            .take(RAW_IMAGES_KEPT)
-            .collect();
-        for entry in std::fs::read_dir(&self.images)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(durable::TEMP_PREFIX) && !keep.contains(&name) {
-                let _ = std::fs::remove_dir_all(entry.path());
+    /// Runs `f` on the page index of the live packs (built first when a
+    /// start or a garbage collection dropped it).
+    fn with_page_index<R>(&self, f: impl FnOnce(&mut crate::fs::pages::PageIndex) -> R) -> R {
+        let mut slot = self.page_index.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let lists: Vec<String> = self
+                .metas
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter_map(|m| m.env.as_ref())
+                .flat_map(|e| e.pages.values().cloned())
+                .collect();
+            let store = self.env.store();
+            let mut packs = Vec::new();
+            for list in lists {
+                match crate::fs::pages::packs_of(store, &list) {
+                    Ok(p) => packs.extend(p),
+                    Err(e) => {
+                        tracing::warn!(list, error = %e, "page list left out of the page index")
+                    }
+                }
             }
+            let t = Instant::now();
+            let index = crate::fs::pages::PageIndex::load(store, packs);
+            tracing::info!(
+                pages = index.len(),
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "page index built"
+            );
+            *slot = Some(index);
         }
+        f(slot.as_mut().expect("just built"))
     }
 
     /// Writes `meta` into a temp dir (not visible, not yet durable: the

@@ -23,12 +23,14 @@ use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info,
 use crate::container::Container;
 use crate::criu::ActionHook;
 use crate::durable;
+use crate::fs::pages;
 use crate::supervisor::RunningService;
 
 /// Where the raw images of a dump are.
 pub(super) enum ImagesAt {
-    /// A checkpoint's (cached, or extracted from the store).
-    Checkpoint(String),
+    /// A checkpoint's, being rebuilt from the store (removed when the
+    /// guard drops).
+    Rebuilding(std::thread::JoinHandle<Result<RemoveOnDrop, CheckpointError>>),
     /// A dir of raw images (a cold sleep's).
     Dir(PathBuf),
 }
@@ -75,8 +77,6 @@ impl Checkpoints {
         progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
-        // (its raw images stay cached through the undo point's capture)
-        self.raw_used(id);
         if !meta.is_auto {
             self.take_undo_point(id, progress).await;
         }
@@ -86,11 +86,15 @@ impl Checkpoints {
         let killed = t0.elapsed();
         info(progress, "Restoring filesystem...");
         self.restore_files(&meta, progress).await?;
+        // Rebuilt once the old root is unmounted (its unmount syncs the
+        // filesystem: gigabytes of fresh images would be written back),
+        // while the definitions are restored.
+        let images = self.start_rebuilding(&meta);
         self.sup
             .replace_definitions(meta.services.clone(), &meta.running)?;
         let files = t0.elapsed();
         if let Some(container) = &self.container {
-            match self.restore_processes(&meta, container).await.err() {
+            match self.restore_processes(&meta, container, images).await.err() {
                 None => {
                     for s in meta.env.iter().flat_map(|e| &e.services) {
                         info(
@@ -193,20 +197,41 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Step 4 begins early: the raw images of `meta`'s dump, rebuilt from
+    /// the store on a thread of their own (none without a dump or CRIU).
+    fn start_rebuilding(self: &Arc<Self>, meta: &CheckpointMeta) -> Option<ImagesAt> {
+        let env = meta.env.clone()?;
+        self.container.as_ref()?;
+        self.criu.as_ref()?;
+        let (me, id) = (self.clone(), meta.id.clone());
+        let rebuild = move || me.raw_images(&id, &env).map(RemoveOnDrop);
+        match std::thread::Builder::new()
+            .name("rebuild images".into())
+            .spawn(rebuild)
+        {
+            Ok(h) => Some(ImagesAt::Rebuilding(h)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to rebuild the images");
+                None
+            }
+        }
+    }
+
     /// Step 4: the whole tree back with CRIU. The error is the reason to
     /// start a fresh environment instead.
     async fn restore_processes(
         self: &Arc<Self>,
         meta: &CheckpointMeta,
         container: &Container,
+        at: Option<ImagesAt>,
     ) -> Result<(), String> {
         let images = match (&meta.env, meta.with_processes) {
             (Some(i), _) => i.clone(),
             (None, false) => return Err("the checkpoint keeps files only".into()),
             (None, true) => return Err("its processes were not dumped".into()),
         };
-        self.restore_tree(container, images, ImagesAt::Checkpoint(meta.id.clone()))
-            .await
+        let at = at.ok_or("its images could not be rebuilt")?;
+        self.restore_tree(container, images, at).await
     }
 
     /// The whole tree of a CRIU dump back onto the mounted root, with new
@@ -229,9 +254,17 @@ impl Checkpoints {
             .map_err(|e| e.to_string())?;
         let hook = self.placement_hook(container, &placement);
         let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let dir = match at {
-                ImagesAt::Checkpoint(id) => me.raw_images(&id, &plan).map_err(|e| e.to_string())?,
-                ImagesAt::Dir(dir) => dir,
+            // A checkpoint's images are rebuilt from the store for this
+            // restore, and removed after it (before any writeback).
+            let (dir, rebuilt) = match at {
+                ImagesAt::Rebuilding(h) => {
+                    let guard = h
+                        .join()
+                        .map_err(|_| "rebuilding the images failed (a panic)".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                    (guard.0.clone(), Some(guard))
+                }
+                ImagesAt::Dir(dir) => (dir, None),
             };
             let (inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
             let procs = init_cgroup.procs_fd().map_err(|e| e.to_string())?;
@@ -243,6 +276,10 @@ impl Checkpoints {
                 .restore_env(&dir, &root, procs, &externals, inherit, hook.as_ref())
                 .map_err(|e| e.to_string())?;
             *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+            // (removing gigabytes takes a while: not on the restore's path)
+            if let Some(r) = rebuilt {
+                std::thread::spawn(move || drop(r));
+            }
             Ok((pid, ends))
         })
         .await
@@ -346,31 +383,43 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// The raw images of checkpoint `id`: the cached dir, or decompressed
-    /// from the store into it.
+    /// The raw images of checkpoint `id`, rebuilt from the store into a
+    /// temp dir (the pages images reassembled from their packs).
     fn raw_images(&self, id: &str, p: &EnvImages) -> Result<PathBuf, CheckpointError> {
-        let dir = self.images.join(id);
-        if p.images.keys().all(|n| dir.join(n).exists()) {
-            return Ok(dir);
-        }
         let tmp = self
             .images
             .join(format!("{}{id}-restore", durable::TEMP_PREFIX));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        for (name, object) in &p.images {
+        let store = self.env.store();
+        for name in p.images.keys().chain(p.pages.keys()) {
             if name.contains('/') || name.starts_with('.') {
                 return Err(CheckpointError::Unavailable(format!(
                     "bad image name {name:?}"
                 )));
             }
-            self.env
-                .store()
-                .extract_compressed(object, &tmp.join(name))?;
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
-        Ok(dir)
+        for (name, object) in &p.images {
+            store.extract_compressed(object, &tmp.join(name))?;
+        }
+        let t = Instant::now();
+        for (name, list) in &p.pages {
+            pages::assemble(store, list, &tmp.join(name), pages::threads())?;
+        }
+        tracing::info!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "images rebuilt from the store"
+        );
+        Ok(tmp)
+    }
+}
+
+/// A dir removed when dropped.
+pub(super) struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -20,6 +20,7 @@
 pub(crate) mod at;
 pub mod journal;
 pub mod manifest;
+pub mod pages;
 pub mod scan;
 pub mod store;
 

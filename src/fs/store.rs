@@ -79,6 +79,51 @@ pub struct Compressed {
     pub new: bool,
 }
 
+/// An object being written ([`Store::writer`]); removed unless finished.
+pub struct ObjectWriter<'a> {
+    store: &'a Store,
+    tmp: PathBuf,
+    file: Option<File>,
+    hash: Sha256,
+    len: u64,
+}
+
+impl Write for ObjectWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self.file.as_mut().ok_or(io::ErrorKind::BrokenPipe)?;
+        let n = file.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter<'_> {
+    /// Names the object by its content and moves it into the store.
+    pub fn finish(mut self) -> Result<Compressed, FsError> {
+        drop(self.file.take());
+        let hash = std::mem::replace(&mut self.hash, Sha256::new());
+        let id = format!("{}-{}", hex(&hash.finalize()), Store::bytes_meta().key());
+        let new = self.store.publish(&self.tmp, &id)?;
+        Ok(Compressed {
+            id,
+            len: self.len,
+            new,
+        })
+    }
+}
+
+impl Drop for ObjectWriter<'_> {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 impl Store {
     /// Opens the store at `root`, removing temp files a crash left.
     pub fn open(root: &Path) -> Result<Self, FsError> {
@@ -239,53 +284,32 @@ impl Store {
         Ok(id)
     }
 
+    /// A new object written through [`Write`]: hashed as it goes, named by
+    /// its content when [`ObjectWriter::finish`]ed (bytes metadata).
+    pub fn writer(&self) -> Result<ObjectWriter<'_>, FsError> {
+        let (tmp, file) = self.temp()?;
+        Ok(ObjectWriter {
+            store: self,
+            tmp,
+            file: Some(file),
+            hash: Sha256::new(),
+            len: 0,
+        })
+    }
+
     /// Stores a file compressed (zstd, streaming: any size). Returns the
     /// object id and the compressed size.
     pub fn put_file_compressed(&self, src: &Path) -> Result<Compressed, FsError> {
-        struct Hashing {
-            file: File,
-            hash: Sha256,
-            len: u64,
-        }
-        impl Write for Hashing {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                let n = self.file.write(buf)?;
-                self.hash.update(&buf[..n]);
-                self.len += n as u64;
-                Ok(n)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                self.file.flush()
-            }
-        }
-        let (tmp, out) = self.temp()?;
-        let result = (|| {
-            let mut input = File::open(src).map_err(io_err("open", src))?;
-            let sink = Hashing {
-                file: out,
-                hash: Sha256::new(),
-                len: 0,
-            };
-            let mut enc = zstd::stream::Encoder::new(sink, 1).map_err(io_err("compress", src))?;
-            // Compressed by worker threads while this one hashes and writes
-            // what they produced. A fixed count, so that the same content
-            // is the same object on every machine (objects are named by
-            // the compressed bytes). Without threads in libzstd: one.
-            let _ = enc.multithread(COMPRESS_WORKERS);
-            io::copy(&mut input, &mut enc).map_err(io_err("compress", src))?;
-            let sink = enc.finish().map_err(io_err("compress", src))?;
-            Ok((hex(&sink.hash.finalize()), sink.len))
-        })();
-        let (hash, len) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        let id = format!("{hash}-{}", Self::bytes_meta().key());
-        let new = self.publish(&tmp, &id)?;
-        Ok(Compressed { id, len, new })
+        let mut input = File::open(src).map_err(io_err("open", src))?;
+        let mut enc =
+            zstd::stream::Encoder::new(self.writer()?, 1).map_err(io_err("compress", src))?;
+        // Compressed by worker threads while this one hashes and writes
+        // what they produced. A fixed count, so that the same content is
+        // the same object on every machine (objects are named by the
+        // compressed bytes). Without threads in libzstd: one.
+        let _ = enc.multithread(COMPRESS_WORKERS);
+        io::copy(&mut input, &mut enc).map_err(io_err("compress", src))?;
+        enc.finish().map_err(io_err("compress", src))?.finish()
     }
 
     /// Writes the decompressed content of object `id` (stored by
@@ -316,6 +340,11 @@ impl Store {
         nix::unistd::syncfs(dir.as_fd()).map_err(|e| io_err("syncfs", &self.root)(e.into()))
     }
 
+    /// Bytes of every object (their lengths: what the store holds).
+    pub fn objects_bytes(&self) -> u64 {
+        objects_bytes(&self.root)
+    }
+
     /// Deletes every object not in `keep`. Returns (objects, bytes) freed.
     pub fn collect_garbage(&self, keep: &HashSet<String>) -> Result<(u64, u64), FsError> {
         let (mut n, mut bytes) = (0, 0);
@@ -335,6 +364,19 @@ impl Store {
         }
         Ok((n, bytes))
     }
+}
+
+/// Bytes of every object of the store at `root` (read-only: for a store
+/// another process owns too).
+pub fn objects_bytes(root: &Path) -> u64 {
+    fs::read_dir(root.join("objects"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter_map(|o| o.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The content digest an object id starts with.
@@ -382,6 +424,16 @@ impl Store {
 impl Staging {
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    /// A staged object, open for reading, and its path.
+    pub fn open(&self, id: &str) -> Result<(File, PathBuf), FsError> {
+        if !valid_id(id) {
+            return Err(FsError::Corrupt(format!("bad object id {id:?}")));
+        }
+        let path = self.path(id);
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        Ok((f, path))
     }
 
     /// Holds an object the store already has (a hard link: a garbage

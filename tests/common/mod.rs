@@ -702,3 +702,21 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The tar inside a checkpoint archive, entry by entry.
+#[allow(dead_code)]
+pub fn archive_entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let tar = zstd::decode_all(archive).unwrap();
+    let mut a = tar::Archive::new(tar.as_slice());
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (name, data)
+        })
+        .collect()
+}
