@@ -49,7 +49,7 @@ use sprited::supervisor::Status;
 const HOLDER: &str = r#"
 import mmap, os, random, signal, sys, time
 n = int(sys.argv[1]) << 20
-mem = mmap.mmap(-1, n)
+mem = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
 for off in range(0, n, 1 << 20):
     mem[off:off + (1 << 20)] = os.urandom(1 << 20)
 pages = n // 4096

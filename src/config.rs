@@ -196,6 +196,12 @@ pub struct Args {
     #[arg(long, env = "SPRITED_NO_CRIU")]
     pub no_criu: bool,
 
+    /// Take every process dump whole, even where the kernel tracks dirty
+    /// pages (by default a checkpoint then pre-dumps memory while the
+    /// processes run and, frozen, writes only the pages dirtied since).
+    #[arg(long, env = "SPRITED_NO_DIRTY_TRACKING")]
+    pub no_dirty_tracking: bool,
+
     /// How long a SIGTERM waits for in-flight requests before closing them.
     #[arg(
         long,
@@ -296,6 +302,7 @@ pub struct Config {
     pub daemon_id: String,
     pub criu_path: Option<PathBuf>,
     pub no_criu: bool,
+    pub no_dirty_tracking: bool,
     pub env_root: PathBuf,
     pub env_base: PathBuf,
     pub hold_booting: bool,
@@ -394,6 +401,7 @@ impl Config {
             },
             env_base,
             no_criu: args.no_criu,
+            no_dirty_tracking: args.no_dirty_tracking,
             hold_booting: args.hold_booting,
             mountinfo_path: args.mountinfo.clone(),
         })

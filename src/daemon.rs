@@ -349,7 +349,8 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             None
         }
     };
-    let criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
+    let mut criu = criu::detect(&app.reaper, config.criu_path.as_deref(), config.no_criu).await;
+    criu.incremental = criu.available && criu.dirty_tracking && !config.no_dirty_tracking;
     if !criu.available {
         tracing::warn!(
             reason = criu.message.as_deref().unwrap_or(""),
@@ -359,6 +360,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     let dumper = criu.path.clone().filter(|_| criu.available).map(|p| {
         criu::Criu::new(p, app.reaper.clone(), config.state_dir.join("criu-logs"))
             .with_version(criu.version.as_deref())
+            .with_incremental(criu.incremental)
     });
     let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {

@@ -17,6 +17,7 @@ use super::{
     FREEZE_TIMEOUT, Note, SKIPPED_LISTED, SkippedEntry, info, io_err, now_rfc3339,
 };
 use crate::cgroup::FreezeGuard;
+use crate::criu::{DumpTarget, pagemap};
 use crate::durable;
 use crate::fs::manifest::Manifest;
 use crate::fs::{EnvState, FrozenScan, pages};
@@ -88,8 +89,15 @@ struct Frozen {
     services: Vec<ServiceDef>,
     running: Vec<String>,
     freeze_ms: f64,
-    /// The raw images dir and what to record with them.
-    dump: Option<(PathBuf, EnvImages)>,
+    dump: Option<Dump>,
+}
+
+/// A dump's raw images and what to record with them.
+struct Dump {
+    dir: PathBuf,
+    /// The pre-dump an incremental dump's unchanged pages are in.
+    parent: Option<PathBuf>,
+    images: EnvImages,
 }
 
 impl Checkpoints {
@@ -137,6 +145,7 @@ impl Checkpoints {
             progress,
             started,
         );
+        self.refresh_browsable();
         match &result {
             Ok(meta) => {
                 self.metas
@@ -153,6 +162,7 @@ impl Checkpoints {
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; collecting its objects");
                 let _ = std::fs::remove_dir_all(self.temp_images(&id));
+                let _ = std::fs::remove_dir_all(self.pre_images(&id));
                 self.env.store().clean_temp();
                 let _ = self.collect_garbage();
                 let _ = std::fs::remove_file(self.journal());
@@ -163,6 +173,12 @@ impl Checkpoints {
 
     fn temp_images(&self, id: &str) -> PathBuf {
         self.images.join(format!("{}{id}", durable::TEMP_PREFIX))
+    }
+
+    /// Where capture `id` pre-dumps the memory (dirty tracking).
+    fn pre_images(&self, id: &str) -> PathBuf {
+        self.images
+            .join(format!("{}{id}-pre", durable::TEMP_PREFIX))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -204,9 +220,23 @@ impl Checkpoints {
         let manifest_id = captured.manifest.store(self.env.store())?;
         let (mut images_new_bytes, mut images_dedup_bytes) = (0, 0);
         let env = match frozen.dump {
-            Some((dir, mut images)) => {
+            Some(Dump {
+                dir,
+                parent,
+                mut images,
+            }) => {
                 let t = Instant::now();
-                let stored = self.store_images(&dir)?;
+                let stored = self.store_images(&dir, parent.as_deref());
+                // Stored: the raw images go before the syncfs below, so
+                // the kernel never writes them back (a dump is as large
+                // as the memory it took).
+                if let Some(p) = &parent {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                if dir == self.temp_images(id) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                let stored = stored?;
                 tracing::info!(
                     ms = t.elapsed().as_secs_f64() * 1e3,
                     pages = stored.pages,
@@ -216,12 +246,6 @@ impl Checkpoints {
                 );
                 images.images = stored.objects;
                 images.pages = stored.pages_lists;
-                // Stored: the raw images go before the syncfs below, so
-                // the kernel never writes them back (a dump is as large
-                // as the memory it took).
-                if dir == self.temp_images(id) {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
                 (images_new_bytes, images_dedup_bytes) = (stored.new_bytes, stored.dedup_bytes);
                 info(
                     progress,
@@ -315,6 +339,20 @@ impl Checkpoints {
             .as_ref()
             .filter(|_| processes)
             .zip(container.and_then(|c| c.init_host_pid().map(|p| (c, p))));
+        if dumper.is_some() {
+            // The browsable roots under the checkpoints dir propagate into
+            // the environment (/.sprite/checkpoints/<id>/root) as slaves of
+            // mounts outside it, which CRIU cannot dump: they go for the
+            // dump and come back after it (`capture_as`).
+            self.unmount_browsable();
+        }
+        let whole = container.map(|c| c.config().cgroups.whole());
+        let mut pre = match (dumper, &whole) {
+            (Some((criu, (container, init))), Some(whole)) if criu.incremental() => {
+                self.pre_dump(id, criu, container, init, whole.path(), progress)
+            }
+            _ => None,
+        };
         info(
             progress,
             if dumper.is_some() {
@@ -324,20 +362,35 @@ impl Checkpoints {
             },
         );
         let freeze_start = Instant::now();
-        let whole = container.map(|c| c.config().cgroups.whole());
         let guard = FreezeGuard::begin(whole.iter().cloned().collect())?;
         let mut dump = None;
         if let (Some((criu, (container, init))), Some(whole)) = (dumper, &whole) {
             let dir = self.temp_images(id);
             let plan = self.dump_plan(container);
-            match criu.dump_env(
+            let parent = pre.as_ref().map(|(p, _)| {
+                format!("../{}", p.file_name().unwrap_or_default().to_string_lossy())
+            });
+            let target = DumpTarget {
                 init,
-                whole.path(),
-                &dir,
-                EXTERNAL_MOUNTS,
-                &plan.external_sockets,
-            ) {
-                Ok(stats) => {
+                cgroup: whole.path(),
+                images: &dir,
+                external: EXTERNAL_MOUNTS,
+                external_sockets: &plan.external_sockets,
+            };
+            let dumped = |parent: Option<&str>| criu.dump_env(&target, parent);
+            let mut result = dumped(parent.as_deref());
+            if let (Err(e), Some(_)) = (&result, &parent) {
+                // Still frozen: a whole dump instead.
+                tracing::warn!(error = %e, "the incremental dump failed; dumping whole");
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Some((p, _)) = pre.take() {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                result = dumped(None);
+            }
+            match result {
+                Ok(mut stats) => {
+                    stats.pre_dump_ms = pre.as_ref().map_or(0.0, |(_, ms)| *ms);
                     info(
                         progress,
                         format!(
@@ -347,11 +400,21 @@ impl Checkpoints {
                             stats.frozen_time as f64 / 1e3
                         ),
                     );
-                    dump = Some((dir, EnvImages { stats, ..plan }));
+                    dump = Some(Dump {
+                        dir,
+                        parent: pre.as_ref().map(|(p, _)| p.clone()),
+                        images: EnvImages { stats, ..plan },
+                    });
                 }
-                Err(e) => progress(Note::Error(format!(
-                    "{e}; the checkpoint keeps the files, and a restore starts services fresh"
-                ))),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    if let Some((p, _)) = &pre {
+                        let _ = std::fs::remove_dir_all(p);
+                    }
+                    progress(Note::Error(format!(
+                        "{e}; the checkpoint keeps the files, and a restore starts services fresh"
+                    )))
+                }
             }
         }
         // A dumped cgroup is settled: CRIU seized every task (each stopped
@@ -372,6 +435,47 @@ impl Checkpoints {
             freeze_ms: freeze_start.elapsed().as_secs_f64() * 1e3,
             dump,
         })
+    }
+
+    /// Step 3a, where the kernel tracks dirty pages: a pre-dump of the
+    /// memory while everything runs, so the frozen dump writes only what
+    /// changed since. Its dir and how long it took; none when it failed
+    /// (the dump is then whole).
+    fn pre_dump(
+        &self,
+        id: &str,
+        criu: &crate::criu::Criu,
+        container: &crate::container::Container,
+        init: i32,
+        cgroup: &Path,
+        progress: &dyn Fn(Note),
+    ) -> Option<(PathBuf, f64)> {
+        let dir = self.pre_images(id);
+        let sockets = container.external_unix_sockets();
+        let target = DumpTarget {
+            init,
+            cgroup,
+            images: &dir,
+            external: EXTERNAL_MOUNTS,
+            external_sockets: &sockets,
+        };
+        match criu.pre_dump_env(&target) {
+            Ok(stats) => {
+                info(
+                    progress,
+                    format!(
+                        "Pre-dumped the memory while it runs: {} pages in {:.1} ms",
+                        stats.pages_written, stats.dump_ms
+                    ),
+                );
+                Some((dir, stats.dump_ms))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pre-dump failed: this dump is whole");
+                let _ = std::fs::remove_dir_all(&dir);
+                None
+            }
+        }
     }
 
     /// Step 3 of a cold sprite: nothing runs, so nothing is frozen; the
@@ -400,7 +504,11 @@ impl Checkpoints {
             .iter()
             .map(|s| s.name.clone())
             .collect();
-        let dump = (processes && self.criu.is_some()).then(|| (self.sleep_images(), cold.images));
+        let dump = (processes && self.criu.is_some()).then(|| Dump {
+            dir: self.sleep_images(),
+            parent: None,
+            images: cold.images,
+        });
         Ok(Frozen {
             scan,
             services,
@@ -471,24 +579,47 @@ impl Checkpoints {
 
     /// Step 4: CRIU's images into the store: the pages images by page
     /// (only pages the store does not have are written), the others zstd,
-    /// one object each.
-    fn store_images(&self, dir: &Path) -> Result<StoredImages, CheckpointError> {
+    /// one object each. An incremental dump (its unchanged pages in the
+    /// pre-dump `parent`) is stored whole: its pagemaps rewritten with
+    /// every page present, its pages images made of both dumps' pages.
+    fn store_images(
+        &self,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<StoredImages, CheckpointError> {
         let store = self.env.store();
         let mut out = StoredImages::default();
+        let flat =
+            match parent {
+                Some(p) => Some(pagemap::flatten(dir, p).map_err(|e| {
+                    CheckpointError::Unavailable(format!("the incremental dump: {e}"))
+                })?),
+                None => None,
+            };
         let mut pages_images = Vec::new();
         for entry in std::fs::read_dir(dir)
             .map_err(io_err("read dir", dir))?
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".log") || name.ends_with(".pid") {
-                continue;
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if !is_file || name.ends_with(".log") || name.ends_with(".pid") {
+                continue; // (and the `parent` link of an incremental dump)
             }
             if pages::is_pages_image(&name) {
                 pages_images.push((name, entry.path()));
                 continue;
             }
-            let c = store.put_file_compressed(&entry.path())?;
+            let c = match &flat {
+                Some(f) if pagemap::is_pagemap_image(&name) => {
+                    let (_, bytes) =
+                        f.pagemaps.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+                            CheckpointError::Unavailable(format!("{name} not flattened"))
+                        })?;
+                    store.put_bytes_compressed(bytes)?
+                }
+                _ => store.put_file_compressed(&entry.path())?,
+            };
             if c.new {
                 out.new_bytes += c.len;
             } else {
@@ -496,14 +627,29 @@ impl Checkpoints {
             }
             out.objects.insert(name, c.id);
         }
-        let paths: Vec<PathBuf> = pages_images.iter().map(|(_, p)| p.clone()).collect();
-        let stored = self
-            .with_page_index(|index| pages::store_images(store, index, &paths, pages::threads()))?;
+        let (names, stored) = match &flat {
+            Some(f) => {
+                let runs: Vec<Vec<(usize, u64, u64)>> =
+                    f.pages.iter().map(|p| p.runs.clone()).collect();
+                let names: Vec<String> = f.pages.iter().map(|p| p.name.clone()).collect();
+                let stored = self.with_page_index(|index| {
+                    pages::store_runs(store, index, &f.files, &runs, pages::threads())
+                })?;
+                (names, stored)
+            }
+            None => {
+                let paths: Vec<PathBuf> = pages_images.iter().map(|(_, p)| p.clone()).collect();
+                let stored = self.with_page_index(|index| {
+                    pages::store_images(store, index, &paths, pages::threads())
+                })?;
+                (pages_images.into_iter().map(|(n, _)| n).collect(), stored)
+            }
+        };
         out.new_bytes += stored.new_bytes;
         out.dedup_bytes += stored.dedup_bytes;
         out.new_pages = stored.new_pages;
         out.pages = stored.pages;
-        for ((name, _), list) in pages_images.into_iter().zip(stored.lists) {
+        for (name, list) in names.into_iter().zip(stored.lists) {
             out.pages_lists.insert(name, list);
         }
         Ok(out)

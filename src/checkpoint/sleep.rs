@@ -132,11 +132,14 @@ impl Checkpoints {
             }
             let stats = criu
                 .dump_env(
-                    init,
-                    whole.path(),
-                    &dir,
-                    EXTERNAL_MOUNTS,
-                    &plan.external_sockets,
+                    &crate::criu::DumpTarget {
+                        init,
+                        cgroup: whole.path(),
+                        images: &dir,
+                        external: EXTERNAL_MOUNTS,
+                        external_sockets: &plan.external_sockets,
+                    },
+                    None,
                 )
                 .map_err(|e| CheckpointError::Unavailable(e.to_string()))?;
             tracing::info!(

@@ -317,20 +317,37 @@ pub struct StoredPages {
     pub new_pages: u64,
 }
 
-/// An image being stored.
-struct Image {
-    file: File,
-    path: PathBuf,
-    /// Its first page in the numbering across all images.
+/// A run of pages to store: `count` pages of `files[file]` from page `first`,
+/// at page `start` of the numbering across all images.
+struct Seg {
     start: u64,
-    pages: u64,
+    file: usize,
+    first: u64,
+    count: u64,
+}
+
+/// What is being stored: the source files, and the runs that make the
+/// images, one after another.
+struct Sources {
+    files: Vec<(File, PathBuf)>,
+    segs: Vec<Seg>,
+}
+
+impl Sources {
+    /// The file and page holding page `g`, and how many pages from there
+    /// are contiguous in that file.
+    fn locate(&self, g: u64) -> (&File, &Path, u64, u64) {
+        let i = self.segs.partition_point(|s| s.start + s.count <= g);
+        let s = &self.segs[i];
+        let (f, p) = &self.files[s.file];
+        (f, p, s.first + (g - s.start), s.start + s.count - g)
+    }
 }
 
 /// Stores the pages images `files` (each a whole number of pages) by page:
 /// hashes every page on `threads` threads, writes the pages `index` does not
 /// have into one new pack (compressed in parallel), and a page list per
 /// image. `index` learns the new pack.
-#[tracing::instrument(name = "store_pages", skip_all, fields(images = files.len()))]
 pub fn store_images(
     store: &Store,
     index: &mut PageIndex,
@@ -338,7 +355,28 @@ pub fn store_images(
     threads: usize,
 ) -> Result<StoredPages, FsError> {
     let mut images = Vec::new();
-    let mut total = 0u64;
+    for (i, path) in files.iter().enumerate() {
+        let len = std::fs::metadata(path).map_err(io_err("stat", path))?.len();
+        images.push(vec![(i, 0, len / PAGE as u64)]);
+    }
+    store_runs(store, index, files, &images, threads)
+}
+
+/// [`store_images`] of images made of runs `(file, first page, count)`
+/// over `files` (an incremental dump made whole: its new pages and those
+/// of its parent).
+#[tracing::instrument(name = "store_pages", skip_all, fields(images = images.len()))]
+pub fn store_runs(
+    store: &Store,
+    index: &mut PageIndex,
+    files: &[PathBuf],
+    images: &[Vec<(usize, u64, u64)>],
+    threads: usize,
+) -> Result<StoredPages, FsError> {
+    let mut src = Sources {
+        files: Vec::new(),
+        segs: Vec::new(),
+    };
     for path in files {
         let file = File::open(path).map_err(io_err("open", path))?;
         let len = file.metadata().map_err(io_err("stat", path))?.len();
@@ -348,15 +386,36 @@ pub fn store_images(
                 path.display()
             )));
         }
-        images.push(Image {
-            file,
-            path: path.clone(),
-            start: total,
-            pages: len / PAGE as u64,
-        });
-        total += len / PAGE as u64;
+        src.files.push((file, path.clone()));
     }
-    let hashes = hash_all(&images, total, threads)?;
+    let mut bounds = Vec::new();
+    let mut total = 0u64;
+    for runs in images {
+        let start = total;
+        for &(file, first, count) in runs {
+            let (f, path) = src.files.get(file).ok_or_else(|| {
+                FsError::Corrupt(format!("a run names file {file} of {}", files.len()))
+            })?;
+            let pages = f.metadata().map_err(io_err("stat", path))?.len() / PAGE as u64;
+            if first.checked_add(count).is_none_or(|end| end > pages) {
+                return Err(FsError::Corrupt(format!(
+                    "{}: pages {first}+{count} beyond its {pages}",
+                    path.display()
+                )));
+            }
+            if count > 0 {
+                src.segs.push(Seg {
+                    start: total,
+                    file,
+                    first,
+                    count,
+                });
+                total += count;
+            }
+        }
+        bounds.push((start, total - start));
+    }
+    let hashes = hash_all(&src, total, threads)?;
 
     // Each page: found in a live pack, found earlier in this capture, or new.
     const NEW: u32 = u32::MAX;
@@ -384,16 +443,16 @@ pub fn store_images(
     let new_pack = if new_pages.is_empty() {
         None
     } else {
-        let written = write_pack(store, &images, &new_pages, &hashes, threads)?;
+        let written = write_pack(store, &src, &new_pages, &hashes, threads)?;
         out.new_bytes += if written.new { written.len } else { 0 };
         let new_hashes: Vec<Digest> = new_pages.iter().map(|g| hashes[*g as usize]).collect();
         index.add(written.id.clone(), &new_hashes);
         Some(index.packs.len() as u32 - 1)
     };
-    for img in &images {
-        let refs = &refs[img.start as usize..(img.start + img.pages) as usize];
+    for &(start, pages) in &bounds {
+        let refs = &refs[start as usize..(start + pages) as usize];
         let list = page_list(
-            img.pages,
+            pages,
             refs,
             |p| match p {
                 NEW => new_pack.expect("new pages were packed"),
@@ -451,7 +510,7 @@ fn page_list(
 }
 
 /// The SHA-256 of every page, in order, on `threads` threads.
-fn hash_all(images: &[Image], total: u64, threads: usize) -> Result<Vec<Digest>, FsError> {
+fn hash_all(src: &Sources, total: u64, threads: usize) -> Result<Vec<Digest>, FsError> {
     let threads = threads.max(1) as u64;
     let per = total.div_ceil(threads).max(1);
     let ranges: Vec<(u64, u64)> = (0..threads)
@@ -463,11 +522,10 @@ fn hash_all(images: &[Image], total: u64, threads: usize) -> Result<Vec<Digest>,
         let mut buf = vec![0u8; READ_PAGES * PAGE];
         let mut g = from;
         while g < to {
-            let (img, local) = locate(images, g);
-            let n = (to - g).min(img.pages - local).min(READ_PAGES as u64) as usize;
-            img.file
-                .read_exact_at(&mut buf[..n * PAGE], local * PAGE as u64)
-                .map_err(io_err("read", &img.path))?;
+            let (file, path, page, run) = src.locate(g);
+            let n = (to - g).min(run).min(READ_PAGES as u64) as usize;
+            file.read_exact_at(&mut buf[..n * PAGE], page * PAGE as u64)
+                .map_err(io_err("read", path))?;
             out.extend(
                 buf[..n * PAGE]
                     .chunks_exact(PAGE)
@@ -480,17 +538,11 @@ fn hash_all(images: &[Image], total: u64, threads: usize) -> Result<Vec<Digest>,
     Ok(parts.into_iter().flatten().collect())
 }
 
-/// The image holding page `g` (numbering across images), and its page there.
-fn locate(images: &[Image], g: u64) -> (&Image, u64) {
-    let i = images.partition_point(|img| img.start + img.pages <= g);
-    (&images[i], g - images[i].start)
-}
-
-/// Writes the pages `new` (numbering across `images`) as one pack: frames
-/// compressed on `threads` threads, a batch at a time, written in order.
+/// Writes the pages `new` (numbering across the sources) as one pack:
+/// frames compressed on `threads` threads, a batch at a time, in order.
 fn write_pack(
     store: &Store,
-    images: &[Image],
+    src: &Sources,
     new: &[u64],
     hashes: &[Digest],
     threads: usize,
@@ -505,20 +557,17 @@ fn write_pack(
             // Consecutive pages of one image are read at once.
             let mut i = 0;
             while i < pages.len() {
-                let (img, local) = locate(images, pages[i]);
+                let (file, path, page, run) = src.locate(pages[i]);
                 let mut n = 1;
-                while i + n < pages.len()
-                    && pages[i + n] == pages[i] + n as u64
-                    && local + (n as u64) < img.pages
+                while i + n < pages.len() && pages[i + n] == pages[i] + n as u64 && (n as u64) < run
                 {
                     n += 1;
                 }
-                img.file
-                    .read_exact_at(&mut raw[i * PAGE..(i + n) * PAGE], local * PAGE as u64)
-                    .map_err(io_err("read", &img.path))?;
+                file.read_exact_at(&mut raw[i * PAGE..(i + n) * PAGE], page * PAGE as u64)
+                    .map_err(io_err("read", path))?;
                 i += n;
             }
-            zstd::bulk::compress(&raw, LEVEL).map_err(io_err("compress", &img_path(images)))
+            zstd::bulk::compress(&raw, LEVEL).map_err(io_err("compress", &path))
         })?;
         for c in compressed {
             w.write_all(&c).map_err(io_err("write", &path))?;
@@ -537,10 +586,6 @@ fn write_pack(
     t.extend_from_slice(MAGIC);
     w.write_all(&t).map_err(io_err("write", &path))?;
     w.finish()
-}
-
-fn img_path(images: &[Image]) -> PathBuf {
-    images.first().map(|i| i.path.clone()).unwrap_or_default()
 }
 
 /// Rebuilds the image page list `list_id` describes at `dest`, on
@@ -720,6 +765,28 @@ mod tests {
         let mut pruned = fresh;
         pruned.retain_packs(|id| id == packs[0]);
         assert_eq!(pruned.len(), first.new_pages as usize);
+    }
+
+    #[test]
+    fn an_image_made_of_runs_over_two_files_comes_back_whole() {
+        let (tmp, store) = setup();
+        let mut seed = 11;
+        let (a, b) = (random_pages(4, &mut seed), random_pages(3, &mut seed));
+        let (pa, pb) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::write(&pa, &a).unwrap();
+        std::fs::write(&pb, &b).unwrap();
+        let runs = vec![vec![(1, 1, 2), (0, 0, 1)], vec![(0, 3, 1)]];
+        let s = store_runs(&store, &mut PageIndex::default(), &[pa, pb], &runs, 2).unwrap();
+        let out = tmp.path().join("out");
+        assemble(&store, &s.lists[0], &out, 2).unwrap();
+        let want = [&b[PAGE..3 * PAGE], &a[..PAGE]].concat();
+        assert!(std::fs::read(&out).unwrap() == want);
+        assemble(&store, &s.lists[1], &out, 2).unwrap();
+        assert!(std::fs::read(&out).unwrap() == a[3 * PAGE..]);
+        // A run beyond its file is refused.
+        let bad = vec![vec![(1, 2, 2)]];
+        let files = [tmp.path().join("a"), tmp.path().join("b")];
+        assert!(store_runs(&store, &mut PageIndex::default(), &files, &bad, 2).is_err());
     }
 
     #[test]

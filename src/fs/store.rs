@@ -297,6 +297,15 @@ impl Store {
         })
     }
 
+    /// Stores bytes compressed (zstd), as [`Store::put_file_compressed`].
+    pub fn put_bytes_compressed(&self, data: &[u8]) -> Result<Compressed, FsError> {
+        let path = self.root.join("tmp");
+        let mut w = self.writer()?;
+        let c = zstd::bulk::compress(data, 1).map_err(io_err("compress", &path))?;
+        w.write_all(&c).map_err(io_err("write", &path))?;
+        w.finish()
+    }
+
     /// Stores a file compressed (zstd, streaming: any size). Returns the
     /// object id and the compressed size.
     pub fn put_file_compressed(&self, src: &Path) -> Result<Compressed, FsError> {

@@ -71,6 +71,10 @@ pub struct CriuSupport {
     /// (pre-dump, then only what changed) need. Without it every dump is
     /// whole.
     pub dirty_tracking: bool,
+    /// Checkpoints dump incrementally: the kernel tracks dirty pages and
+    /// `--no-dirty-tracking` was not given.
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 /// Longest a dump or restore may run before it is killed.
@@ -110,6 +114,20 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// What a dump of the whole environment takes: the tree of its init (host
+/// pid `init`), every task of the daemon's cgroup `cgroup` (which the caller
+/// asked to freeze, for a dump), the images dir, the bind mounts from the
+/// host (`external`: path inside → key) and the unix sockets whose peer is
+/// outside.
+#[derive(Clone, Copy)]
+pub struct DumpTarget<'a> {
+    pub init: i32,
+    pub cgroup: &'a Path,
+    pub images: &'a Path,
+    pub external: &'a [(&'a str, &'a str)],
+    pub external_sockets: &'a [u64],
+}
+
 /// A working CRIU (found and `criu check` passed).
 #[derive(Clone)]
 pub struct Criu {
@@ -119,6 +137,8 @@ pub struct Criu {
     logs: PathBuf,
     /// `--network-lock skip` (CRIU 3.18 and later; 3.17 refuses the value).
     skip_network_lock: bool,
+    /// Pre-dump, then dump only what changed since (dirty tracking).
+    incremental: bool,
 }
 
 impl Criu {
@@ -128,7 +148,21 @@ impl Criu {
             reaper,
             logs,
             skip_network_lock: true,
+            incremental: false,
         }
+    }
+
+    /// Dumps incrementally (`incremental`: the kernel tracks dirty pages
+    /// and the daemon was not told otherwise).
+    pub fn with_incremental(mut self, incremental: bool) -> Self {
+        self.incremental = incremental;
+        self
+    }
+
+    /// Whether dumps are incremental: a pre-dump while the processes run,
+    /// then the frozen dump writes only the pages dirtied since.
+    pub fn incremental(&self) -> bool {
+        self.incremental
     }
 
     /// Adapts the options to the detected version (`3.17.1`): older CRIUs
@@ -209,36 +243,58 @@ impl Criu {
         })
     }
 
-    /// Dumps the whole environment (the tree of its init, host pid `init`,
-    /// every task of the daemon's cgroup `cgroup`, which the caller has
-    /// asked to freeze) into `images`, leaving it running (and frozen).
-    /// `external` names the bind mounts from the host (path inside → key);
-    /// `external_sockets`, the unix sockets whose peer is outside. Blocking.
-    #[tracing::instrument(
-        name = "criu_dump",
-        skip(self, cgroup, images, external, external_sockets),
-        fields(init)
-    )]
-    pub fn dump_env(
+    /// Dumps the whole environment into `t.images`, leaving it running
+    /// (and frozen). With `parent` (a pre-dump's dir, relative to the
+    /// images dir), only the pages dirtied since it are written; the others
+    /// are marked as the parent's. Blocking.
+    #[tracing::instrument(name = "criu_dump", skip_all, fields(init = t.init, ?parent))]
+    pub fn dump_env(&self, t: &DumpTarget, parent: Option<&str>) -> Result<DumpStats, CriuError> {
+        let mut args = vec!["--leave-running".to_owned()];
+        if let Some(p) = parent {
+            args.extend(["--track-mem", "--prev-images-dir", p].map(str::to_owned));
+        }
+        let mut stats = self.env_dump("dump", &args, t)?;
+        if parent.is_some() {
+            stats.kind = DumpKind::Incremental;
+        }
+        Ok(stats)
+    }
+
+    /// Pre-dumps the environment's memory into `t.images` while it runs
+    /// (CRIU freezes the tasks only to collect their pages) and starts
+    /// tracking the pages they dirty from then on. Blocking.
+    #[tracing::instrument(name = "criu_pre_dump", skip_all, fields(init = t.init))]
+    pub fn pre_dump_env(&self, t: &DumpTarget) -> Result<DumpStats, CriuError> {
+        self.env_dump("pre-dump", &["--track-mem".to_owned()], t)
+    }
+
+    /// `criu <op>` (dump, pre-dump) of the environment's tree with the
+    /// options both share, and `extra`.
+    fn env_dump(
         &self,
-        init: i32,
-        cgroup: &Path,
-        images: &Path,
-        external: &[(&str, &str)],
-        external_sockets: &[u64],
+        op: &'static str,
+        extra: &[String],
+        t: &DumpTarget,
     ) -> Result<DumpStats, CriuError> {
+        let DumpTarget {
+            init,
+            cgroup,
+            images,
+            external,
+            external_sockets,
+        } = *t;
         let started = Instant::now();
         std::fs::create_dir_all(images).map_err(io_err("create", images))?;
-        let log = images.join("dump.log");
+        let log = images.join(format!("{op}.log"));
         let mut cmd = Command::new(&self.path);
-        cmd.arg("dump")
+        cmd.arg(op)
             .args(["--tree", &init.to_string()])
             .arg("--images-dir")
             .arg(images)
             .arg("--log-file")
             .arg(&log)
             .arg("-v4")
-            .arg("--leave-running")
+            .args(extra)
             .arg("--freeze-cgroup")
             .arg(cgroup)
             .args([
@@ -265,11 +321,11 @@ impl Criu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
-        self.run(cmd, "dump", ENV, &log)?;
+        self.run(cmd, op, ENV, &log)?;
         let bytes = std::fs::read_dir(images)
             .map_err(io_err("read dir", images))?
             .flatten()
-            .filter(|e| e.file_name() != "dump.log")
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".log"))
             .filter_map(|e| e.metadata().ok())
             .map(|m| m.len())
             .sum();
@@ -280,11 +336,11 @@ impl Criu {
         stats.dump_ms = started.elapsed().as_secs_f64() * 1e3;
         stats.bytes = bytes;
         tracing::info!(
+            op,
             dump_ms = stats.dump_ms,
             bytes,
             frozen_us = stats.frozen_time,
-            memdump_us = stats.memdump_time,
-            memwrite_us = stats.memwrite_time,
+            pages_written = stats.pages_written,
             "dumped"
         );
         Ok(stats)
@@ -425,6 +481,8 @@ pub struct RestoreStats {
     pub pages_restored: u64,
 }
 
+pub mod pagemap;
+
 /// CRIU's `stats-dump` image: two magic words, then one length-prefixed
 /// protobuf `StatsEntry` whose field 1 is a `DumpStatsEntry`.
 pub mod stats {
@@ -445,7 +503,7 @@ pub mod stats {
 
     /// The fields of a message: (number, varint value, or the bytes of a
     /// length-delimited one). Other wire types end the walk.
-    fn fields(b: &[u8]) -> Vec<(u64, u64, &[u8])> {
+    pub(super) fn fields(b: &[u8]) -> Vec<(u64, u64, &[u8])> {
         let mut out = Vec::new();
         let mut at = 0;
         while at < b.len() {
@@ -533,6 +591,7 @@ pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) 
         check_ok: false,
         message: Some(message),
         dirty_tracking: false,
+        incremental: false,
     };
     if disabled {
         return none(
@@ -593,6 +652,7 @@ pub async fn detect(reaper: &Reaper, configured: Option<&Path>, disabled: bool) 
         check_ok,
         message,
         dirty_tracking,
+        incremental: false,
     }
 }
 
