@@ -80,16 +80,15 @@ impl Checkpoints {
         if !meta.is_auto {
             self.take_undo_point(id, progress).await;
         }
+        // The images are rebuilt while the environment stops and the files
+        // come back (the old root's final sync is off the restore's path).
+        let images = self.start_rebuilding(&meta);
         let t0 = Instant::now();
         info(progress, "Stopping the environment...");
         self.stop_environment().await;
         let killed = t0.elapsed();
         info(progress, "Restoring filesystem...");
         self.restore_files(&meta, progress).await?;
-        // Rebuilt once the old root is unmounted (its unmount syncs the
-        // filesystem: gigabytes of fresh images would be written back),
-        // while the definitions are restored.
-        let images = self.start_rebuilding(&meta);
         self.sup
             .replace_definitions(meta.services.clone(), &meta.running)?;
         let files = t0.elapsed();

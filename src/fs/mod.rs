@@ -401,6 +401,20 @@ impl Env {
         Ok(())
     }
 
+    /// Detaches the environment root (`MNT_DETACH`): gone from the mount
+    /// table at once, unmounted when its last user lets go.
+    fn detach(&self) -> Result<(), FsError> {
+        use nix::mount::{MntFlags, umount2};
+        let target = &self.cfg.env_root;
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()), // (not mounted)
+            Err(e) => Err(FsError::Unmount {
+                target: target.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+
     /// Unmounts the environment root (lazily if something still uses it).
     pub fn unmount(&self) -> Result<(), FsError> {
         use nix::mount::{MntFlags, umount2};
@@ -639,7 +653,15 @@ impl Env {
     pub fn switch_to(&self, id: &str) -> Result<(), FsError> {
         let old = self.state();
         let generation = old.generation + 1;
-        self.unmount()?;
+        // The old root is detached, not unmounted: its last reference (an
+        // fd held here) goes on a thread of its own, which then pays for
+        // the overlay's final sync of the upper filesystem (that root's
+        // files are discarded anyway) while the restore goes on.
+        let hold = std::fs::File::open(&self.cfg.env_root).ok();
+        self.detach()?;
+        if let Some(h) = hold {
+            std::thread::spawn(move || drop(h));
+        }
         if let Err(e) = self.mount(Some(id), generation) {
             // Put the old environment back; the error is what the caller sees.
             let _ = self.mount(old.layer.as_deref(), old.generation);
