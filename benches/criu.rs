@@ -20,8 +20,8 @@
 //!
 //! Before each timed operation, daemon or plain, the bench runs `sync(2)`
 //! (untimed), so that the writeback and discards of the previous one (the
-//! daemon writes the images to its store after the thaw, and prunes older
-//! raw images) do not land inside the next.
+//! daemon writes the new pages to its store after the thaw) do not land
+//! inside the next.
 //!
 //! Each daemon operation is also followed by the same plain operation on
 //! the copy, and the median of those pairs' ratios is printed too (less

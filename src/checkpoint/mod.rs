@@ -268,7 +268,7 @@ impl CheckpointMeta {
 
 pub struct Checkpoints {
     dir: PathBuf,
-    /// Raw CRIU images: `<state>/criu/<id>/<service>/`.
+    /// Raw CRIU images while a capture or restore uses them: `<state>/criu/`.
     images: PathBuf,
     env: Arc<Env>,
     sup: Supervisor,
