@@ -1,7 +1,16 @@
 //! Which VM-tier guests this build tests (`SPRITED_VM_SUITES`, default
 //! `bookworm,trixie`): a guest left out is compiled as an ignored test, so
-//! the run says "ignored" instead of passing it.
+//! the run says "ignored" instead of passing it. Likewise `privileged_tests`:
+//! the build runs as root with CRIU installed, or `SPRITED_REQUIRE_PRIVILEGED=1`
+//! (where such a test must run, and fails if it cannot); tests marked with it
+//! are ignored otherwise.
 fn main() {
+    println!("cargo:rerun-if-env-changed=SPRITED_REQUIRE_PRIVILEGED");
+    println!("cargo:rustc-check-cfg=cfg(privileged_tests)");
+    let required = std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    if required || (is_root() && has_criu()) {
+        println!("cargo:rustc-cfg=privileged_tests");
+    }
     println!("cargo:rerun-if-env-changed=SPRITED_VM_SUITES");
     println!("cargo:rustc-check-cfg=cfg(vm_suite_bookworm)");
     println!("cargo:rustc-check-cfg=cfg(vm_suite_trixie)");
@@ -11,4 +20,26 @@ fn main() {
             println!("cargo:rustc-cfg=vm_suite_{suite}");
         }
     }
+}
+
+/// The effective uid is 0 (`/proc/self/status`: `Uid: real effective ...`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// CRIU is where the daemon looks for it (`criu::locate`).
+fn has_criu() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/local/sbin/criu", "/usr/sbin/criu"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .chain(std::env::split_paths(&path).map(|d| d.join("criu")))
+        .any(|p| p.is_file())
 }

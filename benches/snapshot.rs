@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use sprited::checkpoint::Checkpoints;
-use sprited::fs::{Env, EnvConfig};
 use sprited::supervisor::{Supervisor, SupervisorConfig};
 
 const FILE_SIZE: usize = 100 * 1024; // 10,000 × 100 KiB ≈ 1 GiB
@@ -47,16 +48,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
         .unwrap();
     let state = tmp.path().join("state");
     let root = state.join("root");
-    let env = Arc::new(
-        Env::open(EnvConfig {
-            state_dir: state.clone(),
-            env_root: root.clone(),
-            base: None,
-            mountinfo: "/proc/self/mountinfo".into(),
-            layer_manifest: None,
-        })
-        .expect("mount the environment (run as root)"),
-    );
+    let env = common::open_env(&state, None);
     let sup = rt.block_on(async {
         Supervisor::open(SupervisorConfig {
             state_dir: state.clone(),

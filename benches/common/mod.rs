@@ -64,16 +64,7 @@ impl Rig {
             .unwrap();
         let state = tmp.path().join("state");
         let root = state.join("root");
-        let env = Arc::new(
-            Env::open(EnvConfig {
-                state_dir: state.clone(),
-                env_root: root.clone(),
-                base: Some(sprited::config::DEFAULT_ENV_BASE.into()),
-                mountinfo: "/proc/self/mountinfo".into(),
-                layer_manifest: None,
-            })
-            .unwrap(),
-        );
+        let env = open_env(&state, Some(sprited::config::DEFAULT_ENV_BASE.into()));
         let parent = PathBuf::from(format!("sprited-bench/{}", std::process::id()));
         let cgroups = Cgroups::open(Path::new("/proc/self/mountinfo"), &parent).unwrap();
         let reaper = rt.block_on(async { Reaper::start().unwrap() });
@@ -146,6 +137,20 @@ impl Rig {
 
 /// Stops everything and removes what the rig made (also when a bench
 /// panics).
+/// The environment root of a bench under `state` (`state/root`), on `base`.
+pub fn open_env(state: &Path, base: Option<PathBuf>) -> Arc<Env> {
+    Arc::new(
+        Env::open(EnvConfig {
+            state_dir: state.to_owned(),
+            env_root: state.join("root"),
+            base,
+            mountinfo: "/proc/self/mountinfo".into(),
+            layer_manifest: None,
+        })
+        .expect("mount the environment (run as root)"),
+    )
+}
+
 impl Rig {
     /// Sends SIGUSR1 to service `name`'s main process and waits until it
     /// prints `line`.

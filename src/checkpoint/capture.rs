@@ -145,7 +145,6 @@ impl Checkpoints {
             progress,
             started,
         );
-        self.refresh_browsable();
         match &result {
             Ok(meta) => {
                 self.metas
@@ -168,6 +167,10 @@ impl Checkpoints {
                 let _ = std::fs::remove_file(self.journal());
             }
         }
+        // A process dump unmounted them; a new checkpoint is one more (an
+        // automatic one, taken on a restore's path, waits for the next
+        // refresh: its layer is not built here).
+        self.mount_browsable(!auto);
         result
     }
 

@@ -680,6 +680,13 @@ impl Checkpoints {
     /// Makes the newest checkpoints browsable read-only (building their
     /// layers, which later restores reuse) and unmounts the older ones.
     pub fn refresh_browsable(&self) {
+        self.mount_browsable(true);
+    }
+
+    /// [`Checkpoints::refresh_browsable`]; with `build` false, only the
+    /// checkpoints whose layer is built already (no manifest is read: the
+    /// remount after a process dump, on a restore's path too).
+    fn mount_browsable(&self, build: bool) {
         let all = self.list(None);
         for (i, m) in all.iter().enumerate() {
             let root = self.root_of(&m.id);
@@ -691,10 +698,15 @@ impl Checkpoints {
             if self.env.is_mount_point(&root) {
                 continue;
             }
-            let result = self
-                .parent_manifest_uncached(&m.id)
-                .and_then(|manifest| Ok(self.env.ensure_layer(&m.id, &manifest)?))
-                .and_then(|_| Ok(self.env.mount_readonly(&m.id, &root)?));
+            let result = if self.env.layer_dir(&m.id).exists() {
+                self.env.mount_readonly(&m.id, &root).map_err(Into::into)
+            } else if build {
+                self.parent_manifest_uncached(&m.id)
+                    .and_then(|manifest| Ok(self.env.ensure_layer(&m.id, &manifest)?))
+                    .and_then(|_| Ok(self.env.mount_readonly(&m.id, &root)?))
+            } else {
+                continue;
+            };
             if let Err(e) = result {
                 tracing::warn!(checkpoint = %m.id, error = %e, "cannot make checkpoint browsable");
             }

@@ -461,16 +461,11 @@ pub fn store_runs(
             &index.packs,
         );
         let bytes = serde_json::to_vec(&list).expect("a page list serialises");
-        let existed = store.has(&format!(
-            "{}-{}",
-            super::store::hex(&Sha256::digest(&bytes)),
-            Store::bytes_meta().key()
-        ));
-        let id = store.put_bytes(&bytes)?;
-        if !existed {
-            out.new_bytes += bytes.len() as u64;
+        let stored = store.put_bytes_counted(&bytes)?;
+        if stored.new {
+            out.new_bytes += stored.len;
         }
-        out.lists.push(id);
+        out.lists.push(stored.id);
     }
     Ok(out)
 }

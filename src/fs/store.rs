@@ -272,16 +272,26 @@ impl Store {
 
     /// Stores bytes (a manifest) as an object (mode 0600, root).
     pub fn put_bytes(&self, data: &[u8]) -> Result<String, FsError> {
+        Ok(self.put_bytes_counted(data)?.id)
+    }
+
+    /// [`Store::put_bytes`], saying whether the object is new.
+    pub fn put_bytes_counted(&self, data: &[u8]) -> Result<Compressed, FsError> {
         let hash = hex(&Sha256::digest(data));
         let id = format!("{hash}-{}", Self::bytes_meta().key());
+        let len = data.len() as u64;
         if self.object_path(&id).exists() {
-            return Ok(id);
+            return Ok(Compressed {
+                id,
+                len,
+                new: false,
+            });
         }
         let (tmp, mut out) = self.temp()?;
         out.write_all(data).map_err(io_err("write", &tmp))?;
         drop(out);
-        self.publish(&tmp, &id)?;
-        Ok(id)
+        let new = self.publish(&tmp, &id)?;
+        Ok(Compressed { id, len, new })
     }
 
     /// A new object written through [`Write`]: hashed as it goes, named by
