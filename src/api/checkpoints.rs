@@ -109,6 +109,7 @@ fn spawn_capture(
         let meta = cps
             .capture(comment, id, processes, &progress)
             .map_err(|e| e.to_string())?;
+        cps.refresh_browsable();
         Ok(Done {
             msg: format!("Checkpoint {} created", meta.id),
             stats: Some(json!({

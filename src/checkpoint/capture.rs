@@ -167,10 +167,10 @@ impl Checkpoints {
                 let _ = std::fs::remove_file(self.journal());
             }
         }
-        // A process dump unmounted them; a new checkpoint is one more (an
-        // automatic one, taken on a restore's path, waits for the next
-        // refresh: its layer is not built here).
-        self.mount_browsable(!auto);
+        // A process dump unmounted the views: back, without building any
+        // layer (the API then makes the new checkpoint browsable with
+        // `refresh_browsable`, which builds its layer).
+        self.mount_browsable(false);
         result
     }
 
