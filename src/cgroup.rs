@@ -413,6 +413,21 @@ impl FreezeGuard {
         Ok(guard)
     }
 
+    /// Cgroups someone else freezes (CRIU's `pre-dump` hook), thawed when
+    /// dropped like the others; [`FreezeGuard::ask`] freezes them here.
+    pub fn adopt(cgroups: Vec<Cgroup>) -> Self {
+        FreezeGuard { frozen: cgroups }
+    }
+
+    /// Asks every cgroup to freeze (again: a frozen one stays so), without
+    /// waiting.
+    pub fn ask(&self) -> Result<(), CgroupError> {
+        for cg in &self.frozen {
+            cg.write("cgroup.freeze", "1")?;
+        }
+        Ok(())
+    }
+
     /// Returns once every cgroup is frozen (no task of theirs in a system
     /// call any more).
     pub fn wait(&self, timeout: Duration) -> Result<(), CgroupError> {

@@ -361,6 +361,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
         criu::Criu::new(p, app.reaper.clone(), config.state_dir.join("criu-logs"))
             .with_version(criu.version.as_deref())
             .with_incremental(criu.incremental)
+            .with_log_level(config.criu_log_level)
     });
     let _ = app.criu.set(criu);
     if let (Some(env), Some(sup)) = (env, &supervisor) {

@@ -921,3 +921,10 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     }
     Ok(lim.current.unwrap_or(u64::MAX))
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for this process and the
+/// processes it starts (CRIU's action script stamps the freeze with it).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}

@@ -102,6 +102,7 @@ impl ApiError {
                 CheckpointError::Supervisor(inner) => supervisor_status(inner),
                 CheckpointError::Fs(_)
                 | CheckpointError::Cgroup(_)
+                | CheckpointError::Criu(_)
                 | CheckpointError::Durable(_)
                 | CheckpointError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },

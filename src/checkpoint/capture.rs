@@ -364,80 +364,172 @@ impl Checkpoints {
                 "Freezing the environment..."
             },
         );
-        let freeze_start = Instant::now();
-        let guard = FreezeGuard::begin(whole.iter().cloned().collect())?;
         let mut dump = None;
-        if let (Some((criu, (container, init))), Some(whole)) = (dumper, &whole) {
-            let dir = self.temp_images(id);
-            let plan = self.dump_plan(container);
-            let parent = pre.as_ref().map(|(p, _)| {
-                format!("../{}", p.file_name().unwrap_or_default().to_string_lossy())
-            });
-            let target = DumpTarget {
-                init,
-                cgroup: whole.path(),
-                images: &dir,
-                external: EXTERNAL_MOUNTS,
-                external_sockets: &plan.external_sockets,
-            };
-            let dumped = |parent: Option<&str>| criu.dump_env(&target, parent);
-            let mut result = dumped(parent.as_deref());
-            if let (Err(e), Some(_)) = (&result, &parent) {
-                // Still frozen: a whole dump instead.
-                tracing::warn!(error = %e, "the incremental dump failed; dumping whole");
-                let _ = std::fs::remove_dir_all(&dir);
-                if let Some((p, _)) = pre.take() {
-                    let _ = std::fs::remove_dir_all(p);
-                }
-                result = dumped(None);
-            }
-            match result {
-                Ok(mut stats) => {
-                    stats.pre_dump_ms = pre.as_ref().map_or(0.0, |(_, ms)| *ms);
-                    info(
-                        progress,
-                        format!(
-                            "Dumped the environment: {} bytes in {:.1} ms (frozen {:.1} ms by CRIU)",
-                            stats.bytes,
-                            stats.dump_ms,
-                            stats.frozen_time as f64 / 1e3
-                        ),
-                    );
-                    dump = Some(Dump {
-                        dir,
-                        parent: pre.as_ref().map(|(p, _)| p.clone()),
-                        images: EnvImages { stats, ..plan },
-                    });
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    if let Some((p, _)) = &pre {
-                        let _ = std::fs::remove_dir_all(p);
+        let mut frozen_at = crate::sys::monotonic_ns();
+        let mut stamped = false;
+        let guard = match (dumper, &whole) {
+            (Some((criu, (container, init))), Some(whole)) => {
+                // CRIU's hook freezes the cgroup once CRIU is up (see
+                // `hook`); the guard thaws it whatever happens.
+                let guard = FreezeGuard::adopt(vec![whole.clone()]);
+                let dumped = self.dump(id, criu, container, init, whole, pre.take(), &guard);
+                match dumped {
+                    Ok((d, at)) => {
+                        stamped = at.is_some();
+                        frozen_at = at.unwrap_or(frozen_at);
+                        dump = Some(d);
                     }
-                    progress(Note::Error(format!(
+                    Err(e) => progress(Note::Error(format!(
                         "{e}; the checkpoint keeps the files, and a restore starts services fresh"
-                    )))
+                    ))),
                 }
+                guard.ask()?;
+                guard
             }
+            _ => FreezeGuard::begin(whole.iter().cloned().collect())?,
+        };
+        if let Some(d) = &dump {
+            let stats = &d.images.stats;
+            info(
+                progress,
+                format!(
+                    "Dumped the environment: {} bytes in {:.1} ms (frozen {:.1} ms by CRIU)",
+                    stats.bytes,
+                    stats.dump_ms,
+                    stats.frozen_time as f64 / 1e3
+                ),
+            );
         }
-        // A dumped cgroup is settled: CRIU seized every task (each stopped
-        // out of any system call), set the cgroup frozen again and only then
-        // let go of them. Otherwise wait for the freezer.
+        // A dumped cgroup the hook froze is settled: CRIU seized every task
+        // (each stopped out of any system call), found the cgroup frozen,
+        // set it frozen again and only then let go of them. Otherwise (CRIU
+        // froze it, and thawed it when done) wait for the freezer.
         let settled: Vec<&Path> = match (&dump, &whole) {
-            (Some(_), Some(w)) => vec![w.path()],
+            (Some(_), Some(w)) if stamped => vec![w.path()],
             _ => vec![],
         };
         guard.wait_except(&settled, FREEZE_TIMEOUT)?;
         let scan = self.env.scan_frozen(&guard.pids())?;
         let (services, running) = self.sup.snapshot();
         drop(guard);
+        let thawed_at = crate::sys::monotonic_ns();
         Ok(Frozen {
             scan,
             services,
             running,
-            freeze_ms: freeze_start.elapsed().as_secs_f64() * 1e3,
+            freeze_ms: thawed_at.saturating_sub(frozen_at) as f64 / 1e6,
             dump,
         })
+    }
+
+    /// Step 3b: CRIU dumps the environment, its hook freezing it once CRIU
+    /// is up (without a hook, it is frozen first); with `pre`, only the
+    /// pages dirtied since that pre-dump. What the restore needs besides
+    /// the images is read once it is frozen. A failed attempt with the
+    /// hook or incremental (a socket to outside opened after the list
+    /// CRIU was given, a pre-dump gone wrong) is followed by a plain one:
+    /// frozen first, dumped whole. The dump, and since when the cgroup has
+    /// been frozen (CLOCK_MONOTONIC ns; none: CRIU froze it, and thawed it
+    /// when done).
+    #[allow(clippy::too_many_arguments)]
+    fn dump(
+        &self,
+        id: &str,
+        criu: &crate::criu::Criu,
+        container: &crate::container::Container,
+        init: i32,
+        whole: &crate::cgroup::Cgroup,
+        mut pre: Option<(PathBuf, f64)>,
+        guard: &FreezeGuard,
+    ) -> Result<(Dump, Option<u64>), CheckpointError> {
+        let dir = self.temp_images(id);
+        let stamp = self
+            .images
+            .join(format!("{}{id}-frozen", durable::TEMP_PREFIX));
+        let hook = self.freeze_hook(container, whole, &stamp);
+        let mut frozen_at = None;
+        if hook.is_none() {
+            frozen_at = Some(crate::sys::monotonic_ns());
+            guard.ask()?;
+        }
+        let mut sockets = container.external_unix_sockets();
+        let parent = pre
+            .as_ref()
+            .map(|(p, _)| format!("../{}", p.file_name().unwrap_or_default().to_string_lossy()));
+        let target = DumpTarget {
+            init,
+            cgroup: whole.path(),
+            images: &dir,
+            external: EXTERNAL_MOUNTS,
+            external_sockets: &[],
+        };
+        let mut result = criu.dump_env(
+            &DumpTarget {
+                external_sockets: &sockets,
+                ..target
+            },
+            parent.as_deref(),
+            hook.as_ref(),
+        );
+        if hook.is_some() {
+            frozen_at = super::hook::frozen_at(&stamp);
+        }
+        if let Err(e) = &result
+            && (hook.is_some() || parent.is_some())
+        {
+            tracing::warn!(error = %e, "the dump failed; dumping whole, frozen first");
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some((p, _)) = pre.take() {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            let asked = crate::sys::monotonic_ns();
+            guard.ask()?;
+            frozen_at = frozen_at.or(Some(asked));
+            sockets = container.external_unix_sockets();
+            let target = DumpTarget {
+                external_sockets: &sockets,
+                ..target
+            };
+            result = criu.dump_env(&target, None, None);
+        }
+        let mut stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Some((p, _)) = &pre {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                return Err(e.into());
+            }
+        };
+        stats.pre_dump_ms = pre.as_ref().map_or(0.0, |(_, ms)| *ms);
+        let plan = self.dump_plan(container, sockets);
+        let dump = Dump {
+            dir,
+            parent: pre.map(|(p, _)| p),
+            images: EnvImages { stats, ..plan },
+        };
+        Ok((dump, frozen_at))
+    }
+
+    /// The `pre-dump` hook that freezes `whole` once CRIU is up, stamping
+    /// the time into `stamp`. None if the script cannot be written (the
+    /// capture then freezes before starting CRIU).
+    fn freeze_hook(
+        &self,
+        container: &crate::container::Container,
+        whole: &crate::cgroup::Cgroup,
+        stamp: &Path,
+    ) -> Option<crate::criu::ActionHook> {
+        let state = self.dir.parent()?;
+        let exe = &container.config().setup.exe;
+        match super::hook::for_dump(state, exe, whole.path(), stamp) {
+            Ok(hook) => Some(hook),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the dump hook: freezing before CRIU starts");
+                None
+            }
+        }
     }
 
     /// Step 3a, where the kernel tracks dirty pages: a pre-dump of the
@@ -462,7 +554,21 @@ impl Checkpoints {
             external: EXTERNAL_MOUNTS,
             external_sockets: &sockets,
         };
-        match criu.pre_dump_env(&target) {
+        // Frozen before CRIU starts: left to freeze a running cgroup, CRIU
+        // polls the freezer in steps of 100 ms. It leaves a cgroup it found
+        // frozen frozen; the guard thaws it.
+        let frozen = FreezeGuard::freeze_all(
+            vec![crate::cgroup::Cgroup::at(cgroup.to_owned())],
+            FREEZE_TIMEOUT,
+        );
+        let result = match frozen {
+            Ok(_guard) => criu.pre_dump_env(&target),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot freeze for the pre-dump: this dump is whole");
+                return None;
+            }
+        };
+        match result {
             Ok(stats) => {
                 info(
                     progress,
@@ -524,7 +630,12 @@ impl Checkpoints {
     /// What a restore needs besides CRIU's images, read while frozen: the
     /// init's pipes, each service's and session's pipes, and which cgroup
     /// each process of the environment is in.
-    pub(super) fn dump_plan(&self, container: &crate::container::Container) -> EnvImages {
+    /// `external_sockets`: those CRIU was told of.
+    pub(super) fn dump_plan(
+        &self,
+        container: &crate::container::Container,
+        external_sockets: Vec<u64>,
+    ) -> EnvImages {
         let pipe = |host_pid: i32, fd: u32| {
             std::fs::read_link(format!("/proc/{host_pid}/fd/{fd}"))
                 .ok()
@@ -576,7 +687,7 @@ impl Checkpoints {
             services,
             sessions,
             cgroups,
-            external_sockets: container.external_unix_sockets(),
+            external_sockets,
         }
     }
 

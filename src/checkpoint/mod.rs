@@ -23,11 +23,12 @@ use serde::{Deserialize, Serialize};
 
 mod capture;
 mod gc;
+mod hook;
 mod place;
 mod restore;
 mod sleep;
 
-pub use place::criu_action;
+pub use hook::criu_action;
 
 pub use sleep::{ColdRecord, cold_record_path};
 
@@ -78,6 +79,8 @@ pub enum CheckpointError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]

@@ -3,10 +3,9 @@
 //! cgroups are its own business); each process then goes back to the
 //! cgroup it was dumped in.
 //!
-//! The placement is made by CRIU's `pre-resume` action script, which runs
-//! when every task is restored and none runs yet, so none can fork on the
-//! way: the script is this binary, run by CRIU with `CRTOOLS_SCRIPT_ACTION`
-//! set and [`PLAN_ENV`] naming the plan (see [`criu_action`]). The restore
+//! The placement is made by CRIU's `pre-resume` action script (`hook`),
+//! which runs when every task is restored and none runs yet, so none can
+//! fork on the way, with [`PLAN_ENV`] naming the plan. The restore
 //! then checks that nothing was left behind; if something was (the hook
 //! could not run), it moves the rest with the init's cgroup frozen.
 
@@ -16,7 +15,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, Cgroups};
-use crate::criu::ActionHook;
 
 /// The environment variable that names the plan file for the hook.
 pub(crate) const PLAN_ENV: &str = "SPRITED_CRIU_PLACEMENT";
@@ -82,14 +80,6 @@ impl Placement {
     }
 }
 
-/// The action script CRIU runs at each stage of a restore (seven or so):
-/// a shell script that does nothing but at `pre-resume`, where it runs
-/// this binary (so the binary starts once).
-const HOOK_SCRIPT: &str = "#!/bin/sh\n\
-# sprited: CRIU's action script for a restore (see checkpoint/place.rs)\n\
-[ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
-exec \"$SPRITED_EXE\"\n";
-
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -102,71 +92,38 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .write_all(data)
 }
 
-/// Writes the hook for a restore into state dir `state` (the daemon's: out
-/// of the environment's reach): the plan, and the script that runs `exe`.
-pub(crate) fn write_hook(
+/// Writes the plan for the restore's hook into state dir `state` (the
+/// daemon's: out of the environment's reach); returns its path.
+pub(crate) fn write_plan(
     state: &Path,
     placement: &Placement,
-    exe: &Path,
-) -> Result<ActionHook, crate::durable::DurableError> {
+) -> Result<PathBuf, crate::durable::DurableError> {
     let plan = state.join("criu-placement.json");
     let json = serde_json::to_vec(placement).expect("a placement serializes");
     // (not durable: read once, now; a crash leaves a stale one to overwrite)
     write_private(&plan, &json).map_err(crate::durable::err("write", &plan))?;
-    let script = state.join("criu-hook.sh");
-    // CRIU aborts a restore whose script fails at an early stage, so only a
-    // script that can surely run is handed over: an executable file on a
-    // filesystem that allows it.
-    let noexec = nix::sys::statvfs::statvfs(state)
-        .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
-        .unwrap_or(true);
-    if noexec {
-        return Err(crate::durable::err("run scripts from", state)(
-            std::io::Error::other("the state dir's filesystem is mounted noexec"),
-        ));
-    }
-    if std::fs::read(&script).ok().as_deref() != Some(HOOK_SCRIPT.as_bytes()) {
-        crate::durable::write_atomic(&script, HOOK_SCRIPT.as_bytes(), 0o700)?;
-    } else {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))
-            .map_err(crate::durable::err("chmod", &script))?;
-    }
-    Ok(ActionHook {
-        script,
-        env: vec![
-            (PLAN_ENV.to_owned(), plan.into_os_string()),
-            ("SPRITED_EXE".to_owned(), exe.as_os_str().to_owned()),
-        ],
-    })
+    Ok(plan)
 }
 
-/// When this process is CRIU's action script (`CRTOOLS_SCRIPT_ACTION` and
-/// [`PLAN_ENV`] set): does its part and returns the exit code. At
-/// `pre-resume` it makes the placement; every other action is a no-op (a
-/// failure there would abort the restore). A failed placement exits 1,
-/// which CRIU logs and goes on: the restore moves the rest itself.
-pub fn criu_action() -> Option<u8> {
-    let action = std::env::var_os("CRTOOLS_SCRIPT_ACTION")?;
-    let plan = std::env::var_os(PLAN_ENV)?;
-    if action != "pre-resume" {
-        return Some(0);
-    }
-    let placement: Placement = match std::fs::read(&plan)
+/// The `pre-resume` hook (see `hook`): makes the placement in the plan at
+/// `plan`; the exit code. A failed placement exits 1, which CRIU logs and
+/// goes on: the restore moves the rest itself.
+pub(crate) fn place_by_plan(plan: &Path) -> u8 {
+    let placement: Placement = match std::fs::read(plan)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(p) => p,
         Err(e) => {
             eprintln!("sprited pre-resume: cannot read the placement plan: {e}");
-            return Some(1);
+            return 1;
         }
     };
     let moves = placement.pending();
     let failed = Placement::apply(&moves);
     if failed > 0 {
         eprintln!("sprited pre-resume: {failed} process(es) not placed");
-        return Some(1);
+        return 1;
     }
-    Some(0)
+    0
 }

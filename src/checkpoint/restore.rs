@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::capture::EXTERNAL_MOUNTS;
+use super::hook;
 use super::place::{self, Placement};
 use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info, io_err};
 use crate::container::Container;
@@ -326,7 +327,8 @@ impl Checkpoints {
     /// restore then places every process itself).
     fn placement_hook(&self, container: &Container, placement: &Placement) -> Option<ActionHook> {
         let state = self.dir.parent()?;
-        let written = place::write_hook(state, placement, &container.config().setup.exe);
+        let written = place::write_plan(state, placement)
+            .and_then(|plan| hook::for_restore(state, &container.config().setup.exe, &plan));
         match written {
             Ok(hook) => Some(hook),
             Err(e) => {

@@ -115,7 +115,7 @@ impl Checkpoints {
         let init = container
             .init_host_pid()
             .ok_or_else(|| unavailable("the environment's init is gone"))?;
-        let plan = self.dump_plan(&container);
+        let plan = self.dump_plan(&container, container.external_unix_sockets());
         let whole = container.config().cgroups.whole();
         let (dir, record_path) = (self.sleep_images(), self.cold_path());
         let since_ms = since
@@ -139,6 +139,7 @@ impl Checkpoints {
                         external: EXTERNAL_MOUNTS,
                         external_sockets: &plan.external_sockets,
                     },
+                    None,
                     None,
                 )
                 .map_err(|e| CheckpointError::Unavailable(e.to_string()))?;

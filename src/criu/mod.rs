@@ -27,8 +27,9 @@
 //! `--link-remap`, which would link them back into the live tree, where the
 //! file checkpoint would pick up CRIU's temporary names.
 //!
-//! Every call writes CRIU's log (`-v4`) next to the images; an error names
-//! the service and CRIU's own error line.
+//! Every call writes CRIU's log next to the images (`-v2`, errors and
+//! warnings, unless the daemon is told otherwise); an error names the
+//! service and CRIU's own error line.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -139,6 +140,8 @@ pub struct Criu {
     skip_network_lock: bool,
     /// Pre-dump, then dump only what changed since (dirty tracking).
     incremental: bool,
+    /// `-v<N>` of every dump and restore.
+    log_level: u8,
 }
 
 impl Criu {
@@ -149,7 +152,15 @@ impl Criu {
             logs,
             skip_network_lock: true,
             incremental: false,
+            log_level: 2,
         }
+    }
+
+    /// How much CRIU logs (`-v<N>`, 0 to 4; a debugging log, 4, slows a
+    /// big dump down).
+    pub fn with_log_level(mut self, level: u8) -> Self {
+        self.log_level = level.min(4);
+        self
     }
 
     /// Dumps incrementally (`incremental`: the kernel tracks dirty pages
@@ -248,12 +259,17 @@ impl Criu {
     /// images dir), only the pages dirtied since it are written; the others
     /// are marked as the parent's. Blocking.
     #[tracing::instrument(name = "criu_dump", skip_all, fields(init = t.init, ?parent))]
-    pub fn dump_env(&self, t: &DumpTarget, parent: Option<&str>) -> Result<DumpStats, CriuError> {
+    pub fn dump_env(
+        &self,
+        t: &DumpTarget,
+        parent: Option<&str>,
+        hook: Option<&ActionHook>,
+    ) -> Result<DumpStats, CriuError> {
         let mut args = vec!["--leave-running".to_owned()];
         if let Some(p) = parent {
             args.extend(["--track-mem", "--prev-images-dir", p].map(str::to_owned));
         }
-        let mut stats = self.env_dump("dump", &args, t)?;
+        let mut stats = self.env_dump("dump", &args, t, hook)?;
         if parent.is_some() {
             stats.kind = DumpKind::Incremental;
         }
@@ -265,7 +281,7 @@ impl Criu {
     /// tracking the pages they dirty from then on. Blocking.
     #[tracing::instrument(name = "criu_pre_dump", skip_all, fields(init = t.init))]
     pub fn pre_dump_env(&self, t: &DumpTarget) -> Result<DumpStats, CriuError> {
-        self.env_dump("pre-dump", &["--track-mem".to_owned()], t)
+        self.env_dump("pre-dump", &["--track-mem".to_owned()], t, None)
     }
 
     /// `criu <op>` (dump, pre-dump) of the environment's tree with the
@@ -275,6 +291,7 @@ impl Criu {
         op: &'static str,
         extra: &[String],
         t: &DumpTarget,
+        hook: Option<&ActionHook>,
     ) -> Result<DumpStats, CriuError> {
         let DumpTarget {
             init,
@@ -293,7 +310,7 @@ impl Criu {
             .arg(images)
             .arg("--log-file")
             .arg(&log)
-            .arg("-v4")
+            .arg(format!("-v{}", self.log_level))
             .args(extra)
             .arg("--freeze-cgroup")
             .arg(cgroup)
@@ -314,6 +331,11 @@ impl Criu {
         }
         if self.skip_network_lock {
             cmd.args(["--network-lock", "skip"]);
+        }
+        if let Some(h) = hook {
+            cmd.arg("--action-script")
+                .arg(&h.script)
+                .envs(h.env.iter().cloned());
         }
         // What CRIU says before it opens its log (a refused option) lands
         // in the log file too.
@@ -373,7 +395,7 @@ impl Criu {
             .arg(images)
             .arg("--log-file")
             .arg(&log)
-            .arg("-v4")
+            .arg(format!("-v{}", self.log_level))
             .arg("--root")
             .arg(root)
             .arg("--pidfile")

@@ -1,0 +1,203 @@
+//! CRIU's action script: this binary, run by CRIU at two stages.
+//!
+//! - **`pre-dump`** (a capture): freezes the environment's cgroup and
+//!   stamps the time. CRIU runs it after its own start-up (probing the
+//!   kernel, parsing options: some 25 ms) and just before it seizes the
+//!   tasks, so the freeze window no longer holds CRIU's start-up, and CRIU
+//!   finds the cgroup frozen (left to itself it polls the freezer in steps
+//!   of 100 ms). CRIU leaves a cgroup it found frozen frozen; the capture
+//!   scans the files and thaws.
+//! - **`pre-resume`** (a restore): puts each restored process back in its
+//!   cgroup before any runs (see `place`).
+//!
+//! The script is a few lines of shell (CRIU runs it at every stage, seven
+//! or so) that execs this binary only at those two; the binary knows it is
+//! the hook by `CRTOOLS_SCRIPT_ACTION` and one of [`FREEZE_ENV`] or
+//! [`place::PLAN_ENV`]. Both sides fall back when the hook cannot run: a
+//! state dir mounted noexec makes the capture freeze before starting CRIU
+//! (and the restore place the processes itself), and a hook that cannot
+//! freeze exits 0 so CRIU freezes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::place;
+use crate::criu::ActionHook;
+
+/// The environment variable that names the cgroup the `pre-dump` hook freezes.
+pub(crate) const FREEZE_ENV: &str = "SPRITED_FREEZE_CGROUP";
+/// The file where the `pre-dump` hook stamps the freeze (CLOCK_MONOTONIC, ns).
+const STAMP_ENV: &str = "SPRITED_FREEZE_STAMP";
+
+/// How long the hook waits for the freezer.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const SCRIPT: &str = "#!/bin/sh\n\
+# sprited: CRIU's action script (see checkpoint/hook.rs)\n\
+case \"$CRTOOLS_SCRIPT_ACTION\" in\n\
+pre-dump|pre-resume) exec \"$SPRITED_EXE\" ;;\n\
+esac\n\
+exit 0\n";
+
+/// Writes the script into state dir `state` (the daemon's: out of the
+/// environment's reach) unless it is there already. CRIU aborts an
+/// operation whose script fails at an early stage, so only a script that
+/// can surely run is handed over: an executable file on a filesystem that
+/// allows it.
+fn script(state: &Path) -> Result<PathBuf, crate::durable::DurableError> {
+    let path = state.join("criu-hook.sh");
+    let noexec = nix::sys::statvfs::statvfs(state)
+        .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+        .unwrap_or(true);
+    if noexec {
+        return Err(crate::durable::err("run scripts from", state)(
+            std::io::Error::other("the state dir's filesystem is mounted noexec"),
+        ));
+    }
+    if std::fs::read(&path).ok().as_deref() != Some(SCRIPT.as_bytes()) {
+        crate::durable::write_atomic(&path, SCRIPT.as_bytes(), 0o700)?;
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .map_err(crate::durable::err("chmod", &path))?;
+    }
+    Ok(path)
+}
+
+/// The hook for a dump: freezes `cgroup` at `pre-dump` and stamps the time
+/// into `stamp` (read back with [`frozen_at`]).
+pub(crate) fn for_dump(
+    state: &Path,
+    exe: &Path,
+    cgroup: &Path,
+    stamp: &Path,
+) -> Result<ActionHook, crate::durable::DurableError> {
+    let _ = std::fs::remove_file(stamp);
+    Ok(ActionHook {
+        script: script(state)?,
+        env: vec![
+            (FREEZE_ENV.to_owned(), cgroup.as_os_str().to_owned()),
+            (STAMP_ENV.to_owned(), stamp.as_os_str().to_owned()),
+            ("SPRITED_EXE".to_owned(), exe.as_os_str().to_owned()),
+        ],
+    })
+}
+
+/// The hook for a restore: places the processes by the plan at `plan`.
+pub(crate) fn for_restore(
+    state: &Path,
+    exe: &Path,
+    plan: &Path,
+) -> Result<ActionHook, crate::durable::DurableError> {
+    Ok(ActionHook {
+        script: script(state)?,
+        env: vec![
+            (place::PLAN_ENV.to_owned(), plan.as_os_str().to_owned()),
+            ("SPRITED_EXE".to_owned(), exe.as_os_str().to_owned()),
+        ],
+    })
+}
+
+/// When the `pre-dump` hook froze the cgroup: its stamp (CLOCK_MONOTONIC,
+/// ns), removed once read. None if it did not (CRIU froze it, or no hook).
+pub(crate) fn frozen_at(stamp: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(stamp).ok()?;
+    let _ = std::fs::remove_file(stamp);
+    text.trim().parse().ok()
+}
+
+/// When this process is CRIU's action script (`CRTOOLS_SCRIPT_ACTION` and
+/// [`FREEZE_ENV`] or [`place::PLAN_ENV`] set): does its part and returns
+/// the exit code; every stage but its own is a no-op.
+pub fn criu_action() -> Option<u8> {
+    let action = std::env::var_os("CRTOOLS_SCRIPT_ACTION")?;
+    if let Some(cgroup) = std::env::var_os(FREEZE_ENV) {
+        if action == "pre-dump" {
+            freeze(
+                Path::new(&cgroup),
+                std::env::var_os(STAMP_ENV).map(PathBuf::from),
+            );
+        }
+        return Some(0);
+    }
+    let plan = std::env::var_os(place::PLAN_ENV)?;
+    if action == "pre-resume" {
+        return Some(place::place_by_plan(Path::new(&plan)));
+    }
+    Some(0)
+}
+
+/// `pre-dump`: freeze, wait until frozen, stamp the time (only the first
+/// freeze of a capture is stamped: a dump retried whole keeps it). A
+/// failure is CRIU's log's business and exits 0: CRIU then freezes the
+/// cgroup itself.
+fn freeze(cgroup: &Path, stamp: Option<PathBuf>) {
+    let at = crate::sys::monotonic_ns();
+    match crate::cgroup::Cgroup::at(cgroup.to_owned()).freeze(FREEZE_TIMEOUT) {
+        Ok(()) => {
+            if let Some(stamp) = stamp {
+                use std::io::Write;
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(stamp)
+                    .and_then(|mut f| f.write_all(at.to_string().as_bytes()));
+            }
+        }
+        Err(e) => eprintln!("sprited pre-dump: cannot freeze the environment: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stamp_is_read_once_and_a_bad_one_is_none() {
+        let d = tempfile::tempdir().unwrap();
+        let stamp = d.path().join("stamp");
+        assert_eq!(frozen_at(&stamp), None);
+        std::fs::write(&stamp, "12345").unwrap();
+        assert_eq!(frozen_at(&stamp), Some(12345));
+        assert_eq!(frozen_at(&stamp), None);
+        std::fs::write(&stamp, "soon").unwrap();
+        assert_eq!(frozen_at(&stamp), None);
+    }
+
+    #[test]
+    fn the_script_runs_the_binary_only_at_its_two_stages() {
+        let d = tempfile::tempdir().unwrap();
+        let path = script(d.path()).unwrap();
+        let marker = d.path().join("ran");
+        let exe = d.path().join("exe.sh");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\necho $CRTOOLS_SCRIPT_ACTION >> {}\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for stage in [
+            "pre-dump",
+            "post-dump",
+            "network-lock",
+            "pre-restore",
+            "pre-resume",
+            "post-resume",
+        ] {
+            let ok = std::process::Command::new(&path)
+                .env("CRTOOLS_SCRIPT_ACTION", stage)
+                .env("SPRITED_EXE", &exe)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "{stage}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap(),
+            "pre-dump\npre-resume\n"
+        );
+    }
+}
