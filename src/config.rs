@@ -15,6 +15,8 @@ pub const DEFAULT_ENV_BASE: &str = "/var/lib/sprited/base";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("--listen {value:?} is not an address like 0.0.0.0:8181 (or `none` to disable TCP)")]
     BadListen { value: String },
     #[error("--http-ingress {value:?} is not an address like 0.0.0.0:8080")]
@@ -192,6 +194,33 @@ pub struct Args {
     #[arg(long, env = "SPRITED_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,
 
+    /// A bucket shared by a fleet of sprites (S3, SeaweedFS, MinIO, ...):
+    /// every checkpoint is uploaded there in the background, and any sprite
+    /// with the same --remote can list and pull it. Credentials come from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else from
+    /// --remote-credentials. Default: none.
+    #[arg(long, env = "SPRITED_REMOTE", value_name = "s3://BUCKET/PREFIX")]
+    pub remote: Option<String>,
+
+    /// The S3 endpoint of --remote (`http://127.0.0.1:8333` for a local
+    /// SeaweedFS; path-style requests). Default: AWS.
+    #[arg(long, env = "SPRITED_REMOTE_ENDPOINT", value_name = "URL")]
+    pub remote_endpoint: Option<String>,
+
+    /// The region of --remote.
+    #[arg(
+        long,
+        env = "SPRITED_REMOTE_REGION",
+        default_value = "us-east-1",
+        value_name = "REGION"
+    )]
+    pub remote_region: String,
+
+    /// An AWS credentials file for --remote (profile AWS_PROFILE, else
+    /// `default`). Default: AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials.
+    #[arg(long, env = "SPRITED_REMOTE_CREDENTIALS", value_name = "FILE")]
+    pub remote_credentials: Option<PathBuf>,
+
     /// Do not use CRIU: checkpoints keep files only.
     #[arg(long, env = "SPRITED_NO_CRIU")]
     pub no_criu: bool,
@@ -249,6 +278,9 @@ Examples:
   SPRITE_HTTP_API_TOKEN=secret sprited             # production: TCP needs `Authorization: Bearer secret`
   sprited --state-dir /tmp/s1 --listen none      # Unix socket only, no token needed
   sprited --http-ingress 0.0.0.0:8080              # public HTTP to the service with http_port
+  AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… \
+    sprited --remote s3://fleet/sprites --remote-endpoint http://127.0.0.1:8333
+                                                   # upload every checkpoint to a shared bucket
 
 Talk to it:
   sprite-env status
@@ -256,6 +288,37 @@ Talk to it:
   curl -H 'Authorization: Bearer secret' http://localhost:8181/v1/status
 
 Signals: SIGTERM or SIGINT stop it cleanly (exit 0, socket removed).";
+
+/// `--remote` and its companions → where the bucket is and the credentials.
+fn remote_config(args: &Args) -> Result<Option<crate::remote::RemoteConfig>, ConfigError> {
+    let Some(url) = &args.remote else {
+        return Ok(None);
+    };
+    let (bucket, prefix) = crate::remote::parse_url(url)?;
+    if let Some(ep) = &args.remote_endpoint {
+        let ok = (ep.starts_with("http://") || ep.starts_with("https://"))
+            && !ep
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+        if !ok {
+            return Err(crate::remote::RemoteError::BadConfig {
+                value: ep.clone(),
+                why: "--remote-endpoint must be an http:// or https:// URL".into(),
+            }
+            .into());
+        }
+    }
+    let credentials = crate::remote::credentials(args.remote_credentials.as_deref(), &|k| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    })?;
+    Ok(Some(crate::remote::RemoteConfig {
+        bucket,
+        prefix,
+        endpoint: args.remote_endpoint.clone(),
+        region: args.remote_region.clone(),
+        credentials,
+    }))
+}
 
 /// An API token. Its `Debug` never prints the secret.
 #[derive(Clone)]
@@ -316,6 +379,8 @@ pub struct Config {
     pub daemon_id: String,
     pub criu_path: Option<PathBuf>,
     pub no_criu: bool,
+    /// The shared bucket (none: no --remote).
+    pub remote: Option<crate::remote::RemoteConfig>,
     pub no_dirty_tracking: bool,
     pub criu_log_level: u8,
     pub env_root: PathBuf,
@@ -416,6 +481,7 @@ impl Config {
             },
             env_base,
             no_criu: args.no_criu,
+            remote: remote_config(args)?,
             no_dirty_tracking: args.no_dirty_tracking,
             criu_log_level: args.criu_log_level,
             hold_booting: args.hold_booting,

@@ -172,6 +172,8 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         criu: OnceLock::new(),
         container: OnceLock::new(),
         sessions: OnceLock::new(),
+        remote: OnceLock::new(),
+        uploads: OnceLock::new(),
         ports: OnceLock::new(),
         sleep: crate::sleep::Sleep::new(config.auto_sleep, config.cold_after),
         shutdown: shutdown.clone(),
@@ -180,6 +182,21 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     let _ = app
         .ports
         .set(crate::ports::Ports::spawn(PathBuf::from("/proc")));
+    if let Some(rc) = &config.remote {
+        match crate::remote::Remote::new(rc.clone()) {
+            Ok(remote) => {
+                let remote = Arc::new(remote);
+                let _ = app.remote.set(remote.clone());
+                tokio::spawn(async move {
+                    match remote.probe().await {
+                        Ok(()) => tracing::info!("the remote store answers"),
+                        Err(e) => tracing::error!(error = %e, "the remote store does not answer"),
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "remote store unavailable"),
+        }
+    }
 
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listener) = tcp {
@@ -377,7 +394,9 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
                     c.set_sessions(sessions.clone());
                 }
                 c.set_auto_keep(config.auto_keep);
-                let _ = app.checkpoints.set(Arc::new(c));
+                let c = Arc::new(c);
+                let _ = app.checkpoints.set(c.clone());
+                start_uploads(&app, config, c);
             }
             Err(e) => {
                 tracing::error!(error = %e, "checkpoints unavailable");
@@ -412,6 +431,34 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             },
             since,
         );
+    }
+}
+
+/// With --remote: the bucket's client (checked in the background: a wrong
+/// endpoint or credentials are logged and shown in `/v1/status`, and the
+/// daemon works on), and the uploads of every new checkpoint.
+fn start_uploads(app: &Arc<AppState>, config: &Config, cps: Arc<Checkpoints>) {
+    let Some(remote) = app.remote.get().cloned() else {
+        return;
+    };
+    let uploads = crate::remote::Uploads::start(
+        remote,
+        cps.clone(),
+        config.sprite_name.clone(),
+        config.state_dir.join("remote"),
+        app.shutdown.clone(),
+    );
+    match uploads {
+        Ok(u) => {
+            let u2 = u.clone();
+            cps.set_on_publish(Box::new(move |id| {
+                if let Err(e) = u2.enqueue(id) {
+                    tracing::warn!(checkpoint = id, error = %e, "cannot queue the upload");
+                }
+            }));
+            let _ = app.uploads.set(u);
+        }
+        Err(e) => tracing::error!(error = %e, "uploads unavailable"),
     }
 }
 

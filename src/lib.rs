@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod notify;
 pub mod ports;
 pub mod reaper;
+pub mod remote;
 pub mod sleep;
 pub mod statedir;
 pub mod supervisor;

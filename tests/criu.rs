@@ -4,85 +4,16 @@
 
 mod common;
 
-use common::{Daemon, Ndjson, Options, with_criu};
+use common::counter::{
+    COUNTER, ask, data, follow, follow_from, infos, number, pid_of, restore_with_memory, start,
+};
+use common::{Daemon, Options, with_criu};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use reqwest::Method;
 use serde_json::{Value, json};
-
-/// Counts in memory every 10 ms; prints `value N` on SIGUSR1 and `tick N`
-/// every 100 counts.
-const COUNTER: &str = r#"
-import signal, sys, time
-n = 0
-def show(*_):
-    sys.stdout.write(f"value {n}\n"); sys.stdout.flush()
-signal.signal(signal.SIGUSR1, show)
-while True:
-    n += 1
-    if n % 100 == 0:
-        sys.stdout.write(f"tick {n}\n"); sys.stdout.flush()
-    time.sleep(0.01)
-"#;
-
-fn data(e: &Value) -> &str {
-    e["data"].as_str().unwrap_or("")
-}
-
-/// `prefix N` in a stdout event → N.
-fn number(e: &Value, prefix: &str) -> Option<u64> {
-    (e["type"] == "stdout")
-        .then(|| data(e).trim().strip_prefix(prefix)?.trim().parse().ok())
-        .flatten()
-}
-
-/// The service's log stream from now on (with the last `lines` lines first).
-async fn follow_from(d: &Daemon, name: &str, lines: usize) -> Ndjson {
-    Ndjson::new(
-        d.req(
-            Method::GET,
-            &format!("/v1/services/{name}/logs?lines={lines}&duration=60s"),
-            None,
-        )
-        .await,
-    )
-}
-
-async fn follow(d: &Daemon, name: &str) -> Ndjson {
-    follow_from(d, name, 0).await
-}
-
-/// Asks the counter for its value (SIGUSR1) and reads the answer from the
-/// service's log stream.
-async fn ask(d: &Daemon, name: &str, pid: i32) -> u64 {
-    let host = d.host_pid(pid).await;
-    let mut s = follow(d, name).await;
-    kill(Pid::from_raw(host), Signal::SIGUSR1).unwrap();
-    let evs = s.until(|e| number(e, "value").is_some()).await;
-    number(evs.last().unwrap(), "value").unwrap()
-}
-
-async fn start(d: &Daemon, name: &str, spec: Value) -> Value {
-    d.put_service(name, spec, "1s").await;
-    let st = d.service(name).await["state"].clone();
-    assert_eq!(st["status"], "running", "{st}\n{}", d.log_text());
-    st
-}
-
-fn pid_of(state: &Value) -> i32 {
-    state["pid"].as_i64().unwrap() as i32
-}
 
 async fn checkpoint_with(d: &Daemon, body: Value) -> Vec<Value> {
     d.post_to_complete("/v1/checkpoint", Some(body)).await
-}
-
-fn infos(events: &[Value]) -> Vec<&str> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "info")
-        .map(data)
-        .collect()
 }
 
 #[tokio::test]
@@ -559,14 +490,7 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
     let (b, c) = (Daemon::start().await, Daemon::start().await);
     for d in [&b, &c] {
         assert_eq!(import(d).await.unwrap().status(), 200);
-        let events = d.restore("v1").await;
-        assert!(
-            infos(&events)
-                .iter()
-                .any(|l| l.starts_with("Service counter restored with its memory")),
-            "{events:?}\n{}",
-            d.log_text()
-        );
+        restore_with_memory(d, "v1", "counter").await;
         let after = d.service("counter").await["state"].clone();
         assert_eq!(pid_of(&after), pid, "same pid inside on the new daemon");
         assert_eq!(after["started_at"], before["started_at"]);

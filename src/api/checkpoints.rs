@@ -19,7 +19,7 @@ use crate::checkpoint::{CheckpointError, Checkpoints, Note};
 use crate::lifecycle::{OperationGuard, Transition};
 use crate::sleep::StayCold;
 
-fn checkpoints(app: &AppState) -> Result<Arc<Checkpoints>, ApiError> {
+pub(super) fn checkpoints(app: &AppState) -> Result<Arc<Checkpoints>, ApiError> {
     if let Some(c) = app.checkpoints.get() {
         return Ok(c.clone());
     }
@@ -200,6 +200,15 @@ pub struct ListQuery {
     history: Option<String>,
 }
 
+/// A checkpoint as the API shows it, with its upload when there is a remote.
+fn with_remote(app: &AppState, m: &crate::checkpoint::CheckpointMeta) -> Value {
+    let mut v = m.public();
+    if let Some(r) = super::remote::field(app, &m.id) {
+        v["remote"] = r;
+    }
+    v
+}
+
 /// `GET /v1/checkpoints[?history=ID]`: newest first.
 pub async fn list(
     State(app): State<Arc<AppState>>,
@@ -209,7 +218,7 @@ pub async fn list(
     Ok(Json(
         cps.list(q.history.as_deref())
             .iter()
-            .map(|m| m.public())
+            .map(|m| with_remote(&app, m))
             .collect(),
     ))
 }
@@ -219,7 +228,7 @@ pub async fn get(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(checkpoints(&app)?.get(&id)?.public()))
+    Ok(Json(with_remote(&app, &checkpoints(&app)?.get(&id)?)))
 }
 
 /// `POST /v1/checkpoints/{id}/restore`: streams progress.
@@ -356,7 +365,7 @@ impl std::io::Write for ChannelWriter {
 
 /// The most an import may expand to: `--import-max-bytes`, else the free
 /// space of the state dir minus 5% of its filesystem (at least 256 MiB).
-fn import_limit(app: &AppState) -> u64 {
+pub(super) fn import_limit(app: &AppState) -> u64 {
     if let Some(n) = app.config.import_max_bytes {
         return n;
     }
@@ -364,6 +373,36 @@ fn import_limit(app: &AppState) -> u64 {
         Ok((free, total)) => free.saturating_sub((total / 20).max(256 << 20)),
         Err(_) => 0,
     }
+}
+
+/// Adds a verified checkpoint (an archive's, a pull's) as the next `vN`.
+/// Publishing takes the checkpoint slot: it waits for a capture or restore
+/// that runs to end rather than throw the verified objects away.
+pub(super) async fn publish_imported(
+    app: &AppState,
+    cps: Arc<Checkpoints>,
+    verified: crate::archive::Imported,
+    from_sprite: Option<String>,
+) -> Result<(crate::checkpoint::CheckpointMeta, u64), ApiError> {
+    let guard = loop {
+        match app.lifecycle.begin(Transition::BeginCheckpoint).await {
+            Ok(g) => break g,
+            Err(crate::lifecycle::LifecycleError::Busy { .. }) => {
+                app.lifecycle
+                    .wait_running(std::time::Duration::from_secs(300))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let r = cps.add_imported(verified, from_sprite.as_deref());
+        cps.refresh_browsable();
+        r
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(e.to_string()))??)
 }
 
 /// `POST /v1/checkpoints/import`: the body is an archive from `export`.
@@ -418,27 +457,7 @@ pub async fn import(
             verified.bytes, verified.meta.id, verified.objects, verified.reused
         ),
     ));
-    // Publishing takes the checkpoint slot: wait for a capture or restore
-    // that runs to end rather than throw the upload away.
-    let guard = loop {
-        match app.lifecycle.begin(Transition::BeginCheckpoint).await {
-            Ok(g) => break g,
-            Err(crate::lifecycle::LifecycleError::Busy { .. }) => {
-                app.lifecycle
-                    .wait_running(std::time::Duration::from_secs(300))
-                    .await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let (meta, new_objects) = tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        let r = cps.add_imported(verified);
-        cps.refresh_browsable();
-        r
-    })
-    .await
-    .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    let (meta, new_objects) = publish_imported(&app, cps, verified, None).await?;
     lines.push(event("info", &format!("Stored {new_objects} new objects")));
     lines.push(event(
         "complete",

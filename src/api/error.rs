@@ -10,6 +10,7 @@ use crate::checkpoint::CheckpointError;
 use crate::exec::ExecError;
 use crate::files::FilesError;
 use crate::lifecycle::LifecycleError;
+use crate::remote::RemoteError;
 use crate::sleep::SleepError;
 use crate::supervisor::SupervisorError;
 
@@ -43,6 +44,8 @@ pub enum ApiError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Sleep(#[from] SleepError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
 }
 
 impl ApiError {
@@ -73,6 +76,26 @@ impl ApiError {
                 // (nobody is left to read it)
                 FilesError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             },
+            ApiError::Remote(e) => match e {
+                RemoteError::NotConfigured => StatusCode::CONFLICT,
+                RemoteError::NotFound { .. } => StatusCode::NOT_FOUND,
+                RemoteError::BadName(_) | RemoteError::BadConfig { .. } => StatusCode::BAD_REQUEST,
+                // The bucket failed or gave something unacceptable.
+                RemoteError::Store { .. } | RemoteError::BadRecord { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
+                RemoteError::Checkpoint(_) | RemoteError::GcRunning => StatusCode::CONFLICT,
+                RemoteError::Pull(a) => match a {
+                    ArchiveError::Invalid { .. } | ArchiveError::Read { .. } => {
+                        StatusCode::BAD_GATEWAY
+                    }
+                    ArchiveError::TooLarge { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                    ArchiveError::Store(_) | ArchiveError::Write(_) => {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                },
+                RemoteError::Io(_) | RemoteError::Fs(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::Busy { .. } => StatusCode::CONFLICT,
                 LifecycleError::NotRunning { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +117,7 @@ impl ApiError {
                     ArchiveError::Invalid { .. } | ArchiveError::TooLarge { .. } => {
                         StatusCode::BAD_REQUEST
                     }
+                    ArchiveError::Read { .. } => StatusCode::BAD_GATEWAY,
                     ArchiveError::Store(_) | ArchiveError::Write(_) => {
                         StatusCode::INTERNAL_SERVER_ERROR
                     }

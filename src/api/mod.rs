@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod ingress;
 pub mod params;
 mod proxy;
+mod remote;
 pub mod server;
 mod services;
 pub mod stream;
@@ -73,6 +74,10 @@ pub struct AppState {
     /// The environment's container (its init and namespaces), once the
     /// boot task set it up.
     pub container: OnceLock<crate::container::Container>,
+    /// The shared bucket (--remote).
+    pub remote: OnceLock<Arc<crate::remote::Remote>>,
+    /// The uploads of checkpoints to it, once checkpoints are available.
+    pub uploads: OnceLock<Arc<crate::remote::Uploads>>,
     /// Exec sessions, once the boot task set them up.
     pub sessions: OnceLock<crate::exec::Sessions>,
     /// The listening-port watcher.
@@ -141,6 +146,17 @@ fn routes(state: Arc<AppState>) -> Router {
         )
         .route("/v1/checkpoints/{id}/restore", post(checkpoints::restore))
         .route("/v1/checkpoints/{id}/export", get(checkpoints::export))
+        .route("/v1/checkpoints/{id}/push", post(remote::push))
+        .route("/v1/remote/checkpoints", get(remote::list))
+        .route("/v1/remote/gc", post(remote::gc))
+        .route(
+            "/v1/remote/checkpoints/{sprite}/{id}/pull",
+            post(remote::pull),
+        )
+        .route(
+            "/v1/remote/checkpoints/{sprite}/{id}",
+            get(remote::get).delete(remote::delete),
+        )
         .route(
             "/v1/checkpoints/import",
             post(checkpoints::import.layer(DefaultBodyLimit::disable())),

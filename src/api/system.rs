@@ -34,6 +34,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
         "sleep": sleep_json(&app),
         "cgroup": app.cgroup.get(),
         "criu": app.criu.get(),
+        "remote": app.remote.get().map(|r| r.status()),
         "fs": match app.checkpoints.get() {
             Some(c) => {
                 let st = c.env().state();

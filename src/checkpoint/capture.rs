@@ -157,6 +157,9 @@ impl Checkpoints {
                     capture_ms = meta.stats.capture_ms,
                     "checkpoint created"
                 );
+                if let Some(f) = self.on_publish.get() {
+                    f(&id);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; collecting its objects");

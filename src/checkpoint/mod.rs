@@ -178,6 +178,9 @@ pub struct SkippedEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImportedFrom {
+    /// The sprite it was pulled from (none: an archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sprite: Option<String>,
     pub id: String,
     pub create_time: String,
     pub comment: String,
@@ -269,6 +272,9 @@ impl CheckpointMeta {
     }
 }
 
+/// Told the id of every checkpoint published (the uploads queue it).
+type OnPublish = Box<dyn Fn(&str) + Send + Sync>;
+
 pub struct Checkpoints {
     dir: PathBuf,
     /// Raw CRIU images while a capture or restore uses them: `<state>/criu/`.
@@ -292,6 +298,9 @@ pub struct Checkpoints {
     /// Where every page of the live packs is (none: built at the next
     /// capture; pruned by every garbage collection).
     page_index: Mutex<Option<crate::fs::pages::PageIndex>>,
+    /// Told the id of every checkpoint a capture publishes (the remote
+    /// store's uploads).
+    on_publish: std::sync::OnceLock<OnPublish>,
 }
 
 /// The default of `--auto-keep`.
@@ -386,6 +395,7 @@ impl Checkpoints {
             auto_keep: AUTO_KEEP.into(),
             last_restore: Mutex::new(None),
             page_index: Mutex::new(None),
+            on_publish: Default::default(),
         };
         cps.refresh_browsable();
         if cps.journal().exists() {
@@ -399,6 +409,22 @@ impl Checkpoints {
     /// Exec sessions to freeze during captures and to kill on restores.
     pub fn set_sessions(&self, sessions: crate::exec::Sessions) {
         let _ = self.sessions.set(sessions);
+    }
+
+    /// `f` is told the id of every checkpoint a capture publishes, once
+    /// it is durable.
+    pub fn set_on_publish(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+        let _ = self.on_publish.set(f);
+    }
+
+    /// Every object of a pinned checkpoint with its size, in the order an
+    /// import accepts them (blocking; see [`archive::objects_of`]).
+    pub fn objects_of(
+        &self,
+        meta: &CheckpointMeta,
+        _pin: &ExportPin,
+    ) -> Result<Vec<(String, u64)>, archive::ArchiveError> {
+        archive::objects_of(self.env.store(), meta)
     }
 
     /// How many automatic checkpoints to keep (`--auto-keep`).
@@ -600,6 +626,11 @@ impl Checkpoints {
         archive::export(self.env.store(), meta, out)
     }
 
+    /// The object store (a pull stages into it and links from it).
+    pub(crate) fn store(&self) -> &crate::fs::store::Store {
+        self.env.store()
+    }
+
     /// Reads and verifies an archive into the store's staging area
     /// (blocking; nothing is visible yet, nothing is kept on error).
     pub fn receive(
@@ -617,6 +648,7 @@ impl Checkpoints {
     pub fn add_imported(
         &self,
         imported: archive::Imported,
+        from_sprite: Option<&str>,
     ) -> Result<(CheckpointMeta, u64), CheckpointError> {
         std::fs::write(self.journal(), b"import").map_err(io_err("write", &self.journal()))?;
         let result = (|| {
@@ -647,6 +679,7 @@ impl Checkpoints {
                 env: src.env.clone(),
                 with_processes: src.with_processes,
                 imported_from: Some(ImportedFrom {
+                    sprite: from_sprite.map(str::to_owned),
                     id: src.id.clone(),
                     create_time: src.create_time.clone(),
                     comment: src.comment.clone(),

@@ -98,6 +98,10 @@ pub enum Command {
     /// Take, list, restore and delete checkpoints of the environment.
     #[command(subcommand, visible_alias = "checkpoints")]
     Checkpoint(CheckpointCmd),
+    /// The shared remote store (the daemon's --remote): see also
+    /// `checkpoint push`, `checkpoint pull` and `checkpoint list --remote`.
+    #[command(subcommand)]
+    Remote(RemoteCmd),
     /// Run a command in the sprite, streaming its output; exits with its status.
     #[command(after_help = "\
 Without -t, stdin is forwarded and closed at its end, stdout and stderr stay
@@ -177,11 +181,37 @@ pub enum CheckpointCmd {
         #[arg(long)]
         files_only: bool,
     },
-    /// List checkpoints, newest first.
+    /// List checkpoints, newest first (`--remote`: those in the shared
+    /// bucket, of this sprite or of `--sprite NAME`, `*` for all).
     List {
         /// Only those descending from this checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "remote")]
         history: Option<String>,
+        /// The checkpoints in the remote store (the daemon's --remote).
+        #[arg(long)]
+        remote: bool,
+        /// With --remote: whose (a sprite's name, or `*` for every sprite).
+        #[arg(long, requires = "remote")]
+        sprite: Option<String>,
+    },
+    /// Upload a checkpoint to the remote store and follow the upload (every
+    /// checkpoint is uploaded in the background anyway; this one is queued
+    /// again, and only what the bucket lacks moves).
+    Push {
+        /// The checkpoint (`vN`).
+        id: String,
+    },
+    /// Fetch a checkpoint from the remote store (any sprite's, under the
+    /// same prefix) and add it as the next `vN`; then `checkpoint restore
+    /// vN` runs it here. Forking a sprite is this on another machine.
+    /// Every object is checked against its SHA-256; a failed pull keeps
+    /// nothing.
+    #[command(
+        after_help = "Example:\n  sprite-env checkpoint list --remote --sprite web-1\n  sprite-env checkpoint pull web-1/v7\n  sprite-env checkpoint restore v3"
+    )]
+    Pull {
+        /// SPRITE/ID, as `checkpoint list --remote` shows them.
+        from: String,
     },
     /// Show one checkpoint.
     Get { id: String },
@@ -257,11 +287,29 @@ async fn checkpoint(client: &UnixClient, cmd: CheckpointCmd) -> Result<(), CliEr
                 .to_string(),
             ),
         ),
-        CheckpointCmd::List { history } => (
+        CheckpointCmd::List {
+            remote: true,
+            sprite,
+            ..
+        } => (
+            "GET",
+            with_query("/v1/remote/checkpoints".into(), &[("sprite", sprite)]),
+            None,
+        ),
+        CheckpointCmd::List { history, .. } => (
             "GET",
             with_query("/v1/checkpoints".into(), &[("history", history)]),
             None,
         ),
+        CheckpointCmd::Push { id } => return transfer::push(client, &one(&id), &id).await,
+        CheckpointCmd::Pull { from } => {
+            let Some((sprite, id)) = from.split_once('/') else {
+                return Err(CliError::Usage(format!(
+                    "{from:?}: say which sprite's checkpoint, as SPRITE/ID (e.g. web-1/v7)"
+                )));
+            };
+            return transfer::pull(client, sprite, id).await;
+        }
         CheckpointCmd::Get { id } => ("GET", one(&id), None),
         CheckpointCmd::Restore { id, undo } => {
             let id = match id {
@@ -344,6 +392,25 @@ pub enum ServicesCmd {
         lines: Option<usize>,
         #[arg(long)]
         duration: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoteCmd {
+    /// Remove the objects in the bucket that no remote checkpoint of any
+    /// sprite references. Safe while other sprites upload: an upload
+    /// holds a lease on what it sends and waits while a gc holds the
+    /// bucket's lock; unreferenced objects younger than --grace stay.
+    #[command(
+        after_help = "Examples:\n  sprite-env remote gc --dry-run\n  sprite-env remote gc --grace 0s"
+    )]
+    Gc {
+        /// Unreferenced objects younger than this stay (1h, 30m, 0s).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -559,6 +626,19 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             curl(&client, path, Some("POST".into()), None, &[], false)
                 .await
                 .map(|_| 0)
+        }
+        Command::Remote(RemoteCmd::Gc { grace, dry_run }) => {
+            let body = serde_json::json!({"grace": grace, "dry_run": dry_run}).to_string();
+            curl(
+                &client,
+                "/v1/remote/gc",
+                Some("POST".into()),
+                Some(body),
+                &[],
+                false,
+            )
+            .await
+            .map(|_| 0)
         }
         Command::Wake => curl(&client, "/v1/wake", Some("POST".into()), None, &[], false)
             .await

@@ -71,14 +71,7 @@ pub async fn export(
             Bytes::new(),
         )
         .await?;
-    let status = resp.status();
-    if !status.is_success() {
-        let bytes = client.read_all(resp).await?;
-        return Err(CliError::Http {
-            status: status.as_u16(),
-            message: error_message(&bytes),
-        });
-    }
+    let resp = success(client, resp).await?;
     let http = |source| ClientError::Http {
         path: client.socket().to_owned(),
         source,
@@ -165,4 +158,122 @@ pub async fn import(client: &UnixClient, file: &Path) -> Result<(), CliError> {
         .write_all(&bytes)
         .map_err(io_err("write stdout"))?;
     Ok(())
+}
+
+/// `sprite-env checkpoint push vN`: queues the upload and follows it (a bar
+/// on a terminal, else the NDJSON events on stdout).
+pub async fn push(client: &UnixClient, checkpoint_path: &str, id: &str) -> Result<(), CliError> {
+    follow(
+        client,
+        &format!("{checkpoint_path}/push"),
+        id,
+        "sent",
+        |ev| {
+            let r = ev.get("remote")?;
+            let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            Some((n("total_objects"), n("objects") + n("present"), n("bytes")))
+        },
+    )
+    .await
+}
+
+/// `sprite-env checkpoint pull SPRITE/ID`: fetches a remote checkpoint into
+/// the local chain and follows it.
+pub async fn pull(client: &UnixClient, sprite: &str, id: &str) -> Result<(), CliError> {
+    let path = format!(
+        "/v1/remote/checkpoints/{}/{}/pull",
+        super::enc(sprite),
+        super::enc(id)
+    );
+    follow(client, &path, &format!("{sprite}/{id}"), "fetched", |ev| {
+        let p = ev.get("pull")?;
+        let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        Some((n("total_objects"), n("objects") + n("reused"), n("bytes")))
+    })
+    .await
+}
+
+/// The response when it succeeded, else its error message as the error.
+async fn success(
+    client: &UnixClient,
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let bytes = client.read_all(resp).await?;
+    Err(CliError::Http {
+        status: status.as_u16(),
+        message: error_message(&bytes),
+    })
+}
+
+/// POSTs `path` and follows its NDJSON events to `complete` or `error`.
+/// `counts` reads (objects in all, objects done, bytes moved) from an event.
+async fn follow(
+    client: &UnixClient,
+    path: &str,
+    what: &str,
+    moved: &str,
+    counts: impl Fn(&serde_json::Value) -> Option<(u64, u64, u64)>,
+) -> Result<(), CliError> {
+    let resp = client.send(Method::POST, path, &[], Bytes::new()).await?;
+    let resp = success(client, resp).await?;
+    let tty = std::io::stderr().is_terminal();
+    let pb = if tty {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} objects {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    let mut failed = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|source| ClientError::Http {
+            path: client.socket().to_owned(),
+            source,
+        })?;
+        let Some(chunk) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let ev: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+            if !tty {
+                std::io::stdout()
+                    .write_all(&line)
+                    .map_err(io_err("write stdout"))?;
+            }
+            if let Some((len, pos, bytes)) = counts(&ev) {
+                pb.set_length(len);
+                pb.set_position(pos);
+                pb.set_message(format!("{} {moved}", indicatif::HumanBytes(bytes)));
+            }
+            match ev["type"].as_str() {
+                Some("complete") => {
+                    pb.finish_and_clear();
+                    if tty {
+                        eprintln!("{}", ev["data"].as_str().unwrap_or_default());
+                    }
+                }
+                Some("error") => {
+                    failed = Some(ev["error"].as_str().unwrap_or("failed").to_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    pb.finish_and_clear();
+    match failed {
+        Some(message) => Err(CliError::Http {
+            status: 502,
+            message: format!("{what}: {message}"),
+        }),
+        None => Ok(()),
+    }
 }

@@ -4,6 +4,9 @@
 //! sleeping.
 #![allow(dead_code)]
 
+pub mod counter;
+pub mod weed;
+
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -64,6 +67,8 @@ pub struct Options {
     pub token: Option<String>,
     pub extra: Vec<String>,
     pub state_dir: Option<PathBuf>,
+    /// `--sprite-name` (default [`NAME`]).
+    pub name: Option<String>,
 }
 
 impl Default for Options {
@@ -72,6 +77,7 @@ impl Default for Options {
             token: Some(TOKEN.into()),
             extra: vec![],
             state_dir: None,
+            name: None,
         }
     }
 }
@@ -119,7 +125,7 @@ pub fn spawn(opts: Options) -> Spawned {
             "--listen",
             "127.0.0.1:0",
             "--sprite-name",
-            NAME,
+            opts.name.as_deref().unwrap_or(NAME),
             "--log",
             "sprited=debug,info",
         ])
