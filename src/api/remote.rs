@@ -39,6 +39,9 @@ pub fn field(app: &AppState, id: &str) -> Option<Value> {
     })
 }
 
+/// The longest a push's stream stays silent.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn event(kind: &str, text: &str, status: Option<&UploadStatus>) -> Value {
     let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let mut ev = match kind {
@@ -102,7 +105,12 @@ pub async fn push(
                 }
             }
             let next = loop {
-                match rx.recv().await {
+                // Nothing for a while (a slow store, a try's retries): say
+                // where it is anyway, so a client sees the upload alive.
+                let Ok(got) = tokio::time::timeout(QUIET, rx.recv()).await else {
+                    break up.status(&id);
+                };
+                match got {
                     Ok((i, s)) if i == id => break Some(s),
                     Ok(_) => {}
                     // Missed some: the current status says where it is.

@@ -70,11 +70,15 @@ pub struct Weed {
 }
 
 /// Twelve consecutive free loopback ports (weed mini's servers, their gRPC
-/// ports, the admin UI and WebDAV).
+/// ports, the admin UI and WebDAV; or a cluster's five servers).
 fn free_block() -> u16 {
-    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    // Tests of one binary run at once, and a block is only known free
+    // until weed binds it: each call starts from a block of its own.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = (std::process::id() as u64).wrapping_mul(7919) + n * 1201;
     for i in 0..200u64 {
-        let base = 20000 + ((seed.wrapping_mul(7919) + i * 97) % 20000) as u16;
+        let base = 20000 + ((seed + i * 97) % 20000) as u16;
         let held: Vec<_> = (base..base + 12)
             .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
@@ -85,6 +89,223 @@ fn free_block() -> u16 {
     panic!("no block of 12 free ports");
 }
 
+/// Writes the S3 identity config and a credentials file for it into `dir`.
+fn identity(dir: &Path) -> (PathBuf, PathBuf) {
+    let config = dir.join("s3.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"identities": [{
+            "name": "sprited-test",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    let credentials = dir.join("credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    (config, credentials)
+}
+
+/// Spawns `weed ARGS` with its output in `dir/<name>.log`.
+fn spawn_weed(weed: &Path, dir: &Path, name: &str, args: &[String]) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(weed)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn weed {name}: {e}"))
+}
+
+/// A SeaweedFS cluster: one master, two volume servers with replication
+/// `001` (every object on both), a filer and the S3 gateway, each its own
+/// process, so that one volume server can be killed mid-upload.
+pub struct Cluster {
+    /// The S3 side, as for `weed mini` (its `child` is the gateway).
+    pub s3: Weed,
+    weed: PathBuf,
+    base: u16,
+    master: Child,
+    filer: Child,
+    volumes: [Option<Child>; 2],
+}
+
+impl Cluster {
+    pub async fn start(weed: &Path) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("sprited-weed-cluster-")
+            .tempdir()
+            .unwrap();
+        let (config, credentials) = identity(dir.path());
+        let b = free_block();
+        let p = |n: u16| (b + n).to_string();
+        let master = format!("127.0.0.1:{}.{}", p(0), p(1));
+        let local = ["-ip.bind=127.0.0.1".to_owned()];
+        for d in ["master", "volume-0", "volume-1", "filer"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let master_child = spawn_weed(
+            weed,
+            dir.path(),
+            "master",
+            &[
+                "master".into(),
+                "-ip=127.0.0.1".into(),
+                local[0].clone(),
+                format!("-port={}", p(0)),
+                format!("-port.grpc={}", p(1)),
+                format!("-mdir={}", dir.path().join("master").display()),
+                "-defaultReplication=001".into(),
+                "-volumeSizeLimitMB=64".into(),
+            ],
+        );
+        let mut c = Cluster {
+            weed: weed.to_owned(),
+            base: b,
+            master: master_child,
+            filer: spawn_weed(
+                weed,
+                dir.path(),
+                "filer",
+                &[
+                    "filer".into(),
+                    "-ip=127.0.0.1".into(),
+                    local[0].clone(),
+                    format!("-port={}", p(6)),
+                    format!("-port.grpc={}", p(7)),
+                    format!("-master={master}"),
+                    "-defaultReplicaPlacement=001".into(),
+                    format!("-defaultStoreDir={}", dir.path().join("filer").display()),
+                ],
+            ),
+            volumes: [None, None],
+            s3: Weed {
+                child: spawn_weed(
+                    weed,
+                    dir.path(),
+                    "s3",
+                    &[
+                        "s3".into(),
+                        local[0].clone(),
+                        format!("-port={}", p(8)),
+                        format!("-port.grpc={}", p(9)),
+                        "-port.iceberg=0".into(),
+                        "-port.lance=0".into(),
+                        format!("-filer=127.0.0.1:{}.{}", p(6), p(7)),
+                        format!("-config={}", config.display()),
+                    ],
+                ),
+                endpoint: format!("http://127.0.0.1:{}", p(8)),
+                credentials,
+                dir,
+            },
+        };
+        c.start_volume(0);
+        c.start_volume(1);
+        // The bucket, through `weed shell` (S3 alone cannot make one here).
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let out = tokio::process::Command::new(weed)
+                .args([
+                    "shell".to_owned(),
+                    format!("-master={master}"),
+                    format!("-filer=127.0.0.1:{}.{}", p(6), p(7)),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let made = async {
+                use tokio::io::AsyncWriteExt;
+                let mut out = out;
+                let mut stdin = out.stdin.take().unwrap();
+                stdin
+                    .write_all(format!("s3.bucket.create -name {BUCKET}\n").as_bytes())
+                    .await
+                    .unwrap();
+                drop(stdin);
+                let o = out.wait_with_output().await.unwrap();
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            };
+            let said = tokio::time::timeout(Duration::from_secs(20), made)
+                .await
+                .unwrap_or_default();
+            if said.contains("created bucket") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster's bucket could not be made: {said}\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        c.s3.wait_ready(b + 8).await;
+        c
+    }
+
+    /// Starts (again) volume server `i` on its own dir and ports.
+    pub fn start_volume(&mut self, i: usize) {
+        let p = |n: u16| (self.base + n).to_string();
+        let dir = self.s3.dir.path().to_owned();
+        self.volumes[i] = Some(spawn_weed(
+            &self.weed,
+            &dir,
+            &format!("volume-{i}"),
+            &[
+                "volume".into(),
+                "-ip=127.0.0.1".into(),
+                "-ip.bind=127.0.0.1".into(),
+                format!("-port={}", p(2 + 2 * i as u16)),
+                format!("-port.grpc={}", p(3 + 2 * i as u16)),
+                format!("-dir={}", dir.join(format!("volume-{i}")).display()),
+                format!("-master=127.0.0.1:{}.{}", p(0), p(1)),
+                "-max=30".into(),
+            ],
+        ));
+    }
+
+    /// Kills volume server `i` (SIGKILL: as a machine dies).
+    pub async fn kill_volume(&mut self, i: usize) {
+        if let Some(mut c) = self.volumes[i].take() {
+            c.kill().await.unwrap();
+        }
+    }
+
+    /// The logs of every server (for failure messages).
+    pub fn logs(&self) -> String {
+        let _ = (&self.master, &self.filer);
+        ["master", "volume-0", "volume-1", "filer", "s3"]
+            .iter()
+            .map(|n| {
+                let t = std::fs::read_to_string(self.s3.dir.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                format!(
+                    "--- {n} ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 impl Weed {
     /// Starts `weed mini` and returns once its S3 gateway answers.
     pub async fn start(weed: &Path) -> Weed {
@@ -92,23 +313,7 @@ impl Weed {
             .prefix("sprited-weed-")
             .tempdir()
             .unwrap();
-        let config = dir.path().join("s3.json");
-        std::fs::write(
-            &config,
-            serde_json::json!({"identities": [{
-                "name": "sprited-test",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]})
-            .to_string(),
-        )
-        .unwrap();
-        let credentials = dir.path().join("credentials");
-        std::fs::write(
-            &credentials,
-            format!("[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"),
-        )
-        .unwrap();
+        let (config, credentials) = identity(dir.path());
         let b = free_block();
         let port = |n: u16| (b + n).to_string();
         let data = dir.path().join("data");
@@ -155,7 +360,10 @@ impl Weed {
 
     /// The log so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+        ["weed.log", "s3.log"]
+            .iter()
+            .filter_map(|n| std::fs::read_to_string(self.dir.path().join(n)).ok())
+            .collect()
     }
 
     /// Until the S3 gateway accepts and the bucket lists with the test's
