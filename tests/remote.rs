@@ -777,3 +777,105 @@ async fn a_volume_server_killed_mid_upload_and_pulls_still_work() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(watcher.await.unwrap() > 0);
 }
+
+/// A TCP proxy to `target` that counts the bytes clients send through it
+/// (what an upload puts on the wire: bodies and requests).
+async fn counting_proxy(target: &str) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let target = target.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let target = target.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                // Counted as it goes: pooled connections live across pushes.
+                let up = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (format!("http://{addr}"), sent)
+}
+
+/// Acceptance 2: after 1% of a 1 GiB tree changed, the next checkpoint's
+/// upload puts at most 1.1× the changed bytes on the wire (counted by a
+/// proxy in front of the store, requests and all).
+#[tokio::test(flavor = "multi_thread")]
+async fn after_one_percent_of_a_gib_changed_the_upload_moves_about_that() {
+    let what = "after_one_percent_of_a_gib_changed_the_upload_moves_about_that";
+    let Some(store) = weed::for_test(what).await else {
+        return;
+    };
+    let (endpoint, sent) = counting_proxy(&store.endpoint).await;
+    let mut opts = store.sprite("team", "alpha");
+    let at = opts
+        .extra
+        .iter()
+        .position(|f| f == "--remote-endpoint")
+        .unwrap();
+    opts.extra[at + 1] = endpoint;
+    let a = Daemon::start_with(opts).await;
+    // 1,024 files of 1 MiB, each different.
+    let base = noise(5, 1 << 20);
+    let file = |i: u64, v: u64| {
+        let mut d = base.clone();
+        d[..8].copy_from_slice(&i.to_le_bytes());
+        d[8..16].copy_from_slice(&v.to_le_bytes());
+        d
+    };
+    for i in 0..1024 {
+        write(
+            &a.env_root(),
+            &format!("tree/{:02}/{i:04}.bin", i % 32),
+            &file(i, 0),
+        );
+    }
+    a.checkpoint("1 GiB").await;
+    push(&a, "v1").await;
+    // 1%: ten files rewritten, scattered.
+    let mut changed = 0u64;
+    for i in (0..1024).step_by(103).take(10) {
+        let d = file(i, 1);
+        changed += d.len() as u64;
+        write(&a.env_root(), &format!("tree/{:02}/{i:04}.bin", i % 32), &d);
+    }
+    a.checkpoint("1% changed").await;
+    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let status = push(&a, "v2").await;
+    let wire = sent.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        wire as f64 <= 1.1 * changed as f64,
+        "{wire} bytes on the wire for {changed} changed: {status}"
+    );
+    assert!(wire >= changed, "the changed files went up: {wire}");
+    eprintln!(
+        "uploaded {wire} bytes for {changed} changed ({:.3}×)",
+        wire as f64 / changed as f64
+    );
+}

@@ -279,11 +279,15 @@ impl Uploads {
         {
             return Err(RemoteError::GcRunning);
         }
-        // 3. every object the bucket lacks
+        // 3. every object the bucket lacks; those an earlier record of
+        //    this sprite names are there (a record that exists after our
+        //    lease existed through any gc, which kept its objects)
+        let known = self.known_present(id).await;
         let store = self.cps.env().store();
+        let known = &known;
         let mut sends = futures_util::stream::iter(record.objects.iter().cloned())
             .map(|(oid, size)| async move {
-                if self.remote.has(&oid).await? {
+                if known.contains(&oid) || self.remote.has(&oid).await? {
                     return Ok::<_, RemoteError>(None);
                 }
                 let (file, _) = store.open_object(&oid)?;
@@ -327,6 +331,31 @@ impl Uploads {
             "checkpoint uploaded"
         );
         Ok(())
+    }
+}
+
+impl Uploads {
+    /// The objects of the newest earlier checkpoint of this sprite that is
+    /// uploaded and whose record is still in the bucket (none: ask the
+    /// bucket about every object).
+    async fn known_present(&self, id: &str) -> std::collections::HashSet<String> {
+        let before = id_number(id);
+        let prev = self
+            .lock()
+            .iter()
+            .filter(|(i, s)| s.state == UploadState::Uploaded && id_number(i) < before)
+            .map(|(i, _)| i.clone())
+            .max_by_key(|i| id_number(i));
+        let Some(prev) = prev else {
+            return Default::default();
+        };
+        match self.remote.record(&self.sprite, &prev).await {
+            Ok(r) => r.objects.into_iter().map(|(o, _)| o).collect(),
+            Err(e) => {
+                tracing::debug!(previous = %prev, error = %e, "no earlier record to trust");
+                Default::default()
+            }
+        }
     }
 }
 
