@@ -51,9 +51,9 @@ pub enum ArchiveError {
     /// The archive is not acceptable; `entry` names the culprit when there is one.
     #[error("{}{why}", entry.as_ref().map(|e| format!("entry {e:?}: ")).unwrap_or_default())]
     Invalid { entry: Option<String>, why: String },
-    #[error("the archive would expand to more than {limit} bytes (--import-max-bytes){}",
-        entry.as_ref().map(|e| format!(" at entry {e:?}")).unwrap_or_default())]
-    TooLarge { limit: u64, entry: Option<String> },
+    #[error("the checkpoint would take more than {limit}{}",
+        entry.as_ref().map(|e| format!(" (at entry {e:?})")).unwrap_or_default())]
+    TooLarge { limit: Limit, entry: Option<String> },
     #[error(transparent)]
     Store(#[from] FsError),
     /// Reading an object from its source failed (a pull: the remote store
@@ -206,13 +206,38 @@ enum Expect {
     File(Meta),
 }
 
+/// The most an import or a pull may write into the store, and where that
+/// bound comes from: the status of a refusal depends on it (413 for the
+/// operator's limit, 507 for a disk that cannot take it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub bytes: u64,
+    /// `--import-max-bytes` set it; otherwise it is the state dir's free
+    /// space less a reserve.
+    pub configured: bool,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.configured {
+            write!(f, "{} bytes, this daemon's --import-max-bytes", self.bytes)
+        } else {
+            write!(
+                f,
+                "the {} bytes the state dir's disk can spare (its free space less a reserve)",
+                self.bytes
+            )
+        }
+    }
+}
+
 /// Reads an archive from `input`, checking everything, and stages its
 /// objects. Nothing enters the store: on error the staging area is dropped.
 /// `progress` gets the bytes of content read so far, now and then.
 pub fn import(
     store: &Store,
     input: impl Read,
-    limit: u64,
+    limit: Limit,
     progress: &dyn Fn(u64),
 ) -> Result<Imported, ArchiveError> {
     let staging = store.staging()?;
@@ -263,7 +288,7 @@ pub fn import(
 struct State<'a> {
     store: &'a Store,
     staging: &'a Staging,
-    limit: u64,
+    limit: Limit,
     /// name → (sha256, size), from index.json.
     index: Option<BTreeMap<String, IndexEntry>>,
     meta: Option<CheckpointMeta>,
@@ -307,7 +332,7 @@ impl State<'_> {
             return Err(invalid(Some(&name), "appears twice"));
         }
         self.last_entry = Some(name.clone());
-        if self.bytes.saturating_add(size) > self.limit {
+        if self.bytes.saturating_add(size) > self.limit.bytes {
             return Err(ArchiveError::TooLarge {
                 limit: self.limit,
                 entry: Some(name),
@@ -476,7 +501,7 @@ impl State<'_> {
                 return Err(invalid(Some(&e.name), "listed twice in index.json"));
             }
         }
-        if total.saturating_add(bytes.len() as u64) > self.limit {
+        if total.saturating_add(bytes.len() as u64) > self.limit.bytes {
             return Err(ArchiveError::TooLarge {
                 limit: self.limit,
                 entry: None,

@@ -98,9 +98,10 @@ pub struct Args {
     #[arg(long, env = "SPRITED_HTTP_INGRESS", value_name = "ADDR")]
     pub http_ingress: Option<String>,
 
-    /// Largest checkpoint archive an import accepts, expanded (`20G`, `512M`).
-    /// Default: the free space of the state dir's filesystem minus 5% of its
-    /// size (at least 256 MiB), measured when the import starts.
+    /// Largest checkpoint an import or a pull accepts, expanded (`20G`,
+    /// `512M`); past it a 413. Default: the free space of the state dir's
+    /// filesystem less 1% of its size (256 MiB to 1 GiB), measured when the
+    /// import starts; past it a 507.
     #[arg(long, env = "SPRITED_IMPORT_MAX_BYTES", value_name = "BYTES")]
     pub import_max_bytes: Option<String>,
 

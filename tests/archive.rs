@@ -249,7 +249,7 @@ async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
     })
     .await;
     let r = import(&small, archive).await;
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 413);
     let msg = r.text().await.unwrap();
     assert!(msg.contains("more than 1048576 bytes"), "{msg}");
     assert_eq!(ids(&small).await, Vec::<String>::new());

@@ -180,7 +180,15 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
         // Archives: every one refused (none is complete and valid), cleanly.
         if rounds % 4 == 0 {
             let archive = random_archive(&mut rng);
-            let r = sprited::archive::import(&store, archive.as_slice(), 1 << 20, &|_| {});
+            let r = sprited::archive::import(
+                &store,
+                archive.as_slice(),
+                sprited::archive::Limit {
+                    bytes: 1 << 20,
+                    configured: true,
+                },
+                &|_| {},
+            );
             assert!(r.is_err(), "a random archive was accepted");
         }
     }

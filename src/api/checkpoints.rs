@@ -363,16 +363,33 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
-/// The most an import may expand to: `--import-max-bytes`, else the free
-/// space of the state dir minus 5% of its filesystem (at least 256 MiB).
-pub(super) fn import_limit(app: &AppState) -> u64 {
-    if let Some(n) = app.config.import_max_bytes {
-        return n;
+/// The most an import or a pull may write: `--import-max-bytes`, else the
+/// free space of the state dir less a reserve of 1% of its filesystem,
+/// between 256 MiB and 1 GiB (a percentage alone would keep tens of GiB
+/// back on a large disk that is merely busy).
+pub(super) fn import_limit(app: &AppState) -> crate::archive::Limit {
+    if let Some(bytes) = app.config.import_max_bytes {
+        return crate::archive::Limit {
+            bytes,
+            configured: true,
+        };
     }
-    match crate::sys::fs_space(&app.config.state_dir) {
-        Ok((free, total)) => free.saturating_sub((total / 20).max(256 << 20)),
-        Err(_) => 0,
+    let bytes = match crate::sys::fs_space(&app.config.state_dir) {
+        Ok((free, total)) => free.saturating_sub(space_reserve(total)),
+        Err(e) => {
+            tracing::warn!(error = %e, "free space of the state dir unknown");
+            0
+        }
+    };
+    crate::archive::Limit {
+        bytes,
+        configured: false,
     }
+}
+
+/// What an import leaves free on a filesystem of `total` bytes.
+fn space_reserve(total: u64) -> u64 {
+    (total / 100).clamp(256 << 20, 1 << 30)
 }
 
 /// Adds a verified checkpoint (an archive's, a pull's) as the next `vN`.
@@ -473,4 +490,19 @@ pub async fn import(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::space_reserve;
+
+    #[test]
+    fn the_reserve_is_a_percent_between_256_mib_and_1_gib() {
+        assert_eq!(space_reserve(0), 256 << 20);
+        assert_eq!(space_reserve(10 << 30), 256 << 20);
+        assert_eq!(space_reserve(50 << 30), (50 << 30) / 100);
+        // A 252 GiB disk keeps 1 GiB back, not 12.6 GiB: an import is
+        // refused only when the disk is nearly full.
+        assert_eq!(space_reserve(252 << 30), 1 << 30);
+    }
 }

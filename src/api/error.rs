@@ -89,7 +89,7 @@ impl ApiError {
                     ArchiveError::Invalid { .. } | ArchiveError::Read { .. } => {
                         StatusCode::BAD_GATEWAY
                     }
-                    ArchiveError::TooLarge { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                    ArchiveError::TooLarge { limit, .. } => too_large(limit),
                     ArchiveError::Store(_) | ArchiveError::Write(_) => {
                         StatusCode::INTERNAL_SERVER_ERROR
                     }
@@ -114,9 +114,8 @@ impl ApiError {
                 | CheckpointError::InUse(_)
                 | CheckpointError::Exporting(_) => StatusCode::CONFLICT,
                 CheckpointError::Archive(a) => match a {
-                    ArchiveError::Invalid { .. } | ArchiveError::TooLarge { .. } => {
-                        StatusCode::BAD_REQUEST
-                    }
+                    ArchiveError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                    ArchiveError::TooLarge { limit, .. } => too_large(limit),
                     ArchiveError::Read { .. } => StatusCode::BAD_GATEWAY,
                     ArchiveError::Store(_) | ArchiveError::Write(_) => {
                         StatusCode::INTERNAL_SERVER_ERROR
@@ -157,6 +156,16 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(body)).into_response();
         add_headers(&self, &mut resp);
         resp
+    }
+}
+
+/// A checkpoint too big to import or pull: 413 past the operator's limit,
+/// 507 when the disk cannot take it.
+fn too_large(limit: &crate::archive::Limit) -> StatusCode {
+    if limit.configured {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::INSUFFICIENT_STORAGE
     }
 }
 

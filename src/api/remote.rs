@@ -203,7 +203,7 @@ pub async fn pull(
     let record = remote.record(&sprite, &id).await?;
     let limit = super::checkpoints::import_limit(&app);
     let total: u64 = record.objects.iter().map(|(_, s)| s).sum();
-    if total > limit {
+    if total > limit.bytes {
         return Err(RemoteError::Pull(crate::archive::ArchiveError::TooLarge {
             limit,
             entry: None,

@@ -636,7 +636,7 @@ impl Checkpoints {
     pub fn receive(
         &self,
         input: impl std::io::Read,
-        limit: u64,
+        limit: archive::Limit,
         progress: &dyn Fn(u64),
     ) -> Result<archive::Imported, archive::ArchiveError> {
         archive::import(self.env.store(), input, limit, progress)

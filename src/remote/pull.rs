@@ -55,7 +55,7 @@ pub async fn fetch(
     remote: Arc<Remote>,
     cps: Arc<Checkpoints>,
     record: Record,
-    limit: u64,
+    limit: crate::archive::Limit,
     progress: watch::Sender<PullProgress>,
 ) -> Result<Imported, RemoteError> {
     let (mut fetch, sizes) = check_record(&record, limit)?;
@@ -108,7 +108,10 @@ pub async fn fetch(
 
 /// The record's metadata as a [`Fetch`], and the size of every object it
 /// lists. Too big for `limit` is refused before anything moves.
-fn check_record(record: &Record, limit: u64) -> Result<(Fetch, HashMap<String, u64>), RemoteError> {
+fn check_record(
+    record: &Record,
+    limit: crate::archive::Limit,
+) -> Result<(Fetch, HashMap<String, u64>), RemoteError> {
     let name = format!(
         "record {}/{}",
         record.sprite,
@@ -121,7 +124,7 @@ fn check_record(record: &Record, limit: u64) -> Result<(Fetch, HashMap<String, u
         })?;
     let sizes: HashMap<String, u64> = record.objects.iter().cloned().collect();
     let total = sizes.values().fold(0u64, |a, b| a.saturating_add(*b));
-    if total > limit {
+    if total > limit.bytes {
         return Err(ArchiveError::TooLarge { limit, entry: None }.into());
     }
     Ok((Fetch::new(meta, &name)?, sizes))
