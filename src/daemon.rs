@@ -177,6 +177,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         ports: OnceLock::new(),
         sleep: crate::sleep::Sleep::new(config.auto_sleep, config.cold_after),
         shutdown: shutdown.clone(),
+        policies: crate::policy::PolicyStore::new(&config.state_dir),
     });
 
     let _ = app
@@ -491,6 +492,12 @@ async fn start_container(
         },
         app.reaper.clone(),
     );
+    if let Some(p) = app.policies.privileges() {
+        match p.privileges() {
+            Ok(privileges) => container.set_privileges(privileges),
+            Err(e) => tracing::warn!(error = %e, "ignoring the stored privileges policy"),
+        }
+    }
     let _ = app.container.set(container.clone());
     if start {
         container.start().await.map_err(|e| e.to_string())?;

@@ -501,6 +501,7 @@ impl Sessions {
                 Some((rows, cols)) => crate::container::Stdio::Tty { rows, cols },
                 None => crate::container::Stdio::Pipes { stdin: req.stdin },
             },
+            privileges: None,
         };
         let cg = cgroups.child(&format!("_exec-{id}"))?;
         let mut child = match container.spawn(spec, &cg).await {

@@ -382,12 +382,6 @@ impl Files {
                 self.display(rel)
             )));
         }
-        if !md.is_file() {
-            return Err(FilesError::Invalid(format!(
-                "{}: not a regular file",
-                self.display(rel)
-            )));
-        }
         Ok((f, md.len()))
     }
 
@@ -907,12 +901,66 @@ impl Files {
     /// root), and with `recursive` of everything below it (bounded; symlinks
     /// below are neither followed nor changed). The paths changed.
     pub fn chmod(&self, rel: &str, mode: u32, recursive: bool) -> Result<Vec<String>, FilesError> {
+        self.apply_tree(rel, recursive, |fd, rel| {
+            self.chmod_path_fd(fd, rel, mode)?;
+            Ok(self.display(rel))
+        })
+    }
+
+    /// `chown` of `rel`, and with `recursive` of everything under it but
+    /// symlinks (as [`Files::chmod`]); `None` leaves that id as it is.
+    /// Each path with the owner and group it has now.
+    pub fn chown(
+        &self,
+        rel: &str,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        recursive: bool,
+    ) -> Result<Vec<(String, u32, u32)>, FilesError> {
+        self.apply_tree(rel, recursive, |fd, rel| {
+            nix::unistd::fchownat(
+                fd,
+                "",
+                uid.map(nix::unistd::Uid::from_raw),
+                gid.map(nix::unistd::Gid::from_raw),
+                nix::fcntl::AtFlags::AT_EMPTY_PATH,
+            )
+            .map_err(self.os("chown", rel))?;
+            let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
+            Ok((self.display(rel), st.st_uid, st.st_gid))
+        })
+    }
+
+    /// The id of `name` in the environment's own user or group database
+    /// (`etc/passwd`, `etc/group`: read inside the root, like any path of
+    /// the API); None if no line names it.
+    pub fn lookup_id(&self, db: &str, name: &str) -> Result<Option<u32>, FilesError> {
+        let (f, len) = self.read(db)?;
+        if len > MAX_ID_DB {
+            return Err(FilesError::Invalid(format!(
+                "/{db}: larger than {MAX_ID_DB} bytes"
+            )));
+        }
+        let mut text = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut io::Read::take(f, MAX_ID_DB), &mut text)
+            .map_err(|e| self.io("read", db, e))?;
+        Ok(find_id(&text, name))
+    }
+
+    /// `f` on `rel`, then with `recursive` on everything under it, each
+    /// opened `O_PATH` without following: symlinks (or ones swapped in)
+    /// are left alone. The tree is walked once first, so one too deep or
+    /// too large is refused before anything changes.
+    fn apply_tree<T>(
+        &self,
+        rel: &str,
+        recursive: bool,
+        mut f: impl FnMut(&OwnedFd, &str) -> Result<T, FilesError>,
+    ) -> Result<Vec<T>, FilesError> {
         let fd = self.open(rel, OFlag::O_PATH)?;
-        self.chmod_path_fd(&fd, rel, mode)?;
-        let mut changed = vec![self.display(rel)];
         let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
         if !recursive || !is_dir(&st) {
-            return Ok(changed);
+            return Ok(vec![f(&fd, rel)?]);
         }
         let top = Parent {
             dir: fd,
@@ -920,6 +968,7 @@ impl Files {
             rel: rel.to_owned(),
         };
         self.walk(&top, |_| Ok(()))?;
+        let mut done = vec![f(&top.dir, rel)?];
         self.walk(&top, |step| {
             let (parent, name, rel) = match step {
                 Step::Enter { rel: r, .. } if r == top.rel => return Ok(()),
@@ -931,7 +980,6 @@ impl Files {
                 } => (parent, name, rel),
                 Step::Exit { .. } => return Ok(()),
             };
-            // Opened without following: a symlink (or one swapped in) is left alone.
             let Ok(cfd) = nix::fcntl::openat(
                 parent,
                 name,
@@ -944,11 +992,10 @@ impl Files {
             if st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits() {
                 return Ok(());
             }
-            self.chmod_path_fd(&cfd, rel, mode)?;
-            changed.push(self.display(rel));
+            done.push(f(&cfd, rel)?);
             Ok(())
         })?;
-        Ok(changed)
+        Ok(done)
     }
 
     /// chmod of an `O_PATH` fd (which cannot be `fchmod`ed; its
@@ -1026,9 +1073,40 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     pi == p.len()
 }
 
+/// Largest `/etc/passwd` or `/etc/group` a name lookup reads.
+const MAX_ID_DB: u64 = 16 << 20;
+
+/// The id (third field) of the line of a passwd or group file whose first
+/// field is `name`.
+fn find_id(db: &[u8], name: &str) -> Option<u32> {
+    db.split(|b| *b == b'\n').find_map(|line| {
+        let mut fields = line.split(|b| *b == b':');
+        if fields.next()? != name.as_bytes() {
+            return None;
+        }
+        std::str::from_utf8(fields.nth(1)?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_found_by_the_first_field_only() {
+        let db = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/x\nweird:x:notanumber:0\nx:x:7:\n";
+        assert_eq!(super::find_id(db, "root"), Some(0));
+        assert_eq!(super::find_id(db, "nobody"), Some(65534));
+        assert_eq!(super::find_id(db, "x"), Some(7));
+        assert_eq!(super::find_id(db, "weird"), None);
+        assert_eq!(super::find_id(db, "bin"), None);
+        assert_eq!(super::find_id(db, "roo"), None);
+        assert_eq!(super::find_id(b"", "root"), None);
+    }
 
     #[test]
     fn relative_paths() {

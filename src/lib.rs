@@ -18,6 +18,7 @@ pub mod files;
 pub mod fs;
 pub mod lifecycle;
 pub mod notify;
+pub mod policy;
 pub mod ports;
 pub mod reaper;
 pub mod remote;

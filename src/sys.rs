@@ -647,6 +647,20 @@ pub fn restrict_capabilities(keep: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` is in the daemon's own PID namespace (a process
+/// inside the environment is not).
+pub fn in_own_pid_namespace(pid: i32) -> io::Result<bool> {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
+    Ok(theirs == std::fs::read_link("/proc/self/ns/pid")?)
+}
+
+/// Sets `no_new_privs`: from the next exec on, neither setuid bits nor file
+/// capabilities grant anything. Irreversible for this process and its
+/// descendants.
+pub fn set_no_new_privs() -> io::Result<()> {
+    Ok(rustix::thread::set_no_new_privs(true)?)
+}
+
 /// A `File` over `fd`, an fd the process keeps open for its whole life
 /// (the init's request and event pipes). Wrap it in `ManuallyDrop` so that
 /// dropping it does not close the fd.

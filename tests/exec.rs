@@ -888,6 +888,128 @@ async fn filesystem_api_round_trips_and_stays_inside_the_root() {
     assert!(!root.join("out").exists());
 }
 
+/// `POST /v1/fs/chown`: ids by number or by the environment's own names
+/// (its /etc/passwd and /etc/group, not the host's), recursive without
+/// following symlinks, and the usual confinement and 4xx for bad input.
+#[tokio::test]
+async fn chown_sets_owners_by_id_or_by_the_environments_names_and_stays_inside() {
+    if !privileged("chown_sets_owners_by_id_or_by_the_environments_names_and_stays_inside") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start().await;
+    let env = d.env_root();
+    let root = env.join("work/o");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("a.txt"), "a").unwrap();
+    std::fs::write(root.join("sub/b.txt"), "b").unwrap();
+    // A user and a group that exist only inside the environment.
+    for (file, line) in [
+        ("etc/passwd", "sprite-owner:x:4242:4343::/home/o:/bin/sh\n"),
+        ("etc/group", "sprite-crew:x:4343:\n"),
+    ] {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(env.join(file))
+            .unwrap();
+        std::io::Write::write_all(&mut f, line.as_bytes()).unwrap();
+    }
+    // A symlink to a host file: the walk leaves it (and its target) alone.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("keep"), "host").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("keep"), root.join("link")).unwrap();
+
+    let chown = |body: Value| d.req(reqwest::Method::POST, "/v1/fs/chown", Some(body));
+    let r = chown(json!({"path": "o", "workingDir": "/work", "uid": "sprite-owner", "gid": "sprite-crew", "recursive": true})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["count"], 4, "{v}");
+    let mut paths: Vec<&str> = v["affected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(
+                (a["uid"].as_u64(), a["gid"].as_u64()),
+                (Some(4242), Some(4343)),
+                "{a}"
+            );
+            a["path"].as_str().unwrap()
+        })
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/work/o",
+            "/work/o/a.txt",
+            "/work/o/sub",
+            "/work/o/sub/b.txt"
+        ]
+    );
+    for p in ["", "a.txt", "sub", "sub/b.txt"] {
+        let m = std::fs::metadata(root.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4343), "{p}");
+    }
+    let host = std::fs::metadata(outside.path().join("keep")).unwrap();
+    assert_eq!(
+        (host.uid(), host.gid()),
+        (0, 0),
+        "the host file is untouched"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("link")).unwrap().uid(),
+        0
+    );
+
+    // One id alone; the other stays. Numbers as strings too.
+    let r = chown(json!({"path": "/work/o/a.txt", "gid": "77"})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["affected"][0],
+        json!({"path": "/work/o/a.txt", "uid": 4242, "gid": 77})
+    );
+
+    // Bad input: a 400 naming the field, and nothing changes.
+    for (body, needle) in [
+        (json!({"path": "/work/o/a.txt"}), "uid or gid"),
+        (
+            json!({"path": "/work/o/a.txt", "uid": "nobody-here"}),
+            "uid",
+        ),
+        (
+            json!({"path": "/work/o/a.txt", "gid": "no-such-group"}),
+            "gid",
+        ),
+        (json!({"path": "/work/o/a.txt", "uid": -1}), "uid"),
+        (
+            json!({"path": "/work/o/a.txt", "uid": 4294967295u64}),
+            "uid",
+        ),
+        (json!({"path": "/work/o/a.txt", "uid": 1.5}), "uid"),
+        (json!({"path": "/work/o/a.txt", "gid": true}), "gid"),
+        (
+            json!({"path": "/work/o/a.txt", "uid": "x".repeat(1 << 20)}),
+            "uid",
+        ),
+        (
+            json!({"path": "../../etc/shadow", "workingDir": "/work", "uid": 0}),
+            "outside",
+        ),
+        (json!({"uid": 0}), "path"),
+    ] {
+        let r = chown(body.clone()).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains(needle), "{body}: {v}");
+    }
+    let m = std::fs::metadata(root.join("a.txt")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (4242, 77));
+    let r = chown(json!({"path": "/work/nope", "uid": 1})).await;
+    assert_eq!(r.status(), 404);
+}
+
 fn percent(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {

@@ -10,6 +10,7 @@ use crate::checkpoint::CheckpointError;
 use crate::exec::ExecError;
 use crate::files::FilesError;
 use crate::lifecycle::LifecycleError;
+use crate::policy::PolicyError;
 use crate::remote::RemoteError;
 use crate::sleep::SleepError;
 use crate::supervisor::SupervisorError;
@@ -24,6 +25,9 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("{0}")]
     BadRequest(String),
+    /// Refused to this caller (a change only the external API may make).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotImplemented(String),
     #[error("{0}")]
@@ -46,6 +50,8 @@ pub enum ApiError {
     Sleep(#[from] SleepError),
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 impl ApiError {
@@ -55,6 +61,11 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Policy(e) => match e {
+                PolicyError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                PolicyError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -305,3 +305,147 @@ pub async fn chmod(
         .collect();
     Ok(Json(json!({"count": affected.len(), "affected": affected})))
 }
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ChownBody {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    uid: Option<Value>,
+    #[serde(default)]
+    gid: Option<Value>,
+    #[serde(default)]
+    recursive: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    as_root: Option<bool>,
+}
+
+/// An owner or group as a request gives it.
+#[derive(Debug, PartialEq)]
+enum Owner {
+    Id(u32),
+    /// Looked up in the environment's `/etc/passwd` or `/etc/group`.
+    Name(String),
+}
+
+/// Longest user or group name accepted (Linux allows 32; some tools more).
+const MAX_NAME: usize = 256;
+
+/// `uid` / `gid` of a chown: a number, a decimal string or a name; absent
+/// (or null) leaves it unchanged. `u32::MAX` is `-1` to the kernel: refused.
+fn owner(field: &str, v: Option<Value>) -> Result<Option<Owner>, ApiError> {
+    let bad = |why: String| ApiError::BadRequest(format!("{field}: {why}"));
+    let id = |n: u64| {
+        u32::try_from(n)
+            .ok()
+            .filter(|n| *n != u32::MAX)
+            .ok_or_else(|| bad(format!("{n} is not an id (0 to 4294967294)")))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(n) => Ok(Some(Owner::Id(id(n)?))),
+            None => Err(bad(format!("{n} is not an id (0 to 4294967294)"))),
+        },
+        Some(Value::String(s)) => {
+            if s.is_empty() || s.len() > MAX_NAME {
+                return Err(bad(format!(
+                    "a name of {} bytes (1 to {MAX_NAME})",
+                    s.len()
+                )));
+            }
+            if s.bytes().all(|b| b.is_ascii_digit()) {
+                let n = s
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("{s} is not an id")))?;
+                return Ok(Some(Owner::Id(id(n)?)));
+            }
+            if s.contains([':', '\n', '\0']) {
+                return Err(bad(format!("{s:?} is not a user or group name")));
+            }
+            Ok(Some(Owner::Name(s)))
+        }
+        Some(_) => Err(bad("expected a number or a name".into())),
+    }
+}
+
+/// `POST .../fs/chown` `{path, uid, gid, recursive}`: ids or the
+/// environment's names; the affected paths with their owner and group.
+pub async fn chown(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let f = files(&app)?;
+    let b: ChownBody = json_body(&body)?;
+    let path = b
+        .path
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("path is required".into()))?;
+    let (uid, gid) = (owner("uid", b.uid)?, owner("gid", b.gid)?);
+    if uid.is_none() && gid.is_none() {
+        return Err(ApiError::BadRequest("uid or gid is required".into()));
+    }
+    let rel = f.relative(&path, b.working_dir.as_deref())?;
+    let recursive = b.recursive.unwrap_or(false);
+    let changed = blocking(f.canceller(), move || {
+        let resolve = |field: &str,
+                       o: Option<Owner>,
+                       db: &str,
+                       what: &str|
+         -> Result<Option<u32>, FilesError> {
+            match o {
+                None => Ok(None),
+                Some(Owner::Id(n)) => Ok(Some(n)),
+                Some(Owner::Name(name)) => f.lookup_id(db, &name)?.map(Some).ok_or_else(|| {
+                    FilesError::Invalid(format!(
+                        "{field} {name:?}: no such {what} in the environment's /{db}"
+                    ))
+                }),
+            }
+        };
+        let uid = resolve("uid", uid, "etc/passwd", "user")?;
+        let gid = resolve("gid", gid, "etc/group", "group")?;
+        f.chown(&rel, uid, gid, recursive)
+    })
+    .await?;
+    let affected: Vec<Value> = changed
+        .into_iter()
+        .map(|(path, uid, gid)| json!({"path": path, "uid": uid, "gid": gid}))
+        .collect();
+    Ok(Json(json!({"count": affected.len(), "affected": affected})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Owner, owner};
+    use serde_json::json;
+
+    #[test]
+    fn owners_are_ids_or_names_and_anything_else_is_refused() {
+        let ok = |v| owner("uid", Some(v)).unwrap();
+        assert_eq!(ok(json!(0)), Some(Owner::Id(0)));
+        assert_eq!(ok(json!(4294967294u64)), Some(Owner::Id(4294967294)));
+        assert_eq!(ok(json!("1000")), Some(Owner::Id(1000)));
+        assert_eq!(ok(json!("nobody")), Some(Owner::Name("nobody".into())));
+        assert_eq!(ok(json!(null)), None);
+        assert_eq!(owner("uid", None).unwrap(), None);
+        for v in [
+            json!(-1),
+            json!(4294967295u64),
+            json!(1.5),
+            json!(true),
+            json!([1]),
+            json!(""),
+            json!("99999999999"),
+            json!("a:b"),
+            json!("x".repeat(257)),
+        ] {
+            let e = owner("gid", Some(v.clone())).unwrap_err().to_string();
+            assert!(e.contains("gid"), "{v}: {e}");
+        }
+    }
+}

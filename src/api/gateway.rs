@@ -23,6 +23,42 @@ pub enum Transport {
     Unix,
 }
 
+/// Who sent a request, as far as its connection tells: every request
+/// carries one (an extension the server loop adds per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The TCP API: whoever has the token (checked by the gateway).
+    Tcp,
+    /// The Unix socket from outside the environment: root on the host.
+    Host,
+    /// The Unix socket from a process inside the environment (another PID
+    /// namespace than the daemon's; also when the peer cannot be told).
+    Environment,
+}
+
+impl Caller {
+    /// The caller of a Unix connection whose peer is `pid` (`SO_PEERCRED`,
+    /// in the daemon's PID namespace; none: unknown).
+    pub fn of_unix_peer(pid: Option<i32>) -> Caller {
+        match pid.map(crate::sys::in_own_pid_namespace) {
+            Some(Ok(true)) => Caller::Host,
+            _ => Caller::Environment,
+        }
+    }
+
+    /// A 403 for a caller inside the environment: changing `what` is for
+    /// the external API, so code running as root inside cannot lift its
+    /// own restrictions.
+    pub fn may_change(self, what: &str) -> Result<(), super::ApiError> {
+        match self {
+            Caller::Tcp | Caller::Host => Ok(()),
+            Caller::Environment => Err(super::ApiError::Forbidden(format!(
+                "changing {what} requires the External API (TCP, with the sprite's token); the socket inside the sprite cannot"
+            ))),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Gateway {
     pub state: Arc<AppState>,

@@ -12,6 +12,7 @@ mod files;
 pub mod gateway;
 pub mod ingress;
 pub mod params;
+mod policy;
 mod proxy;
 mod remote;
 pub mod server;
@@ -84,6 +85,8 @@ pub struct AppState {
     pub ports: OnceLock<crate::ports::Ports>,
     /// Idleness, sleep and wake: every counted request passes through it.
     pub sleep: Arc<crate::sleep::Sleep>,
+    /// The sprite's policies (`<state>/policy/`).
+    pub policies: crate::policy::PolicyStore,
     /// Cancelled when the daemon shuts down: long streams end on it.
     pub shutdown: CancellationToken,
 }
@@ -133,6 +136,13 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/fs/rename", post(files::rename))
         .route("/v1/fs/copy", post(files::copy))
         .route("/v1/fs/chmod", post(files::chmod))
+        .route(
+            "/v1/policy/privileges",
+            get(policy::get_privileges)
+                .post(policy::set_privileges)
+                .delete(policy::delete_privileges),
+        )
+        .route("/v1/fs/chown", post(files::chown))
         .route("/checkpoint", post(checkpoints::root_checkpoint))
         .route("/restore", post(checkpoints::root_restore))
         .route("/v1/checkpoint", post(checkpoints::create))

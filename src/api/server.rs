@@ -15,6 +15,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::gateway::Caller;
+
 /// How long a new connection may take to send its first request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections of one listener that have not sent a complete request yet;
@@ -27,6 +29,7 @@ pub const MAX_PENDING: usize = 256;
 pub async fn serve<L>(mut listener: L, router: Router, stop: CancellationToken)
 where
     L: axum::serve::Listener,
+    L::Io: Peer,
 {
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
     let mut conns = tokio::task::JoinSet::new();
@@ -39,6 +42,7 @@ where
             c = listener.accept() => c,
             _ = stop.cancelled() => break,
         };
+        let caller = io.caller();
         while conns.try_join_next().is_some() {}
         // Released by the first complete request (or when the connection ends).
         let permit = Arc::new(Mutex::new(Some(permit)));
@@ -55,7 +59,9 @@ where
                 {
                     arrived.notify_one();
                 }
-                router.clone().oneshot(req.map(axum::body::Body::new))
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(caller);
+                router.clone().oneshot(req)
             });
             // No hyper timer: its header_read_timeout would also close idle
             // keep-alive connections under a client about to reuse them.
@@ -84,4 +90,21 @@ where
         });
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// What a connection says of its caller.
+pub trait Peer {
+    fn caller(&self) -> Caller;
+}
+
+impl Peer for tokio::net::TcpStream {
+    fn caller(&self) -> Caller {
+        Caller::Tcp
+    }
+}
+
+impl Peer for tokio::net::UnixStream {
+    fn caller(&self) -> Caller {
+        Caller::of_unix_peer(self.peer_cred().ok().and_then(|c| c.pid()))
+    }
 }

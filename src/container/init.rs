@@ -486,6 +486,7 @@ impl Init {
             .map(|a| cstr(a))
             .collect::<io::Result<Vec<_>>>()?;
         let dir = cstr(&spec.dir)?;
+        let privileges = spec.privileges.clone().unwrap_or_default();
         let candidates = program_candidates(spec)
             .iter()
             .map(|p| cstr(p))
@@ -530,6 +531,7 @@ impl Init {
                 &candidates,
                 &argv,
                 &env,
+                &privileges,
             ),
             crate::sys::Forked::Parent(pid) => {
                 drop(child_stdio);
@@ -679,6 +681,7 @@ fn child(
     candidates: &[CString],
     argv: &[CString],
     env: &[CString],
+    privileges: &super::Privileges,
 ) -> ! {
     let fail = |e: i32| -> ! {
         let mut f = std::fs::File::from(
@@ -716,7 +719,12 @@ fn child(
     if let Err(err) = nix::unistd::chdir(dir.as_c_str()) {
         fail(err as i32);
     }
-    if let Err(err) = crate::sys::restrict_capabilities(KEPT_CAPABILITIES) {
+    if let Err(err) = crate::sys::restrict_capabilities(&privileges.keep) {
+        fail(err.raw_os_error().unwrap_or(libc::EPERM));
+    }
+    if privileges.no_new_privs
+        && let Err(err) = crate::sys::set_no_new_privs()
+    {
         fail(err.raw_os_error().unwrap_or(libc::EPERM));
     }
     let mut errno = libc::ENOENT;

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use crate::cgroup::{Cgroup, CgroupError, Cgroups};
 use crate::reaper::{Exit, Reaper};
 use proto::{Event, Request};
-pub use proto::{SpawnSpec, Stdio};
+pub use proto::{Privileges, SpawnSpec, Stdio};
 
 /// How long the init may take to set up the environment, or to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -115,6 +115,8 @@ struct Shared {
     cfg: ContainerConfig,
     reaper: Reaper,
     current: Mutex<Option<Arc<Instance>>>,
+    /// What the next process started may hold (the privileges policy).
+    privileges: Mutex<Privileges>,
 }
 
 fn io_err(op: &'static str, pid: i32) -> impl FnOnce(io::Error) -> ContainerError {
@@ -142,12 +144,23 @@ impl Container {
                 cfg,
                 reaper,
                 current: Mutex::new(None),
+                privileges: Mutex::new(Privileges::default()),
             }),
         }
     }
 
     pub fn config(&self) -> &ContainerConfig {
         &self.inner.cfg
+    }
+
+    /// What processes started from now on may hold; running ones keep
+    /// what they have.
+    pub fn set_privileges(&self, p: Privileges) {
+        *self
+            .inner
+            .privileges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = p;
     }
 
     fn current(&self) -> Result<Arc<Instance>, ContainerError> {
@@ -396,8 +409,19 @@ impl Container {
     /// once it has exec'd (`Refused` with `ENOENT`: no such program or
     /// working directory).
     #[tracing::instrument(name = "env_spawn", skip_all, fields(cmd = %spec.argv.first().map(String::as_str).unwrap_or(""), pid = tracing::field::Empty))]
-    pub async fn spawn(&self, spec: SpawnSpec, cgroup: &Cgroup) -> Result<Process, ContainerError> {
+    pub async fn spawn(
+        &self,
+        mut spec: SpawnSpec,
+        cgroup: &Cgroup,
+    ) -> Result<Process, ContainerError> {
         let instance = self.current()?;
+        spec.privileges = Some(
+            self.inner
+                .privileges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        );
         let stdio = spec.stdio.clone();
         let (pid, fds) = match self
             .call(&instance, |id| Request::Spawn { id, spec })

@@ -29,6 +29,31 @@ pub struct SpawnSpec {
     /// Working directory, a path inside the environment.
     pub dir: String,
     pub stdio: Stdio,
+    /// What the process may hold; none: the default set. The daemon's
+    /// launcher ([`crate::container::Container::spawn`]) fills it in from
+    /// the privileges policy.
+    #[serde(default)]
+    pub privileges: Option<Privileges>,
+}
+
+/// The capabilities a process started in the environment keeps (its
+/// bounding, permitted and effective sets; inheritable and ambient are
+/// cleared), and whether `no_new_privs` is set before it execs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Privileges {
+    pub keep: Vec<u32>,
+    #[serde(default)]
+    pub no_new_privs: bool,
+}
+
+impl Default for Privileges {
+    /// The environment's documented set: Docker's default capabilities.
+    fn default() -> Self {
+        Privileges {
+            keep: super::init::KEPT_CAPABILITIES.to_vec(),
+            no_new_privs: false,
+        }
+    }
 }
 
 /// Daemon → init.
@@ -109,6 +134,7 @@ mod tests {
                 env: vec!["PATH=/bin".into()],
                 dir: "/".into(),
                 stdio: Stdio::Tty { rows: 24, cols: 80 },
+                privileges: Some(Privileges::default()),
             },
         };
         let line = serde_json::to_string(&r).unwrap();

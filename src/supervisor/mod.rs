@@ -488,6 +488,7 @@ impl Supervisor {
             ),
             dir: def.spec.dir.clone().unwrap_or_else(|| "/".to_owned()),
             stdio: crate::container::Stdio::Pipes { stdin: false },
+            privileges: None,
         };
         let mut child = match container.spawn(spec, &cgroup).await {
             Ok(c) => c,

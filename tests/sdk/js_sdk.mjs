@@ -38,4 +38,33 @@ await (await sprite.restoreCheckpoint('v1')).processAll((m) => restored.push(m))
 const end = restored[restored.length - 1];
 check(end && end.type === 'complete', `restoreCheckpoint streams to complete: ${JSON.stringify(end)}`);
 check((await fs.readFile('/app/hello.txt', 'utf8')) === 'hello from js', 'the original content is back');
+
+// chown: by the environment's names (recursive) and by number.
+await fs.writeFile('/app/owned/sub/a.txt', 'a');
+await fs.chown('/app/owned', { uid: 'nobody', gid: 'nogroup', recursive: true });
+const { stdout: owners } = await sprite.execFile('stat', ['-c', '%u:%g %n', '/app/owned', '/app/owned/sub', '/app/owned/sub/a.txt']);
+check(
+  owners === '65534:65534 /app/owned\n65534:65534 /app/owned/sub\n65534:65534 /app/owned/sub/a.txt\n',
+  `chown -R nobody:nogroup: ${JSON.stringify(owners)}`,
+);
+await fs.chown('/app/hello.txt', { uid: 1234 });
+const { stdout: one } = await sprite.execFile('stat', ['-c', '%u:%g', '/app/hello.txt']);
+check(one === '1234:0\n', `chown uid only: ${JSON.stringify(one)}`);
+let refused = null;
+try {
+  await fs.chown('/app/hello.txt', { gid: 'no-such-group' });
+} catch (e) {
+  refused = e;
+}
+check(refused && /gid/.test(refused.message), `an unknown group is refused: ${refused && refused.message}`);
+
+// The privileges policy: set, read, in force for the next command, removed.
+const capBnd = async () => (await sprite.execFile('grep', ['CapBnd', '/proc/self/status'])).stdout.trim();
+const defaultCaps = await capBnd();
+await sprite.updatePrivilegesPolicy({ profile: 'minimal', noNewPrivileges: true });
+const pol = await sprite.getPrivilegesPolicy();
+check(pol.profile === 'minimal' && pol.noNewPrivileges === true, `getPrivilegesPolicy: ${JSON.stringify(pol)}`);
+check((await capBnd()).endsWith('00000000000000fb'), `minimal profile in force: ${await capBnd()}`);
+await sprite.deletePrivilegesPolicy();
+check((await capBnd()) === defaultCaps, `deletePrivilegesPolicy restores ${defaultCaps}`);
 console.log('JS SDK: all passed');

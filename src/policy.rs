@@ -1,0 +1,348 @@
+//! The sprite's privileges policy (`/v1/policy/privileges`): which
+//! capabilities a process started in the environment may hold, and whether
+//! it may gain privileges by exec (`no_new_privs`). This module validates a
+//! request's policy, keeps it in `<state>/policy/privileges.json` (written
+//! atomically; read back on start) and turns it into what the launcher
+//! applies: [`crate::container::Privileges`]. It applies to processes
+//! started after the change; running ones keep what they have (a process's
+//! bounding set can only shrink, and only from inside it).
+//!
+//! Profiles, all within the environment's default set (Docker's default
+//! capabilities, [`crate::container::init::KEPT_CAPABILITIES`]):
+//! - `standard` (also `""`, and no policy): the default set;
+//! - `minimal`: `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_FOWNER`,
+//!   `CAP_FSETID`, `CAP_KILL`, `CAP_SETUID` and `CAP_SETGID` (what a
+//!   package manager or `su` needs); no raw sockets, no ports below 1024,
+//!   no chroot;
+//! - `privileged`: refused. More than the default set (`CAP_SYS_ADMIN` and
+//!   the like) would let root inside reach past the environment: its
+//!   mounts, the state dir, the kernel.
+//!
+//! `dropCapabilities` (ours; the SDK passes any field through) removes more
+//! from the profile: `["CAP_NET_RAW"]` makes `ping` fail. `devices` (a
+//! device allow-list in the SDK's type) is refused when not empty: device
+//! restrictions are not enforced yet, and a policy stored but not enforced
+//! is worse than none.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::container::Privileges;
+use crate::container::init::KEPT_CAPABILITIES;
+use crate::durable::{self, DurableError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The request's policy is not acceptable; `field` names the culprit.
+    #[error("{field}: {why}")]
+    Invalid { field: String, why: String },
+    #[error(transparent)]
+    Store(#[from] DurableError),
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+/// Capability names and numbers (linux/capability.h), for
+/// `dropCapabilities` and for saying what a profile keeps.
+const CAPABILITIES: &[(&str, u32)] = &[
+    ("CHOWN", 0),
+    ("DAC_OVERRIDE", 1),
+    ("DAC_READ_SEARCH", 2),
+    ("FOWNER", 3),
+    ("FSETID", 4),
+    ("KILL", 5),
+    ("SETGID", 6),
+    ("SETUID", 7),
+    ("SETPCAP", 8),
+    ("LINUX_IMMUTABLE", 9),
+    ("NET_BIND_SERVICE", 10),
+    ("NET_BROADCAST", 11),
+    ("NET_ADMIN", 12),
+    ("NET_RAW", 13),
+    ("IPC_LOCK", 14),
+    ("IPC_OWNER", 15),
+    ("SYS_MODULE", 16),
+    ("SYS_RAWIO", 17),
+    ("SYS_CHROOT", 18),
+    ("SYS_PTRACE", 19),
+    ("SYS_PACCT", 20),
+    ("SYS_ADMIN", 21),
+    ("SYS_BOOT", 22),
+    ("SYS_NICE", 23),
+    ("SYS_RESOURCE", 24),
+    ("SYS_TIME", 25),
+    ("SYS_TTY_CONFIG", 26),
+    ("MKNOD", 27),
+    ("LEASE", 28),
+    ("AUDIT_WRITE", 29),
+    ("AUDIT_CONTROL", 30),
+    ("SETFCAP", 31),
+    ("MAC_OVERRIDE", 32),
+    ("MAC_ADMIN", 33),
+    ("SYSLOG", 34),
+    ("WAKE_ALARM", 35),
+    ("BLOCK_SUSPEND", 36),
+    ("AUDIT_READ", 37),
+    ("PERFMON", 38),
+    ("BPF", 39),
+    ("CHECKPOINT_RESTORE", 40),
+];
+
+/// What `minimal` keeps.
+const MINIMAL: &[u32] = &[0, 1, 3, 4, 5, 6, 7];
+/// Most entries `dropCapabilities` takes (there are 41 capabilities).
+const MAX_DROPS: usize = 64;
+/// Longest string accepted in a policy (a capability name is 20 bytes).
+const MAX_STRING: usize = 64;
+
+/// A privileges policy as the API takes and shows it (the SDK's
+/// `PrivilegesPolicy`, camelCase, plus `dropCapabilities`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrivilegesPolicy {
+    #[serde(default)]
+    pub profile: String,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default, alias = "no_new_privileges")]
+    pub no_new_privileges: bool,
+    #[serde(default, alias = "drop_capabilities")]
+    pub drop_capabilities: Vec<String>,
+}
+
+impl PrivilegesPolicy {
+    /// Parses and checks a request body; the error names the field.
+    pub fn from_request(body: &[u8]) -> Result<PrivilegesPolicy, PolicyError> {
+        let not_one = |e: String| invalid("body", format!("not a privileges policy: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| not_one(e.to_string()))?;
+        if !v.is_object() {
+            return Err(not_one("expected a JSON object".into()));
+        }
+        let p: PrivilegesPolicy = serde_json::from_value(v).map_err(|e| not_one(e.to_string()))?;
+        p.privileges()?;
+        Ok(p)
+    }
+
+    /// What the launcher applies: the profile's capabilities less the
+    /// dropped ones, and `no_new_privs`.
+    pub fn privileges(&self) -> Result<Privileges, PolicyError> {
+        let base: &[u32] = match self.profile.as_str() {
+            "" | "standard" => KEPT_CAPABILITIES,
+            "minimal" => MINIMAL,
+            "privileged" => {
+                return Err(invalid(
+                    "profile",
+                    "\"privileged\" is not offered: the default set (standard) is the most a process in the environment holds",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "profile",
+                    format!("{:?} is not a profile (standard, minimal)", clip(other)),
+                ));
+            }
+        };
+        if !self.devices.is_empty() {
+            return Err(invalid(
+                "devices",
+                "device restrictions are not supported yet (send none)",
+            ));
+        }
+        if self.drop_capabilities.len() > MAX_DROPS {
+            return Err(invalid(
+                "dropCapabilities",
+                format!(
+                    "{} entries (at most {MAX_DROPS})",
+                    self.drop_capabilities.len()
+                ),
+            ));
+        }
+        let mut drop = Vec::new();
+        for (i, name) in self.drop_capabilities.iter().enumerate() {
+            drop.push(capability(name).ok_or_else(|| {
+                invalid(
+                    format!("dropCapabilities[{i}]"),
+                    format!(
+                        "{:?} is not a capability (CAP_NET_RAW, NET_RAW, ...)",
+                        clip(name)
+                    ),
+                )
+            })?);
+        }
+        Ok(Privileges {
+            keep: base.iter().copied().filter(|c| !drop.contains(c)).collect(),
+            no_new_privs: self.no_new_privileges,
+        })
+    }
+}
+
+/// A capability's number from `CAP_NET_RAW`, `NET_RAW` or `net_raw`.
+fn capability(name: &str) -> Option<u32> {
+    if name.len() > MAX_STRING {
+        return None;
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    CAPABILITIES
+        .iter()
+        .find(|(n, _)| *n == bare)
+        .map(|(_, c)| *c)
+}
+
+/// At most [`MAX_STRING`] bytes of `s`, for error messages.
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Where the policies live: `<state>/policy/`.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    /// Held while a policy is stored and put in force, so two changes at
+    /// once cannot leave one stored and the other in force.
+    lock: Arc<Mutex<()>>,
+}
+
+impl PolicyStore {
+    pub fn new(state_dir: &Path) -> PolicyStore {
+        PolicyStore {
+            dir: state_dir.join("policy"),
+            lock: Arc::default(),
+        }
+    }
+
+    /// Runs `f` (store a policy, then apply it) alone.
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&PolicyStore) -> Result<T, PolicyError>,
+    ) -> Result<T, PolicyError> {
+        let _alone = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        f(self)
+    }
+
+    fn privileges_path(&self) -> PathBuf {
+        self.dir.join("privileges.json")
+    }
+
+    /// The stored privileges policy (none: the default). One that no
+    /// longer parses (edited by hand, written by a newer daemon) is
+    /// reported and ignored: the default applies.
+    pub fn privileges(&self) -> Option<PrivilegesPolicy> {
+        let path = self.privileges_path();
+        let bytes = std::fs::read(&path).ok()?;
+        match PrivilegesPolicy::from_request(&bytes) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a stored privileges policy");
+                None
+            }
+        }
+    }
+
+    /// Stores `p` (atomically: the old policy or the new, never a torn one).
+    pub fn set_privileges(&self, p: &PrivilegesPolicy) -> Result<(), PolicyError> {
+        std::fs::create_dir_all(&self.dir).map_err(durable::err("create", &self.dir))?;
+        let _ = durable::clean_temp_files(&self.dir);
+        durable::write_json(&self.privileges_path(), p)?;
+        Ok(())
+    }
+
+    /// Removes the privileges policy: the default applies again.
+    pub fn clear_privileges(&self) -> Result<(), PolicyError> {
+        let path = self.privileges_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(durable::sync_dir(&self.dir)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(durable::err("remove", &path)(e).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<PrivilegesPolicy, String> {
+        PrivilegesPolicy::from_request(body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn profiles_and_drops_make_the_kept_set() {
+        let keep = |body: &str| parse(body).unwrap().privileges().unwrap().keep;
+        assert_eq!(keep("{}"), KEPT_CAPABILITIES);
+        assert_eq!(keep(r#"{"profile":""}"#), KEPT_CAPABILITIES);
+        assert_eq!(keep(r#"{"profile":"standard"}"#), KEPT_CAPABILITIES);
+        assert_eq!(keep(r#"{"profile":"minimal"}"#), MINIMAL);
+        assert!(!keep(r#"{"profile":"minimal"}"#).contains(&13));
+        let dropped = keep(r#"{"dropCapabilities":["CAP_NET_RAW","kill"]}"#);
+        assert!(!dropped.contains(&13) && !dropped.contains(&5));
+        assert_eq!(dropped.len(), KEPT_CAPABILITIES.len() - 2);
+        // Dropping one the profile lacks is fine.
+        assert_eq!(
+            keep(r#"{"dropCapabilities":["SYS_ADMIN"]}"#),
+            KEPT_CAPABILITIES
+        );
+        let p = parse(r#"{"noNewPrivileges":true}"#).unwrap();
+        assert!(p.privileges().unwrap().no_new_privs);
+        let p = parse(r#"{"no_new_privileges":true}"#).unwrap();
+        assert!(p.no_new_privileges);
+    }
+
+    #[test]
+    fn bad_policies_name_the_field() {
+        for (body, field) in [
+            (r#"{"profile":"privileged"}"#, "profile"),
+            (r#"{"profile":"root"}"#, "profile"),
+            (r#"{"profile":7}"#, "body"),
+            (r#"{"devices":["/dev/fuse"]}"#, "devices"),
+            (r#"{"dropCapabilities":["CAP_FLY"]}"#, "dropCapabilities[0]"),
+            (r#"{"dropCapabilities":"NET_RAW"}"#, "body"),
+            (r#"{"capabilities":[]}"#, "body"),
+            ("[]", "body"),
+            ("", "body"),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
+        }
+        let many = format!(
+            r#"{{"dropCapabilities":[{}]}}"#,
+            vec!["\"NET_RAW\""; 100_000].join(",")
+        );
+        assert!(parse(&many).unwrap_err().starts_with("dropCapabilities:"));
+        let long = format!(r#"{{"profile":"{}"}}"#, "x".repeat(1 << 20));
+        let e = parse(&long).unwrap_err();
+        assert!(e.starts_with("profile:") && e.len() < 200, "{}", e.len());
+    }
+
+    #[test]
+    fn the_store_keeps_the_policy_across_restarts_and_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PolicyStore::new(dir.path());
+        assert_eq!(s.privileges(), None);
+        let p = parse(r#"{"profile":"minimal","noNewPrivileges":true}"#).unwrap();
+        s.set_privileges(&p).unwrap();
+        assert_eq!(PolicyStore::new(dir.path()).privileges(), Some(p));
+        s.clear_privileges().unwrap();
+        assert_eq!(s.privileges(), None);
+        s.clear_privileges().unwrap();
+        // A stored policy that no longer parses is ignored.
+        std::fs::write(
+            dir.path().join("policy/privileges.json"),
+            "{\"profile\":\"x\"}",
+        )
+        .unwrap();
+        assert_eq!(s.privileges(), None);
+    }
+}

@@ -1,0 +1,183 @@
+//! Policies (issue 20): the privileges policy restricts what processes
+//! started afterwards hold, persists across a restart and rejects bad
+//! bodies naming the field; only the external API (TCP with the token, or
+//! root on the host) may change a policy, never a caller inside the
+//! environment.
+
+mod common;
+
+use common::{Daemon, Options, TOKEN, privileged};
+use serde_json::{Value, json};
+
+/// `sh -c script` inside the environment through the CLI: (exit status,
+/// stdout, stderr).
+async fn sh(d: &Daemon, script: &str) -> (i32, String, String) {
+    let out = d.cli(&["exec", "--", "sh", "-c", script]).await;
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Opens a raw ICMP socket (what `ping` does without the ping group):
+/// "raw ok", or the error.
+const RAW_SOCKET: &str = "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print(\"raw ok\")'";
+
+/// The capability bounding set of a new process, from its /proc status.
+async fn bounding_set(d: &Daemon) -> u64 {
+    let (rc, out, err) = sh(d, "grep CapBnd /proc/self/status").await;
+    assert_eq!(rc, 0, "{err}");
+    u64::from_str_radix(out.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+async fn policy(d: &Daemon, method: reqwest::Method, body: Option<Value>) -> (u16, Value) {
+    let r = d.req(method, "/v1/policy/privileges", body).await;
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+const NET_RAW: u64 = 1 << 13;
+
+/// Acceptance 3 and 6 (privileges): dropping CAP_NET_RAW makes a raw
+/// socket (ping's) fail with a permission error in a new exec, and the
+/// policy survives a restart; DELETE restores it for the next exec; bad
+/// bodies are 400s naming the field, and the previous policy stays.
+#[tokio::test]
+async fn a_privileges_policy_restricts_new_processes_and_delete_restores_them() {
+    if !privileged("a_privileges_policy_restricts_new_processes_and_delete_restores_them") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let (rc, out, err) = sh(&d, RAW_SOCKET).await;
+    assert_eq!((rc, out.as_str()), (0, "raw ok\n"), "{err}");
+    assert_ne!(bounding_set(&d).await & NET_RAW, 0);
+    assert_eq!(policy(&d, reqwest::Method::GET, None).await.0, 200);
+
+    // Over TCP with the token (the SDK's path).
+    let r = d
+        .http
+        .post(d.url("/v1/sprites/testsprite/policy/privileges"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"dropCapabilities": ["CAP_NET_RAW"], "noNewPrivileges": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (rc, out, err) = sh(&d, RAW_SOCKET).await;
+    assert_ne!(rc, 0, "{out}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(bounding_set(&d).await & NET_RAW, 0);
+    let (_, nnp, _) = sh(&d, "grep NoNewPrivs /proc/self/status").await;
+    assert!(nnp.trim().ends_with('1'), "{nnp}");
+    let (status, got) = policy(&d, reqwest::Method::GET, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(got["dropCapabilities"], json!(["CAP_NET_RAW"]), "{got}");
+    assert_eq!(got["noNewPrivileges"], true, "{got}");
+
+    // Hostile or wrong bodies: a 400 naming the field; nothing changes.
+    let many: Vec<&str> = vec!["NET_RAW"; 100_000];
+    for (body, field) in [
+        (json!({"profile": "privileged"}), "profile"),
+        (json!({"profile": "x".repeat(1 << 20)}), "profile"),
+        (json!({"dropCapabilities": many}), "dropCapabilities"),
+        (
+            json!({"dropCapabilities": ["CAP_BOGUS"]}),
+            "dropCapabilities[0]",
+        ),
+        (json!({"devices": ["/dev/fuse"]}), "devices"),
+        (json!({"action": "allow"}), "body"),
+    ] {
+        let (status, v) = policy(&d, reqwest::Method::POST, Some(body)).await;
+        assert_eq!(status, 400, "{v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
+        assert!(msg.len() < 1000, "the message does not echo a huge field");
+    }
+    assert_eq!(policy(&d, reqwest::Method::GET, None).await.1, got);
+
+    // Kept across a restart of the daemon (the first one's temp dir, which
+    // holds the state dir, lives on in `first`).
+    let mut first = d;
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.wait_exit().await.success());
+    let d = Daemon::start_with(Options {
+        state_dir: Some(first.state_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(policy(&d, reqwest::Method::GET, None).await.1, got);
+    assert_eq!(bounding_set(&d).await & NET_RAW, 0);
+
+    let (status, _) = policy(&d, reqwest::Method::DELETE, None).await;
+    assert_eq!(status, 200);
+    let (rc, out, err) = sh(&d, RAW_SOCKET).await;
+    assert_eq!((rc, out.as_str()), (0, "raw ok\n"), "{err}");
+    assert_eq!(
+        policy(&d, reqwest::Method::GET, None).await.1,
+        json!({"profile": "", "devices": [], "noNewPrivileges": false, "dropCapabilities": []})
+    );
+}
+
+/// Acceptance 5 (scope): from inside the environment, the Unix socket it
+/// sees refuses a policy change with a 403 naming the external API, while
+/// a checkpoint works; root on the host (the same socket from outside)
+/// and TCP with the token may change it.
+#[tokio::test]
+async fn only_the_external_api_changes_a_policy() {
+    if !privileged("only_the_external_api_changes_a_policy") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let (rc, out, err) = sh(
+        &d,
+        "sprite-env curl -i -X POST /v1/policy/privileges -d '{\"profile\":\"minimal\"}'",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{rc} {out} {err}");
+    assert_ne!(rc, 0);
+    assert!(err.contains("External API"), "{err}");
+    let (rc, out, _) = sh(&d, "sprite-env curl -i -X DELETE /v1/policy/privileges").await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{rc} {out}");
+    // Reading is fine inside; so is a checkpoint.
+    let (rc, out, _) = sh(&d, "sprite-env curl /v1/policy/privileges").await;
+    assert_eq!(rc, 0);
+    assert!(out.contains("\"profile\""), "{out}");
+    let (rc, out, err) = sh(&d, "sprite-env checkpoint create -m inside").await;
+    assert_eq!(rc, 0, "{out} {err}");
+    assert_eq!(d.get("/v1/checkpoints/v1").await.status(), 200);
+    // Still the default policy.
+    assert_ne!(bounding_set(&d).await & NET_RAW, 0);
+
+    // Root on the host, through the same socket: allowed.
+    let out = d
+        .cli(&[
+            "curl",
+            "-X",
+            "POST",
+            "/v1/policy/privileges",
+            "-d",
+            "{\"profile\":\"minimal\"}",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(bounding_set(&d).await & NET_RAW, 0);
+    // TCP with the token: allowed.
+    let r = d
+        .http
+        .delete(d.url("/v1/policy/privileges"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(bounding_set(&d).await & NET_RAW, 0);
+}
