@@ -178,6 +178,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         sleep: crate::sleep::Sleep::new(config.auto_sleep, config.cold_after),
         shutdown: shutdown.clone(),
         policies: crate::policy::PolicyStore::new(&config.state_dir),
+        watches: Default::default(),
     });
 
     let _ = app

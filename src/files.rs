@@ -367,6 +367,14 @@ impl Files {
         }
     }
 
+    /// `rel` opened `O_PATH` (confined like every path), and whether it is
+    /// a directory: what a watch is put on.
+    pub fn open_path(&self, rel: &str) -> Result<(OwnedFd, bool), FilesError> {
+        let fd = self.open(rel, OFlag::O_PATH)?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(self.os("stat", rel))?;
+        Ok((fd, is_dir(&st)))
+    }
+
     /// A file opened for reading, and its size. A directory is `EISDIR`.
     pub fn read(&self, rel: &str) -> Result<(std::fs::File, u64), FilesError> {
         let fd = self.open(rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;

@@ -26,3 +26,4 @@ pub mod sleep;
 pub mod statedir;
 pub mod supervisor;
 pub mod sys;
+pub mod watch;

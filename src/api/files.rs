@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
@@ -417,6 +418,173 @@ pub async fn chown(
         .map(|(path, uid, gid)| json!({"path": path, "uid": uid, "gid": gid}))
         .collect();
     Ok(Json(json!({"count": affected.len(), "affected": affected})))
+}
+
+/// Paths one `fs/watch` subscription may name.
+const MAX_WATCH_PATHS: usize = 64;
+/// How long a new `fs/watch` connection may take to subscribe.
+const SUBSCRIBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Subscribe {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    recursive: bool,
+    #[serde(default)]
+    working_dir: Option<String>,
+}
+
+/// The root-relative paths and `recursive` of a subscribe message, or
+/// what is wrong with it.
+fn subscription(f: &Files, text: &str) -> Result<(Vec<String>, bool), String> {
+    let s: Subscribe =
+        serde_json::from_str(text).map_err(|e| format!("not a subscribe message: {e}"))?;
+    if s.kind != "subscribe" {
+        return Err("type: expected \"subscribe\"".into());
+    }
+    if s.paths.is_empty() || s.paths.len() > MAX_WATCH_PATHS {
+        return Err(format!(
+            "paths: {} given (1 to {MAX_WATCH_PATHS})",
+            s.paths.len()
+        ));
+    }
+    let rels = s
+        .paths
+        .iter()
+        .map(|p| f.relative(p, s.working_dir.as_deref()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok((rels, s.recursive))
+}
+
+fn text(v: Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+fn watch_error(message: String) -> Message {
+    text(json!({"type": "error", "message": message}))
+}
+
+fn change_message(c: &crate::watch::Change) -> Message {
+    use crate::watch::Change;
+    match c {
+        Change::Event { path, kind, is_dir } => text(json!({
+            "type": "event",
+            "path": path,
+            "event": kind,
+            "isDir": is_dir,
+            "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        })),
+        Change::Lost => watch_error(
+            "events were lost: the kernel's queue overflowed while the client read slowly".into(),
+        ),
+        Change::Skipped(why) => watch_error(format!("not watched: {why}")),
+    }
+}
+
+/// `GET .../fs/watch` (WebSocket): the client's first text frame is
+/// `{type: "subscribe", paths, recursive, workingDir}`; then
+/// `{type: "subscribed", paths}` and one `{type: "event", path, event:
+/// create|write|remove|rename|chmod, isDir, timestamp}` per change, or
+/// `{type: "error", message}` (a bad subscription, events lost, a directory
+/// not watched). See [`crate::watch`] for the bounds.
+pub async fn watch(
+    ws: WebSocketUpgrade,
+    State(app): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
+    let f = files(&app)?;
+    let slot = app
+        .watches
+        .take()
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(ws.on_upgrade(move |socket| watch_session(socket, f, slot, app)))
+}
+
+async fn watch_session(
+    mut socket: WebSocket,
+    f: Files,
+    slot: crate::watch::Slot,
+    app: Arc<AppState>,
+) {
+    let first = tokio::time::timeout(SUBSCRIBE_WITHIN, async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(t))) => return Some(t),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    let subscribe = match first {
+        Ok(Some(t)) => t,
+        Ok(None) => return,
+        Err(_) => {
+            let why = format!("no subscribe message within {SUBSCRIBE_WITHIN:?}");
+            let _ = socket.send(watch_error(why)).await;
+            return;
+        }
+    };
+    let (rels, recursive) = match subscription(&f, subscribe.as_str()) {
+        Ok(s) => s,
+        Err(why) => {
+            let _ = socket.send(watch_error(why)).await;
+            return;
+        }
+    };
+    let shown: Vec<String> = rels.iter().map(|r| f.display(r)).collect();
+    let started =
+        tokio::task::spawn_blocking(move || crate::watch::Watcher::new(f, &rels, recursive, slot))
+            .await;
+    let (mut watcher, skipped) = match started {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => {
+            let _ = socket.send(watch_error(e.to_string())).await;
+            return;
+        }
+        Err(e) => {
+            let _ = socket.send(watch_error(format!("watch failed: {e}"))).await;
+            return;
+        }
+    };
+    if socket
+        .send(text(json!({"type": "subscribed", "paths": shown})))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    for s in &skipped {
+        if socket.send(change_message(s)).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            changes = watcher.next() => match changes {
+                Ok(changes) => {
+                    for c in &changes {
+                        if socket.send(change_message(c)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = socket.send(watch_error(e.to_string())).await;
+                    return;
+                }
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,8 @@ pub struct AppState {
     pub ports: OnceLock<crate::ports::Ports>,
     /// Idleness, sleep and wake: every counted request passes through it.
     pub sleep: Arc<crate::sleep::Sleep>,
+    /// Open `/v1/fs/watch` subscriptions (bounded).
+    pub watches: crate::watch::Subscriptions,
     /// The sprite's policies (`<state>/policy/`).
     pub policies: crate::policy::PolicyStore,
     /// Cancelled when the daemon shuts down: long streams end on it.
@@ -143,6 +145,7 @@ fn routes(state: Arc<AppState>) -> Router {
                 .delete(policy::delete_privileges),
         )
         .route("/v1/fs/chown", post(files::chown))
+        .route("/v1/fs/watch", get(files::watch))
         .route("/checkpoint", post(checkpoints::root_checkpoint))
         .route("/restore", post(checkpoints::root_restore))
         .route("/v1/checkpoint", post(checkpoints::create))

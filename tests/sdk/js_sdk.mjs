@@ -67,4 +67,19 @@ check(pol.profile === 'minimal' && pol.noNewPrivileges === true, `getPrivilegesP
 check((await capBnd()).endsWith('00000000000000fb'), `minimal profile in force: ${await capBnd()}`);
 await sprite.deletePrivilegesPolicy();
 check((await capBnd()) === defaultCaps, `deletePrivilegesPolicy restores ${defaultCaps}`);
+
+// fs.watch: subscribed, then a write's events.
+const watcher = await fs.watch('/app', { recursive: true });
+const subscribed = await watcher.next();
+check(subscribed && subscribed.type === 'subscribed', `watch subscribed: ${JSON.stringify(subscribed)}`);
+await fs.writeFile('/app/owned/sub/watched.txt', 'w');
+let seen = null;
+for (let ev = await watcher.next(); ev !== null; ev = await watcher.next()) {
+  if (ev.type === 'event' && ev.path === '/app/owned/sub/watched.txt') {
+    seen = ev;
+    break;
+  }
+}
+watcher.close();
+check(seen && ['create', 'write'].includes(seen.event) && seen.isDir === false, `watch saw the write: ${JSON.stringify(seen)}`);
 console.log('JS SDK: all passed');
