@@ -30,19 +30,46 @@ fn installed(rel: &str) -> Option<PathBuf> {
     None
 }
 
-/// Runs one SDK script against a fresh daemon; it must print `done`.
-async fn run_script(name: &str, done: &str) {
-    let Some(python) = installed("sdk-venv/bin/python") else {
-        return;
-    };
+/// Runs one SDK script against a fresh daemon; it must print `done`. The
+/// daemon's log (none: the SDK is not installed, and the test skips).
+async fn run_script(name: &str, done: &str) -> Option<String> {
+    let python = installed("sdk-venv/bin/python")?;
     let script = format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = tokio::process::Command::new(python);
     cmd.arg(script);
-    run(cmd, done).await;
+    Some(run(cmd, done).await)
 }
 
-/// Runs an SDK client against a fresh daemon; it must succeed and print `done`.
-async fn run(mut cmd: tokio::process::Command, done: &str) {
+/// `node` running `tests/sdk/<name>` (copied beside the setup cache's
+/// node_modules, with `js_common.mjs`, so it imports the installed SDK);
+/// none when the SDK is not installed (the test skips).
+fn js_script(name: &str) -> Option<tokio::process::Command> {
+    let modules = installed("js-sdk/node_modules/@fly/sprites")?;
+    let dir = modules.ancestors().nth(3).unwrap();
+    for f in [name, "js_common.mjs"] {
+        std::fs::copy(
+            format!("{}/tests/sdk/{f}", env!("CARGO_MANIFEST_DIR")),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("--experimental-websocket")
+        .arg("--no-warnings")
+        .arg(dir.join(name));
+    Some(cmd)
+}
+
+/// How many TCP requests the daemon's log shows on a path ending in `path`.
+fn requests(log: &str, path: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("request transport=Tcp") && l.contains(&format!("{path} status=")))
+        .count()
+}
+
+/// Runs an SDK client against a fresh daemon; it must succeed and print
+/// `done`. The daemon's log.
+async fn run(mut cmd: tokio::process::Command, done: &str) -> String {
     let d = Daemon::start().await;
     let out = cmd
         .env("SPRITED_ENV_ROOT", d.env_root())
@@ -61,6 +88,7 @@ async fn run(mut cmd: tokio::process::Command, done: &str) {
         d.log_text()
     );
     assert!(stdout.contains(done), "{stdout}");
+    d.log_text()
 }
 
 #[tokio::test]
@@ -89,26 +117,37 @@ async fn fly_sprites_js_uses_absolute_paths_and_restores() {
     if !privileged("fly_sprites_js_uses_absolute_paths_and_restores") {
         return;
     }
-    let Some(modules) = installed("js-sdk/node_modules/@fly/sprites") else {
+    let Some(cmd) = js_script("js_sdk.mjs") else {
         return;
     };
-    // The script imports the package from the setup cache's node_modules.
-    let dir = modules
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap();
-    let script = dir.join("js_sdk.mjs");
-    std::fs::copy(
-        format!("{}/tests/sdk/js_sdk.mjs", env!("CARGO_MANIFEST_DIR")),
-        &script,
-    )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg("--experimental-websocket")
-        .arg("--no-warnings")
-        .arg(&script);
     run(cmd, "JS SDK: all passed").await;
+}
+
+/// The JS SDK's control mode: execs over one multiplexed WebSocket each
+/// (two at once, then reused), and none fell back to the exec WebSocket.
+#[tokio::test]
+async fn fly_sprites_js_runs_commands_over_the_control_connection() {
+    if !privileged("fly_sprites_js_runs_commands_over_the_control_connection") {
+        return;
+    }
+    let Some(cmd) = js_script("js_control.mjs") else {
+        return;
+    };
+    let log = run(cmd, "JS control: all passed").await;
+    assert!(requests(&log, "/control") >= 1, "{log}");
+    assert_eq!(requests(&log, "/exec"), 0, "an exec fell back:\n{log}");
+}
+
+/// sprites-py's control mode: its commands over the control connection,
+/// none falling back to the exec WebSocket.
+#[tokio::test]
+async fn sprites_py_runs_commands_over_the_control_connection() {
+    if !privileged("sprites_py_runs_commands_over_the_control_connection") {
+        return;
+    }
+    let Some(log) = run_script("control.py", "SDK control: all passed").await else {
+        return;
+    };
+    assert!(requests(&log, "/control") >= 1, "{log}");
+    assert_eq!(requests(&log, "/exec"), 0, "a command fell back:\n{log}");
 }

@@ -30,7 +30,7 @@ pub const MAX_STDIN: usize = 10 * 1024 * 1024;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The command of a WebSocket or HTTP exec, from its query.
-fn request_from_query(q: &Params, allow_tty: bool) -> Result<ExecRequest, ApiError> {
+pub(super) fn request_from_query(q: &Params, allow_tty: bool) -> Result<ExecRequest, ApiError> {
     let argv: Vec<String> = q.all("cmd").map(str::to_owned).collect();
     if argv.is_empty() {
         return Err(ApiError::BadRequest(
@@ -82,7 +82,7 @@ fn request_from_query(q: &Params, allow_tty: bool) -> Result<ExecRequest, ApiErr
     })
 }
 
-fn sessions(app: &AppState) -> Result<Sessions, ApiError> {
+pub(super) fn sessions(app: &AppState) -> Result<Sessions, ApiError> {
     app.sessions.get().cloned().ok_or_else(|| {
         ApiError::Unavailable("exec is not ready yet (the daemon is booting)".into())
     })
@@ -168,15 +168,80 @@ fn json_text(v: &impl serde::Serialize) -> Message {
 /// One WebSocket client of a session, until the session ends (exit, then
 /// close 1000) or the client goes (the session runs on, see `exec`).
 async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
+    let tty = att.session.is_tty();
+    let (mut tx, mut rx) = socket.split();
+    let mut att = att;
+    let code = match pump(&app, &mut att, &mut tx, &mut rx, false).await {
+        Pumped::Exit(code) => code,
+        Pumped::Gone => return,
+        Pumped::Shutdown => {
+            let _ = tx
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1001,
+                    reason: "daemon shutting down".into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    let _ = tx
+        .send(json_text(&json!({"type": "exit", "exit_code": code})))
+        .await;
+    if !tty {
+        let _ = tx
+            .send(Message::Binary(vec![3u8, (code & 0xff) as u8].into()))
+            .await;
+    }
+    att.saw_exit();
+    let _ = tx
+        .send(Message::Close(Some(CloseFrame {
+            code: 1000,
+            reason: "".into(),
+        })))
+        .await;
+    // Read until the client's close: a socket closed with unread input
+    // (the client's stdin EOF, say) is reset, and a reset makes the
+    // client's kernel drop the exit frames it has not read yet.
+    finish_close(rx).await;
+}
+
+/// How [`pump`] ended.
+pub(super) enum Pumped {
+    /// The command exited with this code (its output all sent).
+    Exit(i32),
+    /// The client closed or failed (the session runs on).
+    Gone,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// The sending half of a WebSocket.
+pub(super) type WsTx = futures_util::stream::SplitSink<WebSocket, Message>;
+/// The receiving half of a WebSocket.
+pub(super) type WsRx = futures_util::stream::SplitStream<WebSocket>;
+
+/// Carries one session over a WebSocket: the session's `session_info`,
+/// its scrollback and output out (stream-id frames; raw for a terminal),
+/// port changes of its cgroup, and the client's stdin, EOF, `resize` and
+/// `signal` in, until the command exits. On a control connection
+/// (`control`), a binary frame holding a JSON `resize` or `signal` is one
+/// too (the JS SDK sends them so), and another `op.start` meanwhile is
+/// refused with `op.error`.
+pub(super) async fn pump(
+    app: &AppState,
+    att: &mut Attachment,
+    tx: &mut WsTx,
+    rx: &mut WsRx,
+    control_mode: bool,
+) -> Pumped {
     let session = att.session.clone();
     let tty = session.is_tty();
-    let (mut tx, mut rx) = socket.split();
     if tx
         .send(json_text(&session.info(att.is_owner)))
         .await
         .is_err()
     {
-        return;
+        return Pumped::Gone;
     }
     // Port changes of this session's processes.
     let cg_rel = session.cgroup().and_then(|cg| {
@@ -205,7 +270,6 @@ async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
             Output::Exit(_) => None,
         }
     };
-    let mut att = att;
     let mut exit: Option<i32> = None;
     for o in std::mem::take(&mut att.scrollback) {
         match &o {
@@ -214,7 +278,7 @@ async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
                 if let Some(m) = frame(&o)
                     && tx.send(m).await.is_err()
                 {
-                    return;
+                    return Pumped::Gone;
                 }
             }
         }
@@ -227,14 +291,17 @@ async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
                 Some(o) => {
                     if let Some(m) = frame(&o) && let Err(e) = tx.send(m).await {
                         tracing::debug!(session = session.id, error = %e, "exec client gone");
-                        return;
+                        return Pumped::Gone;
                     }
                 }
                 None => exit = Some(session.wait().await),
             },
             msg = rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) => {
-                    if tty {
+                    let json = control_mode && b.first() == Some(&b'{');
+                    if json && let Ok(t) = std::str::from_utf8(&b) && is_control(t) {
+                        control(&session, t);
+                    } else if tty {
                         session.input(Input::Data(b)).await;
                     } else {
                         match b.first() {
@@ -245,15 +312,24 @@ async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
                         }
                     }
                 }
-                Some(Ok(Message::Text(t))) => control(&session, t.as_str()),
+                Some(Ok(Message::Text(t))) => {
+                    if control_mode && t.as_str().starts_with(super::control::PREFIX) {
+                        let busy = super::control::op_error("an operation is in progress on this connection");
+                        if tx.send(busy).await.is_err() {
+                            return Pumped::Gone;
+                        }
+                    } else {
+                        control(&session, t.as_str());
+                    }
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Close(_))) | None => {
                     tracing::debug!(session = session.id, "exec client closed");
-                    return;
+                    return Pumped::Gone;
                 }
                 Some(Err(e)) => {
                     tracing::debug!(session = session.id, error = %e, "exec client failed");
-                    return;
+                    return Pumped::Gone;
                 }
             },
             ev = async {
@@ -266,40 +342,28 @@ async fn run_ws(app: Arc<AppState>, socket: WebSocket, att: Attachment) {
                     && &ev.listener.cgroup == cg
                     && tx.send(json_text(&ev)).await.is_err()
                 {
-                    return;
+                    return Pumped::Gone;
                 }
             }
-            _ = app.shutdown.cancelled() => {
-                let _ = tx.send(Message::Close(Some(CloseFrame { code: 1001, reason: "daemon shutting down".into() }))).await;
-                return;
-            }
+            _ = app.shutdown.cancelled() => return Pumped::Shutdown,
         }
     }
-    let code = exit.unwrap_or(-1);
-    let _ = tx
-        .send(json_text(&json!({"type": "exit", "exit_code": code})))
-        .await;
-    if !tty {
-        let _ = tx
-            .send(Message::Binary(vec![3u8, (code & 0xff) as u8].into()))
-            .await;
-    }
-    att.saw_exit();
-    let _ = tx
-        .send(Message::Close(Some(CloseFrame {
-            code: 1000,
-            reason: "".into(),
-        })))
-        .await;
-    // Read until the client's close: a socket closed with unread input
-    // (the client's stdin EOF, say) is reset, and a reset makes the
-    // client's kernel drop the exit frames it has not read yet.
-    finish_close(rx).await;
+    Pumped::Exit(exit.unwrap_or(-1))
+}
+
+/// Whether `text` is a JSON `resize` or `signal` message.
+fn is_control(text: &str) -> bool {
+    serde_json::from_str::<Value>(text).is_ok_and(|v| {
+        matches!(
+            v.get("type").and_then(Value::as_str),
+            Some("resize" | "signal")
+        )
+    })
 }
 
 /// The rest of a WebSocket closing handshake: read (and drop) what the
 /// client still sends until its close, for a few seconds at most.
-pub async fn finish_close(mut rx: futures_util::stream::SplitStream<WebSocket>) {
+pub async fn finish_close(mut rx: WsRx) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(m)) = rx.next().await {
             if matches!(m, Message::Close(_)) {

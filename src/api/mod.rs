@@ -6,6 +6,7 @@
 //! (`/exec`, `/checkpoint`, `/restore`, `/proxy`).
 
 mod checkpoints;
+mod control;
 pub mod error;
 pub mod exec;
 mod files;
@@ -130,6 +131,7 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/proxy", get(proxy::ws_proxy))
         .route("/v1/proxy", get(proxy::ws_proxy))
         .route("/v1/ports/watch", get(proxy::ports_watch))
+        .route("/v1/control", get(control::control_ws))
         .route("/v1/fs/read", get(files::read))
         .route("/v1/fs/write", put(files::write).post(files::write))
         .route("/v1/fs/list", get(files::list))

@@ -19,6 +19,38 @@ impl Params {
         )
     }
 
+    /// The `args` object of a control connection's operation as
+    /// parameters: strings, numbers and booleans as given, each element of
+    /// an array as a repeated key (the SDKs send `cmd` and `env` as arrays,
+    /// everything else as strings).
+    pub fn from_object(v: &serde_json::Value) -> Result<Params, ApiError> {
+        use serde_json::Value;
+        let scalar = |k: &str, v: &Value| match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            _ => Err(ApiError::BadRequest(format!(
+                "args.{k}: expected a string, number or boolean"
+            ))),
+        };
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ApiError::BadRequest("args: expected an object".into()))?;
+        let mut out = Vec::new();
+        for (k, v) in obj {
+            match v {
+                Value::Array(items) => {
+                    for item in items {
+                        out.push((k.clone(), scalar(k, item)?));
+                    }
+                }
+                Value::Null => {}
+                _ => out.push((k.clone(), scalar(k, v)?)),
+            }
+        }
+        Ok(Params(out))
+    }
+
     /// The first value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0

@@ -1,19 +1,10 @@
 // The official JavaScript SDK (@fly/sprites 0.1.0) against a real sprited:
 // the filesystem at the environment's absolute paths, exec seeing what the
-// filesystem API wrote, and a checkpoint / overwrite / restore round trip.
-// Driven by tests/sdk.rs (Node 20 needs --experimental-websocket).
-import { SpritesClient } from '@fly/sprites';
+// filesystem API wrote, a checkpoint / overwrite / restore round trip,
+// chown, the privileges policy and fs.watch. Driven by tests/sdk.rs (Node 20 needs --experimental-websocket).
+import { check, sprite as connect } from './js_common.mjs';
 
-const client = new SpritesClient(process.env.SPRITED_TOKEN, { baseURL: process.env.SPRITED_URL });
-const sprite = client.sprite(process.env.SPRITED_NAME);
-
-function check(cond, what) {
-  if (!cond) {
-    console.error(`FAIL: ${what}`);
-    process.exit(1);
-  }
-  console.log(`ok: ${what}`);
-}
+const sprite = connect();
 
 const fs = sprite.filesystem('/');
 await fs.writeFile('/app/hello.txt', 'hello from js');
