@@ -149,6 +149,63 @@ impl Cgroups {
         }
     }
 
+    /// Limits the memory of the whole environment (the parent cgroup) to
+    /// `max` bytes, none: no limit. `memory.max`, with swap off
+    /// (`memory.swap.max` 0, where swap is accounted), so past the limit
+    /// the kernel's OOM killer picks a process inside: never the daemon,
+    /// which is not in this tree. The memory controller is enabled down
+    /// the path from the mount to the environment's children (each one's
+    /// `cgroup.subtree_control`); where the kernel or the hierarchy does
+    /// not offer it (a host whose memory controller is on cgroup v1),
+    /// `Unavailable`, and nothing changed.
+    #[tracing::instrument(name = "memory_limit", skip(self), fields(cgroup = %self.parent.display()))]
+    pub fn set_memory_limit(&self, max: Option<u64>) -> Result<(), CgroupError> {
+        if max.is_none() && !self.parent.join("memory.max").exists() {
+            return Ok(());
+        }
+        self.enable_memory()?;
+        let whole = self.whole();
+        whole.write(
+            "memory.max",
+            &max.map_or("max".to_owned(), |b| b.to_string()),
+        )?;
+        if self.parent.join("memory.swap.max").exists() {
+            whole.write("memory.swap.max", if max.is_some() { "0" } else { "max" })?;
+        }
+        tracing::info!(?max, "memory limit set");
+        Ok(())
+    }
+
+    /// `+memory` in the `cgroup.subtree_control` of every cgroup from the
+    /// mount down to the parent (which holds no process itself).
+    fn enable_memory(&self) -> Result<(), CgroupError> {
+        let rel = self
+            .parent
+            .strip_prefix(&self.mount)
+            .map_err(|_| CgroupError::Unavailable("the parent is outside the mount".into()))?;
+        let mut dir = self.mount.clone();
+        let mut comps = rel.components();
+        loop {
+            let offered = dir.join("cgroup.controllers");
+            let text = std::fs::read_to_string(&offered).map_err(io_err("read", &offered))?;
+            if !text.split_whitespace().any(|c| c == "memory") {
+                return Err(CgroupError::Unavailable(format!(
+                    "the memory controller is not offered in {} (cgroup v2 without it)",
+                    dir.display()
+                )));
+            }
+            let control = dir.join("cgroup.subtree_control");
+            let on = std::fs::read_to_string(&control).map_err(io_err("read", &control))?;
+            if !on.split_whitespace().any(|c| c == "memory") {
+                std::fs::write(&control, "+memory").map_err(io_err("write", &control))?;
+            }
+            match comps.next() {
+                Some(c) => dir.push(c),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Removes the parent cgroup if nothing lives in it any more (clean
     /// shutdown), and its `sprited` ancestor when that is empty too.
     pub fn remove_parent_if_empty(&self) {
@@ -277,6 +334,13 @@ impl Cgroup {
         let p = self.path.join("cgroup.events");
         let text = std::fs::read_to_string(&p).map_err(io_err("read", &p))?;
         Ok(parse_events(&text, key))
+    }
+
+    /// How many times the OOM killer killed a process of this cgroup
+    /// (`memory.events`); none without the memory controller.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.path.join("memory.events")).ok()?;
+        parse_events(&text, "oom_kill")
     }
 
     fn write(&self, file: &str, value: &str) -> Result<(), CgroupError> {

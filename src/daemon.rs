@@ -304,6 +304,12 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
             tracing::info!(mount = %cg.mount().display(), parent = %cg.parent().display(),
                 freeze = support.freeze, kill = support.kill, "cgroup v2");
             let _ = app.cgroup.set(support);
+            // The stored memory limit holds again (none: lifted, in case
+            // a crashed daemon left one).
+            let max = app.policies.resources().and_then(|p| p.memory_max());
+            if let Err(e) = cg.set_memory_limit(max) {
+                tracing::error!(error = %e, "the resources policy cannot be enforced");
+            }
             let _ = app.cgroups.set(cg);
         }
         Err(e) => {

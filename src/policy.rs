@@ -49,6 +49,70 @@ fn invalid(field: impl Into<String>, why: impl Into<String>) -> PolicyError {
     }
 }
 
+/// Smallest memory limit accepted: below this the environment's own init
+/// and relays could not run.
+const MIN_MEMORY_MB: u64 = 16;
+/// Largest memory limit accepted (1 TiB).
+const MAX_MEMORY_MB: u64 = 1 << 20;
+
+/// The resources policy as the SDK sends it (snake_case on the wire):
+/// `{"memory": {"limit_mb": 2048, "autoscale": false}}`. The limit is
+/// the environment's `memory.max`: past it the kernel's OOM killer kills a
+/// process inside (the service is restarted as after a crash and its exit
+/// event says why), never the daemon. `autoscale` (growing the VM) is not
+/// offered: `true` is refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryPolicy {
+    pub limit_mb: u64,
+    #[serde(default)]
+    pub autoscale: bool,
+}
+
+impl ResourcesPolicy {
+    /// Parses and checks a request body; the error names the field.
+    pub fn from_request(body: &[u8]) -> Result<ResourcesPolicy, PolicyError> {
+        let p: ResourcesPolicy = object(body, "resources")?;
+        if let Some(m) = &p.memory {
+            if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&m.limit_mb) {
+                return Err(invalid(
+                    "memory.limit_mb",
+                    format!("{} (from {MIN_MEMORY_MB} to {MAX_MEMORY_MB})", m.limit_mb),
+                ));
+            }
+            if m.autoscale {
+                return Err(invalid(
+                    "memory.autoscale",
+                    "not offered: the limit is fixed (send false)",
+                ));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The environment's memory limit in bytes (none: no limit).
+    pub fn memory_max(&self) -> Option<u64> {
+        self.memory.as_ref().map(|m| m.limit_mb << 20)
+    }
+}
+
+/// A JSON object of type `T` from a request body, or a 400 naming `body`.
+fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, PolicyError> {
+    let not_one = |e: String| invalid("body", format!("not a {what} policy: {e}"));
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| not_one(e.to_string()))?;
+    if !v.is_object() {
+        return Err(not_one("expected a JSON object".into()));
+    }
+    serde_json::from_value(v).map_err(|e| not_one(e.to_string()))
+}
+
 /// Capability names and numbers (linux/capability.h), for
 /// `dropCapabilities` and for saying what a profile keeps.
 const CAPABILITIES: &[(&str, u32)] = &[
@@ -120,13 +184,7 @@ pub struct PrivilegesPolicy {
 impl PrivilegesPolicy {
     /// Parses and checks a request body; the error names the field.
     pub fn from_request(body: &[u8]) -> Result<PrivilegesPolicy, PolicyError> {
-        let not_one = |e: String| invalid("body", format!("not a privileges policy: {e}"));
-        let v: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| not_one(e.to_string()))?;
-        if !v.is_object() {
-            return Err(not_one("expected a JSON object".into()));
-        }
-        let p: PrivilegesPolicy = serde_json::from_value(v).map_err(|e| not_one(e.to_string()))?;
+        let p: PrivilegesPolicy = object(body, "privileges")?;
         p.privileges()?;
         Ok(p)
     }
@@ -240,32 +298,62 @@ impl PolicyStore {
     /// longer parses (edited by hand, written by a newer daemon) is
     /// reported and ignored: the default applies.
     pub fn privileges(&self) -> Option<PrivilegesPolicy> {
-        let path = self.privileges_path();
-        let bytes = std::fs::read(&path).ok()?;
-        match PrivilegesPolicy::from_request(&bytes) {
+        self.load(&self.privileges_path(), PrivilegesPolicy::from_request)
+    }
+
+    /// Stores `p` (atomically: the old policy or the new, never a torn one).
+    pub fn set_privileges(&self, p: &PrivilegesPolicy) -> Result<(), PolicyError> {
+        self.store(&self.privileges_path(), p)
+    }
+
+    /// Removes the privileges policy: the default applies again.
+    pub fn clear_privileges(&self) -> Result<(), PolicyError> {
+        self.remove(&self.privileges_path())
+    }
+
+    fn resources_path(&self) -> PathBuf {
+        self.dir.join("resources.json")
+    }
+
+    /// The stored resources policy (none: no limit); one that no longer
+    /// parses is reported and ignored.
+    pub fn resources(&self) -> Option<ResourcesPolicy> {
+        self.load(&self.resources_path(), ResourcesPolicy::from_request)
+    }
+
+    /// Stores `p` atomically.
+    pub fn set_resources(&self, p: &ResourcesPolicy) -> Result<(), PolicyError> {
+        self.store(&self.resources_path(), p)
+    }
+
+    /// Removes the resources policy.
+    pub fn clear_resources(&self) -> Result<(), PolicyError> {
+        self.remove(&self.resources_path())
+    }
+
+    fn load<T>(&self, path: &Path, parse: impl Fn(&[u8]) -> Result<T, PolicyError>) -> Option<T> {
+        let bytes = std::fs::read(path).ok()?;
+        match parse(&bytes) {
             Ok(p) => Some(p),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring a stored privileges policy");
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a stored policy");
                 None
             }
         }
     }
 
-    /// Stores `p` (atomically: the old policy or the new, never a torn one).
-    pub fn set_privileges(&self, p: &PrivilegesPolicy) -> Result<(), PolicyError> {
+    fn store<T: Serialize>(&self, path: &Path, p: &T) -> Result<(), PolicyError> {
         std::fs::create_dir_all(&self.dir).map_err(durable::err("create", &self.dir))?;
         let _ = durable::clean_temp_files(&self.dir);
-        durable::write_json(&self.privileges_path(), p)?;
+        durable::write_json(path, p)?;
         Ok(())
     }
 
-    /// Removes the privileges policy: the default applies again.
-    pub fn clear_privileges(&self) -> Result<(), PolicyError> {
-        let path = self.privileges_path();
-        match std::fs::remove_file(&path) {
+    fn remove(&self, path: &Path) -> Result<(), PolicyError> {
+        match std::fs::remove_file(path) {
             Ok(()) => Ok(durable::sync_dir(&self.dir)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(durable::err("remove", &path)(e).into()),
+            Err(e) => Err(durable::err("remove", path)(e).into()),
         }
     }
 }
@@ -324,6 +412,33 @@ mod tests {
         let long = format!(r#"{{"profile":"{}"}}"#, "x".repeat(1 << 20));
         let e = parse(&long).unwrap_err();
         assert!(e.starts_with("profile:") && e.len() < 200, "{}", e.len());
+    }
+
+    #[test]
+    fn resources_take_the_sdks_shape_and_refuse_the_rest() {
+        let p = ResourcesPolicy::from_request(br#"{"memory":{"limit_mb":64}}"#).unwrap();
+        assert_eq!(p.memory_max(), Some(64 << 20));
+        assert_eq!(
+            ResourcesPolicy::from_request(b"{}").unwrap().memory_max(),
+            None
+        );
+        for (body, field) in [
+            (r#"{"memory":{"limit_mb":1}}"#, "memory.limit_mb"),
+            (r#"{"memory":{"limit_mb":99999999999}}"#, "memory.limit_mb"),
+            (
+                r#"{"memory":{"limit_mb":64,"autoscale":true}}"#,
+                "memory.autoscale",
+            ),
+            (r#"{"memory":{"limitMB":64}}"#, "body"),
+            (r#"{"cpu":2}"#, "body"),
+            (r#"{"memory":{"limit_mb":-5}}"#, "body"),
+            ("[]", "body"),
+        ] {
+            let e = ResourcesPolicy::from_request(body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -146,6 +146,12 @@ fn routes(state: Arc<AppState>) -> Router {
                 .post(policy::set_privileges)
                 .delete(policy::delete_privileges),
         )
+        .route(
+            "/v1/policy/resources",
+            get(policy::get_resources)
+                .post(policy::set_resources)
+                .delete(policy::delete_resources),
+        )
         .route("/v1/fs/chown", post(files::chown))
         .route("/v1/fs/watch", get(files::watch))
         .route("/checkpoint", post(checkpoints::root_checkpoint))

@@ -1,6 +1,7 @@
 //! `/v1/policy/privileges` (GET, POST, DELETE): the capabilities and
-//! `no_new_privs` of processes started in the environment from then on
-//! (see [`crate::policy`]). Changing a policy is for the external API: a
+//! `no_new_privs` of processes started in the environment from then on;
+//! `/v1/policy/resources`: the environment's memory limit, at once (see
+//! [`crate::policy`]). Changing a policy is for the external API: a
 //! caller inside the environment, on the Unix socket it sees at
 //! `/.sprite/api.sock`, gets a 403.
 
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use super::gateway::Caller;
 use super::{ApiError, AppState};
 use crate::container::Privileges;
-use crate::policy::PrivilegesPolicy;
+use crate::policy::{PolicyError, PrivilegesPolicy, ResourcesPolicy};
 
 /// `GET .../policy/privileges`: the policy in force (`{}` fields at their
 /// defaults when none was set).
@@ -75,4 +76,71 @@ fn apply(app: &AppState, privileges: Privileges) {
     if let Some(c) = app.container.get() {
         c.set_privileges(privileges);
     }
+}
+
+/// `GET .../policy/resources`: `{"memory": {"limit_mb", "autoscale"}}`, or
+/// `{}` without a limit.
+pub async fn get_resources(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let p = app.policies.resources().unwrap_or_default();
+    Json(serde_json::to_value(p).unwrap_or_else(|_| json!({})))
+}
+
+/// `POST .../policy/resources`: checked, put in force on the environment's
+/// cgroup at once (running processes included), then stored. Where the
+/// memory controller is not available, a 503 and nothing changes.
+pub async fn set_resources(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_change("the resources policy")?;
+    let p = ResourcesPolicy::from_request(&body)?;
+    change_resources(&app, Some(p.clone())).await?;
+    tracing::info!(policy = ?p, "resources policy set");
+    Ok(Json(serde_json::to_value(p).unwrap_or_else(|_| json!({}))))
+}
+
+/// `DELETE .../policy/resources`: no limit.
+pub async fn delete_resources(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_change("the resources policy")?;
+    change_resources(&app, None).await?;
+    tracing::info!("resources policy removed");
+    Ok(Json(json!({})))
+}
+
+/// Applies `p` (none: no limit) to the environment's cgroup, then stores
+/// it; if storing fails, the previous limit is put back.
+async fn change_resources(app: &Arc<AppState>, p: Option<ResourcesPolicy>) -> Result<(), ApiError> {
+    let cgroups =
+        app.cgroups.get().cloned().ok_or_else(|| {
+            ApiError::Unavailable("cgroups are unavailable (see /v1/status)".into())
+        })?;
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        app.policies.update(|s| {
+            let before = s.resources().and_then(|p| p.memory_max());
+            let max = p.as_ref().and_then(ResourcesPolicy::memory_max);
+            if let Err(e) = cgroups.set_memory_limit(max) {
+                tracing::warn!(error = %e, "cannot set the memory limit");
+                return Ok(Err(ApiError::Unavailable(
+                    "the memory limit cannot be enforced here: this host's cgroup v2 offers no memory controller to the daemon; nothing changed".into(),
+                )));
+            }
+            let stored = match &p {
+                Some(p) => s.set_resources(p),
+                None => s.clear_resources(),
+            };
+            if let Err(e) = stored {
+                let _ = cgroups.set_memory_limit(before);
+                return Err::<Result<(), ApiError>, PolicyError>(e);
+            }
+            Ok(Ok(()))
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("changing the policy failed: {e}")))???;
+    Ok(())
 }

@@ -713,6 +713,13 @@ impl Supervisor {
 
     async fn handle_exit(&self, name: &str, generation: u64, exit: Exit) {
         let code = exit.code();
+        let oom = {
+            let cgroup = self
+                .table()
+                .get(name)
+                .and_then(|s| s.instance.as_ref().map(|i| i.cgroup.clone()));
+            cgroup.and_then(|cg| cg.oom_kills()).is_some_and(|n| n > 0)
+        };
         let (cgroup, delay) = {
             let mut table = self.table();
             let Some(svc) = table.get_mut(name) else {
@@ -737,7 +744,13 @@ impl Supervisor {
             svc.apply(Happening::Exited);
             svc.rt.pid = None;
             svc.rt.exit_code = Some(code);
-            svc.rt.error = Some(format!("exited with code {code}"));
+            svc.rt.error = Some(if oom {
+                format!(
+                    "killed by the OOM killer (the memory limit of the resources policy), exit code {code}"
+                )
+            } else {
+                format!("exited with code {code}")
+            });
             svc.rt.next_restart_at = Some(SystemTime::now() + delay);
             let token = CancellationToken::new();
             svc.restart_timer = Some(token.clone());
@@ -759,8 +772,12 @@ impl Supervisor {
             });
             (cgroup, delay)
         };
-        tracing::info!(service = %name, code, ?delay, "service exited on its own; restart scheduled");
-        self.emit(Event::new(EventKind::Exit, name).code(Some(code)));
+        tracing::info!(service = %name, code, oom, ?delay, "service exited on its own; restart scheduled");
+        let mut ev = Event::new(EventKind::Exit, name).code(Some(code));
+        if oom {
+            ev = ev.data("killed by the OOM killer: the environment reached the memory limit of its resources policy");
+        }
+        self.emit(ev);
         // What the main process left behind does not outlive it.
         let _ = tokio::task::spawn_blocking(move || {
             let _ = cgroup.kill_all(KILL_TIMEOUT);
