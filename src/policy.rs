@@ -113,6 +113,96 @@ fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, 
     serde_json::from_value(v).map_err(|e| not_one(e.to_string()))
 }
 
+/// Most rules a network policy may have.
+const MAX_RULES: usize = 1000;
+
+/// A network policy as the SDKs send it: `{"rules": [{"action": "allow",
+/// "domain": "*.example.org"}, {"action": "deny", "domain": "*"}]}`. Only
+/// checked so far: enforcing it needs the environment's own network
+/// namespace, which it does not have yet, so a valid policy is refused
+/// (501) rather than stored and ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub rules: Vec<NetworkRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<String>,
+}
+
+impl NetworkPolicy {
+    /// Parses and checks a request body; the error names the field.
+    pub fn from_request(body: &[u8]) -> Result<NetworkPolicy, PolicyError> {
+        let p: NetworkPolicy = object(body, "network")?;
+        if p.rules.len() > MAX_RULES {
+            return Err(invalid(
+                "rules",
+                format!("{} rules (at most {MAX_RULES})", p.rules.len()),
+            ));
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            let field = |f: &str| format!("rules[{i}].{f}");
+            if let Some(inc) = &r.include {
+                return Err(invalid(
+                    field("include"),
+                    format!("{:?}: no presets are offered", clip(inc)),
+                ));
+            }
+            match r.action.as_deref() {
+                Some("allow" | "deny") => {}
+                Some(a) => {
+                    return Err(invalid(
+                        field("action"),
+                        format!("{:?} (allow or deny)", clip(a)),
+                    ));
+                }
+                None => return Err(invalid(field("action"), "missing (allow or deny)")),
+            }
+            let domain = r
+                .domain
+                .as_deref()
+                .ok_or_else(|| invalid(field("domain"), "missing"))?;
+            if !domain_pattern(domain) {
+                return Err(invalid(
+                    field("domain"),
+                    format!(
+                        "{:?} is not a domain pattern (github.com, *.example.org, *)",
+                        clip(domain)
+                    ),
+                ));
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// `*`, a host name, or `*.` and a host name: labels of letters, digits
+/// and inner hyphens, 1 to 63 bytes each, 253 in all.
+fn domain_pattern(d: &str) -> bool {
+    if d == "*" {
+        return true;
+    }
+    let host = d.strip_prefix("*.").unwrap_or(d);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Capability names and numbers (linux/capability.h), for
 /// `dropCapabilities` and for saying what a profile keeps.
 const CAPABILITIES: &[(&str, u32)] = &[
@@ -438,6 +528,61 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn network_rules_are_checked_field_by_field() {
+        let ok = br#"{"rules":[{"action":"allow","domain":"github.com"},{"action":"allow","domain":"*.example.org"},{"action":"deny","domain":"*"}]}"#;
+        assert_eq!(NetworkPolicy::from_request(ok).unwrap().rules.len(), 3);
+        let many = format!(
+            r#"{{"rules":[{}]}}"#,
+            vec![r#"{"action":"deny","domain":"*"}"#; 100_000].join(",")
+        );
+        let long = format!(
+            r#"{{"rules":[{{"action":"allow","domain":"{}"}}]}}"#,
+            "a".repeat(1 << 20)
+        );
+        for (body, field) in [
+            (many.as_str(), "rules"),
+            (long.as_str(), "rules[0].domain"),
+            (
+                r#"{"rules":[{"action":"maybe","domain":"a.test"}]}"#,
+                "rules[0].action",
+            ),
+            (r#"{"rules":[{"domain":"a.test"}]}"#, "rules[0].action"),
+            (r#"{"rules":[{"action":"allow"}]}"#, "rules[0].domain"),
+            (
+                r#"{"rules":[{"action":"allow","domain":"a..test"}]}"#,
+                "rules[0].domain",
+            ),
+            (
+                r#"{"rules":[{"action":"allow","domain":"*a.test"}]}"#,
+                "rules[0].domain",
+            ),
+            (
+                r#"{"rules":[{"action":"allow","domain":"-a.test"}]}"#,
+                "rules[0].domain",
+            ),
+            (
+                r#"{"rules":[{"action":"allow","domain":"a.test"},{"include":"defaults"}]}"#,
+                "rules[1].include",
+            ),
+            (
+                r#"{"rules":[{"action":"allow","domain":"a.test","port":1}]}"#,
+                "body",
+            ),
+            (r#"{"rules":{}}"#, "body"),
+        ] {
+            let e = NetworkPolicy::from_request(body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("{field}:")),
+                "{}: {e}",
+                &body[..body.len().min(80)]
+            );
+            assert!(e.len() < 300, "{}", e.len());
         }
     }
 

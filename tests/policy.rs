@@ -276,3 +276,56 @@ async fn a_resources_policy_is_enforced_or_refused_never_only_stored() {
     .await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out} {err}");
 }
+
+/// The network policy: none is in force (GET: no rules); a valid one is
+/// checked and refused with a 501 (the environment has no network
+/// namespace of its own yet, so it could not be enforced); hostile bodies
+/// are 400s naming the field; from inside, a 403 before anything.
+#[tokio::test]
+async fn a_network_policy_is_checked_and_refused_until_it_can_be_enforced() {
+    if !privileged("a_network_policy_is_checked_and_refused_until_it_can_be_enforced") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let get = d
+        .req(reqwest::Method::GET, "/v1/policy/network", None)
+        .await;
+    assert_eq!(get.json::<Value>().await.unwrap(), json!({"rules": []}));
+    let post = |body: Value| d.req(reqwest::Method::POST, "/v1/policy/network", Some(body));
+    let r = post(json!({"rules": [{"action": "allow", "domain": "a.test"}, {"action": "deny", "domain": "*"}]})).await;
+    assert_eq!(r.status(), 501);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("not enforced"), "{v}");
+    let many: Vec<Value> = (0..100_000)
+        .map(|_| json!({"action": "deny", "domain": "*"}))
+        .collect();
+    for (body, field) in [
+        (json!({"rules": many}), "rules"),
+        (
+            json!({"rules": [{"action": "allow", "domain": "x".repeat(1 << 20)}]}),
+            "rules[0].domain",
+        ),
+        (
+            json!({"rules": [{"action": "allow", "domain": "bad domain"}]}),
+            "rules[0].domain",
+        ),
+        (
+            json!({"rules": [{"action": "block", "domain": "a.test"}]}),
+            "rules[0].action",
+        ),
+    ] {
+        let r = post(body).await;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
+        assert!(msg.len() < 1000);
+    }
+    let (_, out, err) = sh(
+        &d,
+        "sprite-env curl -i -X POST /v1/policy/network -d '{\"rules\":[]}'",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out} {err}");
+    assert!(err.contains("External API"), "{err}");
+}

@@ -143,13 +143,18 @@ fn routes(state: Arc<AppState>) -> Router {
         .route(
             "/v1/policy/privileges",
             get(policy::get_privileges)
-                .post(policy::set_privileges)
+                .post(policy::set_privileges.layer(DefaultBodyLimit::max(policy::MAX_BODY)))
                 .delete(policy::delete_privileges),
+        )
+        .route(
+            "/v1/policy/network",
+            get(policy::get_network)
+                .post(policy::set_network.layer(DefaultBodyLimit::max(policy::MAX_BODY))),
         )
         .route(
             "/v1/policy/resources",
             get(policy::get_resources)
-                .post(policy::set_resources)
+                .post(policy::set_resources.layer(DefaultBodyLimit::max(policy::MAX_BODY)))
                 .delete(policy::delete_resources),
         )
         .route("/v1/fs/chown", post(files::chown))

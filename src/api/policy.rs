@@ -14,7 +14,12 @@ use serde_json::{Value, json};
 use super::gateway::Caller;
 use super::{ApiError, AppState};
 use crate::container::Privileges;
-use crate::policy::{PolicyError, PrivilegesPolicy, ResourcesPolicy};
+use crate::policy::{NetworkPolicy, PolicyError, PrivilegesPolicy, ResourcesPolicy};
+
+/// The largest policy body read: enough for a hostile one (100,000 rules,
+/// a 1 MiB name) to reach the checks and be refused with a 400 naming its
+/// field, rather than a bare 413.
+pub const MAX_BODY: usize = 16 << 20;
 
 /// `GET .../policy/privileges`: the policy in force (`{}` fields at their
 /// defaults when none was set).
@@ -143,4 +148,24 @@ async fn change_resources(app: &Arc<AppState>, p: Option<ResourcesPolicy>) -> Re
     .await
     .map_err(|e| ApiError::Unavailable(format!("changing the policy failed: {e}")))???;
     Ok(())
+}
+
+/// `GET .../policy/network`: no policy is in force (everything allowed).
+pub async fn get_network() -> Json<Value> {
+    Json(json!({"rules": []}))
+}
+
+/// `POST .../policy/network`: checked (400s naming the field), then
+/// refused with a 501: enforcing it needs the environment's own network
+/// namespace, which it does not have yet, and a policy stored but not
+/// enforced would be worse than none.
+pub async fn set_network(
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_change("the network policy")?;
+    NetworkPolicy::from_request(&body)?;
+    Err(ApiError::NotImplemented(
+        "network policies are not enforced yet: the environment shares the host's network namespace; nothing was stored".into(),
+    ))
 }

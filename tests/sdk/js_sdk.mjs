@@ -73,4 +73,23 @@ for (let ev = await watcher.next(); ev !== null; ev = await watcher.next()) {
 }
 watcher.close();
 check(seen && ['create', 'write'].includes(seen.event) && seen.isDir === false, `watch saw the write: ${JSON.stringify(seen)}`);
+
+// The network policy: none in force; a valid one is refused (not enforced
+// yet), an invalid one named.
+const net = await sprite.getNetworkPolicy();
+check(JSON.stringify(net) === '{"rules":[]}', `getNetworkPolicy: ${JSON.stringify(net)}`);
+const refusal = async (policy) => {
+  try {
+    await sprite.updateNetworkPolicy(policy);
+    return null;
+  } catch (e) {
+    return e.message;
+  }
+};
+const notYet = await refusal({ rules: [{ action: 'allow', domain: 'github.com' }, { action: 'deny', domain: '*' }] });
+check(notYet && notYet.includes('status 501') && notYet.includes('not enforced'), `updateNetworkPolicy refused: ${notYet}`);
+const invalid = await refusal({ rules: [{ action: 'sometimes', domain: 'github.com' }] });
+check(invalid && invalid.startsWith('Invalid policy') && invalid.includes('rules[0].action'), `an invalid policy: ${invalid}`);
+const res = await sprite.getResourcesPolicy();
+check(res.memory === undefined, `getResourcesPolicy without a limit: ${JSON.stringify(res)}`);
 console.log('JS SDK: all passed');
