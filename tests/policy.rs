@@ -43,6 +43,19 @@ async fn policy(d: &Daemon, method: reqwest::Method, body: Option<Value>) -> (u1
 
 const NET_RAW: u64 = 1 << 13;
 
+/// Each body POSTed to `path` is a 400 whose message starts with its
+/// field's name and does not echo a huge value.
+async fn refused(d: &Daemon, path: &str, cases: Vec<(Value, &str)>) {
+    for (body, field) in cases {
+        let r = d.req(reqwest::Method::POST, path, Some(body)).await;
+        assert_eq!(r.status(), 400, "{field}");
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
+        assert!(msg.len() < 1000, "the message does not echo a huge field");
+    }
+}
+
 /// Acceptance 3 and 6 (privileges): dropping CAP_NET_RAW makes a raw
 /// socket (ping's) fail with a permission error in a new exec, and the
 /// policy survives a restart; DELETE restores it for the next exec; bad
@@ -81,23 +94,22 @@ async fn a_privileges_policy_restricts_new_processes_and_delete_restores_them() 
 
     // Hostile or wrong bodies: a 400 naming the field; nothing changes.
     let many: Vec<&str> = vec!["NET_RAW"; 100_000];
-    for (body, field) in [
-        (json!({"profile": "privileged"}), "profile"),
-        (json!({"profile": "x".repeat(1 << 20)}), "profile"),
-        (json!({"dropCapabilities": many}), "dropCapabilities"),
-        (
-            json!({"dropCapabilities": ["CAP_BOGUS"]}),
-            "dropCapabilities[0]",
-        ),
-        (json!({"devices": ["/dev/fuse"]}), "devices"),
-        (json!({"action": "allow"}), "body"),
-    ] {
-        let (status, v) = policy(&d, reqwest::Method::POST, Some(body)).await;
-        assert_eq!(status, 400, "{v}");
-        let msg = v["error"].as_str().unwrap();
-        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
-        assert!(msg.len() < 1000, "the message does not echo a huge field");
-    }
+    refused(
+        &d,
+        "/v1/policy/privileges",
+        vec![
+            (json!({"profile": "privileged"}), "profile"),
+            (json!({"profile": "x".repeat(1 << 20)}), "profile"),
+            (json!({"dropCapabilities": many}), "dropCapabilities"),
+            (
+                json!({"dropCapabilities": ["CAP_BOGUS"]}),
+                "dropCapabilities[0]",
+            ),
+            (json!({"devices": ["/dev/fuse"]}), "devices"),
+            (json!({"action": "allow"}), "body"),
+        ],
+    )
+    .await;
     assert_eq!(policy(&d, reqwest::Method::GET, None).await.1, got);
 
     // Kept across a restart of the daemon (the first one's temp dir, which
@@ -247,28 +259,20 @@ async fn a_resources_policy_is_enforced_or_refused_never_only_stored() {
         );
     }
     assert_eq!(get().await, json!({}));
-    for (bad, field) in [
-        (json!({"memory": {"limit_mb": 1}}), "memory.limit_mb"),
-        (
-            json!({"memory": {"limit_mb": 64, "autoscale": true}}),
-            "memory.autoscale",
-        ),
-        (json!({"memory": {"limitMB": 64}}), "body"),
-        (json!({"cpu": "x".repeat(1 << 20)}), "body"),
-    ] {
-        let r = d
-            .req(
-                reqwest::Method::POST,
-                "/v1/policy/resources",
-                Some(bad.clone()),
-            )
-            .await;
-        assert_eq!(r.status(), 400);
-        let v: Value = r.json().await.unwrap();
-        let msg = v["error"].as_str().unwrap();
-        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
-        assert!(msg.len() < 1000);
-    }
+    refused(
+        &d,
+        "/v1/policy/resources",
+        vec![
+            (json!({"memory": {"limit_mb": 1}}), "memory.limit_mb"),
+            (
+                json!({"memory": {"limit_mb": 64, "autoscale": true}}),
+                "memory.autoscale",
+            ),
+            (json!({"memory": {"limitMB": 64}}), "body"),
+            (json!({"cpu": "x".repeat(1 << 20)}), "body"),
+        ],
+    )
+    .await;
     let (_, out, err) = sh(
         &d,
         "sprite-env curl -i -X POST /v1/policy/resources -d '{\"memory\":{\"limit_mb\":64}}'",
@@ -299,28 +303,26 @@ async fn a_network_policy_is_checked_and_refused_until_it_can_be_enforced() {
     let many: Vec<Value> = (0..100_000)
         .map(|_| json!({"action": "deny", "domain": "*"}))
         .collect();
-    for (body, field) in [
-        (json!({"rules": many}), "rules"),
-        (
-            json!({"rules": [{"action": "allow", "domain": "x".repeat(1 << 20)}]}),
-            "rules[0].domain",
-        ),
-        (
-            json!({"rules": [{"action": "allow", "domain": "bad domain"}]}),
-            "rules[0].domain",
-        ),
-        (
-            json!({"rules": [{"action": "block", "domain": "a.test"}]}),
-            "rules[0].action",
-        ),
-    ] {
-        let r = post(body).await;
-        assert_eq!(r.status(), 400);
-        let v: Value = r.json().await.unwrap();
-        let msg = v["error"].as_str().unwrap();
-        assert!(msg.starts_with(&format!("{field}:")), "{msg}");
-        assert!(msg.len() < 1000);
-    }
+    refused(
+        &d,
+        "/v1/policy/network",
+        vec![
+            (json!({"rules": many}), "rules"),
+            (
+                json!({"rules": [{"action": "allow", "domain": "x".repeat(1 << 20)}]}),
+                "rules[0].domain",
+            ),
+            (
+                json!({"rules": [{"action": "allow", "domain": "bad domain"}]}),
+                "rules[0].domain",
+            ),
+            (
+                json!({"rules": [{"action": "block", "domain": "a.test"}]}),
+                "rules[0].action",
+            ),
+        ],
+    )
+    .await;
     let (_, out, err) = sh(
         &d,
         "sprite-env curl -i -X POST /v1/policy/network -d '{\"rules\":[]}'",
@@ -328,4 +330,40 @@ async fn a_network_policy_is_checked_and_refused_until_it_can_be_enforced() {
     .await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out} {err}");
     assert!(err.contains("External API"), "{err}");
+}
+
+/// An internal error (here: the policy cannot be stored, `policy` being a
+/// file in the state dir) is a 500 whose body names no host path, only a
+/// reference to the log line that has the details; the policy in force
+/// is unchanged.
+#[tokio::test]
+async fn an_internal_error_keeps_host_paths_in_the_log() {
+    if !privileged("an_internal_error_keeps_host_paths_in_the_log") {
+        return;
+    }
+    let d = Daemon::start().await;
+    std::fs::write(d.state_dir.join("policy"), b"in the way").unwrap();
+    let r = d
+        .req(
+            reqwest::Method::POST,
+            "/v1/policy/privileges",
+            Some(json!({"profile": "minimal"})),
+        )
+        .await;
+    assert_eq!(r.status(), 500);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.starts_with("internal error #"), "{msg}");
+    let state = d.state_dir.display().to_string();
+    assert!(!msg.contains(&state) && !msg.contains("/tmp"), "{msg}");
+    d.log_shows("error_id=").await;
+    assert!(
+        d.log_text().contains(&format!("{state}/policy")),
+        "the log has the path"
+    );
+    assert_ne!(
+        bounding_set(&d).await & NET_RAW,
+        0,
+        "the default set is in force"
+    );
 }

@@ -155,10 +155,21 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             return PlainError(self).into_response();
         }
-        if status.is_server_error() {
-            tracing::warn!(%status, error = %self, "request failed");
-        }
-        let mut body = serde_json::json!({ "error": self.to_string() });
+        // An internal error's text can name host paths (the state dir, the
+        // store): it stays in the log, and the client gets a reference to
+        // the log line.
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%status, error_id = id, error = %self, "request failed");
+            format!("internal error #{id}: the daemon's log has the details")
+        } else {
+            if status.is_server_error() {
+                tracing::warn!(%status, error = %self, "request failed");
+            }
+            self.to_string()
+        };
+        let mut body = serde_json::json!({ "error": message });
         if let ApiError::Files(e) = &self {
             // The SDKs read `path` and the POSIX `code`.
             body["path"] = e.path().into();
