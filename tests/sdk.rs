@@ -138,6 +138,18 @@ async fn fly_sprites_js_runs_commands_over_the_control_connection() {
     assert_eq!(requests(&log, "/exec"), 0, "an exec fell back:\n{log}");
 }
 
+/// The rest of the JS SDK's per-sprite calls, through its own code.
+#[tokio::test]
+async fn fly_sprites_js_makes_every_other_call() {
+    if !privileged("fly_sprites_js_makes_every_other_call") {
+        return;
+    }
+    let Some(cmd) = js_script("js_calls.mjs") else {
+        return;
+    };
+    run(cmd, "JS calls: all passed").await;
+}
+
 /// sprites-py's control mode: its commands over the control connection,
 /// none falling back to the exec WebSocket.
 #[tokio::test]
