@@ -113,6 +113,13 @@ async fn sprites_py_runs_commands_and_uses_files() {
 }
 
 #[tokio::test]
+async fn sprites_py_reads_and_is_refused_network_policies() {
+    if privileged("sprites_py_reads_and_is_refused_network_policies") {
+        run_script("policy.py", "SDK policy: all passed").await;
+    }
+}
+
+#[tokio::test]
 async fn fly_sprites_js_uses_absolute_paths_and_restores() {
     if !privileged("fly_sprites_js_uses_absolute_paths_and_restores") {
         return;
