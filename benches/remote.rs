@@ -33,6 +33,7 @@
 //!
 //! Run: `sudo cargo bench --bench remote` (about ten minutes).
 
+mod common;
 #[path = "../tests/common/mod.rs"]
 mod tc;
 
@@ -41,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{median, median_ratio};
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::StreamExt as _;
 use serde_json::Value;
@@ -77,17 +79,6 @@ with cf.ThreadPoolExecutor(parallel) as pool:
         list(pool.map(lambda oid: get(dest, oid), ids))
         print("done", flush=True)
 "#;
-
-/// Unique content per file that does not compress.
-fn fill(block: &mut [u8], file: u64) {
-    let mut x = file.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in block.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
 
 fn file_path(root: &Path, i: usize) -> PathBuf {
     root.join(format!("data/d{:03}/f{i}", i % 100))
@@ -128,7 +119,7 @@ async fn seed(store: &Weed) -> Vec<(String, u64)> {
     let t = Instant::now();
     let mut block = vec![0u8; FILE_SIZE];
     for i in 0..FILES {
-        fill(&mut block, i as u64);
+        common::fill(&mut block, i as u64, 0);
         let p = file_path(&root, i);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, &block).unwrap();
@@ -185,7 +176,7 @@ fn daemon_run(rt: &tokio::runtime::Runtime, store: &Weed, n: usize) -> f64 {
     let root = d.env_root();
     let mut want = vec![0u8; FILE_SIZE];
     for i in (0..FILES).step_by(97) {
-        fill(&mut want, i as u64);
+        common::fill(&mut want, i as u64, 0);
         assert!(
             std::fs::read(file_path(&root, i)).unwrap() == want,
             "file {i} differs after the pull"
@@ -282,16 +273,6 @@ fn object_store_run(
             .await;
     });
     t.elapsed().as_secs_f64() * 1e3
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
-    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-    median(&mut r)
 }
 
 fn bench(c: &mut Criterion) {

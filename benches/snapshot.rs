@@ -64,7 +64,7 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
     let t = Instant::now();
     let mut block = vec![0u8; size];
     for i in 0..files {
-        fill(&mut block, i as u64, 0);
+        common::fill(&mut block, i as u64, 0);
         let p = root.join(format!("d{:03}/f{i}", i % 100));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, &block).unwrap();
@@ -86,24 +86,11 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
     }
 }
 
-/// Unique, incompressible-ish content per (file, round).
-fn fill(block: &mut [u8], file: u64, round: u64) {
-    let mut x =
-        file.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
-    for chunk in block.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let bytes = x.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
-}
-
 /// Rewrites files `ids` (spread over the tree's 100 dirs) with `size` bytes.
 fn change(root: &Path, ids: impl Iterator<Item = usize>, size: usize, round: u64) {
     let mut block = vec![0u8; size];
     for i in ids {
-        fill(&mut block, i as u64, round);
+        common::fill(&mut block, i as u64, round);
         let p = root.join(format!("d{:03}/f{i}", i % 100));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, &block).unwrap();
@@ -131,14 +118,6 @@ fn du(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn bench(c: &mut Criterion) {
@@ -263,13 +242,13 @@ fn bench(c: &mut Criterion) {
     drop(big);
     eprintln!(
         "freeze window, median: 1% of 10k {:.1} ms; unchanged 10k {:.1} ms; 100 of 100k {:.1} ms",
-        median(&mut freeze_1pct),
-        median(&mut freeze_none),
-        median(&mut freeze_big)
+        common::median(&mut freeze_1pct),
+        common::median(&mut freeze_none),
+        common::median(&mut freeze_big)
     );
     eprintln!(
         "store growth of an unchanged capture, median: {:.0} bytes",
-        median(&mut growth)
+        common::median(&mut growth)
     );
 }
 

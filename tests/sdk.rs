@@ -1,8 +1,8 @@
 //! Wire compatibility with the official SDKs, `sprites-py` and
 //! `@fly/sprites`: their own code, pointed at a real daemon over TCP with a
 //! token. `scripts/setup.sh` installs the pinned SDKs (a venv, an npm
-//! prefix); without them the tests skip, or fail under
-//! `SPRITED_REQUIRE_PRIVILEGED=1` (CI).
+//! prefix). The tests are ignored where privileged tests cannot run; asked
+//! to run without the SDKs, they fail.
 
 mod common;
 
@@ -10,41 +10,34 @@ use std::path::PathBuf;
 
 use common::{Daemon, NAME, TOKEN, privileged};
 
-/// `rel` under the setup cache, if setup installed it (else the test skips,
-/// or fails in CI).
-fn installed(rel: &str) -> Option<PathBuf> {
+/// `rel` under the setup cache; a test asked to run without it fails.
+fn installed(rel: &str) -> PathBuf {
     let cache = std::env::var_os("SPRITED_SETUP_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/sprited-setup".into());
     let p = cache.join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{} is missing: run scripts/setup.sh", p.display());
-    }
-    eprintln!(
-        "SKIPPED: {} is not installed (run scripts/setup.sh)",
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
         p.display()
     );
-    None
+    p
 }
 
 /// Runs one SDK script against a fresh daemon; it must print `done`. The
-/// daemon's log (none: the SDK is not installed, and the test skips).
-async fn run_script(name: &str, done: &str) -> Option<String> {
-    let python = installed("sdk-venv/bin/python")?;
+/// daemon's log.
+async fn run_script(name: &str, done: &str) -> String {
+    let python = installed("sdk-venv/bin/python");
     let script = format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = tokio::process::Command::new(python);
     cmd.arg(script);
-    Some(run(cmd, done).await)
+    run(cmd, done).await
 }
 
 /// `node` running `tests/sdk/<name>` (copied beside the setup cache's
-/// node_modules, with `js_common.mjs`, so it imports the installed SDK);
-/// none when the SDK is not installed (the test skips).
-fn js_script(name: &str) -> Option<tokio::process::Command> {
-    let modules = installed("js-sdk/node_modules/@fly/sprites")?;
+/// node_modules, with `js_common.mjs`, so it imports the installed SDK).
+fn js_script(name: &str) -> tokio::process::Command {
+    let modules = installed("js-sdk/node_modules/@fly/sprites");
     let dir = modules.ancestors().nth(3).unwrap();
     for f in [name, "js_common.mjs"] {
         std::fs::copy(
@@ -57,7 +50,7 @@ fn js_script(name: &str) -> Option<tokio::process::Command> {
     cmd.arg("--experimental-websocket")
         .arg("--no-warnings")
         .arg(dir.join(name));
-    Some(cmd)
+    cmd
 }
 
 /// How many TCP requests the daemon's log shows on a path ending in `path`.
@@ -92,54 +85,74 @@ async fn run(mut cmd: tokio::process::Command, done: &str) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn sprites_py_manages_services() {
-    if privileged("sprites_py_manages_services") {
-        run_script("services.py", "SDK services: all passed").await;
-    }
+    assert!(privileged("sprites_py_manages_services"));
+    run_script("services.py", "SDK services: all passed").await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn sprites_py_takes_and_restores_checkpoints() {
-    if privileged("sprites_py_takes_and_restores_checkpoints") {
-        run_script("checkpoints.py", "SDK checkpoints: all passed").await;
-    }
+    assert!(privileged("sprites_py_takes_and_restores_checkpoints"));
+    run_script("checkpoints.py", "SDK checkpoints: all passed").await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn sprites_py_runs_commands_and_uses_files() {
-    if privileged("sprites_py_runs_commands_and_uses_files") {
-        run_script("exec_fs.py", "SDK exec and fs: all passed").await;
-    }
+    assert!(privileged("sprites_py_runs_commands_and_uses_files"));
+    run_script("exec_fs.py", "SDK exec and fs: all passed").await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn sprites_py_reads_and_is_refused_network_policies() {
-    if privileged("sprites_py_reads_and_is_refused_network_policies") {
-        run_script("policy.py", "SDK policy: all passed").await;
-    }
+    assert!(privileged(
+        "sprites_py_reads_and_is_refused_network_policies"
+    ));
+    run_script("policy.py", "SDK policy: all passed").await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn fly_sprites_js_uses_absolute_paths_and_restores() {
-    if !privileged("fly_sprites_js_uses_absolute_paths_and_restores") {
-        return;
-    }
-    let Some(cmd) = js_script("js_sdk.mjs") else {
-        return;
-    };
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "fly_sprites_js_uses_absolute_paths_and_restores"
+    ));
+    let cmd = js_script("js_sdk.mjs");
     run(cmd, "JS SDK: all passed").await;
 }
 
 /// The JS SDK's control mode: execs over one multiplexed WebSocket each
 /// (two at once, then reused), and none fell back to the exec WebSocket.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn fly_sprites_js_runs_commands_over_the_control_connection() {
-    if !privileged("fly_sprites_js_runs_commands_over_the_control_connection") {
-        return;
-    }
-    let Some(cmd) = js_script("js_control.mjs") else {
-        return;
-    };
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "fly_sprites_js_runs_commands_over_the_control_connection"
+    ));
+    let cmd = js_script("js_control.mjs");
     let log = run(cmd, "JS control: all passed").await;
     assert!(requests(&log, "/control") >= 1, "{log}");
     assert_eq!(requests(&log, "/exec"), 0, "an exec fell back:\n{log}");
@@ -147,26 +160,30 @@ async fn fly_sprites_js_runs_commands_over_the_control_connection() {
 
 /// The rest of the JS SDK's per-sprite calls, through its own code.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn fly_sprites_js_makes_every_other_call() {
-    if !privileged("fly_sprites_js_makes_every_other_call") {
-        return;
-    }
-    let Some(cmd) = js_script("js_calls.mjs") else {
-        return;
-    };
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("fly_sprites_js_makes_every_other_call"));
+    let cmd = js_script("js_calls.mjs");
     run(cmd, "JS calls: all passed").await;
 }
 
 /// sprites-py's control mode: its commands over the control connection,
 /// none falling back to the exec WebSocket.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
 async fn sprites_py_runs_commands_over_the_control_connection() {
-    if !privileged("sprites_py_runs_commands_over_the_control_connection") {
-        return;
-    }
-    let Some(log) = run_script("control.py", "SDK control: all passed").await else {
-        return;
-    };
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "sprites_py_runs_commands_over_the_control_connection"
+    ));
+    let log = run_script("control.py", "SDK control: all passed").await;
     assert!(requests(&log, "/control") >= 1, "{log}");
     assert_eq!(requests(&log, "/exec"), 0, "a command fell back:\n{log}");
 }

@@ -246,6 +246,19 @@ pub fn kill_and_wait(pid: i32) {
     }
 }
 
+/// Unique, incompressible-ish content per (file, round).
+pub fn fill(block: &mut [u8], file: u64, round: u64) {
+    let mut x =
+        file.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+    for chunk in block.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
