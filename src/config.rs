@@ -51,6 +51,10 @@ pub enum ConfigError {
          or pass --env-base DIR (an OS tree: the environment's `/` before anything is written)"
     )]
     NoBase { base: PathBuf },
+    #[error("--network {value:?} is not `host` or `own`")]
+    BadNetwork { value: String },
+    #[error("--dns-upstream {value:?} is not an IP address or IP:PORT")]
+    BadDnsUpstream { value: String },
     #[error("state dir {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -67,7 +71,8 @@ pub enum ConfigError {
 ///
 /// The environment is the machine: every service, command and terminal runs
 /// inside a container whose `/` is an overlay of --env-base (own mount, PID,
-/// UTS and IPC namespaces; its PID 1 is this binary's init), with the API at
+/// UTS and IPC namespaces, and with `--network own` its own network namespace;
+/// its PID 1 is this binary's init), with the API at
 /// /.sprite/api.sock and `sprite-env` on its PATH.
 ///
 /// Every flag can also be set by the environment variable shown beside it.
@@ -255,6 +260,34 @@ pub struct Args {
     )]
     pub shutdown_timeout: String,
 
+    /// The environment's network: `host` shares the VM's network namespace
+    /// (no network policy can be enforced); `own` gives it a namespace of
+    /// its own behind NAT, with the daemon as its DNS resolver and the
+    /// network policy enforced by nftables in the VM's namespace. Needs
+    /// `ip`, `nft` and `ss`; turns IPv4 forwarding on in the daemon's
+    /// namespace, and adds a veth pair (`spr…`, a /30 of 100.64.0.0/10) and
+    /// an nftables table (`inet sprited_…`) there, removed at shutdown.
+    /// With `own`, ports inside are reached through the proxy and the
+    /// ingress, not on the VM's addresses.
+    #[arg(
+        long,
+        env = "SPRITED_NETWORK",
+        default_value = "host",
+        value_name = "host|own"
+    )]
+    pub network: String,
+
+    /// With `--network own`: where allowed DNS lookups are sent (IP or
+    /// IP:PORT; repeat for more). Default: the nameservers of the VM's
+    /// /etc/resolv.conf.
+    #[arg(
+        long,
+        env = "SPRITED_DNS_UPSTREAM",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub dns_upstream: Vec<String>,
+
     /// Log filter (tracing syntax, e.g. `info`, `sprited=debug`).
     #[arg(
         long,
@@ -388,6 +421,9 @@ pub struct Config {
     pub env_base: PathBuf,
     pub hold_booting: bool,
     pub mountinfo_path: PathBuf,
+    /// `--network own`: the environment's own namespace, with these DNS
+    /// upstreams (empty: the VM's resolvers).
+    pub own_network: Option<Vec<SocketAddr>>,
 }
 
 impl Config {
@@ -487,6 +523,27 @@ impl Config {
             criu_log_level: args.criu_log_level,
             hold_booting: args.hold_booting,
             mountinfo_path: args.mountinfo.clone(),
+            own_network: match args.network.as_str() {
+                "host" => None,
+                "own" => Some(
+                    args.dns_upstream
+                        .iter()
+                        .map(|a| {
+                            a.parse::<SocketAddr>()
+                                .or_else(|_| {
+                                    a.parse::<std::net::IpAddr>()
+                                        .map(|ip| SocketAddr::new(ip, 53))
+                                })
+                                .map_err(|_| ConfigError::BadDnsUpstream { value: a.clone() })
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => {
+                    return Err(ConfigError::BadNetwork {
+                        value: other.to_owned(),
+                    });
+                }
+            },
         })
     }
 

@@ -262,6 +262,9 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
     }
     if let Some(container) = app.container.get() {
         container.kill().await;
+        if let Some(net) = container.network() {
+            net.teardown().await;
+        }
     }
     if let Some(cps) = app.checkpoints.get() {
         cps.unmount_browsable();
@@ -341,15 +344,31 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     if cold {
         tracing::info!("the sprite was asleep (cold): it stays so until a request wakes it");
     }
-    let container = match (&env, app.cgroups.get()) {
-        (Some(env), Some(cgroups)) => match start_container(&app, env, cgroups, !cold).await {
-            Ok(c) => Some(c),
+    let network = match &config.own_network {
+        Some(upstreams) => match own_network(&app, upstreams).await {
+            Ok(net) => Some(net),
             Err(e) => {
-                tracing::error!(error = %e, "the environment cannot start: services and commands will not run");
-                let _ = app.fs_error.set(e.to_string());
+                tracing::error!(error = %e, "the environment's network cannot be made: the environment will not start");
+                let _ = app
+                    .fs_error
+                    .set(format!("the environment's network cannot be made: {e}"));
                 None
             }
         },
+        None => None,
+    };
+    let container = match (&env, app.cgroups.get()) {
+        (Some(_), Some(_)) if config.own_network.is_some() && network.is_none() => None,
+        (Some(env), Some(cgroups)) => {
+            match start_container(&app, env, cgroups, network, !cold).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "the environment cannot start: services and commands will not run");
+                    let _ = app.fs_error.set(e.to_string());
+                    None
+                }
+            }
+        }
         _ => None,
     };
     let _ = app
@@ -401,6 +420,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
                 if let Some(sessions) = app.sessions.get() {
                     c.set_sessions(sessions.clone());
                 }
+                c.set_policies(app.policies.clone());
                 c.set_auto_keep(config.auto_keep);
                 let c = Arc::new(c);
                 let _ = app.checkpoints.set(c.clone());
@@ -472,10 +492,46 @@ fn start_uploads(app: &Arc<AppState>, config: &Config, cps: Arc<Checkpoints>) {
 
 /// Sets up the environment's container over the mounted root and starts
 /// its init (killing whatever a crashed daemon left in the cgroups).
+/// The environment's own network namespace (`--network own`), with the
+/// stored network policy in force.
+async fn own_network(
+    app: &AppState,
+    upstreams: &[SocketAddr],
+) -> Result<Arc<crate::network::Network>, String> {
+    let upstreams = if upstreams.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        crate::network::nameservers(&conf)
+    } else {
+        upstreams.to_vec()
+    };
+    if upstreams.is_empty() {
+        tracing::warn!(
+            "no DNS upstream (--dns-upstream, /etc/resolv.conf): lookups from the environment will fail"
+        );
+    }
+    let net = crate::network::Network::create(
+        crate::network::NetworkConfig {
+            daemon_id: app.config.daemon_id.clone(),
+            upstreams,
+            dir: app.config.state_dir.join("network"),
+        },
+        app.reaper.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some(p) = app.policies.network() {
+        net.apply(Some(p))
+            .await
+            .map_err(|e| format!("the stored network policy: {e}"))?;
+    }
+    Ok(net)
+}
+
 async fn start_container(
     app: &AppState,
     env: &Env,
     cgroups: &Cgroups,
+    network: Option<Arc<crate::network::Network>>,
     start: bool,
 ) -> Result<crate::container::Container, String> {
     let config = &app.config;
@@ -499,6 +555,12 @@ async fn start_container(
         },
         app.reaper.clone(),
     );
+    if let Some(net) = network {
+        container.set_network(net);
+        if let Some(ports) = app.ports.get() {
+            ports.set_net_dir(container.proc_net());
+        }
+    }
     if let Some(p) = app.policies.privileges() {
         match p.privileges() {
             Ok(privileges) => container.set_privileges(privileges),

@@ -117,10 +117,15 @@ fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, 
 const MAX_RULES: usize = 1000;
 
 /// A network policy as the SDKs send it: `{"rules": [{"action": "allow",
-/// "domain": "*.example.org"}, {"action": "deny", "domain": "*"}]}`. Only
-/// checked so far: enforcing it needs the environment's own network
-/// namespace, which it does not have yet, so a valid policy is refused
-/// (501) rather than stored and ignored.
+/// "domain": "*.example.org"}, {"action": "deny", "domain": "*"}]}`,
+/// enforced by [`crate::network`] where the environment has its own network
+/// namespace (and refused with a 501 where it shares the host's).
+///
+/// A name takes the action of the most specific rule that matches it: an
+/// exact domain before a wildcard, a longer wildcard before a shorter one,
+/// `*` last; deny wins a tie. A name no rule matches is allowed. With
+/// `deny *`, the policy is an allowlist: the environment reaches only the
+/// addresses that allowed names resolved to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicy {
@@ -182,6 +187,46 @@ impl NetworkPolicy {
             }
         }
         Ok(p)
+    }
+}
+
+impl NetworkPolicy {
+    /// Whether `name` (any case, with or without the final dot) may be
+    /// looked up.
+    pub fn allows(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        // (specificity, allowed) of the best match so far
+        let mut best: Option<(usize, bool)> = None;
+        for r in &self.rules {
+            let (Some(domain), Some(action)) = (r.domain.as_deref(), r.action.as_deref()) else {
+                continue;
+            };
+            let domain = domain.to_ascii_lowercase();
+            let rank = if domain == "*" {
+                Some(0)
+            } else if let Some(suffix) = domain.strip_prefix("*.") {
+                name.strip_suffix(suffix)
+                    .is_some_and(|head| head.ends_with('.') && head.len() > 1)
+                    .then_some(1 + suffix.len())
+            } else {
+                (name == domain).then_some(usize::MAX)
+            };
+            let Some(rank) = rank else { continue };
+            let allow = action == "allow";
+            best = match best {
+                Some((b, a)) if b > rank || (b == rank && !a) => Some((b, a)),
+                _ => Some((rank, allow)),
+            };
+        }
+        best.is_none_or(|(_, allow)| allow)
+    }
+
+    /// An allowlist (`deny *`): addresses no allowed name resolved to are
+    /// unreachable.
+    pub fn is_allowlist(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.domain.as_deref() == Some("*") && r.action.as_deref() == Some("deny"))
     }
 }
 
@@ -380,6 +425,25 @@ impl PolicyStore {
         f(self)
     }
 
+    fn network_path(&self) -> PathBuf {
+        self.dir.join("network.json")
+    }
+
+    /// The stored network policy (none: everything allowed).
+    pub fn network(&self) -> Option<NetworkPolicy> {
+        self.load(&self.network_path(), NetworkPolicy::from_request)
+    }
+
+    /// Stores `p` atomically.
+    pub fn set_network(&self, p: &NetworkPolicy) -> Result<(), PolicyError> {
+        self.store(&self.network_path(), p)
+    }
+
+    /// Removes the network policy: everything allowed.
+    pub fn clear_network(&self) -> Result<(), PolicyError> {
+        self.remove(&self.network_path())
+    }
+
     fn privileges_path(&self) -> PathBuf {
         self.dir.join("privileges.json")
     }
@@ -529,6 +593,40 @@ mod tests {
                 .to_string();
             assert!(e.starts_with(&format!("{field}:")), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn the_most_specific_network_rule_decides() {
+        let p = |body: &str| NetworkPolicy::from_request(body.as_bytes()).unwrap();
+        let rule = |a: &str, d: &str| format!(r#"{{"action":"{a}","domain":"{d}"}}"#);
+        let list = p(&format!(
+            r#"{{"rules":[{},{},{},{}]}}"#,
+            rule("allow", "github.com"),
+            rule("allow", "*.example.org"),
+            rule("deny", "*.bad.example.org"),
+            rule("deny", "*")
+        ));
+        assert!(list.is_allowlist());
+        assert!(list.allows("github.com") && list.allows("GitHub.com."));
+        assert!(!list.allows("api.github.com"), "an exact rule is exact");
+        assert!(list.allows("a.example.org") && list.allows("x.y.example.org"));
+        assert!(
+            !list.allows("example.org"),
+            "*.example.org needs a label more"
+        );
+        assert!(
+            !list.allows("x.bad.example.org"),
+            "the longer wildcard wins"
+        );
+        assert!(!list.allows("notexample.org") && !list.allows("b.test"));
+        // Deny wins a tie; no match is allowed; no `deny *` is no allowlist.
+        let tie = p(&format!(
+            r#"{{"rules":[{},{}]}}"#,
+            rule("allow", "a.test"),
+            rule("deny", "a.test")
+        ));
+        assert!(!tie.allows("a.test") && tie.allows("b.test") && !tie.is_allowlist());
+        assert!(NetworkPolicy::default().allows("anything.at.all"));
     }
 
     #[test]

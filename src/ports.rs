@@ -50,6 +50,9 @@ struct Table {
 #[derive(Clone)]
 pub struct Ports {
     proc_root: Arc<PathBuf>,
+    /// `proc_root`-relative dir of the socket tables read: `net`, or the
+    /// environment's own namespace's.
+    net_dir: Arc<Mutex<PathBuf>>,
     table: Arc<Mutex<Table>>,
     tx: broadcast::Sender<PortEvent>,
 }
@@ -60,6 +63,7 @@ impl Ports {
         let (tx, _) = broadcast::channel(256);
         let ports = Ports {
             proc_root: Arc::new(proc_root),
+            net_dir: Arc::new(Mutex::new(PathBuf::from("net"))),
             table: Arc::new(Mutex::new(Table {
                 current: BTreeMap::new(),
             })),
@@ -81,6 +85,12 @@ impl Ports {
         ports
     }
 
+    /// Reads the socket tables of `dir` (relative to `/proc`) from now on:
+    /// the environment's own network namespace's.
+    pub fn set_net_dir(&self, dir: PathBuf) {
+        *self.net_dir.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+    }
+
     /// The listeners now, and a receiver of every change after them.
     pub fn subscribe(&self) -> (Vec<Listener>, broadcast::Receiver<PortEvent>) {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,8 +106,11 @@ impl Ports {
 
     fn refresh_locked(&self, t: &mut Table) {
         let mut now: BTreeMap<u64, (u16, String)> = BTreeMap::new();
-        for file in ["net/tcp", "net/tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(self.proc_root.join(file)) {
+        let dir = self
+            .proc_root
+            .join(&*self.net_dir.lock().unwrap_or_else(|e| e.into_inner()));
+        for file in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                 for (inode, port, addr) in parse_listeners(&text) {
                     now.insert(inode, (port, addr));
                 }

@@ -562,6 +562,31 @@ pub fn unshare_before_exec(cmd: &mut std::process::Command, flags: libc::c_int) 
     }
 }
 
+/// Makes the child of `cmd` join the namespace `ns` (of type `nstype`,
+/// e.g. `CLONE_NEWNET`) before it execs. Register it before
+/// [`pass_fds_before_exec`], which may reuse `ns`'s fd number.
+#[allow(unsafe_code)]
+pub fn setns_before_exec(
+    cmd: &mut std::process::Command,
+    ns: std::sync::Arc<std::os::fd::OwnedFd>,
+    nstype: libc::c_int,
+) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec; setns(2) is
+    // a raw system call on an fd the closure keeps open (`ns` lives as long
+    // as `cmd`), and nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), nstype) < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
 /// Hands `fds` to the child of `cmd` as fds `first`, `first + 1`, … (open
 /// across `exec`). The fds stay owned by the closure until `cmd` is dropped.
 #[allow(unsafe_code)]

@@ -113,7 +113,11 @@ async fn upstream(app: &AppState) -> Result<TcpStream, (u16, String)> {
                 ),
             ));
         }
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
+        let dialed = match app.container.get() {
+            Some(c) => c.connect(port).await,
+            None => TcpStream::connect(("127.0.0.1", port)).await,
+        };
+        if let Ok(s) = dialed {
             return Ok(s);
         }
         if Instant::now() + RETRY > deadline {

@@ -149,7 +149,8 @@ fn routes(state: Arc<AppState>) -> Router {
         .route(
             "/v1/policy/network",
             get(policy::get_network)
-                .post(policy::set_network.layer(DefaultBodyLimit::max(policy::MAX_BODY))),
+                .post(policy::set_network.layer(DefaultBodyLimit::max(policy::MAX_BODY)))
+                .delete(policy::delete_network),
         )
         .route(
             "/v1/policy/resources",

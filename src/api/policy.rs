@@ -150,22 +150,76 @@ async fn change_resources(app: &Arc<AppState>, p: Option<ResourcesPolicy>) -> Re
     Ok(())
 }
 
-/// `GET .../policy/network`: no policy is in force (everything allowed).
-pub async fn get_network() -> Json<Value> {
-    Json(json!({"rules": []}))
+/// `GET .../policy/network`: the rules in force (none: everything
+/// allowed).
+pub async fn get_network(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let p = match app.container.get().and_then(|c| c.network()) {
+        Some(net) => net.policy().await.unwrap_or_default(),
+        None => NetworkPolicy::default(),
+    };
+    Json(json!({"rules": p.rules}))
 }
 
-/// `POST .../policy/network`: checked (400s naming the field), then
-/// refused with a 501: enforcing it needs the environment's own network
-/// namespace, which it does not have yet, and a policy stored but not
-/// enforced would be worse than none.
+/// `POST .../policy/network`: checked (400s naming the field), put in
+/// force at once (lookups, the filter, open connections), then stored.
+/// Where the environment shares the host's network namespace it cannot be
+/// enforced: a 501, and nothing is stored.
 pub async fn set_network(
+    State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     caller.may_change("the network policy")?;
-    NetworkPolicy::from_request(&body)?;
-    Err(ApiError::NotImplemented(
-        "network policies are not enforced yet: the environment shares the host's network namespace; nothing was stored".into(),
-    ))
+    let p = NetworkPolicy::from_request(&body)?;
+    change_network(&app, Some(p.clone())).await?;
+    tracing::info!(rules = p.rules.len(), "network policy set");
+    Ok(Json(json!({"rules": p.rules})))
+}
+
+/// `DELETE .../policy/network`: everything allowed again.
+pub async fn delete_network(
+    State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_change("the network policy")?;
+    change_network(&app, None).await?;
+    tracing::info!("network policy removed");
+    Ok(Json(json!({"rules": []})))
+}
+
+/// Puts `p` in force, then stores it; if storing fails, the previous
+/// policy is put back.
+async fn change_network(app: &Arc<AppState>, p: Option<NetworkPolicy>) -> Result<(), ApiError> {
+    let Some(net) = app.container.get().and_then(|c| c.network()).cloned() else {
+        return Err(ApiError::NotImplemented(
+            "network policies are not enforced here: the environment shares the host's network namespace (start the daemon with --network own); nothing was stored".into(),
+        ));
+    };
+    let before = net.policy().await;
+    net.apply(p.clone()).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot put the network policy in force");
+        ApiError::Unavailable(
+            "the network policy could not be put in force; the previous one stays".into(),
+        )
+    })?;
+    let store = app.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        store.policies.update(|s| match &p {
+            Some(p) if !p.rules.is_empty() => s.set_network(p),
+            _ => s.clear_network(),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("storing the policy failed: {e}")));
+    match stored {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let _ = net.apply(before).await;
+            Err(e.into())
+        }
+        Err(e) => {
+            let _ = net.apply(before).await;
+            Err(e)
+        }
+    }
 }

@@ -18,14 +18,20 @@ use super::{ApiError, AppState};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Dials `127.0.0.1:port`, with a clear error for a closed port.
-pub async fn dial(port: u16) -> Result<TcpStream, ApiError> {
+/// Dials `127.0.0.1:port` in the environment, with a clear error for a
+/// closed port.
+pub async fn dial(app: &AppState, port: u16) -> Result<TcpStream, ApiError> {
     if port == 0 {
         return Err(ApiError::BadRequest(
             "port must be between 1 and 65535".into(),
         ));
     }
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+    let Some(container) = app.container.get() else {
+        return Err(ApiError::Unavailable(
+            "the environment is unavailable (see /v1/status)".into(),
+        ));
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, container.connect(port)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
@@ -73,7 +79,7 @@ pub async fn connect(app: Arc<AppState>, mut req: Request) -> Response {
             .wait_running(app.config.wait_for_running)
             .await?;
         let port = port?;
-        let upstream = dial(port).await?;
+        let upstream = dial(&app, port).await?;
         Ok::<_, ApiError>((port, upstream))
     }
     .await;
@@ -151,7 +157,7 @@ async fn run_proxy(app: Arc<AppState>, mut socket: WebSocket) {
     {
         return close(socket, 1011, e.to_string()).await;
     }
-    let upstream = match dial(port).await {
+    let upstream = match dial(&app, port).await {
         Ok(s) => s,
         Err(e) => return close(socket, 1011, format!("Failed to connect to target: {e}")).await,
     };

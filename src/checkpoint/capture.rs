@@ -278,6 +278,7 @@ impl Checkpoints {
             env,
             with_processes: processes && self.criu.is_some(),
             imported_from: None,
+            policies: self.policies_now(),
             skipped,
             skipped_count,
             stats: CaptureStats {
@@ -465,6 +466,7 @@ impl Checkpoints {
             images: &dir,
             external: EXTERNAL_MOUNTS,
             external_sockets: &[],
+            netns: container.network().map(|n| n.netns_inode()),
         };
         let mut result = criu.dump_env(
             &DumpTarget {
@@ -556,6 +558,7 @@ impl Checkpoints {
             images: &dir,
             external: EXTERNAL_MOUNTS,
             external_sockets: &sockets,
+            netns: container.network().map(|n| n.netns_inode()),
         };
         // Frozen before CRIU starts: left to freeze a running cgroup, CRIU
         // polls the freezer in steps of 100 ms. It leaves a cgroup it found

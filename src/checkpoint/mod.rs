@@ -126,6 +126,14 @@ pub struct CaptureStats {
     pub images_dedup_bytes: u64,
 }
 
+/// The policies a checkpoint keeps: the network policy, where the
+/// environment has its own network (none: everything allowed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Policies {
+    #[serde(default)]
+    pub network: Option<crate::policy::NetworkPolicy>,
+}
+
 /// A checkpoint's metadata (`meta.json`); the API shows the public fields.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -159,6 +167,10 @@ pub struct CheckpointMeta {
     /// How many entries were skipped in all.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_count: u64,
+    /// The policies in force when it was taken; a restore puts them back
+    /// (none recorded: the policies stay as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Policies>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -289,6 +301,8 @@ pub struct Checkpoints {
     parent: Mutex<Option<(String, Arc<Manifest>)>>,
     /// Exec sessions: frozen with the services, killed by a restore.
     sessions: std::sync::OnceLock<crate::exec::Sessions>,
+    /// The stored policies: recorded by captures, put back by restores.
+    policies: std::sync::OnceLock<crate::policy::PolicyStore>,
     /// Checkpoints being exported (id → how many exports): not deletable.
     exporting: Arc<Mutex<BTreeMap<String, usize>>>,
     /// How many automatic checkpoints (taken before restores) are kept.
@@ -391,6 +405,7 @@ impl Checkpoints {
             metas: Mutex::new(metas),
             parent: Mutex::new(None),
             sessions: std::sync::OnceLock::new(),
+            policies: std::sync::OnceLock::new(),
             exporting: Arc::default(),
             auto_keep: AUTO_KEEP.into(),
             last_restore: Mutex::new(None),
@@ -409,6 +424,21 @@ impl Checkpoints {
     /// Exec sessions to freeze during captures and to kill on restores.
     pub fn set_sessions(&self, sessions: crate::exec::Sessions) {
         let _ = self.sessions.set(sessions);
+    }
+
+    /// The policy store: captures record the policies, restores put them
+    /// back.
+    pub fn set_policies(&self, policies: crate::policy::PolicyStore) {
+        let _ = self.policies.set(policies);
+    }
+
+    /// The policies a capture records (none where the environment has no
+    /// network of its own: nothing to put back).
+    fn policies_now(&self) -> Option<Policies> {
+        self.container.as_ref()?.network()?;
+        Some(Policies {
+            network: self.policies.get()?.network(),
+        })
     }
 
     /// `f` is told the id of every checkpoint a capture publishes, once
@@ -678,6 +708,7 @@ impl Checkpoints {
                 stats: src.stats.clone(),
                 env: src.env.clone(),
                 with_processes: src.with_processes,
+                policies: src.policies.clone(),
                 imported_from: Some(ImportedFrom {
                     sprite: from_sprite.map(str::to_owned),
                     id: src.id.clone(),

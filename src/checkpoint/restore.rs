@@ -12,6 +12,7 @@
 //!    without one (or when CRIU fails): start a fresh environment and say why;
 //! 5. start the services that are not running yet.
 
+use crate::policy::NetworkPolicy;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,6 +93,7 @@ impl Checkpoints {
         self.restore_files(&meta, progress).await?;
         self.sup
             .replace_definitions(meta.services.clone(), &meta.running)?;
+        self.restore_policies(&meta, progress).await;
         let files = t0.elapsed();
         if let Some(container) = &self.container {
             match self.restore_processes(&meta, container, images).await.err() {
@@ -197,6 +199,55 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Step 3b: the checkpoint's policies, in force before any of its
+    /// processes runs, and stored. One that does not pass the checks (a
+    /// hostile archive's) or cannot be put in force is reported; the
+    /// policy in force stays.
+    async fn restore_policies(&self, meta: &CheckpointMeta, progress: &(dyn Fn(Note) + Sync)) {
+        let (Some(kept), Some(net), Some(store)) = (
+            &meta.policies,
+            self.container.as_ref().and_then(|c| c.network()),
+            self.policies.get(),
+        ) else {
+            return;
+        };
+        let checked = match &kept.network {
+            None => Ok(None),
+            Some(p) => serde_json::to_vec(p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| NetworkPolicy::from_request(&b).map_err(|e| e.to_string()))
+                .map(Some),
+        };
+        let result = match checked {
+            Err(e) => Err(format!("it is not valid: {e}")),
+            Ok(p) => match net.apply(p.clone()).await {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        store.update(|s| match &p {
+                            Some(p) if !p.rules.is_empty() => s.set_network(p),
+                            _ => s.clear_network(),
+                        })
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+            },
+        };
+        match result {
+            Ok(()) => info(progress, "Network policy restored"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the checkpoint's network policy was not restored");
+                info(
+                    progress,
+                    "The checkpoint's network policy could not be restored; the current one stays",
+                );
+            }
+        }
+    }
+
     /// Step 4 begins early: the raw images of `meta`'s dump, rebuilt from
     /// the store on a thread of their own (none without a dump or CRIU).
     fn start_rebuilding(self: &Arc<Self>, meta: &CheckpointMeta) -> Option<ImagesAt> {
@@ -253,6 +304,7 @@ impl Checkpoints {
         let placement = Placement::new(&container.config().cgroups, &images.cgroups)
             .map_err(|e| e.to_string())?;
         let hook = self.placement_hook(container, &placement);
+        let netns = container.network().map(|n| n.netns());
         let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             // A checkpoint's images are rebuilt from the store for this
             // restore, and removed after it (before any writeback).
@@ -266,7 +318,13 @@ impl Checkpoints {
                 }
                 ImagesAt::Dir(dir) => (dir, None),
             };
-            let (inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
+            let (mut inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
+            if let Some(ns) = &netns {
+                let ns = ns
+                    .try_clone()
+                    .map_err(|e| format!("the network namespace: {e}"))?;
+                inherit.push((ns, crate::network::CRIU_KEY.to_owned()));
+            }
             let procs = init_cgroup.procs_fd().map_err(|e| e.to_string())?;
             let externals: Vec<(&str, PathBuf)> = externals
                 .iter()

@@ -117,6 +117,7 @@ impl Checkpoints {
             .ok_or_else(|| unavailable("the environment's init is gone"))?;
         let plan = self.dump_plan(&container, container.external_unix_sockets());
         let whole = container.config().cgroups.whole();
+        let netns = container.network().map(|n| n.netns_inode());
         let (dir, record_path) = (self.sleep_images(), self.cold_path());
         let since_ms = since
             .duration_since(UNIX_EPOCH)
@@ -138,6 +139,7 @@ impl Checkpoints {
                         images: &dir,
                         external: EXTERNAL_MOUNTS,
                         external_sockets: &plan.external_sockets,
+                        netns,
                     },
                     None,
                     None,

@@ -117,6 +117,9 @@ struct Shared {
     current: Mutex<Option<Arc<Instance>>>,
     /// What the next process started may hold (the privileges policy).
     privileges: Mutex<Privileges>,
+    /// The environment's own network namespace (`--network own`); unset,
+    /// it shares the daemon's.
+    network: std::sync::OnceLock<Arc<crate::network::Network>>,
 }
 
 fn io_err(op: &'static str, pid: i32) -> impl FnOnce(io::Error) -> ContainerError {
@@ -145,6 +148,7 @@ impl Container {
                 reaper,
                 current: Mutex::new(None),
                 privileges: Mutex::new(Privileges::default()),
+                network: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -161,6 +165,34 @@ impl Container {
             .privileges
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Gives the environment its own network (before it first starts).
+    pub(crate) fn set_network(&self, net: Arc<crate::network::Network>) {
+        let _ = self.inner.network.set(net);
+    }
+
+    /// The environment's own network, if it has one.
+    pub(crate) fn network(&self) -> Option<&Arc<crate::network::Network>> {
+        self.inner.network.get()
+    }
+
+    /// A connection to `port` on the environment's loopback (the daemon's
+    /// own where the environment shares its network).
+    pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
+        match self.inner.network.get() {
+            Some(net) => net.connect(port).await,
+            None => tokio::net::TcpStream::connect(("127.0.0.1", port)).await,
+        }
+    }
+
+    /// `/proc`-relative dir of the socket tables the environment sees
+    /// (`net`, the daemon's own, where it shares the daemon's network).
+    pub fn proc_net(&self) -> std::path::PathBuf {
+        self.inner
+            .network
+            .get()
+            .map_or_else(|| "net".into(), |n| n.proc_net())
     }
 
     fn current(&self) -> Result<Arc<Instance>, ContainerError> {
@@ -217,6 +249,9 @@ impl Container {
             .stdin(StdStdio::piped())
             .stdout(StdStdio::piped())
             .stderr(StdStdio::inherit());
+        if let Some(net) = self.inner.network.get() {
+            crate::sys::setns_before_exec(&mut cmd, net.netns(), libc::CLONE_NEWNET);
+        }
         crate::sys::pass_fds_before_exec(&mut cmd, vec![req_r, evt_w], init::REQUEST_FD);
         crate::sys::join_cgroup_before_exec(&mut cmd, cgroup.procs_fd()?);
         crate::sys::unshare_before_exec(

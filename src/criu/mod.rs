@@ -127,6 +127,9 @@ pub struct DumpTarget<'a> {
     pub images: &'a Path,
     pub external: &'a [(&'a str, &'a str)],
     pub external_sockets: &'a [u64],
+    /// The inode of the environment's own network namespace, dumped as
+    /// external (`None`: it shares CRIU's).
+    pub netns: Option<u64>,
 }
 
 /// A working CRIU (found and `criu check` passed).
@@ -299,6 +302,7 @@ impl Criu {
             images,
             external,
             external_sockets,
+            netns,
         } = *t;
         let started = Instant::now();
         std::fs::create_dir_all(images).map_err(io_err("create", images))?;
@@ -328,6 +332,10 @@ impl Criu {
         }
         for ino in external_sockets {
             cmd.arg("--external").arg(format!("unix[{ino}]"));
+        }
+        if let Some(ino) = netns {
+            cmd.arg("--external")
+                .arg(format!("net[{ino}]:{}", crate::network::CRIU_KEY));
         }
         if self.skip_network_lock {
             cmd.args(["--network-lock", "skip"]);

@@ -526,10 +526,7 @@ impl Supervisor {
             let mut exited = exit_rx;
             let deadline = tokio::time::Instant::now() + self.inner.cfg.port_wait;
             loop {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
-                    .await
-                    .is_ok()
-                {
+                if container.connect(port as u16).await.is_ok() {
                     break;
                 }
                 tokio::select! {

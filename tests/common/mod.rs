@@ -69,6 +69,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// `--sprite-name` (default [`NAME`]).
     pub name: Option<String>,
+    /// A network namespace (`ip netns` name) the daemon runs in.
+    pub netns: Option<String>,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             extra: vec![],
             state_dir: None,
             name: None,
+            netns: None,
         }
     }
 }
@@ -118,7 +121,15 @@ pub fn spawn(opts: Options) -> Spawned {
     let notify_path = tmp.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let log = tmp.path().join("daemon.log");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match &opts.netns {
+        // (nsenter joins the namespace and execs the daemon: same pid)
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     cmd.arg("--state-dir")
         .arg(&state_dir)
         .args([
@@ -725,4 +736,40 @@ pub fn archive_entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
             (name, data)
         })
         .collect()
+}
+
+/// A network namespace made for a test (`ip netns add`, loopback up),
+/// deleted on drop.
+pub struct Netns(pub String);
+
+/// Runs `ip args…`; a failure fails the test with its message.
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    pub fn new(name: String) -> Netns {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
 }

@@ -1,7 +1,8 @@
-"""The official sprites-py SDK's policy calls against a real sprited: the
-network policy has no rules in force, and an update is refused with the
-reason (it cannot be enforced yet) rather than stored. Driven by
-tests/sdk.rs."""
+"""The official sprites-py SDK's network policy calls against a real
+sprited whose environment has its own network (`--network own`): no rules
+at first; an update is in force and read back; an invalid rule is named and
+leaves the policy in force alone; an empty policy lifts it. Driven by
+tests/sdk.rs (the enforcement itself: tests/network.rs)."""
 
 from sprites import NetworkPolicy, PolicyRule
 from sprites.exceptions import SpriteError
@@ -10,17 +11,20 @@ from common import check, sprite
 
 policy = sprite.get_network_policy()
 check(policy.rules == [], f"get_network_policy: {policy!r}")
-try:
-    sprite.update_network_policy(
-        NetworkPolicy(rules=[PolicyRule(domain="github.com", action="allow"), PolicyRule(domain="*", action="deny")])
-    )
-    check(False, "an update that cannot be enforced is refused")
-except SpriteError as e:
-    check("status 501" in str(e) and "not enforced" in str(e), f"update_network_policy refused: {e}")
+sprite.update_network_policy(
+    NetworkPolicy(rules=[PolicyRule(domain="github.com", action="allow"), PolicyRule(domain="*", action="deny")])
+)
+got = sprite.get_network_policy().rules
+check(
+    [(r.domain, r.action) for r in got] == [("github.com", "allow"), ("*", "deny")],
+    f"the update is in force: {got!r}",
+)
 try:
     sprite.update_network_policy(NetworkPolicy(rules=[PolicyRule(domain="not a domain", action="allow")]))
     check(False, "an invalid rule is refused")
 except SpriteError as e:
     check("status 400" in str(e) and "rules[0].domain" in str(e), f"an invalid rule is named: {e}")
-check(sprite.get_network_policy().rules == [], "nothing was stored")
+check(len(sprite.get_network_policy().rules) == 2, "the policy in force stays")
+sprite.update_network_policy(NetworkPolicy(rules=[]))
+check(sprite.get_network_policy().rules == [], "an empty policy lifts it")
 print("SDK policy: all passed")
