@@ -135,7 +135,8 @@ async fn sh(d: &Daemon, script: &str) -> (i32, String) {
     )
 }
 
-async fn set_policy(d: &Daemon, rules: Value) -> (u16, Value) {
+/// POSTs a network policy: (status, body).
+async fn set_policy(d: &Daemon, rules: Value) -> (u16, String) {
     let (code, body) = d
         .unix
         .call(
@@ -145,10 +146,7 @@ async fn set_policy(d: &Daemon, rules: Value) -> (u16, Value) {
         )
         .await
         .unwrap();
-    (
-        code.as_u16(),
-        serde_json::from_slice(&body).unwrap_or(Value::Null),
-    )
+    (code.as_u16(), String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The rcode the environment's resolver gives a lookup of `name`.
@@ -207,7 +205,7 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
         json!([{"action": "allow", "domain": "a.test"}, {"action": "deny", "domain": "*"}]),
     )
     .await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(code, 204, "{body}");
     let (_, got) = d.unix.get_json("/v1/policy/network").await.unwrap();
     assert_eq!(got["rules"][0]["domain"], "a.test");
 
@@ -272,7 +270,7 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
         json!([{"action": "deny", "domain": "a.test"}, {"action": "deny", "domain": "*"}]),
     )
     .await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(code, 204, "{body}");
     let closed = tokio::time::timeout(common::WAIT, lines.next_line()).await;
     assert!(
         matches!(&closed, Ok(Ok(Some(l))) if l.starts_with("closed")),
@@ -360,7 +358,8 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
         ])
         .await;
     assert_eq!(rc, 0, "{out}");
-    assert!(out.contains(r#""domain":"*""#), "{out}");
+    let (_, got) = d.unix.get_json("/v1/policy/network").await.unwrap();
+    assert_eq!(got, json!({"rules": [{"action": "allow", "domain": "*"}]}));
     let (rc, out) = sh(&d, "curl -sS --max-time 20 http://b.test/").await;
     assert_eq!((rc, out.as_str()), (0, "site b\n"), "allowed over TCP");
     let _ = hold.wait().await;

@@ -24,33 +24,39 @@ fn installed(rel: &str) -> PathBuf {
     p
 }
 
+/// `python` of the SDK's venv running `tests/sdk/<name>`.
+fn py_script(name: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(installed("sdk-venv/bin/python"));
+    cmd.arg(format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR")));
+    cmd
+}
+
 /// Runs one SDK script against a fresh daemon; it must print `done`. The
 /// daemon's log.
 async fn run_script(name: &str, done: &str) -> String {
-    let python = installed("sdk-venv/bin/python");
-    let script = format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = tokio::process::Command::new(python);
-    cmd.arg(script);
-    run(cmd, done).await
+    run(py_script(name), done).await
 }
 
-/// Runs one SDK script against a fresh daemon whose environment has its own
+/// Runs an SDK client against a fresh daemon whose environment has its own
 /// network (`--network own`), both in a network namespace made for the
 /// test (the daemon's veth pair and nftables table stay in there); it must
 /// print `done`. The daemon's log.
-async fn run_script_own_network(name: &str, done: &str) -> String {
-    let ns = common::Netns::new(format!("sprsdk{}", std::process::id()));
+async fn run_own_network(cmd: tokio::process::Command, done: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ns = common::Netns::new(format!("sprsdk{}-{n}", std::process::id()));
     let d = Daemon::start_with(common::Options {
         netns: Some(ns.0.clone()),
         extra: vec!["--network".into(), "own".into()],
         ..Default::default()
     })
     .await;
-    let mut cmd = tokio::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(installed("sdk-venv/bin/python"))
-        .arg(format!("{}/tests/sdk/{name}", env!("CARGO_MANIFEST_DIR")));
-    client(&d, cmd, done).await
+    let mut inside = tokio::process::Command::new("ip");
+    inside
+        .args(["netns", "exec", &ns.0])
+        .arg(cmd.as_std().get_program())
+        .args(cmd.as_std().get_args());
+    client(&d, inside, done).await
 }
 
 /// `node` running `tests/sdk/<name>` (copied beside the setup cache's
@@ -147,7 +153,7 @@ async fn sprites_py_sets_reads_and_lifts_network_policies() {
     assert!(privileged(
         "sprites_py_sets_reads_and_lifts_network_policies"
     ));
-    run_script_own_network("policy.py", "SDK policy: all passed").await;
+    run_own_network(py_script("policy.py"), "SDK policy: all passed").await;
 }
 
 #[tokio::test]
@@ -197,6 +203,17 @@ async fn fly_sprites_js_makes_every_other_call() {
 
 /// sprites-py's control mode: its commands over the control connection,
 /// none falling back to the exec WebSocket.
+#[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and the SDKs (scripts/setup.sh)"
+)]
+async fn fly_sprites_js_sets_and_reads_network_policies() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("fly_sprites_js_sets_and_reads_network_policies"));
+    run_own_network(js_script("js_policy.mjs"), "JS SDK policy: all passed").await;
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(privileged_tests),

@@ -161,19 +161,20 @@ pub async fn get_network(State(app): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST .../policy/network`: checked (400s naming the field), put in
-/// force at once (lookups, the filter, open connections), then stored.
+/// force at once (lookups, the filter, open connections), then stored: 204.
 /// Where the environment shares the host's network namespace it cannot be
 /// enforced: a 501, and nothing is stored.
 pub async fn set_network(
     State(app): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::http::StatusCode, ApiError> {
     caller.may_change("the network policy")?;
     let p = NetworkPolicy::from_request(&body)?;
     change_network(&app, Some(p.clone())).await?;
     tracing::info!(rules = p.rules.len(), "network policy set");
-    Ok(Json(json!({"rules": p.rules})))
+    // (204: both SDKs' `update_network_policy` expect no body)
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// `DELETE .../policy/network`: everything allowed again.

@@ -3,6 +3,7 @@ exec WebSocket, session listing and kill, and the filesystem calls. Driven by
 tests/sdk.rs (which also passes the env root)."""
 
 import os
+import stat
 import threading
 import time
 
@@ -37,14 +38,21 @@ def long_running():
     done.set()
 
 
+def listed(marker):
+    """The sessions whose command holds `marker`, once one is listed (up to
+    10 s)."""
+    found = []
+    for _ in range(200):
+        found = [s for s in sprite.list_sessions() if marker in s.command]
+        if found:
+            break
+        time.sleep(0.05)
+    return found
+
+
 t = threading.Thread(target=long_running, daemon=True)
 t.start()
-found = None
-for _ in range(200):
-    found = [s for s in sprite.list_sessions() if "sleep 30" in s.command]
-    if found:
-        break
-    time.sleep(0.05)
+found = listed("sleep 30")
 check(bool(found), f"list_sessions shows the running command: {found}")
 check(found[0].is_active, "a session with a client is active")
 
@@ -54,6 +62,45 @@ stream = kill_session(sprite, found[0].id)
 kinds = [m.type for m in stream]
 check(kinds[0] == "signal" and kinds[-1] == "complete", f"kill_session streams signal..complete: {kinds}")
 check(done.wait(15), "kill_session ends the command")
+
+# Attach: a second client of a running session gets what it printed so far
+# (the scrollback), then the rest, and its exit.
+outputs = {}
+
+
+def first_client():
+    outputs["first"] = sprite.command(
+        "sh", "-c", "rm -f /tmp/go; mkfifo /tmp/go; echo one; read x < /tmp/go; echo two $x"
+    ).output()
+
+
+a = threading.Thread(target=first_client, daemon=True)
+a.start()
+found = listed("mkfifo /tmp/go")
+check(bool(found), f"the session to attach to is listed: {found}")
+fifo = False
+for _ in range(200):
+    try:
+        fifo = stat.S_ISFIFO(os.stat(on_host("/tmp/go")).st_mode)
+    except FileNotFoundError:
+        pass
+    if fifo:
+        break
+    time.sleep(0.05)
+check(fifo, "the session made its fifo (and printed `one`)")
+
+
+def second_client():
+    outputs["attached"] = sprite.attach_session(found[0].id).output()
+
+
+b = threading.Thread(target=second_client, daemon=True)
+b.start()
+sprite.command("sh", "-c", "echo go > /tmp/go").output()
+a.join(30)
+b.join(30)
+check(outputs.get("first") == b"one\ntwo go\n", f"the first client: {outputs.get('first')!r}")
+check(outputs.get("attached") == b"one\ntwo go\n", f"attach_session: {outputs.get('attached')!r}")
 
 # Filesystem: absolute paths are the environment's, the same `/` as exec's.
 fs = sprite.filesystem("/")
