@@ -17,7 +17,7 @@ pub mod exec;
 pub mod files;
 pub mod fs;
 pub mod lifecycle;
-pub(crate) mod network;
+pub mod network;
 pub mod notify;
 pub mod policy;
 pub mod ports;

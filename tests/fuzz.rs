@@ -1,7 +1,8 @@
 //! A bounded fuzzer for the parsers that read hostile input: query strings
 //! and JSON bodies of requests, request paths (the gateway's mapping and the
 //! filesystem API's), checkpoint archives (`archive::import`), memory
-//! packs' trailers and page lists, and the kernel and CRIU records the
+//! packs' trailers and page lists, DNS queries and upstream answers, network
+//! policies, and the kernel and CRIU records the
 //! daemon decodes. Random and mutated inputs for
 //! `SPRITED_FUZZ_SECS` (default 5; CI runs 60): no input may panic, and
 //! each parser's promises must hold.
@@ -145,6 +146,41 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
         let _ = sprited::sys::sock_diag::parse_unix_dump(&rng.bytes(200), &mut peers);
         let _ = sprited::criu::stats::parse_dump(&rng.bytes(64));
         let _ = sprited::criu::stats::parse_restore(&rng.bytes(64));
+        // DNS queries from the environment and answers from upstream: a
+        // valid query of `a.test`, mutated, or random bytes.
+        let mut query =
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x04test\x00\x00\x01\x00\x01"
+                .to_vec();
+        match rng.below(3) {
+            0 => query = rng.bytes(300),
+            1 => {
+                for _ in 0..=rng.below(4) {
+                    let i = rng.below(query.len());
+                    query[i] ^= rng.next() as u8;
+                }
+            }
+            _ => query.extend(rng.bytes(40)),
+        }
+        use sprited::network::dns;
+        match dns::parse_query(&query) {
+            Ok((_, name)) => {
+                assert!(name.len() <= 255, "{name:?}");
+                let refused = dns::reply_code(&query, hickory_proto::op::ResponseCode::Refused);
+                assert!(refused.is_some(), "a parsed query can be refused");
+            }
+            Err(Some(answer)) => assert!(answer.len() >= 12),
+            Err(None) => {}
+        }
+        let addrs = dns::addresses("a.test.", &query).unwrap_or_default();
+        assert!(addrs.len() <= 64);
+        // Network policies: the checks and the matching.
+        let body = format!(
+            r#"{{"rules":[{{"action":"allow","domain":"{}"}}]}}"#,
+            rng.text(20)
+        );
+        if let Ok(p) = sprited::policy::NetworkPolicy::from_request(body.as_bytes()) {
+            let _ = p.allows(&rng.text(30));
+        }
         // Memory packs and page lists (store objects an archive brings).
         let n = 1 + rng.below(3);
         let mut tail = rng.bytes(12);

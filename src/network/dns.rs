@@ -101,33 +101,69 @@ pub(super) async fn serve(net: Arc<Network>, at: SocketAddr) -> Result<(), Netwo
 
 /// The answer to `query` (None: not worth one).
 async fn answer(net: &Network, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
-    let q = Message::from_vec(query).ok()?;
-    if q.message_type() != MessageType::Query {
-        return None;
-    }
-    let refuse = |code| refusal(&q, code);
-    if q.op_code() != OpCode::Query || q.queries().len() != 1 {
-        return refuse(ResponseCode::FormErr);
-    }
-    let name = q.queries()[0].name().to_ascii();
+    let (id, name) = match parse_query(query) {
+        Ok(q) => q,
+        Err(answer) => return answer,
+    };
     if !net.allows(&name).await {
         tracing::debug!(name = %name, "lookup refused by the network policy");
-        return refuse(ResponseCode::Refused);
+        return reply_code(query, ResponseCode::Refused);
     }
-    let Some(reply) = forward(net.upstreams(), query, q.id(), tcp).await else {
-        return refuse(ResponseCode::ServFail);
+    let Some(reply) = forward(net.upstreams(), query, id, tcp).await else {
+        return reply_code(query, ResponseCode::ServFail);
     };
-    let addrs: Vec<(Ipv4Addr, u32)> = Message::from_vec(&reply)
-        .ok()?
-        .answers()
-        .iter()
-        .filter_map(|r| match r.data() {
-            RData::A(a) => Some((a.0, r.ttl())),
-            _ => None,
-        })
-        .collect();
+    let Some(addrs) = addresses(&name, &reply) else {
+        tracing::debug!(name = %name, "an upstream answer that does not answer the question");
+        return reply_code(query, ResponseCode::ServFail);
+    };
     net.resolved(&name, addrs).await;
     Some(reply)
+}
+
+/// A query's id and the name it asks for (`a.test.`); or what to answer
+/// instead (`FORMERR` for anything but one plain question; nothing for
+/// what is not a query at all).
+pub fn parse_query(query: &[u8]) -> Result<(u16, String), Option<Vec<u8>>> {
+    if query.len() > MAX_MESSAGE {
+        return Err(None);
+    }
+    let q = Message::from_vec(query).map_err(|_| None)?;
+    if q.message_type() != MessageType::Query {
+        return Err(None);
+    }
+    if q.op_code() != OpCode::Query || q.queries().len() != 1 {
+        return Err(refusal(&q, ResponseCode::FormErr));
+    }
+    Ok((q.id(), q.queries()[0].name().to_ascii()))
+}
+
+/// An answer to `query` with no records and `code` (`REFUSED`,
+/// `SERVFAIL`).
+pub fn reply_code(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    refusal(&Message::from_vec(query).ok()?, code)
+}
+
+/// The A records (address, TTL) of an upstream's `reply`, if it is an
+/// answer to exactly the question `name` (any case); at most 64.
+pub fn addresses(name: &str, reply: &[u8]) -> Option<Vec<(Ipv4Addr, u32)>> {
+    let r = Message::from_vec(reply).ok()?;
+    let asked = r.queries();
+    if r.message_type() != MessageType::Response
+        || asked.len() != 1
+        || !asked[0].name().to_ascii().eq_ignore_ascii_case(name)
+    {
+        return None;
+    }
+    Some(
+        r.answers()
+            .iter()
+            .filter_map(|rec| match rec.data() {
+                RData::A(a) => Some((a.0, rec.ttl())),
+                _ => None,
+            })
+            .take(64)
+            .collect(),
+    )
 }
 
 /// An answer to `q` with no records and `code`.
@@ -207,5 +243,37 @@ mod tests {
         assert_eq!(r.response_code(), ResponseCode::Refused);
         assert_eq!(r.queries()[0].name().to_ascii(), "b.test.");
         assert!(r.answers().is_empty());
+        assert_eq!(
+            parse_query(&m.to_vec().unwrap()),
+            Ok((7, "b.test.".to_owned()))
+        );
+        // Two questions: FORMERR.
+        m.add_query(Query::query(
+            Name::from_ascii("a.test.").unwrap(),
+            RecordType::A,
+        ));
+        let formerr = parse_query(&m.to_vec().unwrap()).unwrap_err().unwrap();
+        let f = Message::from_vec(&formerr).unwrap();
+        assert_eq!(f.response_code(), ResponseCode::FormErr);
+        // An upstream's answer counts only for the question asked.
+        let mut a = Message::new();
+        a.set_id(7)
+            .set_message_type(MessageType::Response)
+            .add_query(Query::query(
+                Name::from_ascii("A.test.").unwrap(),
+                RecordType::A,
+            ))
+            .add_answer(hickory_proto::rr::Record::from_rdata(
+                Name::from_ascii("a.test.").unwrap(),
+                60,
+                RData::A(hickory_proto::rr::rdata::A::new(10, 0, 0, 1)),
+            ));
+        let bytes = a.to_vec().unwrap();
+        assert_eq!(
+            addresses("a.test.", &bytes),
+            Some(vec![(Ipv4Addr::new(10, 0, 0, 1), 60)])
+        );
+        assert_eq!(addresses("b.test.", &bytes), None);
+        assert_eq!(addresses("a.test.", b"garbage"), None);
     }
 }
