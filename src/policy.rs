@@ -19,15 +19,20 @@
 //!   mounts, the state dir, the kernel.
 //!
 //! `dropCapabilities` (ours; the SDK passes any field through) removes more
-//! from the profile: `["CAP_NET_RAW"]` makes `ping` fail. `devices` (a
-//! device allow-list in the SDK's type) is refused when not empty: device
-//! restrictions are not enforced yet, and a policy stored but not enforced
-//! is worse than none.
+//! from the profile: `["CAP_NET_RAW"]` makes `ping` fail. `devices` (the
+//! SDK's device allow-list), when not empty, names the only devices of the
+//! environment's `/dev` that processes started afterwards may open
+//! (`/dev/null`, `/dev/zero`, `/dev/full`, `/dev/random`, `/dev/urandom`,
+//! `/dev/tty`, `/dev/ptmx`, `/dev/pts`: every terminal); the launcher
+//! attaches a device program to each new process's cgroup. Files already
+//! open (a terminal's, inherited) stay usable.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::cgroup::DeviceRule;
 
 use crate::container::Privileges;
 use crate::container::init::KEPT_CAPABILITIES;
@@ -343,11 +348,29 @@ impl PrivilegesPolicy {
                 ));
             }
         };
-        if !self.devices.is_empty() {
+        if self.devices.len() > MAX_DEVICES {
             return Err(invalid(
                 "devices",
-                "device restrictions are not supported yet (send none)",
+                format!("{} entries (at most {MAX_DEVICES})", self.devices.len()),
             ));
+        }
+        let mut devices = Vec::new();
+        for (i, path) in self.devices.iter().enumerate() {
+            let rules = device(path).ok_or_else(|| {
+                invalid(
+                    format!("devices[{i}]"),
+                    format!(
+                        "{:?} is not a device of the environment ({})",
+                        clip(path),
+                        DEVICES
+                            .iter()
+                            .map(|(p, _)| *p)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            devices.extend_from_slice(rules);
         }
         if self.drop_capabilities.len() > MAX_DROPS {
             return Err(invalid(
@@ -373,8 +396,79 @@ impl PrivilegesPolicy {
         Ok(Privileges {
             keep: base.iter().copied().filter(|c| !drop.contains(c)).collect(),
             no_new_privs: self.no_new_privileges,
+            devices: (!self.devices.is_empty()).then_some(devices),
         })
     }
+}
+
+/// Most entries in `devices`.
+const MAX_DEVICES: usize = 64;
+
+const fn dev(major: u32, minor: u32) -> DeviceRule {
+    DeviceRule {
+        major,
+        minor: Some(minor),
+    }
+}
+
+/// The environment's devices (its `/dev`, made by the init) as `devices`
+/// names them: `/dev/pts` is every terminal.
+const DEVICES: &[(&str, &[DeviceRule])] = &[
+    ("/dev/null", &[dev(1, 3)]),
+    ("/dev/zero", &[dev(1, 5)]),
+    ("/dev/full", &[dev(1, 7)]),
+    ("/dev/random", &[dev(1, 8)]),
+    ("/dev/urandom", &[dev(1, 9)]),
+    ("/dev/tty", &[dev(5, 0)]),
+    ("/dev/ptmx", &[dev(5, 2)]),
+    (
+        "/dev/pts",
+        &[
+            DeviceRule {
+                major: 136,
+                minor: None,
+            },
+            DeviceRule {
+                major: 137,
+                minor: None,
+            },
+            DeviceRule {
+                major: 138,
+                minor: None,
+            },
+            DeviceRule {
+                major: 139,
+                minor: None,
+            },
+            DeviceRule {
+                major: 140,
+                minor: None,
+            },
+            DeviceRule {
+                major: 141,
+                minor: None,
+            },
+            DeviceRule {
+                major: 142,
+                minor: None,
+            },
+            DeviceRule {
+                major: 143,
+                minor: None,
+            },
+        ],
+    ),
+];
+
+/// The rules of a device path (`/dev/null`, or `null`).
+fn device(path: &str) -> Option<&'static [DeviceRule]> {
+    let full = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/dev/{path}")
+    };
+    let full = full.trim_end_matches('/');
+    DEVICES.iter().find(|(p, _)| *p == full).map(|(_, r)| *r)
 }
 
 /// A capability's number from `CAP_NET_RAW`, `NET_RAW` or `net_raw`.
@@ -540,6 +634,12 @@ mod tests {
         assert!(p.privileges().unwrap().no_new_privs);
         let p = parse(r#"{"no_new_privileges":true}"#).unwrap();
         assert!(p.no_new_privileges);
+        // Devices: none named, all of them; else only those named.
+        assert_eq!(parse("{}").unwrap().privileges().unwrap().devices, None);
+        let p = parse(r#"{"devices":["/dev/null","urandom","/dev/pts/"]}"#).unwrap();
+        let d = p.privileges().unwrap().devices.unwrap();
+        assert_eq!(&d[..2], &[dev(1, 3), dev(1, 9)]);
+        assert_eq!(d.len(), 2 + 8, "every terminal major");
     }
 
     #[test]
@@ -548,7 +648,8 @@ mod tests {
             (r#"{"profile":"privileged"}"#, "profile"),
             (r#"{"profile":"root"}"#, "profile"),
             (r#"{"profile":7}"#, "body"),
-            (r#"{"devices":["/dev/fuse"]}"#, "devices"),
+            (r#"{"devices":["/dev/fuse"]}"#, "devices[0]"),
+            (r#"{"devices":["/dev/null","../etc/passwd"]}"#, "devices[1]"),
             (r#"{"dropCapabilities":["CAP_FLY"]}"#, "dropCapabilities[0]"),
             (r#"{"dropCapabilities":"NET_RAW"}"#, "body"),
             (r#"{"capabilities":[]}"#, "body"),

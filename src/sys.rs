@@ -967,3 +967,108 @@ pub fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
+
+/// One eBPF instruction (`struct bpf_insn`): opcode, registers (dst in the
+/// low nibble, src in the high), offset, immediate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// `BPF_PROG_TYPE_CGROUP_DEVICE` and `BPF_CGROUP_DEVICE`.
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// The leading fields of `union bpf_attr` for `BPF_PROG_LOAD` (the kernel
+/// takes a shorter attr as long as it is what it knows, zeros after).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+}
+
+/// The fields of `union bpf_attr` for `BPF_PROG_ATTACH`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// Loads `insns` as a cgroup device program and attaches it to the cgroup
+/// dir `cgroup` (allowing others beside it: every program attached on the
+/// way up must allow an access). The verifier's log is the error's text.
+#[allow(unsafe_code)]
+pub fn attach_device_program(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    insns: &[BpfInsn],
+) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let load = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+        insn_cnt: u32::try_from(insns.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf(2) reads `load` (its size given) and the instructions,
+    // license and log buffer it points to, all alive and sized as stated
+    // for the duration of the call; it returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &load as *const ProgLoadAttr,
+            std::mem::size_of::<ProgLoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        let text = String::from_utf8_lossy(&log[..end]);
+        return Err(io::Error::new(e.kind(), format!("{e}: {}", text.trim())));
+    }
+    // SAFETY: the kernel just returned `fd`, a new program fd nothing else
+    // owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let attach = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    // SAFETY: bpf(2) reads `attach` (its size given); both fds are open for
+    // the call. The attachment keeps its own reference to the program.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attach as *const ProgAttachAttr,
+            std::mem::size_of::<ProgAttachAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -107,7 +107,7 @@ async fn a_privileges_policy_restricts_new_processes_and_delete_restores_them() 
                 json!({"dropCapabilities": ["CAP_BOGUS"]}),
                 "dropCapabilities[0]",
             ),
-            (json!({"devices": ["/dev/fuse"]}), "devices"),
+            (json!({"devices": ["/dev/fuse"]}), "devices[0]"),
             (json!({"action": "allow"}), "body"),
         ],
     )
@@ -135,6 +135,44 @@ async fn a_privileges_policy_restricts_new_processes_and_delete_restores_them() 
         policy(&d, reqwest::Method::GET, None).await.1,
         json!({"profile": "", "devices": [], "noNewPrivileges": false, "dropCapabilities": []})
     );
+}
+
+/// Devices: a policy naming `/dev/null` only lets new processes open
+/// /dev/null and nothing else of the environment's /dev (a cgroup device
+/// program on each new process's cgroup), and DELETE gives the next one
+/// every device again.
+#[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
+async fn a_devices_policy_limits_what_new_processes_open() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "a_devices_policy_limits_what_new_processes_open"
+    ));
+    let d = Daemon::start().await;
+    const READ_ZERO: &str = "head -c 3 /dev/zero | wc -c";
+    let (rc, out, err) = sh(&d, READ_ZERO).await;
+    assert_eq!((rc, out.trim()), (0, "3"), "{err}");
+    let (status, got) = policy(
+        &d,
+        reqwest::Method::POST,
+        Some(json!({"devices": ["/dev/null"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let (rc, out, err) = sh(&d, READ_ZERO).await;
+    assert_eq!(out.trim(), "0", "{rc} {err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (rc, out, err) = sh(&d, "echo hidden > /dev/null && echo null ok").await;
+    assert_eq!((rc, out.as_str()), (0, "null ok\n"), "{err}");
+    // Nor any other device: /dev/urandom.
+    let (rc, out, err) = sh(&d, "head -c 1 /dev/urandom > /dev/null").await;
+    assert_ne!(rc, 0, "{out}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    let (status, _) = policy(&d, reqwest::Method::DELETE, None).await;
+    assert_eq!(status, 200);
+    let (rc, out, err) = sh(&d, READ_ZERO).await;
+    assert_eq!((rc, out.trim()), (0, "3"), "{err}");
 }
 
 /// Acceptance 5 (scope): from inside the environment, the Unix socket it

@@ -458,6 +458,7 @@ impl Container {
                 .clone(),
         );
         let stdio = spec.stdio.clone();
+        let devices = spec.privileges.as_ref().and_then(|p| p.devices.clone());
         let (pid, fds) = match self
             .call(&instance, |id| Request::Spawn { id, spec })
             .await?
@@ -470,7 +471,15 @@ impl Container {
             }
         };
         tracing::Span::current().record("pid", pid);
-        let placed = self.place(&instance, pid, &fds, cgroup);
+        // Devices first: the child runs in its cgroup only once the device
+        // program is on it.
+        let placed = match devices {
+            Some(allowed) => cgroup
+                .restrict_devices(&allowed)
+                .map_err(ContainerError::from),
+            None => Ok(()),
+        }
+        .and_then(|()| self.place(&instance, pid, &fds, cgroup));
         let (host_pid, ends, exit) = match placed {
             Ok((host_pid, ends)) => {
                 let (tx, rx) = oneshot::channel();

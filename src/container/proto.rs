@@ -44,6 +44,11 @@ pub struct Privileges {
     pub keep: Vec<u32>,
     #[serde(default)]
     pub no_new_privs: bool,
+    /// The only devices it may open (its cgroup's device program; `None`:
+    /// every device of the environment). Enforced by the launcher, not
+    /// the init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<crate::cgroup::DeviceRule>>,
 }
 
 impl Default for Privileges {
@@ -52,6 +57,7 @@ impl Default for Privileges {
         Privileges {
             keep: super::init::KEPT_CAPABILITIES.to_vec(),
             no_new_privs: false,
+            devices: None,
         }
     }
 }
