@@ -194,6 +194,9 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
     })
     .await;
 
+    let status = d.status().await;
+    assert_eq!(status["network"]["mode"], "own", "{status}");
+    assert_eq!(status["network"]["policy_enforced"], true, "{status}");
     // No policy: everything allowed, by name and by address.
     let (rc, out) = sh(&d, "curl -sS --max-time 20 http://b.test/").await;
     assert_eq!((rc, out.as_str()), (0, "site b\n"), "{}", d.log_text());

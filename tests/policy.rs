@@ -335,6 +335,11 @@ async fn a_network_policy_is_checked_and_refused_until_it_can_be_enforced() {
         "a_network_policy_is_checked_and_refused_until_it_can_be_enforced"
     ));
     let d = Daemon::start().await;
+    let status = d.status().await;
+    assert_eq!(
+        status["network"],
+        json!({"mode": "host", "policy_enforced": false})
+    );
     let get = d
         .req(reqwest::Method::GET, "/v1/policy/network", None)
         .await;

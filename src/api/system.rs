@@ -35,6 +35,11 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<Value> {
         "cgroup": app.cgroup.get(),
         "criu": app.criu.get(),
         "remote": app.remote.get().map(|r| r.status()),
+        "network": match app.container.get().and_then(|c| c.network()) {
+            Some(net) => json!({"mode": "own", "policy_enforced": true, "address": net.address().to_string(), "interface": net.interface()}),
+            None if c.own_network.is_some() => json!({"mode": "own", "policy_enforced": false, "error": "the environment's network could not be made (see the log)"}),
+            None => json!({"mode": "host", "policy_enforced": false}),
+        },
         "fs": match app.checkpoints.get() {
             Some(c) => {
                 let st = c.env().state();

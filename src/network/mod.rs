@@ -176,6 +176,16 @@ impl Network {
         self.proc_net.clone()
     }
 
+    /// The environment's address on its `eth0`.
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
+    }
+
+    /// The daemon's end of the veth pair.
+    pub fn interface(&self) -> &str {
+        &self.host_if
+    }
+
     /// A TCP connection to `127.0.0.1:port` inside the namespace.
     pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
         let fd = self.socket(libc::SOCK_STREAM).await?;
