@@ -82,7 +82,9 @@ if [ ! -f "$IMG/done" ]; then
   install -d -m 0700 "$root/etc/sprited"
   # The guest's own OS is the environment's base; the state dir is a disk of
   # its own (/dev/vdb), so overlayfs accepts layers below the base's `/`.
-  printf 'SPRITE_HTTP_API_TOKEN=%s\nSPRITE_NAME=%s\nSPRITED_LOG=sprited=debug,info\nSPRITED_ENV_BASE=/\n' "$TOKEN" "vm-$SUITE" >"$root/etc/sprited/env"
+  # The tests ask the environment's services on the guest's loopback: the
+  # environment shares the guest's network (tests/network.rs covers its own).
+  printf 'SPRITE_HTTP_API_TOKEN=%s\nSPRITE_NAME=%s\nSPRITED_LOG=sprited=debug,info\nSPRITED_ENV_BASE=/\nSPRITED_NETWORK=host\n' "$TOKEN" "vm-$SUITE" >"$root/etc/sprited/env"
   chmod 0600 "$root/etc/sprited/env"
   echo "vm-$SUITE" >"$root/etc/hostname"
   printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n/dev/vdb /.sprite ext4 rw 0 2\n' >"$root/etc/fstab"

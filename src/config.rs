@@ -71,9 +71,9 @@ pub enum ConfigError {
 ///
 /// The environment is the machine: every service, command and terminal runs
 /// inside a container whose `/` is an overlay of --env-base (own mount, PID,
-/// UTS and IPC namespaces, and with `--network own` its own network namespace;
-/// its PID 1 is this binary's init), with the API at
-/// /.sprite/api.sock and `sprite-env` on its PATH.
+/// UTS, IPC and network namespaces: see --network; its PID 1 is this binary's
+/// init), with the API at /.sprite/api.sock and `sprite-env` on its PATH. Its
+/// ports are reached through the proxy and the --http-ingress.
 ///
 /// Every flag can also be set by the environment variable shown beside it.
 #[derive(Debug, Clone, Parser)]
@@ -260,10 +260,12 @@ pub struct Args {
     )]
     pub shutdown_timeout: String,
 
-    /// The environment's network: `host` shares the VM's network namespace
-    /// (no network policy can be enforced); `own` gives it a namespace of
-    /// its own behind NAT, with the daemon as its DNS resolver and the
-    /// network policy enforced by nftables in the VM's namespace. Needs
+    /// The environment's network: `own` (the default) gives it a network
+    /// namespace of its own behind NAT, with the daemon as its DNS resolver
+    /// and the network policy enforced by nftables in the VM's namespace,
+    /// so a checkpoint's sockets come back wherever it is restored; `host`
+    /// shares the VM's namespace (no network policy can be enforced, and
+    /// the environment's ports are the VM's). `own` needs
     /// `ip`, `nft` and `ss`; turns IPv4 forwarding on in the daemon's
     /// namespace, and adds a veth pair (`spr…`, a /30 of 100.64.0.0/10) and
     /// an nftables table (`inet sprited_…`) there, removed at shutdown.
@@ -272,7 +274,7 @@ pub struct Args {
     #[arg(
         long,
         env = "SPRITED_NETWORK",
-        default_value = "host",
+        default_value = "own",
         value_name = "host|own"
     )]
     pub network: String,

@@ -770,16 +770,27 @@ pub fn close_fds_from(first: u32) -> io::Result<()> {
 /// peer inode; 0: none), from the kernel's `sock_diag` (`NETLINK_SOCK_DIAG`,
 /// `UDIAG_SHOW_PEER`), as `ss -x` reads it.
 pub fn unix_socket_peers() -> io::Result<std::collections::HashMap<u64, u64>> {
-    use nix::sys::socket::{
-        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
-        socket,
-    };
-    let fd = socket(
+    unix_socket_peers_with(sock_diag_socket()?)
+}
+
+/// A `NETLINK_SOCK_DIAG` socket (of the calling thread's network
+/// namespace: the one whose sockets it reports).
+pub fn sock_diag_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    Ok(socket(
         AddressFamily::Netlink,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkSockDiag,
-    )?;
+    )?)
+}
+
+/// [`unix_socket_peers`] of the namespace `fd` (a [`sock_diag_socket`])
+/// belongs to.
+pub fn unix_socket_peers_with(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<std::collections::HashMap<u64, u64>> {
+    use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
     use std::os::fd::AsRawFd;
     let request = sock_diag::unix_dump_request();
     sendto(

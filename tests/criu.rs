@@ -121,7 +121,7 @@ async fn a_restored_http_server_answers_on_its_port_without_a_restart() {
     if !with_criu("a_restored_http_server_answers_on_its_port_without_a_restart") {
         return;
     }
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
     std::fs::write(d.env_root().join("hello.txt"), b"hello from the sprite").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -669,7 +669,7 @@ async fn services_exec_servers_and_tty_sessions_come_back_with_the_restore() {
     }
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
     let counter = start(
         &d,
         "counter",

@@ -475,7 +475,7 @@ async fn connect_and_websocket_proxies_reach_local_ports_only() {
     if !privileged("connect_and_websocket_proxies_reach_local_ports_only") {
         return;
     }
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
     let port = http_server("hello through the tunnel").await;
     // CONNECT names another host: the tunnel still goes to 127.0.0.1.
     let mut c = tokio::net::TcpStream::connect(d.tcp.unwrap())
@@ -1101,7 +1101,7 @@ async fn sprite_env_exec_sessions_and_proxy() {
     if !privileged("sprite_env_exec_sessions_and_proxy") {
         return;
     }
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
 
     // exec: separate streams, the command's exit status.
     let out = d

@@ -45,8 +45,13 @@ async fn every_checkpoint_of_a_changing_512_mib_service_restores_exactly_and_add
     // Dumps whole (the fallback where the kernel does not track dirty
     // pages, as on the dev VM's kernel, or where told not to): the store
     // still grows by what changed only.
+    // (the holder is asked on the host's loopback: the host's network)
     let d = Daemon::start_with(Options {
-        extra: vec!["--no-dirty-tracking".into()],
+        extra: vec![
+            "--no-dirty-tracking".into(),
+            "--network".into(),
+            "host".into(),
+        ],
         ..Options::default()
     })
     .await;

@@ -334,7 +334,7 @@ async fn a_network_policy_is_checked_and_refused_until_it_can_be_enforced() {
     assert!(privileged(
         "a_network_policy_is_checked_and_refused_until_it_can_be_enforced"
     ));
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
     let status = d.status().await;
     assert_eq!(
         status["network"],

@@ -402,7 +402,7 @@ async fn one_http_port_and_it_gates_running() {
     if !privileged("one_http_port_and_it_gates_running") {
         return;
     }
-    let d = Daemon::start().await;
+    let d = Daemon::start_host_network().await;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()

@@ -131,7 +131,12 @@ async fn record_status(d: &Daemon) -> String {
 
 fn sleepy(extra: &[&str]) -> Options {
     Options {
-        extra: extra.iter().map(|s| s.to_string()).collect(),
+        // (the test asks the service on the host's loopback)
+        extra: ["--network", "host"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     }
 }

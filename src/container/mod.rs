@@ -3,8 +3,9 @@
 //! launcher: services, exec commands and terminals all come through
 //! [`Container::spawn`]).
 //!
-//! The environment has its own mount, PID, UTS and IPC namespaces (the
-//! network is the host's for now). Its `/` is the overlay mount, entered
+//! The environment has its own mount, PID, UTS and IPC namespaces, and
+//! joins the network namespace [`crate::network`] made for it (unless the
+//! daemon runs with `--network host`). Its `/` is the overlay mount, entered
 //! with `pivot_root` (see [`init::setup_mounts`]). PID 1 is the init mode
 //! of this binary: every process of the environment descends from it, so
 //! one CRIU dump of its tree is a dump of everything the user runs.
@@ -689,9 +690,17 @@ impl Container {
                 }
             }
         }
-        let Ok(peers) = crate::sys::unix_socket_peers() else {
+        // The environment's sockets are in its own network namespace, if
+        // it has one (what they connect to, in the daemon's).
+        let Ok(mut peers) = crate::sys::unix_socket_peers() else {
             return Vec::new();
         };
+        if let Some(net) = self.inner.network.get() {
+            match net.unix_socket_peers() {
+                Ok(theirs) => peers.extend(theirs),
+                Err(e) => tracing::warn!(error = %e, "cannot list the environment's unix sockets"),
+            }
+        }
         let mut out: Vec<u64> = inside
             .iter()
             .filter(|s| peers.get(s).is_some_and(|p| *p != 0 && !inside.contains(p)))

@@ -2,9 +2,9 @@
 //! namespace, the veth pair that links it to the host, the host's nftables
 //! table for it, and the DNS resolver it uses ([`dns`]).
 //!
-//! With `--network own` the environment gets a network namespace of its
-//! own, made once per daemon and kept across restarts of the environment
-//! and restores (CRIU gets it as an external namespace):
+//! With `--network own` (the default) the environment gets a network
+//! namespace of its own, made once per daemon and kept across restarts of
+//! the environment and restores (CRIU gets it as an external namespace):
 //!
 //! - `eth0` inside, one end of a veth pair; the other end (`spr…`) is in
 //!   the daemon's namespace. A /30 of 100.64.0.0/10 (from the daemon id)
@@ -86,9 +86,10 @@ pub struct NetworkConfig {
     pub dir: PathBuf,
 }
 
-/// A request to the thread that lives in the namespace: a new socket there.
+/// A request to the thread that lives in the namespace: a new socket there
+/// (`AF_INET` of this type, or `None`: a `NETLINK_SOCK_DIAG` one).
 type SocketRequest = (
-    libc::c_int,
+    Option<libc::c_int>,
     std::sync::mpsc::SyncSender<io::Result<OwnedFd>>,
 );
 
@@ -188,25 +189,40 @@ impl Network {
 
     /// A TCP connection to `127.0.0.1:port` inside the namespace.
     pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
-        let fd = self.socket(libc::SOCK_STREAM).await?;
+        let rx = self.ask(Some(libc::SOCK_STREAM))?;
+        let fd = tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|_| io::Error::other("the namespace's thread is gone"))??;
         let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
         socket
             .connect(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
     }
 
-    /// A new non-blocking socket (`AF_INET`, `kind`) in the namespace.
-    async fn socket(&self, kind: libc::c_int) -> io::Result<OwnedFd> {
+    /// Every unix socket of the namespace with its peer (see
+    /// `sys::unix_socket_peers`). Blocking (briefly).
+    pub fn unix_socket_peers(&self) -> io::Result<std::collections::HashMap<u64, u64>> {
+        let fd = self
+            .ask(None)?
+            .recv()
+            .map_err(|_| io::Error::other("the namespace's thread is gone"))??;
+        crate::sys::unix_socket_peers_with(fd)
+    }
+
+    /// Asks the namespace's thread for a socket (`AF_INET` of type `kind`,
+    /// or `None`: `NETLINK_SOCK_DIAG`); it comes on the receiver.
+    fn ask(
+        &self,
+        kind: Option<libc::c_int>,
+    ) -> io::Result<std::sync::mpsc::Receiver<io::Result<OwnedFd>>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.sockets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send((kind, tx))
             .map_err(|_| io::Error::other("the namespace's thread is gone"))?;
-        tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(io::Error::other)?
-            .map_err(|_| io::Error::other("the namespace's thread is gone"))?
+        Ok(rx)
     }
 
     /// The policy in force (`None`: everything allowed).
@@ -585,18 +601,21 @@ fn namespace_thread()
                 return;
             }
             while let Ok((kind, reply)) = rx.recv() {
-                let s = nix::sys::socket::socket(
-                    nix::sys::socket::AddressFamily::Inet,
-                    if kind == libc::SOCK_DGRAM {
-                        nix::sys::socket::SockType::Datagram
-                    } else {
-                        nix::sys::socket::SockType::Stream
-                    },
-                    nix::sys::socket::SockFlag::SOCK_CLOEXEC
-                        | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-                    None,
-                )
-                .map_err(io::Error::from);
+                let s = match kind {
+                    None => crate::sys::sock_diag_socket(),
+                    Some(kind) => nix::sys::socket::socket(
+                        nix::sys::socket::AddressFamily::Inet,
+                        if kind == libc::SOCK_DGRAM {
+                            nix::sys::socket::SockType::Datagram
+                        } else {
+                            nix::sys::socket::SockType::Stream
+                        },
+                        nix::sys::socket::SockFlag::SOCK_CLOEXEC
+                            | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                        None,
+                    )
+                    .map_err(io::Error::from),
+                };
                 let _ = reply.send(s);
             }
         })

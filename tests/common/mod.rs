@@ -235,6 +235,17 @@ impl Daemon {
         spawn(opts).ready().await
     }
 
+    /// A daemon whose environment shares the host's network (`--network
+    /// host`), for tests that reach a port inside from the host's loopback.
+    pub async fn start_host_network() -> Daemon {
+        spawn(Options {
+            extra: vec!["--network".into(), "host".into()],
+            ..Default::default()
+        })
+        .ready()
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!(
             "http://{}{}",
