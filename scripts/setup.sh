@@ -50,7 +50,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- 1. packages ------------------------------------------------------------
 # tar: CRIU archives the environment's tmpfs mounts (/dev, /.sprite) with it.
-RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils tar nftables)
+RUNTIME_PKGS=(ca-certificates curl iproute2 procps psmisc util-linux python3 python3-venv xz-utils tar nftables iptables)
 # The VM tier: guest images (debootstrap, mkfs.ext4 -d), QEMU, Vagrant (validate).
 VM_PKGS=(qemu-system-x86 qemu-utils debootstrap e2fsprogs)
 BUILD_PKGS=(build-essential pkg-config git)

@@ -226,29 +226,35 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
 
     // Root inside cannot touch the rules: they are not in its namespace,
     // and it may not change its own namespace's either.
-    let nft = d.env_root().join("opt/nft");
-    std::fs::create_dir_all(&nft).unwrap();
-    let ldd = std::process::Command::new("ldd")
-        .arg("/usr/sbin/nft")
-        .output()
+    // (the host's nft and iptables, with their libraries and loader)
+    let tools = d.env_root().join("opt/net");
+    std::fs::create_dir_all(&tools).unwrap();
+    for bin in ["/usr/sbin/nft", "/usr/sbin/xtables-nft-multi"] {
+        let ldd = std::process::Command::new("ldd").arg(bin).output().unwrap();
+        std::fs::copy(
+            bin,
+            tools.join(std::path::Path::new(bin).file_name().unwrap()),
+        )
         .unwrap();
-    std::fs::copy("/usr/sbin/nft", nft.join("nft")).unwrap();
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let name = std::path::Path::new(lib).file_name().unwrap();
-        std::fs::copy(lib, nft.join(name)).unwrap();
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let name = std::path::Path::new(lib).file_name().unwrap();
+            std::fs::copy(lib, tools.join(name)).unwrap();
+        }
     }
     let (rc, out) = sh(
         &d,
-        "/opt/nft/ld-linux-x86-64.so.2 --library-path /opt/nft /opt/nft/nft flush ruleset; echo flush=$?; \
+        "run() { /opt/net/ld-linux-x86-64.so.2 --library-path /opt/net \"$@\"; }; \
+         run /opt/net/nft flush ruleset; echo nft=$?; \
+         run /opt/net/xtables-nft-multi iptables -F; echo iptables=$?; \
          ip route del default; ip link set eth0 down; id -u",
     )
     .await;
     assert_eq!(rc, 0, "{out}");
     // (root, refused: stdout first, then the errors)
-    assert!(out.starts_with("flush=1\n0\n"), "{out}");
+    assert!(out.starts_with("nft=1\niptables=4\n0\n"), "{out}");
     assert!(out.contains("Operation not permitted"), "{out}");
     let (rc, _) = sh(&d, "curl -sS --max-time 20 http://a.test/").await;
     assert_eq!(rc, 0, "a.test still allowed");
