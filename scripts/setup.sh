@@ -267,7 +267,7 @@ fi
 
 # --- 6. everything promised is there ----------------------------------------
 missing_tools=()
-for t in qemu-img qemu-system-x86_64 debootstrap mkfs.ext4 tar "$CRIU_DEST"; do
+for t in qemu-img qemu-system-x86_64 debootstrap mkfs.ext4 tar ip ss nft iptables "$CRIU_DEST"; do
   command -v "$t" >/dev/null || [ -x "$t" ] || missing_tools+=("$t")
 done
 base_ok "$BASE" || missing_tools+=("the OS tree $BASE")

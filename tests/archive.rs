@@ -91,10 +91,12 @@ fn build(entries: &[(String, Vec<u8>)], extra: impl FnOnce(&mut tar::Builder<Vec
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
-    if !privileged("a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused"
+    ));
     let a = Daemon::start().await;
     let root = a.env_root();
     write(&root, "plain.txt", b"plain");
@@ -257,10 +259,12 @@ async fn a_checkpoint_moves_to_another_daemon_and_bad_archives_are_refused() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn exporting_a_1_gib_checkpoint_streams_in_bounded_memory() {
-    if !privileged("exporting_a_1_gib_checkpoint_streams_in_bounded_memory") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "exporting_a_1_gib_checkpoint_streams_in_bounded_memory"
+    ));
     let d = Daemon::start().await;
     let root = d.env_root();
     // 1 GiB that does not compress: 8 files of 128 MiB.

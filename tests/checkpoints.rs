@@ -19,10 +19,10 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn restore_brings_back_each_tree_exactly() {
-    if !privileged("restore_brings_back_each_tree_exactly") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("restore_brings_back_each_tree_exactly"));
     let d = Daemon::start().await;
     let root = d.env_root();
     write(&root, "keep.txt", b"unchanged");
@@ -86,10 +86,12 @@ async fn restore_brings_back_each_tree_exactly() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn the_chain_records_where_each_checkpoint_came_from() {
-    if !privileged("the_chain_records_where_each_checkpoint_came_from") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "the_chain_records_where_each_checkpoint_came_from"
+    ));
     let d = Daemon::start().await;
     write(&d.env_root(), "f", b"1");
     d.checkpoint("first").await; // v1
@@ -137,10 +139,10 @@ async fn the_chain_records_where_each_checkpoint_came_from() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_service_keeps_running_through_a_checkpoint() {
-    if !privileged("a_service_keeps_running_through_a_checkpoint") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("a_service_keeps_running_through_a_checkpoint"));
     let d = Daemon::start().await;
     // Writes its counter atomically every 50 ms, in the environment root.
     let script = "i=0; while :; do i=$((i+1)); echo $i > counter.tmp; mv counter.tmp counter; echo $i; sleep 0.05; done";
@@ -209,10 +211,12 @@ async fn a_service_keeps_running_through_a_checkpoint() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_daemon_killed_mid_capture_leaves_nothing_half_done() {
-    if !privileged("a_daemon_killed_mid_capture_leaves_nothing_half_done") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "a_daemon_killed_mid_capture_leaves_nothing_half_done"
+    ));
     let mut d = Daemon::start().await;
     let root = d.env_root();
     // Large enough that the capture takes a while (about 400 MiB, unique content).
@@ -297,10 +301,12 @@ fn walk_count(dir: &Path) -> usize {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn conflicts_unknown_ids_and_deletes_that_free_space() {
-    if !privileged("conflicts_unknown_ids_and_deletes_that_free_space") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "conflicts_unknown_ids_and_deletes_that_free_space"
+    ));
     let d = Daemon::start().await;
     let root = d.env_root();
     write(&root, "small", b"shared by both");
@@ -423,10 +429,10 @@ fn du(dir: &Path) -> u64 {
 }
 
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn sprite_env_checkpoint_commands() {
-    if !privileged("sprite_env_checkpoint_commands") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("sprite_env_checkpoint_commands"));
     let d = Daemon::start().await;
     write(&d.env_root(), "note", b"one");
     let out = d.cli(&["checkpoint", "create", "-m", "from the cli"]).await;
@@ -475,10 +481,10 @@ async fn sh(d: &Daemon, script: &str) -> String {
 /// overlay (an OS tree), not the host's. Writes anywhere (as root) land in
 /// the checkpoint and a restore rolls them back; the host is untouched.
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn writes_anywhere_are_captured_and_rolled_back() {
-    if !privileged("writes_anywhere_are_captured_and_rolled_back") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("writes_anywhere_are_captured_and_rolled_back"));
     let d = Daemon::start().await;
     let tag = format!("sprited-test-{}", std::process::id());
     let paths = [
@@ -577,10 +583,12 @@ async fn writes_anywhere_are_captured_and_rolled_back() {
 /// An environment that cannot be set up (here a file where `/proc` must be
 /// mounted) starts no service, rather than running it on the host.
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn an_environment_that_cannot_start_runs_nothing_on_the_host() {
-    if !privileged("an_environment_that_cannot_start_runs_nothing_on_the_host") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "an_environment_that_cannot_start_runs_nothing_on_the_host"
+    ));
     let base = base_dir();
     std::fs::write(base.path().join("proc"), b"not a directory").unwrap();
     let d = Daemon::start_with(Options {
@@ -628,10 +636,12 @@ async fn a_base_containing_the_state_dir_is_refused() {
 /// debug build the daemon also checks each capture's incremental manifest
 /// update against a full merge.)
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn random_edits_over_many_checkpoints_all_restore_exactly() {
-    if !privileged("random_edits_over_many_checkpoints_all_restore_exactly") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "random_edits_over_many_checkpoints_all_restore_exactly"
+    ));
     let d = Daemon::start().await;
     // Under one dir of the environment (its OS tree stays as it is), which
     // the edits may remove too.
@@ -709,10 +719,10 @@ async fn random_edits_over_many_checkpoints_all_restore_exactly() {
 /// A layer dir is a cache: when the mounted one is deleted while the daemon
 /// is down, the next start builds it again from the store.
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_missing_layer_dir_is_rebuilt_at_start() {
-    if !privileged("a_missing_layer_dir_is_rebuilt_at_start") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("a_missing_layer_dir_is_rebuilt_at_start"));
     let mut d = Daemon::start().await;
     write(&d.env_root(), "kept/file", b"from v1");
     d.checkpoint("v1").await;
@@ -739,10 +749,10 @@ async fn a_missing_layer_dir_is_rebuilt_at_start() {
 /// A clean shutdown saves what the scans learned: the first capture of the
 /// next run does not read and store the whole tree again.
 #[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn the_scan_cache_survives_a_clean_restart() {
-    if !privileged("the_scan_cache_survives_a_clean_restart") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged("the_scan_cache_survives_a_clean_restart"));
     let mut d = Daemon::start().await;
     for i in 0..50 {
         write(

@@ -17,10 +17,15 @@ async fn checkpoint_with(d: &Daemon, body: Value) -> Vec<Value> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_restored_counter_continues_from_its_checkpointed_memory() {
-    if !with_criu("a_restored_counter_continues_from_its_checkpointed_memory") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_restored_counter_continues_from_its_checkpointed_memory"
+    ));
     let d = Daemon::start().await;
     let criu = d.status().await["criu"].clone();
     assert_eq!(criu["available"], true);
@@ -117,10 +122,15 @@ async fn a_restored_counter_continues_from_its_checkpointed_memory() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_restored_http_server_answers_on_its_port_without_a_restart() {
-    if !with_criu("a_restored_http_server_answers_on_its_port_without_a_restart") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_restored_http_server_answers_on_its_port_without_a_restart"
+    ));
     let d = Daemon::start_host_network().await;
     std::fs::write(d.env_root().join("hello.txt"), b"hello from the sprite").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -169,10 +179,15 @@ async fn a_restored_http_server_answers_on_its_port_without_a_restart() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_restored_process_keeps_its_file_offset_and_sees_the_checkpointed_file() {
-    if !with_criu("a_restored_process_keeps_its_file_offset_and_sees_the_checkpointed_file") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_restored_process_keeps_its_file_offset_and_sees_the_checkpointed_file"
+    ));
     let d = Daemon::start().await;
     let file = d.env_root().join("data.txt");
     std::fs::write(&file, b"0123456789abcdef").unwrap();
@@ -226,10 +241,15 @@ while True:
 const SLEEPER: &str = "while :; do sleep 1; done";
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_files_only_checkpoint_restores_services_fresh_and_says_so() {
-    if !with_criu("a_files_only_checkpoint_restores_services_fresh_and_says_so") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_files_only_checkpoint_restores_services_fresh_and_says_so"
+    ));
     let d = Daemon::start().await;
     // A fresh environment may hand out the same pids again: a fresh start
     // shows in its start time.
@@ -256,10 +276,15 @@ async fn a_files_only_checkpoint_restores_services_fresh_and_says_so() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn without_criu_checkpoints_keep_files_and_status_says_so() {
-    if !with_criu("without_criu_checkpoints_keep_files_and_status_says_so") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "without_criu_checkpoints_keep_files_and_status_says_so"
+    ));
     for flags in [vec!["--no-criu"], vec!["--criu", "/nonexistent/criu"]] {
         let d = Daemon::start_with(Options {
             extra: flags.iter().map(|s| s.to_string()).collect(),
@@ -303,10 +328,15 @@ fn in_ci_a_missing_criu_fails_the_criu_tests_instead_of_skipping_them() {
 /// A CRIU that works for `check` but fails every dump: the checkpoint still
 /// completes for files and says which service failed, with CRIU's own line.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_failing_dump_is_an_error_event_and_the_checkpoint_completes() {
-    if !with_criu("a_failing_dump_is_an_error_event_and_the_checkpoint_completes") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_failing_dump_is_an_error_event_and_the_checkpoint_completes"
+    ));
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("criu");
     std::fs::write(
@@ -389,10 +419,15 @@ fn holds_lock(pid: i32) -> bool {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
-    if !with_criu("pipes_unix_sockets_locks_and_deleted_files_come_back") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "pipes_unix_sockets_locks_and_deleted_files_come_back"
+    ));
     let d = Daemon::start().await;
     let st = start(
         &d,
@@ -421,10 +456,15 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
 /// A restore CRIU cannot do (its images damaged) starts the service fresh
 /// and says why, with CRIU's own error line; the files are restored anyway.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
-    if !with_criu("a_failed_process_restore_starts_the_service_fresh_and_says_why") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_failed_process_restore_starts_the_service_fresh_and_says_why"
+    ));
     let d = Daemon::start().await;
     let st = start(&d, "svc", json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
     std::fs::write(d.env_root().join("f"), b"checkpointed").unwrap();
@@ -462,10 +502,15 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
 /// each import the same checkpoint and bring its processes back with CRIU,
 /// at the same pids inside.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
-    if !with_criu("two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids"
+    ));
     let a = Daemon::start().await;
     let before = start(
         &a,
@@ -570,10 +615,13 @@ fn with_a_forged_pack(archive: &[u8]) -> Vec<u8> {
 /// index of every later capture: an import refuses it, and nothing of the
 /// archive enters the store.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn an_archive_with_a_forged_memory_pack_is_refused() {
-    if !with_criu("an_archive_with_a_forged_memory_pack_is_refused") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu("an_archive_with_a_forged_memory_pack_is_refused"));
     let a = Daemon::start().await;
     start(
         &a,
@@ -663,10 +711,15 @@ async fn read_until(s: &mut common::Ws, want: &str) -> String {
 /// started through exec that outlives its client (seed 002's pattern), and a
 /// TTY shell whose variables are kept and which is re-attached by its id.
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn services_exec_servers_and_tty_sessions_come_back_with_the_restore() {
-    if !with_criu("services_exec_servers_and_tty_sessions_come_back_with_the_restore") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "services_exec_servers_and_tty_sessions_come_back_with_the_restore"
+    ));
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let d = Daemon::start_host_network().await;

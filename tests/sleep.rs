@@ -142,10 +142,15 @@ fn sleepy(extra: &[&str]) -> Options {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn an_idle_sprite_goes_warm_then_cold_and_one_request_brings_every_process_back() {
-    if !with_criu("an_idle_sprite_goes_warm_then_cold_and_one_request_brings_every_process_back") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "an_idle_sprite_goes_warm_then_cold_and_one_request_brings_every_process_back"
+    ));
     let d = Daemon::start_with(sleepy(&["--auto-sleep", "2s", "--cold-after", "3s"])).await;
     let (p1, p2) = (common::free_port(), common::free_port());
     service(&d, p1, 256).await;
@@ -181,10 +186,15 @@ async fn an_idle_sprite_goes_warm_then_cold_and_one_request_brings_every_process
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn an_attached_terminal_or_an_open_tunnel_keeps_the_sprite_awake() {
-    if !with_criu("an_attached_terminal_or_an_open_tunnel_keeps_the_sprite_awake") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "an_attached_terminal_or_an_open_tunnel_keeps_the_sprite_awake"
+    ));
     let d = Daemon::start_with(sleepy(&["--auto-sleep", "1s", "--cold-after", "1h"])).await;
     let port = common::free_port();
     service(&d, port, 1).await;
@@ -247,10 +257,13 @@ async fn an_attached_terminal_or_an_open_tunnel_keeps_the_sprite_awake() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn an_ingress_request_wakes_a_cold_sprite() {
-    if !with_criu("an_ingress_request_wakes_a_cold_sprite") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu("an_ingress_request_wakes_a_cold_sprite"));
     let d = Daemon::start_with(sleepy(&[
         "--auto-sleep",
         "1h",
@@ -281,10 +294,15 @@ async fn an_ingress_request_wakes_a_cold_sprite() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes() {
-    if !with_criu("a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes"
+    ));
     let flags = ["--auto-sleep", "1h"];
     let mut d = Daemon::start_with(sleepy(&flags)).await;
     let port = common::free_port();
@@ -319,10 +337,15 @@ async fn a_daemon_killed_while_cold_comes_back_cold_and_wakes_with_its_processes
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waking_it() {
-    if !with_criu("a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waking_it") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waking_it"
+    ));
     let d = Daemon::start_with(sleepy(&["--auto-sleep", "1h"])).await;
     let port = common::free_port();
     service(&d, port, 16).await;
@@ -361,10 +384,13 @@ async fn a_checkpoint_of_a_cold_sprite_takes_its_sleeping_processes_without_waki
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_cold_sleep_during_a_slow_stop_does_not_hang() {
-    if !with_criu("a_cold_sleep_during_a_slow_stop_does_not_hang") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu("a_cold_sleep_during_a_slow_stop_does_not_hang"));
     let d = std::sync::Arc::new(Daemon::start_with(sleepy(&["--auto-sleep", "1h"])).await);
     let stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(1e6)";
     d.put_service(
@@ -412,10 +438,15 @@ async fn a_cold_sleep_during_a_slow_stop_does_not_hang() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
 async fn a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept() {
-    if !with_criu("a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept") {
-        return;
-    }
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_restore_can_be_undone_and_five_automatic_checkpoints_are_kept"
+    ));
     let d = Daemon::start().await;
     let root = d.env_root();
     std::fs::write(root.join("kept"), b"v1").unwrap();

@@ -24,8 +24,9 @@ pub const NAME: &str = "testsprite";
 /// Generous bound for a daemon to come up; only reached when something is broken.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether a privileged test can run. Without root it skips, unless
-/// `SPRITED_REQUIRE_PRIVILEGED=1` (CI), where it fails.
+/// Whether a privileged test can run (root). Every caller asserts it, and
+/// is `#[ignore]`d where privileged tests cannot run (`privileged_tests`,
+/// see build.rs), so a test asked to run without root fails, never passes.
 pub fn privileged(what: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -33,13 +34,13 @@ pub fn privileged(what: &str) -> bool {
     if std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{what}: needs root, and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
-    eprintln!("SKIPPED {what}: needs root");
+    eprintln!("{what}: needs root");
     false
 }
 
-/// Whether a test that needs CRIU can run, given where CRIU was `found`:
-/// without it the test skips, unless `require` (CI:
-/// `SPRITED_REQUIRE_PRIVILEGED=1`), where it fails.
+/// Whether a test that needs CRIU can run, given where CRIU was `found`
+/// (its callers assert it): without it, false, or a panic naming setup
+/// under `require` (CI: `SPRITED_REQUIRE_PRIVILEGED=1`).
 pub fn criu_gate(found: Option<PathBuf>, require: bool, what: &str) -> bool {
     if found.is_some() {
         return true;
@@ -49,7 +50,7 @@ pub fn criu_gate(found: Option<PathBuf>, require: bool, what: &str) -> bool {
             "{what}: criu not found (scripts/setup.sh installs it), and SPRITED_REQUIRE_PRIVILEGED=1 forbids skipping"
         );
     }
-    eprintln!("SKIPPED {what}: criu not found");
+    eprintln!("{what}: criu not found");
     false
 }
 
