@@ -10,10 +10,15 @@
 //!   the store's growth are recorded too;
 //! - `plain_dump_<size>`: `criu dump --leave-running` of the copy;
 //! - `daemon_restore_<size>`: a whole restore (the undo point: a capture
-//!   of the state being replaced; then kill, files, the images rebuilt
-//!   from the store's packs meanwhile, CRIU restore, adoption);
+//!   of the state being replaced; then kill, files and CRIU's start-up,
+//!   the images brought up to date from the store's packs meanwhile, CRIU
+//!   restore, adoption);
 //! - `daemon_restore_without_undo_point_<size>`: the same of an automatic
-//!   checkpoint, which takes no undo point: the restore itself;
+//!   checkpoint, which takes no undo point: the restore itself (the images
+//!   the last restore left are patched where they differ: after the first,
+//!   nothing);
+//! - `daemon_restore_uncached_<size>`: the same with no images cached: every
+//!   page of the images rebuilt from the store's packs;
 //! - `plain_restore_<size>`: killing the copy, waiting until its pid is free,
 //!   and `criu restore --restore-detached` (a restore of a running service
 //!   has to stop it first; the daemon's restore does the same).
@@ -182,6 +187,25 @@ fn bench(c: &mut Criterion) {
                 total
             })
         });
+        // The same restore with nothing cached: its images rebuilt whole
+        // from the store's packs first.
+        let mut cold = Vec::new();
+        g.bench_function(format!("daemon_restore_uncached_{label}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    cps.clear_restore_cache();
+                    nix::unistd::sync();
+                    let t = Instant::now();
+                    rt.block_on(cps.restore(&auto, &|_| {})).unwrap();
+                    let took = t.elapsed();
+                    cold.push(took.as_secs_f64() * 1e3);
+                    total += took;
+                    assert_eq!(sup.get(&name).unwrap().state.status, Status::Running);
+                }
+                total
+            })
+        });
         rt.block_on(sup.stop_if_running(&name, Duration::ZERO))
             .unwrap();
 
@@ -224,6 +248,7 @@ fn bench(c: &mut Criterion) {
                 median_ratio(&restore, &paired_restore),
                 median(&mut step.clone()),
                 median_ratio(&step, &paired_step),
+                median(&mut cold),
             ],
         ));
     }
@@ -242,17 +267,20 @@ fn bench(c: &mut Criterion) {
             restore_pairs,
             st,
             step_pairs,
+            uncached,
         ],
     ) in report
     {
         eprintln!(
             "{label}: freeze window {f:.1} ms vs plain dump {pd:.1} ms ({:.2}x; paired runs {dump_pairs:.2}x); \
              restore {r:.1} ms vs plain {pr:.1} ms ({:.2}x; paired runs {restore_pairs:.2}x), \
-             without the undo point {st:.1} ms ({:.2}x; paired runs {step_pairs:.2}x); \
+             without the undo point {st:.1} ms ({:.2}x; paired runs {step_pairs:.2}x), \
+             with no image cached {uncached:.1} ms ({:.2}x); \
              whole capture after 1% changed {cap:.1} ms, store growth {grew:.2}% of the memory",
             f / pd,
             r / pr,
-            st / pr
+            st / pr,
+            uncached / pr
         );
     }
 }

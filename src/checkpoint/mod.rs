@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 mod capture;
 mod gc;
 mod hook;
+mod image_cache;
 mod place;
 mod restore;
 mod sleep;
@@ -309,6 +310,8 @@ pub struct Checkpoints {
     auto_keep: std::sync::atomic::AtomicUsize,
     /// What CRIU measured of the last restore of the whole tree.
     last_restore: Mutex<Option<crate::criu::RestoreStats>>,
+    /// The raw images of the last restore, patched by the next.
+    image_cache: image_cache::ImageCache,
     /// Where every page of the live packs is (none: built at the next
     /// capture; pruned by every garbage collection).
     page_index: Mutex<Option<crate::fs::pages::PageIndex>>,
@@ -409,6 +412,7 @@ impl Checkpoints {
             exporting: Arc::default(),
             auto_keep: AUTO_KEEP.into(),
             last_restore: Mutex::new(None),
+            image_cache: image_cache::ImageCache::new(&state_dir.join("criu")),
             page_index: Mutex::new(None),
             on_publish: Default::default(),
         };

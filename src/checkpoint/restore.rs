@@ -9,35 +9,64 @@
 //! 4. with a CRIU dump: restore the init's whole tree onto the new root,
 //!    with new pipes where the daemon held the other ends; adopt the init,
 //!    put each process back in its cgroup, adopt services and sessions;
-//!    without one (or when CRIU fails): start a fresh environment and say why;
+//!    without one (or when CRIU fails): start a fresh environment and say why.
+//!    This step starts first: the images are rebuilt and CRIU starts up
+//!    (probing the kernel, reading the images) while steps 1 to 3 run, and
+//!    CRIU's `pre-restore` hook waits at the gate (`hook::Gate`) until
+//!    they are done, CRIU is in the init's cgroup and the images are whole;
 //! 5. start the services that are not running yet.
 
-use crate::policy::NetworkPolicy;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::capture::EXTERNAL_MOUNTS;
 use super::hook;
-use super::place::{self, Placement};
-use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info, io_err};
+use super::image_cache::Filled;
+use super::place::Placement;
+use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info};
 use crate::container::Container;
 use crate::criu::ActionHook;
-use crate::durable;
-use crate::fs::pages;
+use crate::policy::NetworkPolicy;
 use crate::supervisor::RunningService;
 
 /// Where the raw images of a dump are.
 pub(super) enum ImagesAt {
-    /// A checkpoint's, being rebuilt from the store (removed when the
-    /// guard drops).
-    Rebuilding(std::thread::JoinHandle<Result<RemoveOnDrop, CheckpointError>>),
+    /// A checkpoint's, being rebuilt from the store into `dir` (the
+    /// image cache): `small` says when every image but the pages is there,
+    /// `pages` ends with the whole.
+    Rebuilding {
+        dir: PathBuf,
+        small: std::sync::mpsc::Receiver<Result<(), String>>,
+        pages: Rebuild,
+    },
     /// A dir of raw images (a cold sleep's).
     Dir(PathBuf),
 }
 
-/// Whatever the `pre-resume` hook left in the init's cgroup goes to its own,
+/// The thread rebuilding a checkpoint's images.
+type Rebuild = std::thread::JoinHandle<Result<Filled, CheckpointError>>;
+
+/// What a rebuild's waiting is made of.
+type Parts = (
+    PathBuf,
+    Option<std::sync::mpsc::Receiver<Result<(), String>>>,
+    Option<Rebuild>,
+);
+
+impl ImagesAt {
+    /// The dir, what says its small images are there, what ends with the
+    /// whole.
+    fn split(self) -> Parts {
+        match self {
+            ImagesAt::Rebuilding { dir, small, pages } => (dir, Some(small), Some(pages)),
+            ImagesAt::Dir(dir) => (dir, None, None),
+        }
+    }
+}
+
+/// Whatever the placement at `pre-resume` left in the init's cgroup goes to its own,
 /// with that cgroup frozen meanwhile (so none forks on the way).
 async fn place_the_rest(placement: Placement) {
     let _ = tokio::task::spawn_blocking(move || {
@@ -71,7 +100,8 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 impl Checkpoints {
     /// Restores `id`: stops the environment, mounts the checkpoint's layer
     /// with a fresh upper dir, restores the service definitions, then the
-    /// processes (or a fresh environment, saying why).
+    /// processes (or a fresh environment, saying why). CRIU starts at once
+    /// and waits at its `pre-restore` hook for the rest to be ready.
     #[tracing::instrument(name = "restore", skip(self, progress), fields(checkpoint = id))]
     pub async fn restore(
         self: &Arc<Self>,
@@ -82,22 +112,41 @@ impl Checkpoints {
         if !meta.is_auto {
             self.take_undo_point(id, progress).await;
         }
-        // The images are rebuilt while the environment stops and the files
-        // come back (the old root's final sync is off the restore's path).
-        let images = self.start_rebuilding(&meta);
         let t0 = Instant::now();
-        info(progress, "Stopping the environment...");
-        self.stop_environment().await;
-        let killed = t0.elapsed();
-        info(progress, "Restoring filesystem...");
-        self.restore_files(&meta, progress).await?;
-        self.sup
-            .replace_definitions(meta.services.clone(), &meta.running)?;
-        self.restore_policies(&meta, progress).await;
-        let files = t0.elapsed();
+        let timing = std::sync::Mutex::new((Duration::ZERO, Duration::ZERO));
+        // Steps 1 to 3, run while CRIU starts (and the images are rebuilt).
+        let prepare = async {
+            info(progress, "Stopping the environment...");
+            self.stop_environment().await;
+            let killed = t0.elapsed();
+            info(progress, "Restoring filesystem...");
+            self.restore_files(&meta, progress).await?;
+            self.sup
+                .replace_definitions(meta.services.clone(), &meta.running)?;
+            self.restore_policies(&meta, progress).await;
+            *timing.lock().unwrap_or_else(|e| e.into_inner()) = (killed, t0.elapsed());
+            Ok::<(), CheckpointError>(())
+        };
         if let Some(container) = &self.container {
-            match self.restore_processes(&meta, container, images).await.err() {
-                None => {
+            let _ = self.image_cache.take_last();
+            let outcome = match self.tree_of(&meta) {
+                Ok((images, at)) => self.restore_tree(container, images, at, prepare).await?,
+                Err(why) => {
+                    prepare.await?;
+                    Err(why)
+                }
+            };
+            if let Some(f) = self.image_cache.take_last() {
+                info(
+                    progress,
+                    format!(
+                        "Process images: {} of {} pages written from the store (the rest kept from the last restore)",
+                        f.pages_written, f.pages
+                    ),
+                );
+            }
+            match outcome {
+                Ok(()) => {
                     for s in meta.env.iter().flat_map(|e| &e.services) {
                         info(
                             progress,
@@ -108,7 +157,7 @@ impl Checkpoints {
                         );
                     }
                 }
-                Some(why) => {
+                Err(why) => {
                     if let Err(e) = container.start().await {
                         return Err(CheckpointError::Unavailable(format!(
                             "the environment cannot start: {e}"
@@ -119,9 +168,12 @@ impl Checkpoints {
                     }
                 }
             }
+        } else {
+            prepare.await?;
         }
         let processes = t0.elapsed();
         self.sup.start_all().await;
+        let (killed, files) = *timing.lock().unwrap_or_else(|e| e.into_inner());
         tracing::debug!(?killed, ?files, ?processes, total = ?t0.elapsed(), "restore timing");
         Ok(())
     }
@@ -202,7 +254,8 @@ impl Checkpoints {
     /// Step 3b: the checkpoint's policies, in force before any of its
     /// processes runs, and stored. One that does not pass the checks (a
     /// hostile archive's) or cannot be put in force is reported; the
-    /// policy in force stays.
+    /// policy in force stays. One equal to the policy in force is left as
+    /// it is (nothing to rebuild).
     async fn restore_policies(&self, meta: &CheckpointMeta, progress: &(dyn Fn(Note) + Sync)) {
         let (Some(kept), Some(net), Some(store)) = (
             &meta.policies,
@@ -218,6 +271,11 @@ impl Checkpoints {
                 .and_then(|b| NetworkPolicy::from_request(&b).map_err(|e| e.to_string()))
                 .map(Some),
         };
+        if let Ok(p) = &checked
+            && p.clone().filter(|p| !p.rules.is_empty()) == net.policy().await
+        {
+            return;
+        }
         let result = match checked {
             Err(e) => Err(format!("it is not valid: {e}")),
             Ok(p) => match net.apply(p.clone()).await {
@@ -248,100 +306,251 @@ impl Checkpoints {
         }
     }
 
-    /// Step 4 begins early: the raw images of `meta`'s dump, rebuilt from
-    /// the store on a thread of their own (none without a dump or CRIU).
-    fn start_rebuilding(self: &Arc<Self>, meta: &CheckpointMeta) -> Option<ImagesAt> {
-        let env = meta.env.clone()?;
-        self.container.as_ref()?;
-        self.criu.as_ref()?;
-        let (me, id) = (self.clone(), meta.id.clone());
-        let rebuild = move || me.raw_images(&id, &env).map(RemoveOnDrop);
-        match std::thread::Builder::new()
-            .name("rebuild images".into())
-            .spawn(rebuild)
-        {
-            Ok(h) => Some(ImagesAt::Rebuilding(h)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start a thread to rebuild the images");
-                None
-            }
-        }
-    }
-
-    /// Step 4: the whole tree back with CRIU. The error is the reason to
-    /// start a fresh environment instead.
-    async fn restore_processes(
-        self: &Arc<Self>,
-        meta: &CheckpointMeta,
-        container: &Container,
-        at: Option<ImagesAt>,
-    ) -> Result<(), String> {
-        let images = match (&meta.env, meta.with_processes) {
+    /// Step 4 begins first: the dump to restore, its raw images being
+    /// rebuilt from the store on a thread of their own. The error is why
+    /// the processes cannot come back.
+    fn tree_of(self: &Arc<Self>, meta: &CheckpointMeta) -> Result<(EnvImages, ImagesAt), String> {
+        let env = match (&meta.env, meta.with_processes) {
             (Some(i), _) => i.clone(),
             (None, false) => return Err("the checkpoint keeps files only".into()),
             (None, true) => return Err("its processes were not dumped".into()),
         };
-        let at = at.ok_or("its images could not be rebuilt")?;
-        self.restore_tree(container, images, at).await
+        if self.criu.is_none() {
+            return Err("CRIU is unavailable".into());
+        }
+        let dir = self.image_cache.dir().to_owned();
+        let (small_tx, small) = std::sync::mpsc::sync_channel(1);
+        let (me, plan) = (self.clone(), env.clone());
+        let pages = std::thread::Builder::new()
+            .name("rebuild images".into())
+            .spawn(move || me.image_cache.fill(me.env.store(), &plan, small_tx))
+            .map_err(|e| format!("its images could not be rebuilt: {e}"))?;
+        Ok((env, ImagesAt::Rebuilding { dir, small, pages }))
     }
 
-    /// The whole tree of a CRIU dump back onto the mounted root, with new
-    /// pipes where the daemon held the other ends; the init adopted, each
-    /// process put back in its cgroup, services and sessions adopted. The
-    /// error says why it could not be.
-    pub(super) async fn restore_tree(
+    /// Step 4: the whole tree of a CRIU dump back onto the mounted root,
+    /// with new pipes where the daemon held the other ends; the init
+    /// adopted, each process put back in its cgroup, services and sessions
+    /// adopted. CRIU starts at once, while `prepare` (what must be done
+    /// before any task exists: the old environment stopped, the root
+    /// mounted) runs; its `pre-restore` hook waits at the [`hook::Gate`]
+    /// until that and the images are ready. The outer error is
+    /// `prepare`'s; the inner one says why the processes could not come
+    /// back.
+    pub(super) async fn restore_tree<E>(
+        self: &Arc<Self>,
+        container: &Container,
+        images: EnvImages,
+        at: ImagesAt,
+        prepare: impl Future<Output = Result<(), E>>,
+    ) -> Result<Result<(), String>, E> {
+        let Some((gate, hook)) = self.restore_gate(container) else {
+            // No hook: everything ready first, then CRIU in the init's cgroup.
+            prepare.await?;
+            return Ok(self.restore_tree_ungated(container, images, at).await);
+        };
+        let (pipes, ends) = match self.restore_pipes(container, &images) {
+            Ok(p) => p,
+            Err(e) => {
+                prepare.await?;
+                return Ok(Err(e));
+            }
+        };
+        let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+        let birthplace = crate::criu::Birthplace::MovedByCaller(Box::new(move |pid| {
+            let _ = pid_tx.send(pid);
+        }));
+        let (dir, wait_small, pages) = at.split();
+        let t0 = Instant::now();
+        let mut criu = CriuRun::Running(self.start_criu(
+            container,
+            dir,
+            wait_small,
+            birthplace,
+            pipes,
+            Some(hook),
+        ));
+        // CRIU starts up meanwhile.
+        let prepared = prepare.await;
+        let ready = match &prepared {
+            Err(_) => Err("the restore stopped".to_owned()),
+            Ok(()) => {
+                self.ready_for_tasks(container, &images, pid_rx, pages)
+                    .await
+            }
+        };
+        let placement = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
+            (Ok(waiting), Ok(()), Ok(p)) => {
+                waiting.answer(true).await;
+                p
+            }
+            (waiting, prepared, ready) => {
+                // Why: CRIU's own error if it ended first, else what was
+                // not ready (CRIU then ends because its hook was stopped).
+                let ended_first = waiting.is_err();
+                if let Ok(w) = waiting {
+                    w.answer(false).await;
+                }
+                let ended = criu.finish().await.err();
+                prepared?;
+                let why = match ended_first {
+                    true => ended.or(ready.err()),
+                    false => ready.err().or(ended),
+                };
+                return Ok(Err(why.unwrap_or_default()));
+            }
+        };
+        tracing::debug!(after = ?t0.elapsed(), "CRIU goes on to restore the tasks");
+        // Every task restored, none running: each goes to its cgroup.
+        match criu.at_stage(&gate, "pre-resume").await {
+            Ok(waiting) => {
+                let moved = placement.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || Placement::apply(&moved.pending())).await;
+                waiting.answer(true).await;
+                tracing::debug!(after = ?t0.elapsed(), "every restored process placed");
+            }
+            Err(why) => {
+                let _ = criu.finish().await;
+                return Ok(Err(why));
+            }
+        }
+        Ok(match criu.finish().await {
+            Ok((init_pid, _stats)) => {
+                self.adopt_tree(container, &images, init_pid, ends, placement)
+                    .await
+            }
+            Err(why) => Err(why),
+        })
+    }
+
+    /// Step 4 without the hook (a state dir mounted noexec): CRIU starts
+    /// when the images are whole, in the init's cgroup; the processes are
+    /// placed after it.
+    async fn restore_tree_ungated(
         self: &Arc<Self>,
         container: &Container,
         images: EnvImages,
         at: ImagesAt,
     ) -> Result<(), String> {
-        let criu = self.criu.clone().ok_or("CRIU is unavailable")?;
-        let init_cgroup = container.init_cgroup().map_err(|e| e.to_string())?;
-        let me = self.clone();
-        let plan = images.clone();
-        let root = self.env.root().to_owned();
-        let externals = self.external_paths(container);
+        let (dir, _small, pages) = at.split();
+        join_rebuild(pages).await?;
+        let (pipes, ends) = self.restore_pipes(container, &images)?;
         let placement = Placement::new(&container.config().cgroups, &images.cgroups)
             .map_err(|e| e.to_string())?;
-        let hook = self.placement_hook(container, &placement);
-        let netns = container.network().map(|n| n.netns());
-        let (init_pid, ends) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            // A checkpoint's images are rebuilt from the store for this
-            // restore, and removed after it (before any writeback).
-            let (dir, rebuilt) = match at {
-                ImagesAt::Rebuilding(h) => {
-                    let guard = h
-                        .join()
-                        .map_err(|_| "rebuilding the images failed (a panic)".to_owned())?
-                        .map_err(|e| e.to_string())?;
-                    (guard.0.clone(), Some(guard))
-                }
-                ImagesAt::Dir(dir) => (dir, None),
-            };
-            let (mut inherit, ends) = new_pipes(&plan).map_err(|e| format!("pipes: {e}"))?;
-            if let Some(ns) = &netns {
-                let ns = ns
-                    .try_clone()
-                    .map_err(|e| format!("the network namespace: {e}"))?;
-                inherit.push((ns, crate::network::CRIU_KEY.to_owned()));
+        let procs = container
+            .init_cgroup()
+            .and_then(|c| Ok(c.procs_fd()?))
+            .map_err(|e| e.to_string())?;
+        let birthplace = crate::criu::Birthplace::Cgroup(procs);
+        let criu = self.start_criu(container, dir, None, birthplace, pipes, None);
+        let (init_pid, _stats) = criu.await.map_err(|e| e.to_string()).and_then(|r| r)?;
+        self.adopt_tree(container, &images, init_pid, ends, placement)
+            .await
+    }
+
+    /// The gate and the action script of a restore; None (with a warning)
+    /// if either cannot be made.
+    fn restore_gate(&self, container: &Container) -> Option<(hook::Gate, ActionHook)> {
+        let state = self.dir.parent()?;
+        let made = hook::Gate::bind(state).and_then(|gate| {
+            let hook = hook::for_restore(state, &container.config().setup.exe, &gate)?;
+            Ok((gate, hook))
+        });
+        match made {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up the restore hook");
+                None
             }
-            let procs = init_cgroup.procs_fd().map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// New pipes for the restored tree (and the environment's network
+    /// namespace, which CRIU takes as inherited too).
+    fn restore_pipes(
+        &self,
+        container: &Container,
+        images: &EnvImages,
+    ) -> Result<(Vec<(OwnedFd, String)>, Ends), String> {
+        let (mut inherit, ends) = new_pipes(images).map_err(|e| format!("pipes: {e}"))?;
+        if let Some(net) = container.network() {
+            let ns = net
+                .netns()
+                .try_clone()
+                .map_err(|e| format!("the network namespace: {e}"))?;
+            inherit.push((ns, crate::network::CRIU_KEY.to_owned()));
+        }
+        Ok((inherit, ends))
+    }
+
+    /// CRIU restoring the tree in `dir` onto the root, on a blocking thread
+    /// (once `wait_small` says the small images are there).
+    fn start_criu(
+        self: &Arc<Self>,
+        container: &Container,
+        dir: PathBuf,
+        wait_small: Option<std::sync::mpsc::Receiver<Result<(), String>>>,
+        birthplace: crate::criu::Birthplace,
+        inherit: Vec<(OwnedFd, String)>,
+        hook: Option<ActionHook>,
+    ) -> tokio::task::JoinHandle<CriuResult> {
+        let me = self.clone();
+        let root = self.env.root().to_owned();
+        let externals = self.external_paths(container);
+        tokio::task::spawn_blocking(move || {
+            let criu = me.criu.clone().ok_or("CRIU is unavailable")?;
+            if let Some(small) = wait_small {
+                small
+                    .recv()
+                    .map_err(|_| "rebuilding the images failed (a panic)".to_owned())??;
+            }
             let externals: Vec<(&str, PathBuf)> = externals
                 .iter()
                 .map(|(k, p)| (k.as_str(), p.clone()))
                 .collect();
             let (pid, stats) = criu
-                .restore_env(&dir, &root, procs, &externals, inherit, hook.as_ref())
+                .restore_env(&dir, &root, birthplace, &externals, inherit, hook.as_ref())
                 .map_err(|e| e.to_string())?;
             *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
-            // (removing gigabytes takes a while: not on the restore's path)
-            if let Some(r) = rebuilt {
-                std::thread::spawn(move || drop(r));
-            }
-            Ok((pid, ends))
+            Ok((pid, stats))
         })
-        .await
-        .map_err(|e| e.to_string())??;
+    }
+
+    /// What must hold before CRIU forks a task (the old environment is
+    /// gone): CRIU in the init's cgroup (so every task is born there, its
+    /// memory charged to the environment), the images whole. Returns the
+    /// placement of the tasks.
+    async fn ready_for_tasks(
+        &self,
+        container: &Container,
+        images: &EnvImages,
+        criu_pid: tokio::sync::oneshot::Receiver<i32>,
+        pages: Option<Rebuild>,
+    ) -> Result<Placement, String> {
+        let placement = Placement::new(&container.config().cgroups, &images.cgroups)
+            .map_err(|e| e.to_string())?;
+        let init = container.init_cgroup().map_err(|e| e.to_string())?;
+        let pid = criu_pid
+            .await
+            .map_err(|_| "CRIU did not start".to_owned())?;
+        init.add(pid)
+            .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
+        join_rebuild(pages).await?;
+        Ok(placement)
+    }
+
+    /// After CRIU: the restored init adopted with its new pipes, what the
+    /// hook left in the init's cgroup placed, services and sessions
+    /// adopted.
+    async fn adopt_tree(
+        &self,
+        container: &Container,
+        images: &EnvImages,
+        init_pid: i32,
+        ends: Ends,
+        placement: Placement,
+    ) -> Result<(), String> {
         // The restored init holds the new pipes now: the next dump must
         // name them, not the ones in these images.
         let pipe_ids = [
@@ -353,7 +562,14 @@ impl Checkpoints {
             .await
             .map_err(|e| e.to_string())?;
         place_the_rest(placement).await;
-        self.adopt_processes(container, &images, ends.services, ends.sessions)
+        self.adopt_processes(container, images, ends.services, ends.sessions)
+    }
+
+    /// Forgets the images the last restore left for the next one (which
+    /// then rebuilds its images whole from the store), freeing their disk
+    /// space.
+    pub fn clear_restore_cache(&self) {
+        self.image_cache.clear();
     }
 
     /// What CRIU measured of the last restore of the whole tree (a wake
@@ -377,23 +593,6 @@ impl Checkpoints {
                 ((*key).to_owned(), host)
             })
             .collect()
-    }
-
-    /// CRIU's `pre-resume` hook that puts each restored process in its
-    /// cgroup before any runs (see `place`), with the plan and the script
-    /// written to the state dir. None if they cannot be written (the
-    /// restore then places every process itself).
-    fn placement_hook(&self, container: &Container, placement: &Placement) -> Option<ActionHook> {
-        let state = self.dir.parent()?;
-        let written = place::write_plan(state, placement)
-            .and_then(|plan| hook::for_restore(state, &container.config().setup.exe, &plan));
-        match written {
-            Ok(hook) => Some(hook),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot write the restore hook");
-                None
-            }
-        }
     }
 
     /// The supervisor and the exec sessions take their processes back.
@@ -441,44 +640,65 @@ impl Checkpoints {
         }
         Ok(())
     }
-
-    /// The raw images of checkpoint `id`, rebuilt from the store into a
-    /// temp dir (the pages images reassembled from their packs).
-    fn raw_images(&self, id: &str, p: &EnvImages) -> Result<PathBuf, CheckpointError> {
-        let tmp = self
-            .images
-            .join(format!("{}{id}-restore", durable::TEMP_PREFIX));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        let store = self.env.store();
-        for name in p.images.keys().chain(p.pages.keys()) {
-            if name.contains('/') || name.starts_with('.') {
-                return Err(CheckpointError::Unavailable(format!(
-                    "bad image name {name:?}"
-                )));
-            }
-        }
-        for (name, object) in &p.images {
-            store.extract_compressed(object, &tmp.join(name))?;
-        }
-        let t = Instant::now();
-        for (name, list) in &p.pages {
-            pages::assemble(store, list, &tmp.join(name), pages::threads())?;
-        }
-        tracing::info!(
-            ms = t.elapsed().as_secs_f64() * 1e3,
-            "images rebuilt from the store"
-        );
-        Ok(tmp)
-    }
 }
 
-/// A dir removed when dropped.
-pub(super) struct RemoveOnDrop(PathBuf);
+/// Waits for the images' rebuild to end (none: a dir of images).
+async fn join_rebuild(pages: Option<Rebuild>) -> Result<(), String> {
+    let Some(h) = pages else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || h.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "rebuilding the images failed (a panic)".to_owned())?
+        .map(|_| ())
+        .map_err(|e| format!("its images could not be rebuilt: {e}"))
+}
 
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// What CRIU's restore ends with: the restored init's host pid.
+type CriuResult = Result<(i32, crate::criu::RestoreStats), String>;
+
+/// A CRIU restore on its blocking thread, or how it ended.
+enum CriuRun {
+    Running(tokio::task::JoinHandle<CriuResult>),
+    Ended(CriuResult),
+}
+
+impl CriuRun {
+    /// Waits for CRIU's hook at `stage`, or for CRIU's end (an error: CRIU
+    /// asks at every stage it gets to).
+    async fn at_stage(&mut self, gate: &hook::Gate, stage: &str) -> Result<hook::Waiting, String> {
+        let CriuRun::Running(h) = self else {
+            return Err(format!("CRIU ended before {stage}"));
+        };
+        tokio::select! {
+            w = gate.next() => {
+                let w = w.map_err(|e| format!("the restore hook: {e}"))?;
+                if w.stage == stage {
+                    return Ok(w);
+                }
+                let said = w.stage.clone();
+                w.answer(false).await;
+                Err(format!("the restore hook came at {said:?}, not {stage}"))
+            }
+            r = h => {
+                let r = r.map_err(|e| e.to_string()).and_then(|r| r);
+                let why = match &r {
+                    Err(why) => why.clone(),
+                    Ok(_) => format!("CRIU ended without its hook at {stage}"),
+                };
+                *self = CriuRun::Ended(r.and(Err(why.clone())));
+                Err(why)
+            }
+        }
+    }
+
+    /// How CRIU ended (waiting for it).
+    async fn finish(self) -> CriuResult {
+        match self {
+            CriuRun::Running(h) => h.await.map_err(|e| e.to_string()).and_then(|r| r),
+            CriuRun::Ended(r) => r,
+        }
     }
 }
 

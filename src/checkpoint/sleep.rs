@@ -184,8 +184,10 @@ impl Checkpoints {
                     &container,
                     r.images.clone(),
                     ImagesAt::Dir(self.sleep_images()),
+                    async { Ok::<(), std::convert::Infallible>(()) },
                 )
                 .await
+                .unwrap_or_else(|e| match e {})
                 .err(),
         };
         if let Some(why) = &why {

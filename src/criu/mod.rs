@@ -195,6 +195,7 @@ impl Criu {
         op: &'static str,
         service: &str,
         log: &Path,
+        started: Option<Started>,
     ) -> Result<(), CriuError> {
         let child = self
             .reaper
@@ -207,6 +208,9 @@ impl Criu {
             })?;
         drop(cmd); // our copies of the child's fds
         let pid = child.pid;
+        if let Some(tell) = started {
+            tell(pid);
+        }
         let done = Arc::new(AtomicBool::new(false));
         let watchdog = {
             let done = done.clone();
@@ -351,7 +355,7 @@ impl Criu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
-        self.run(cmd, op, ENV, &log)?;
+        self.run(cmd, op, ENV, &log, None)?;
         let bytes = std::fs::read_dir(images)
             .map_err(io_err("read dir", images))?
             .flatten()
@@ -370,6 +374,8 @@ impl Criu {
             dump_ms = stats.dump_ms,
             bytes,
             frozen_us = stats.frozen_time,
+            memdump_us = stats.memdump_time,
+            memwrite_us = stats.memwrite_time,
             pages_written = stats.pages_written,
             "dumped"
         );
@@ -377,8 +383,7 @@ impl Criu {
     }
 
     /// Restores the environment dumped in `images` onto the mounted root
-    /// `root`, its tasks born in the cgroup behind `cgroup_procs` (an open
-    /// `cgroup.procs`). `external` maps each bind-mount key to its host
+    /// `root`, its tasks born where `birthplace` says. `external` maps each bind-mount key to its host
     /// path; `inherit` hands the restored tasks new pipes: each fd takes
     /// the place of the pipe `pipe:[N]` it is paired with. Returns the host
     /// pid of the restored init, a child of the daemon. Blocking.
@@ -387,7 +392,7 @@ impl Criu {
         &self,
         images: &Path,
         root: &Path,
-        cgroup_procs: OwnedFd,
+        birthplace: Birthplace,
         external: &[(&str, PathBuf)],
         inherit: Vec<(OwnedFd, String)>,
         hook: Option<&ActionHook>,
@@ -436,9 +441,15 @@ impl Criu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
-        crate::sys::join_cgroup_before_exec(&mut cmd, cgroup_procs);
+        let tell = match birthplace {
+            Birthplace::Cgroup(procs) => {
+                crate::sys::join_cgroup_before_exec(&mut cmd, procs);
+                None
+            }
+            Birthplace::MovedByCaller(tell) => Some(tell),
+        };
         let started = std::time::Instant::now();
-        self.run(cmd, "restore", ENV, &log)?;
+        self.run(cmd, "restore", ENV, &log, tell)?;
         let wall_ms = started.elapsed().as_secs_f64() * 1e3;
         let pid = std::fs::read_to_string(&pidfile)
             .map_err(io_err("read", &pidfile))?
@@ -458,6 +469,21 @@ impl Criu {
         );
         Ok((pid, stats))
     }
+}
+
+/// Told CRIU's pid once it is spawned.
+pub type Started = Box<dyn FnOnce(i32) + Send>;
+
+/// Where the tasks of a restore are born (CRIU forks them: they start in
+/// its cgroup).
+pub enum Birthplace {
+    /// CRIU joins the cgroup behind this open `cgroup.procs` before it
+    /// execs.
+    Cgroup(OwnedFd),
+    /// CRIU starts in the daemon's cgroup; the caller moves it before any
+    /// task is forked (its action script waits at `pre-restore` for that),
+    /// told its pid by this.
+    MovedByCaller(Started),
 }
 
 /// An action script for a restore: CRIU runs `script` (no arguments) at

@@ -614,8 +614,33 @@ fn write_pack(
 
 /// Rebuilds the image page list `list_id` describes at `dest`, on
 /// `threads` threads (each writes its own part of the file).
-#[tracing::instrument(name = "assemble_pages", skip_all, fields(dest = %dest.display()))]
 pub fn assemble(store: &Store, list_id: &str, dest: &Path, threads: usize) -> Result<(), FsError> {
+    rebuild(store, list_id, None, dest, threads).map(|_| ())
+}
+
+/// What [`rebuild`] did.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    /// The page list the image now holds.
+    pub list: PageList,
+    /// Pages written (all of them, unless the image was patched).
+    pub pages_written: u64,
+}
+
+/// Brings the image at `dest` to what page list `list_id` describes, on
+/// `threads` threads. When `dest` holds the image of `previous` (a list of
+/// the same length), only the pages where the two differ are written:
+/// the work is what changed between them, and nothing for the same list.
+/// Otherwise every page is written (over what the file held: an image
+/// whose length changed shifts every page after the change).
+#[tracing::instrument(name = "assemble_pages", skip_all, fields(dest = %dest.display()))]
+pub fn rebuild(
+    store: &Store,
+    list_id: &str,
+    previous: Option<&PageList>,
+    dest: &Path,
+    threads: usize,
+) -> Result<Rebuilt, FsError> {
     let list = PageList::load(store, list_id)?;
     let packs = list
         .packs
@@ -630,49 +655,148 @@ pub fn assemble(store: &Store, list_id: &str, dest: &Path, threads: usize) -> Re
             )));
         }
     }
+    let on_disk = std::fs::metadata(dest).map(|m| m.len()).ok();
+    let previous = previous.filter(|p| p.len == list.len && on_disk == Some(list.len));
+    // (an image there is overwritten, not truncated first: writing over
+    // pages the kernel holds costs less than allocating new ones)
     let out = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o600)
         .open(dest)
         .map_err(io_err("create", dest))?;
-    out.set_len(list.len).map_err(io_err("truncate", dest))?;
-    // Runs with their place in the image, cut into one part per thread.
-    let total = list.len / PAGE as u64;
+    let runs = match previous {
+        Some(old) => differing_runs(old, &list),
+        None => {
+            out.set_len(list.len).map_err(io_err("truncate", dest))?;
+            placed_runs(&list)
+        }
+    };
+    let pages_written = runs.iter().map(|r| r.count).sum();
+    write_runs(&packs, runs, &out, dest, threads)?;
+    Ok(Rebuilt {
+        list,
+        pages_written,
+    })
+}
+
+/// Pages `first..first + count` of pack `pack` go to page `at` of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Placed {
+    at: u64,
+    pack: usize,
+    first: u64,
+    count: u64,
+}
+
+/// Every run of `list`, with its place in the image.
+fn placed_runs(list: &PageList) -> Vec<Placed> {
+    let mut at = 0;
+    list.runs
+        .iter()
+        .map(|&[pack, first, count]| {
+            let r = Placed {
+                at,
+                pack: pack as usize,
+                first,
+                count,
+            };
+            at += count;
+            r
+        })
+        .collect()
+}
+
+/// The runs of `new` (its packs' indices) where the image of `old`, of
+/// the same length, holds other pages: a page is the same when it comes
+/// from the same page of the same pack object.
+fn differing_runs(old: &PageList, new: &PageList) -> Vec<Placed> {
+    let (olds, news) = (placed_runs(old), placed_runs(new));
+    let mut out: Vec<Placed> = Vec::new();
+    let (mut i, mut j, mut pos) = (0, 0, 0u64);
+    while i < olds.len() && j < news.len() {
+        let (o, n) = (olds[i], news[j]);
+        let end = (o.at + o.count).min(n.at + n.count);
+        let same = old.packs[o.pack] == new.packs[n.pack]
+            && o.first + (pos - o.at) == n.first + (pos - n.at);
+        if !same {
+            let first = n.first + (pos - n.at);
+            match out.last_mut() {
+                Some(l)
+                    if l.pack == n.pack && l.at + l.count == pos && l.first + l.count == first =>
+                {
+                    l.count += end - pos;
+                }
+                _ => out.push(Placed {
+                    at: pos,
+                    pack: n.pack,
+                    first,
+                    count: end - pos,
+                }),
+            }
+        }
+        pos = end;
+        if pos == o.at + o.count {
+            i += 1;
+        }
+        if pos == n.at + n.count {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Writes `runs` into `out`, cut into one part per thread by the pages
+/// they hold.
+fn write_runs(
+    packs: &[Pack],
+    runs: Vec<Placed>,
+    out: &File,
+    dest: &Path,
+    threads: usize,
+) -> Result<(), FsError> {
+    let total: u64 = runs.iter().map(|r| r.count).sum();
+    if total == 0 {
+        return Ok(());
+    }
     let per = total.div_ceil(threads.max(1) as u64).max(1);
-    let mut parts: Vec<Vec<(u64, usize, u64, u64)>> = Vec::new();
-    let mut at = 0u64;
-    for [p, first, count] in &list.runs {
-        let (mut first, mut count) = (*first, *count);
-        while count > 0 {
-            let part = (at / per) as usize;
-            let n = count.min((part as u64 + 1) * per - at);
+    let mut parts: Vec<Vec<Placed>> = Vec::new();
+    let mut done = 0u64;
+    for mut r in runs {
+        while r.count > 0 {
+            let part = (done / per) as usize;
+            let n = r.count.min((part as u64 + 1) * per - done);
             if parts.len() <= part {
                 parts.resize_with(part + 1, Vec::new);
             }
-            parts[part].push((at, *p as usize, first, n));
-            at += n;
-            first += n;
-            count -= n;
+            parts[part].push(Placed { count: n, ..r });
+            done += n;
+            r.at += n;
+            r.first += n;
+            r.count -= n;
         }
     }
-    let (packs, out) = (&packs, &out);
     par_map(parts, threads, "page assembler", |part| {
         let mut cache: FxHashMap<usize, (usize, Vec<u8>)> = FxHashMap::default();
         let mut reader = FrameReader::default();
-        let Some(&(start, ..)) = part.first() else {
-            return Ok(());
-        };
         let mut buf: Vec<u8> = Vec::with_capacity(READ_PAGES * PAGE);
-        let mut buf_at = start * PAGE as u64;
-        for (_, p, first, count) in part {
-            for page in first..first + count {
+        // The image offset of buf's first byte.
+        let mut buf_at = 0u64;
+        for r in part {
+            let at = r.at * PAGE as u64;
+            if buf_at + buf.len() as u64 != at {
+                out.write_all_at(&buf, buf_at)
+                    .map_err(io_err("write", dest))?;
+                buf.clear();
+                buf_at = at;
+            }
+            for page in r.first..r.first + r.count {
                 let frame = page as usize / FRAME_PAGES;
-                let (cached, data) = cache.entry(p).or_insert((usize::MAX, Vec::new()));
+                let (cached, data) = cache.entry(r.pack).or_insert((usize::MAX, Vec::new()));
                 if *cached != frame {
                     *cached = usize::MAX;
-                    packs[p].frame_into(frame, &mut reader, data)?;
+                    packs[r.pack].frame_into(frame, &mut reader, data)?;
                     *cached = frame;
                 }
                 let off = (page as usize % FRAME_PAGES) * PAGE;
@@ -791,6 +915,78 @@ mod tests {
         let mut pruned = fresh;
         pruned.retain_packs(|id| id == packs[0]);
         assert_eq!(pruned.len(), first.new_pages as usize);
+    }
+
+    #[test]
+    fn an_image_is_patched_where_it_differs_and_left_alone_where_not() {
+        let (tmp, store) = setup();
+        let mut seed = 5;
+        let a = tmp.path().join("pages-1.img");
+        let mut mem = random_pages(700, &mut seed);
+        std::fs::write(&a, &mem).unwrap();
+        let mut index = PageIndex::default();
+        let first = store_images(&store, &mut index, std::slice::from_ref(&a), 2).unwrap();
+        let mut changed = std::collections::BTreeSet::new();
+        for _ in 0..9 {
+            let p = (rng(&mut seed) % 700) as usize;
+            changed.insert(p);
+            mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&random_pages(1, &mut seed));
+        }
+        std::fs::write(&a, &mem).unwrap();
+        let second = store_images(&store, &mut index, std::slice::from_ref(&a), 2).unwrap();
+        let out = tmp.path().join("out.img");
+        let one = rebuild(&store, &first.lists[0], None, &out, 2).unwrap();
+        assert_eq!(one.pages_written, 700);
+        // The other checkpoint: only the pages that changed are written.
+        let two = rebuild(&store, &second.lists[0], Some(&one.list), &out, 2).unwrap();
+        assert_eq!(two.pages_written, changed.len() as u64);
+        assert!(std::fs::read(&out).unwrap() == mem);
+        // The same list again: nothing to write.
+        let again = rebuild(&store, &second.lists[0], Some(&two.list), &out, 3).unwrap();
+        assert_eq!(again.pages_written, 0);
+        // And back: the first image, byte for byte.
+        let back = rebuild(&store, &first.lists[0], Some(&again.list), &out, 2).unwrap();
+        assert_eq!(back.pages_written, changed.len() as u64);
+        let mut want = tmp.path().join("want.img");
+        assemble(&store, &first.lists[0], &want, 1).unwrap();
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap());
+        // A previous list of another length (or a file that is not its
+        // image) makes a whole rebuild.
+        want = tmp.path().join("other.img");
+        std::fs::write(&want, b"short").unwrap();
+        let whole = rebuild(&store, &first.lists[0], Some(&one.list), &want, 2).unwrap();
+        assert_eq!(whole.pages_written, 700);
+        assert!(std::fs::read(&want).unwrap() == std::fs::read(&out).unwrap());
+    }
+
+    #[test]
+    fn differing_runs_compare_pages_by_pack_and_place() {
+        let list = |packs: &[&str], runs: Vec<[u64; 3]>| PageList {
+            v: 1,
+            len: runs.iter().map(|r| r[2]).sum::<u64>() * PAGE as u64,
+            packs: packs.iter().map(|p| p.to_string()).collect(),
+            runs,
+        };
+        let old = list(&["a", "b"], vec![[0, 0, 10], [1, 0, 5]]);
+        // The same pages under other pack indices: nothing differs.
+        let same = list(&["b", "a"], vec![[1, 0, 4], [1, 4, 6], [0, 0, 5]]);
+        assert!(differing_runs(&old, &same).is_empty());
+        // Pages 3..5 from pack c, page 12 shifted within b.
+        let new = list(
+            &["a", "b", "c"],
+            vec![
+                [0, 0, 3],
+                [2, 7, 2],
+                [0, 5, 5],
+                [1, 0, 2],
+                [1, 3, 1],
+                [1, 3, 2],
+            ],
+        );
+        let d = differing_runs(&old, &new);
+        let got: Vec<(u64, usize, u64, u64)> =
+            d.iter().map(|r| (r.at, r.pack, r.first, r.count)).collect();
+        assert_eq!(got, vec![(3, 2, 7, 2), (12, 1, 3, 1)]);
     }
 
     #[test]
