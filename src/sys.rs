@@ -1042,23 +1042,13 @@ pub fn attach_device_program(
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
     };
-    // SAFETY: bpf(2) reads `load` (its size given) and the instructions,
-    // license and log buffer it points to, all alive and sized as stated
-    // for the duration of the call; it returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &load as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
+    // (the instructions, license and log buffer `load` points to are alive
+    // and sized as stated for the duration of the call)
+    let fd = bpf(BPF_PROG_LOAD, &load).map_err(|e| {
         let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
         let text = String::from_utf8_lossy(&log[..end]);
-        return Err(io::Error::new(e.kind(), format!("{e}: {}", text.trim())));
-    }
+        io::Error::new(e.kind(), format!("{e}: {}", text.trim()))
+    })?;
     // SAFETY: the kernel just returned `fd`, a new program fd nothing else
     // owns.
     let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -1068,18 +1058,29 @@ pub fn attach_device_program(
         attach_type: BPF_CGROUP_DEVICE,
         attach_flags: BPF_F_ALLOW_MULTI,
     };
-    // SAFETY: bpf(2) reads `attach` (its size given); both fds are open for
-    // the call. The attachment keeps its own reference to the program.
+    // (both fds are open for the call; the attachment keeps its own
+    // reference to the program)
+    bpf(BPF_PROG_ATTACH, &attach).map(|_| ())
+}
+
+/// bpf(2) with command `cmd` and its attr `attr` (one of the attr structs
+/// above, whose pointers the caller keeps alive for the call): the
+/// syscall's non-negative result.
+#[allow(unsafe_code)]
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) reads `size_of::<T>()` bytes of `attr`, a live
+    // reference; what the attr points to is the caller's to keep alive
+    // (see above). It returns -1 on error.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attach as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>(),
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
         )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(r)
 }
