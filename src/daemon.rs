@@ -540,6 +540,8 @@ async fn start_container(
     for d in [&checkpoints, &logs] {
         std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
     }
+    let sprite_dir = config.state_dir.join("dot-sprite");
+    crate::container::init::make_sprite_dir(&sprite_dir).map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| format!("find the daemon's binary: {e}"))?;
     let container = crate::container::Container::new(
         crate::container::ContainerConfig {
@@ -550,6 +552,7 @@ async fn start_container(
                 socket: config.socket_path.clone(),
                 checkpoints,
                 logs,
+                sprite_dir,
             },
             cgroups: cgroups.clone(),
         },

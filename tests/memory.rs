@@ -136,18 +136,20 @@ async fn every_checkpoint_of_a_changing_512_mib_service_restores_exactly_and_add
     restore_to(1).await;
     restore_to(4).await;
     // The images the last restore left are patched, not rebuilt: the same
-    // checkpoint again writes no page, its neighbour about what changed.
-    let written = |events: &[Value]| -> (u64, u64) {
+    // checkpoint again writes no page and extracts no other image, its
+    // neighbour about what changed.
+    let written = |events: &[Value]| -> (u64, u64, u64) {
         let line = infos(events)
             .into_iter()
             .find(|l| l.starts_with("Process images: "))
             .unwrap_or_else(|| panic!("{events:?}"));
         let n: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
-        (n[0], n[1])
+        (n[0], n[1], n[2])
     };
     let again = d.restore("v4").await;
-    let (w, pages) = written(&again);
+    let (w, pages, small) = written(&again);
     assert_eq!(w, 0, "the same checkpoint again");
+    assert_eq!(small, 0, "the same checkpoint again: no image extracted");
     assert!(pages > 512 * 256, "{pages} pages");
     assert_eq!(
         get(port, "/sum").await,
@@ -157,7 +159,7 @@ async fn every_checkpoint_of_a_changing_512_mib_service_restores_exactly_and_add
     // Another checkpoint: its pages where they differ (every page when the
     // image's length changed: the pages after a change are shifted).
     let next = d.restore("v5").await;
-    let (w, _) = written(&next);
+    let (w, _, _) = written(&next);
     assert!(w > 0, "{w} of {pages} pages written");
     assert_eq!(get(port, "/sum").await, sums[4], "v5 restored exactly");
 }

@@ -297,6 +297,7 @@ async fn start_environment(
                 socket,
                 checkpoints,
                 logs,
+                sprite_dir: state.join("dot-sprite"),
             },
             cgroups: cgroups.clone(),
         },

@@ -26,6 +26,7 @@ use crate::supervisor::ServiceDef;
 /// The bind mounts from the host inside the environment, and the keys their
 /// CRIU images name them by.
 pub(super) const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
+    ("/.sprite", "sprited-dir"),
     ("/.sprite/bin/sprited", "sprited-exe"),
     ("/.sprite/api.sock", "sprited-api"),
     ("/.sprite/checkpoints", "sprited-checkpoints"),

@@ -140,8 +140,8 @@ impl Checkpoints {
                 info(
                     progress,
                     format!(
-                        "Process images: {} of {} pages written from the store (the rest kept from the last restore)",
-                        f.pages_written, f.pages
+                        "Process images: {} of {} pages and {} of {} other images written from the store (the rest kept from the last restore)",
+                        f.pages_written, f.pages, f.small_extracted, f.small
                     ),
                 );
             }
@@ -379,7 +379,7 @@ impl Checkpoints {
                     .await
             }
         };
-        let placement = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
+        let (placement, fast) = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
             (Ok(waiting), Ok(()), Ok(p)) => {
                 waiting.answer(true).await;
                 p
@@ -407,6 +407,7 @@ impl Checkpoints {
                 let moved = placement.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || Placement::apply(&moved.pending())).await;
+                drop(fast);
                 waiting.answer(true).await;
                 tracing::debug!(after = ?t0.elapsed(), "every restored process placed");
             }
@@ -520,14 +521,15 @@ impl Checkpoints {
     /// What must hold before CRIU forks a task (the old environment is
     /// gone): CRIU in the init's cgroup (so every task is born there, its
     /// memory charged to the environment), the images whole. Returns the
-    /// placement of the tasks.
+    /// placement of the tasks, and migrations kept fast until it is done
+    /// (none if that cannot be arranged: the placement then only waits).
     async fn ready_for_tasks(
         &self,
         container: &Container,
         images: &EnvImages,
         criu_pid: tokio::sync::oneshot::Receiver<i32>,
         pages: Option<Rebuild>,
-    ) -> Result<Placement, String> {
+    ) -> Result<(Placement, Option<crate::cgroup::FastMigrations>), String> {
         let placement = Placement::new(&container.config().cgroups, &images.cgroups)
             .map_err(|e| e.to_string())?;
         let init = container.init_cgroup().map_err(|e| e.to_string())?;
@@ -536,8 +538,12 @@ impl Checkpoints {
             .map_err(|_| "CRIU did not start".to_owned())?;
         init.add(pid)
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
+        let fast = init
+            .keep_migrations_fast(pid)
+            .inspect_err(|e| tracing::warn!(error = %e, "migrations not kept fast"))
+            .ok();
         join_rebuild(pages).await?;
-        Ok(placement)
+        Ok((placement, fast))
     }
 
     /// After CRIU: the restored init adopted with its new pipes, what the
@@ -585,6 +591,7 @@ impl Checkpoints {
             .iter()
             .map(|(inside, key)| {
                 let host = match *inside {
+                    "/.sprite" => s.sprite_dir.clone(),
                     "/.sprite/bin/sprited" => s.exe.clone(),
                     "/.sprite/api.sock" => s.socket.clone(),
                     "/.sprite/checkpoints" => s.checkpoints.clone(),
