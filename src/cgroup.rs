@@ -137,6 +137,14 @@ impl Cgroups {
         Some(abs.starts_with(&self.parent))
     }
 
+    /// The cgroup (v2) that live process `pid` is in, wherever it is.
+    pub fn of_process(&self, pid: i32) -> Option<Cgroup> {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let path = self.mount.join(rel.trim().trim_start_matches('/'));
+        path.is_dir().then_some(Cgroup { path })
+    }
+
     /// What this kernel offers, read from the parent cgroup's interface files.
     pub fn support(&self) -> CgroupSupport {
         CgroupSupport {
@@ -326,6 +334,18 @@ pub struct FastMigrations {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+impl FastMigrations {
+    /// Stops the moves and waits for the one under way, if any: after
+    /// this, no move of the guard's can undo one made elsewhere.
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for FastMigrations {
     /// Stops the moves (the thread ends after the one under way, if any:
     /// not waited for).
@@ -372,18 +392,20 @@ impl Cgroup {
         self.write("cgroup.procs", &pid.to_string())
     }
 
-    /// Keeps migrations fast until the guard drops: moves `pid`, already
-    /// in this cgroup (a no-op move), again every few milliseconds.
+    /// Keeps every cgroup move fast until the guard drops: moves `pid`,
+    /// already in this cgroup (a no-op move), again every 3 ms.
     ///
-    /// A move into a cgroup takes the kernel's threadgroup lock for
-    /// writing (`cgroup_threadgroup_rwsem`, a per-CPU rwsem). Taking it
-    /// waits for an RCU grace period unless another writer held it within
-    /// about one grace period: measured here, 5 to 16 ms after 20 ms of no
-    /// moves, 0.2 ms within 10 ms of one. A restore moves its processes to
-    /// their cgroups while CRIU waits to resume them; with this guard held
-    /// since CRIU began restoring, those moves do not wait. (The
-    /// `favordynmods` mount option would do this for good, for the whole
-    /// hierarchy.) The moves stop when `pid` is gone.
+    /// A move into any cgroup takes the kernel's threadgroup lock for
+    /// writing (`cgroup_threadgroup_rwsem`, one per-CPU rwsem for all).
+    /// Taking it waits for an RCU grace period unless another writer held
+    /// it within about one grace period: measured here, 5 to 16 ms after
+    /// 20 ms of no moves, 0.2 ms within 10 ms of one. A restore moves CRIU
+    /// into the init's cgroup before it forks, and the restored processes
+    /// to theirs while CRIU waits to resume them; with this guard held for
+    /// the restore, neither waits. (The `favordynmods` mount option would
+    /// do this for good, for the whole hierarchy.) While the guard lives,
+    /// `pid` stays here (a move elsewhere is undone); the moves stop when
+    /// it is gone or a move fails.
     pub fn keep_migrations_fast(&self, pid: i32) -> Result<FastMigrations, CgroupError> {
         use std::os::unix::fs::FileExt;
         let p = self.path.join("cgroup.procs");

@@ -139,3 +139,46 @@ async fn kill_all_empties_a_tree_that_ignores_sigterm() {
     child.exit.await.unwrap();
     cg.remove().unwrap();
 }
+
+#[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
+async fn kept_fast_a_process_stays_in_its_cgroup_until_the_guard_stops() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "kept_fast_a_process_stays_in_its_cgroup_until_the_guard_stops"
+    ));
+    let reaper = Reaper::start().unwrap();
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    let (a, b) = (cgroups.child("a").unwrap(), cgroups.child("b").unwrap());
+    let _cleanup = (
+        Cleanup(cgroups.clone(), a.clone()),
+        Cleanup(cgroups.clone(), b.clone()),
+    );
+    let mut cmd = Command::new("sleep");
+    cmd.arg("1000");
+    sprited::sys::join_cgroup_before_exec(&mut cmd, a.procs_fd().unwrap());
+    let child = reaper.spawn(&mut cmd).unwrap();
+    assert_eq!(
+        cgroups.of_process(child.pid).map(|c| c.path().to_owned()),
+        Some(a.path().to_owned())
+    );
+
+    // The guard moves it into `a` again and again (a no-op each time): a
+    // move elsewhere is undone.
+    let guard = a.keep_migrations_fast(child.pid).unwrap();
+    b.add(child.pid).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.pids().unwrap().contains(&child.pid) {
+        assert!(std::time::Instant::now() < deadline, "never moved back");
+        std::thread::yield_now();
+    }
+    assert!(b.pids().unwrap().is_empty());
+
+    // Stopped (and its last move over), it moves nothing any more.
+    guard.stop();
+    b.add(child.pid).unwrap();
+    assert_eq!(b.pids().unwrap(), vec![child.pid]);
+    assert!(a.pids().unwrap().is_empty());
+    // The process ran on through all of it.
+    assert_eq!(cgroups.holds(child.pid), Some(true));
+}

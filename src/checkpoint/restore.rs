@@ -362,6 +362,8 @@ impl Checkpoints {
         }));
         let (dir, wait_small, pages) = at.split();
         let t0 = Instant::now();
+        // From now until the processes are placed, no cgroup move waits.
+        let fast = self.fast_migrations(container);
         let mut criu = CriuRun::Running(self.start_criu(
             container,
             dir,
@@ -379,7 +381,7 @@ impl Checkpoints {
                     .await
             }
         };
-        let (placement, fast) = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
+        let placement = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
             (Ok(waiting), Ok(()), Ok(p)) => {
                 waiting.answer(true).await;
                 p
@@ -521,15 +523,14 @@ impl Checkpoints {
     /// What must hold before CRIU forks a task (the old environment is
     /// gone): CRIU in the init's cgroup (so every task is born there, its
     /// memory charged to the environment), the images whole. Returns the
-    /// placement of the tasks, and migrations kept fast until it is done
-    /// (none if that cannot be arranged: the placement then only waits).
+    /// placement of the tasks.
     async fn ready_for_tasks(
         &self,
         container: &Container,
         images: &EnvImages,
         criu_pid: tokio::sync::oneshot::Receiver<i32>,
         pages: Option<Rebuild>,
-    ) -> Result<(Placement, Option<crate::cgroup::FastMigrations>), String> {
+    ) -> Result<Placement, String> {
         let placement = Placement::new(&container.config().cgroups, &images.cgroups)
             .map_err(|e| e.to_string())?;
         let init = container.init_cgroup().map_err(|e| e.to_string())?;
@@ -538,12 +539,19 @@ impl Checkpoints {
             .map_err(|_| "CRIU did not start".to_owned())?;
         init.add(pid)
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
-        let fast = init
-            .keep_migrations_fast(pid)
-            .inspect_err(|e| tracing::warn!(error = %e, "migrations not kept fast"))
-            .ok();
         join_rebuild(pages).await?;
-        Ok((placement, fast))
+        Ok(placement)
+    }
+
+    /// Cgroup moves kept fast for the restore ([`crate::cgroup::Cgroup::keep_migrations_fast`]:
+    /// the daemon moved into its own cgroup every 3 ms); none if the
+    /// daemon's cgroup cannot be found (the moves then wait).
+    fn fast_migrations(&self, container: &Container) -> Option<crate::cgroup::FastMigrations> {
+        let me = std::process::id() as i32;
+        let own = container.config().cgroups.of_process(me)?;
+        own.keep_migrations_fast(me)
+            .inspect_err(|e| tracing::warn!(error = %e, "cgroup moves not kept fast"))
+            .ok()
     }
 
     /// After CRIU: the restored init adopted with its new pipes, what the
