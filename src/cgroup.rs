@@ -131,17 +131,20 @@ impl Cgroups {
         if state.starts_with('Z') || state.starts_with('X') {
             return None;
         }
+        Some(self.path_of(pid)?.starts_with(&self.parent))
+    }
+
+    /// The path of the cgroup (v2) process `pid` is in, from
+    /// `/proc/<pid>/cgroup`.
+    fn path_of(&self, pid: i32) -> Option<PathBuf> {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let abs = self.mount.join(rel.trim().trim_start_matches('/'));
-        Some(abs.starts_with(&self.parent))
+        Some(self.mount.join(rel.trim().trim_start_matches('/')))
     }
 
     /// The cgroup (v2) that live process `pid` is in, wherever it is.
     pub fn of_process(&self, pid: i32) -> Option<Cgroup> {
-        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let path = self.mount.join(rel.trim().trim_start_matches('/'));
+        let path = self.path_of(pid)?;
         path.is_dir().then_some(Cgroup { path })
     }
 
@@ -338,11 +341,17 @@ impl FastMigrations {
     /// Stops the moves and waits for the one under way, if any: after
     /// this, no move of the guard's can undo one made elsewhere.
     pub fn stop(mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
+        if let Some(t) = self.signal() {
             let _ = t.join();
         }
+    }
+
+    /// Tells the thread to end; its handle, the first time.
+    fn signal(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = self.thread.take()?;
+        t.thread().unpark();
+        Some(t)
     }
 }
 
@@ -350,10 +359,7 @@ impl Drop for FastMigrations {
     /// Stops the moves (the thread ends after the one under way, if any:
     /// not waited for).
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-        }
+        self.signal();
     }
 }
 
