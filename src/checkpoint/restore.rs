@@ -115,23 +115,29 @@ impl Checkpoints {
         let t0 = Instant::now();
         let timing = std::sync::Mutex::new((Duration::ZERO, Duration::ZERO));
         // Steps 1 to 3, run while CRIU starts (and the images are rebuilt).
-        let prepare = async {
+        let stop = async {
             info(progress, "Stopping the environment...");
             self.stop_environment().await;
-            let killed = t0.elapsed();
+            timing.lock().unwrap_or_else(|e| e.into_inner()).0 = t0.elapsed();
+        };
+        let prepare = async {
             info(progress, "Restoring filesystem...");
             self.restore_files(&meta, progress).await?;
             self.sup
                 .replace_definitions(meta.services.clone(), &meta.running)?;
             self.restore_policies(&meta, progress).await;
-            *timing.lock().unwrap_or_else(|e| e.into_inner()) = (killed, t0.elapsed());
+            timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
             Ok::<(), CheckpointError>(())
         };
         if let Some(container) = &self.container {
             let _ = self.image_cache.take_last();
             let outcome = match self.tree_of(&meta) {
-                Ok((images, at)) => self.restore_tree(container, images, at, prepare).await?,
+                Ok((images, at)) => {
+                    self.restore_tree(container, images, at, stop, prepare)
+                        .await?
+                }
                 Err(why) => {
+                    stop.await;
                     prepare.await?;
                     Err(why)
                 }
@@ -169,6 +175,7 @@ impl Checkpoints {
                 }
             }
         } else {
+            stop.await;
             prepare.await?;
         }
         let processes = t0.elapsed();
@@ -331,27 +338,30 @@ impl Checkpoints {
     /// Step 4: the whole tree of a CRIU dump back onto the mounted root,
     /// with new pipes where the daemon held the other ends; the init
     /// adopted, each process put back in its cgroup, services and sessions
-    /// adopted. CRIU starts at once, while `prepare` (what must be done
-    /// before any task exists: the old environment stopped, the root
-    /// mounted) runs; its `pre-restore` hook waits at the [`hook::Gate`]
-    /// until that and the images are ready. The outer error is
-    /// `prepare`'s; the inner one says why the processes could not come
-    /// back.
+    /// adopted. CRIU starts at once, while `stop` (the old environment
+    /// stopped) and then `prepare` (what else must be done before any task
+    /// exists: the root mounted) run; its `pre-restore` hook waits at the
+    /// [`hook::Gate`] until those and the images are ready. The outer
+    /// error is `prepare`'s; the inner one says why the processes could
+    /// not come back.
     pub(super) async fn restore_tree<E>(
         self: &Arc<Self>,
         container: &Container,
         images: EnvImages,
         at: ImagesAt,
+        stop: impl Future<Output = ()>,
         prepare: impl Future<Output = Result<(), E>>,
     ) -> Result<Result<(), String>, E> {
         let Some((gate, hook)) = self.restore_gate(container) else {
             // No hook: everything ready first, then CRIU in the init's cgroup.
+            stop.await;
             prepare.await?;
             return Ok(self.restore_tree_ungated(container, images, at).await);
         };
         let (pipes, ends) = match self.restore_pipes(container, &images) {
             Ok(p) => p,
             Err(e) => {
+                stop.await;
                 prepare.await?;
                 return Ok(Err(e));
             }
@@ -362,8 +372,6 @@ impl Checkpoints {
         }));
         let (dir, wait_small, pages) = at.split();
         let t0 = Instant::now();
-        // From now until the processes are placed, no cgroup move waits.
-        let fast = self.fast_migrations(container);
         let mut criu = CriuRun::Running(self.start_criu(
             container,
             dir,
@@ -372,7 +380,12 @@ impl Checkpoints {
             pipes,
             Some(hook),
         ));
-        // CRIU starts up meanwhile.
+        // CRIU starts up meanwhile. From the old environment's end until
+        // the processes are placed, no cgroup move waits. (Not before: the
+        // first move waits for an RCU grace period holding the kernel's
+        // cgroup lock, which stopping the environment needs too.)
+        stop.await;
+        let fast = self.fast_migrations(container);
         let prepared = prepare.await;
         let ready = match &prepared {
             Err(_) => Err("the restore stopped".to_owned()),

@@ -184,6 +184,7 @@ impl Checkpoints {
                     &container,
                     r.images.clone(),
                     ImagesAt::Dir(self.sleep_images()),
+                    async {},
                     async { Ok::<(), std::convert::Infallible>(()) },
                 )
                 .await
