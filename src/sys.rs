@@ -598,15 +598,23 @@ pub fn pass_fds_before_exec(
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let n = fds.len() as libc::c_int;
+    // (allocated here: the child writes into it without allocating)
+    let mut high: Vec<libc::c_int> = vec![-1; fds.len()];
     // SAFETY: the closure runs in the forked child before exec. It makes only
     // fcntl(2) and dup2(2) calls on fds the closure owns, with no allocation:
-    // each source is first copied above the target range (close-on-exec), so
-    // a source that happens to sit on a target number is not clobbered.
+    // every source is first copied above the target range (close-on-exec),
+    // and only then are the targets set, so a source that happens to sit on
+    // a target number is copied before that number is taken.
     unsafe {
         cmd.pre_exec(move || {
-            for (i, fd) in fds.iter().enumerate() {
-                let high = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, first + n);
-                if high < 0 || libc::dup2(high, first + i as libc::c_int) < 0 {
+            for (fd, h) in fds.iter().zip(high.iter_mut()) {
+                *h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, first + n);
+                if *h < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, h) in high.iter().enumerate() {
+                if libc::dup2(*h, first + i as libc::c_int) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -1083,4 +1091,35 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
         return Err(io::Error::last_os_error());
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    #[test]
+    fn passed_fds_land_on_their_numbers_even_where_a_source_sits_on_a_target() {
+        let d = tempfile::tempdir().unwrap();
+        let open =
+            |name: &str| -> OwnedFd { std::fs::File::create(d.path().join(name)).unwrap().into() };
+        let (a, b) = (open("a"), open("b"));
+        // b sits on the number a is to take.
+        let first = b.as_raw_fd();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "readlink /proc/self/fd/{first}; readlink /proc/self/fd/{}",
+                first + 1
+            ))
+            .stderr(std::process::Stdio::inherit());
+        super::pass_fds_before_exec(&mut cmd, vec![a, b], first);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let names: Vec<&str> = text
+            .lines()
+            .map(|l| l.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
 }

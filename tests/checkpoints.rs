@@ -281,6 +281,8 @@ async fn a_daemon_killed_mid_capture_leaves_nothing_half_done() {
         .to_owned();
     d2.restore(&id).await;
     assert!(root.join("big/0/0").exists());
+    // (d2 first: its state dir lives in d's temp dir)
+    drop(d2);
     drop(d);
 }
 

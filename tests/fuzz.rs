@@ -3,7 +3,7 @@
 //! filesystem API's), checkpoint archives (`archive::import`), memory
 //! packs' trailers and page lists, DNS queries and upstream answers, network
 //! policies, and the kernel and CRIU records the
-//! daemon decodes. Random and mutated inputs for
+//! daemon decodes (pagemap images too). Random and mutated inputs for
 //! `SPRITED_FUZZ_SECS` (default 5; CI runs 60): no input may panic, and
 //! each parser's promises must hold.
 
@@ -146,6 +146,44 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
         let _ = sprited::sys::sock_diag::parse_unix_dump(&rng.bytes(200), &mut peers);
         let _ = sprited::criu::stats::parse_dump(&rng.bytes(64));
         let _ = sprited::criu::stats::parse_restore(&rng.bytes(64));
+        // Pagemap images (they come back from archives): a valid one,
+        // mutated. What parses holds only checked entries, and encodes to
+        // an image that parses the same.
+        {
+            use sprited::criu::pagemap::{self, Entry, PE_PARENT, PE_PRESENT, Pagemap};
+            let mut image = pagemap::encode(&Pagemap {
+                pages_id: 3,
+                entries: vec![
+                    Entry {
+                        vaddr: 0x1000,
+                        nr_pages: 2,
+                        flags: PE_PRESENT,
+                    },
+                    Entry {
+                        vaddr: 0x7f00_0000_0000,
+                        nr_pages: 300,
+                        flags: PE_PARENT,
+                    },
+                ],
+            });
+            for _ in 0..=rng.below(4) {
+                match rng.below(3) {
+                    0 => {
+                        let i = rng.below(image.len());
+                        image[i] ^= rng.next() as u8;
+                    }
+                    1 => image.truncate(rng.below(image.len() + 1)),
+                    _ => image.extend(rng.bytes(16)),
+                }
+            }
+            if let Ok(p) = pagemap::parse(&image) {
+                for e in &p.entries {
+                    assert!(e.nr_pages > 0 && e.vaddr % 4096 == 0, "{e:?}");
+                    assert!(e.vaddr.checked_add(e.nr_pages * 4096).is_some(), "{e:?}");
+                }
+                assert_eq!(pagemap::parse(&pagemap::encode(&p)).as_ref(), Ok(&p));
+            }
+        }
         // DNS queries from the environment and answers from upstream: a
         // valid query of `a.test`, mutated, or random bytes.
         let mut query =

@@ -1,35 +1,36 @@
-//! CRIU's action script: this binary, run by CRIU at a few stages.
+//! CRIU's action script for dumps, and the gate where a restore meets
+//! CRIU.
 //!
-//! - **`pre-dump`** (a capture): freezes the environment's cgroup and
-//!   stamps the time. CRIU runs it after its own start-up (probing the
-//!   kernel, parsing options: some 25 ms) and just before it seizes the
-//!   tasks, so the freeze window no longer holds CRIU's start-up, and CRIU
-//!   finds the cgroup frozen (left to itself it polls the freezer in steps
-//!   of 100 ms). CRIU leaves a cgroup it found frozen frozen; the capture
-//!   scans the files and thaws.
+//! - **`pre-dump`** (a capture): CRIU runs this binary as its action
+//!   script, which freezes the environment's cgroup and stamps the time.
+//!   CRIU runs it after its own start-up (probing the kernel, parsing
+//!   options: some 25 ms) and just before it seizes the tasks, so the
+//!   freeze window no longer holds CRIU's start-up, and CRIU finds the
+//!   cgroup frozen (left to itself it polls the freezer in steps of
+//!   100 ms). CRIU leaves a cgroup it found frozen frozen; the capture
+//!   scans the files and thaws. The script is a few lines of shell (CRIU
+//!   runs it at every stage, five or so) that execs this binary only at
+//!   `pre-dump`; the binary knows it is the hook by
+//!   `CRTOOLS_SCRIPT_ACTION` and [`FREEZE_ENV`]. When the script cannot
+//!   run (a state dir mounted noexec) the capture freezes before starting
+//!   CRIU; a hook that cannot freeze exits 0 so CRIU freezes.
 //! - **`pre-restore`** and **`pre-resume`** (a restore): the restore's
-//!   [`Gate`]. A restore starts CRIU at once, so CRIU's start-up (probing
-//!   the kernel, reading the images) runs while the daemon stops the old
-//!   environment and mounts the new root. At `pre-restore` (before CRIU
-//!   touches the root or forks a task) the hook asks the daemon and waits
-//!   for its answer: go once the root, the images and the cgroup are ready,
-//!   stop if the restore cannot go on. At `pre-resume` (every task
-//!   restored, none running) the daemon puts each process back in its
-//!   cgroup (see `place`), then answers.
-//!
-//! The script is a few lines of shell (CRIU runs it at every stage, seven
-//! or so) that execs this binary only at those stages; the binary knows it
-//! is the hook by `CRTOOLS_SCRIPT_ACTION` and one of [`FREEZE_ENV`] or
-//! [`GATE_ENV`]. Both sides fall back when the hook cannot run: a state dir
-//! mounted noexec makes the capture freeze before starting CRIU, and the
-//! restore start CRIU only when everything is ready (placing the processes
-//! itself after); a hook that cannot freeze exits 0 so CRIU freezes.
+//!   [`Gate`]. A restore runs CRIU in its RPC mode (`criu::rpc`), which
+//!   tells the daemon each stage on a socket and waits for the answer; the
+//!   thread talking to CRIU asks the gate at these two stages ([`Asker`])
+//!   and answers every other stage at once. CRIU starts at once, so its
+//!   start-up (probing the kernel, reading the images) runs while the
+//!   daemon stops the old environment and mounts the new root. At
+//!   `pre-restore` (before CRIU touches the root or forks a task) the gate
+//!   says go once the root, the images and the cgroup are ready, stop if
+//!   the restore cannot go on. At `pre-resume` (every task restored, none
+//!   running) the daemon puts each process back in its cgroup (see
+//!   `place`), then says go.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::criu::ActionHook;
 
@@ -40,16 +41,11 @@ const STAMP_ENV: &str = "SPRITED_FREEZE_STAMP";
 
 /// How long the hook waits for the freezer.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The environment variable that names a restore's [`Gate`] socket.
-pub(crate) const GATE_ENV: &str = "SPRITED_CRIU_GATE";
-/// How long the hook waits for the daemon's answer (CRIU's own watchdog
-/// ends a restore sooner).
-const GATE_TIMEOUT: Duration = Duration::from_secs(600);
 
 const SCRIPT: &str = "#!/bin/sh\n\
 # sprited: CRIU's action script (see checkpoint/hook.rs)\n\
 case \"$CRTOOLS_SCRIPT_ACTION\" in\n\
-pre-dump|pre-restore|pre-resume) exec \"$SPRITED_EXE\" ;;\n\
+pre-dump) exec \"$SPRITED_EXE\" ;;\n\
 esac\n\
 exit 0\n";
 
@@ -97,108 +93,63 @@ pub(crate) fn for_dump(
     })
 }
 
-/// The hook for a restore: asks `gate` at `pre-restore` and `pre-resume`.
-pub(crate) fn for_restore(
-    state: &Path,
-    exe: &Path,
-    gate: &Gate,
-) -> Result<ActionHook, crate::durable::DurableError> {
-    Ok(ActionHook {
-        script: script(state)?,
-        env: vec![
-            (GATE_ENV.to_owned(), gate.path.as_os_str().to_owned()),
-            ("SPRITED_EXE".to_owned(), exe.as_os_str().to_owned()),
-        ],
-    })
-}
-
-/// A restore's meeting point with CRIU's hook: a Unix socket in the state
-/// dir (out of the environment's reach; removed when dropped). The hook
-/// connects at each of its stages, says `<stage> <CRTOOLS_INIT_PID>` and
-/// waits for `go` (anything else, or the daemon gone, makes the stage
-/// fail, and CRIU abort the restore).
+/// A restore's meeting point with CRIU: the thread talking to CRIU asks
+/// at `pre-restore` and `pre-resume` ([`Asker::stage`]) and waits for the
+/// answer; [`Gate::next`] yields each question.
 pub(crate) struct Gate {
-    path: PathBuf,
-    listener: tokio::net::UnixListener,
+    questions: mpsc::UnboundedReceiver<Waiting>,
 }
 
-/// A hook waiting at a stage of the restore.
+/// CRIU's side of a [`Gate`].
+pub(crate) struct Asker {
+    questions: mpsc::UnboundedSender<Waiting>,
+}
+
+/// CRIU waiting at a stage of the restore.
 pub(crate) struct Waiting {
-    stream: tokio::net::UnixStream,
     /// The stage it waits at (`pre-restore`, `pre-resume`).
     pub(crate) stage: String,
+    answer: oneshot::Sender<bool>,
 }
 
 impl Gate {
-    /// Binds the gate in state dir `state` (a stale socket replaced).
-    pub(crate) fn bind(state: &Path) -> Result<Gate, crate::durable::DurableError> {
-        let path = state.join("criu-gate.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener =
-            tokio::net::UnixListener::bind(&path).map_err(crate::durable::err("bind", &path))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(crate::durable::err("chmod", &path))?;
-        Ok(Gate { path, listener })
+    pub(crate) fn new() -> (Gate, Asker) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Gate { questions: rx }, Asker { questions: tx })
     }
 
-    /// The next hook to arrive, with the stage it waits at.
-    pub(crate) async fn next(&self) -> std::io::Result<Waiting> {
-        let (stream, _) = self.listener.accept().await?;
-        // (a line of a few bytes; a peer that sends more is cut off)
-        let mut reader = tokio::io::BufReader::new(stream).take(256);
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-            .await
-            .map_err(|_| std::io::Error::other("the hook said nothing"))??;
-        let stage = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Waiting {
-            stream: reader.into_inner().into_inner(),
-            stage,
-        })
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// The next stage CRIU waits at; none once the asker is gone (the
+    /// restore's thread ended).
+    pub(crate) async fn next(&mut self) -> Option<Waiting> {
+        self.questions.recv().await
     }
 }
 
 impl Waiting {
-    /// Lets CRIU go on (`go`) or makes the stage fail (`stop`).
-    pub(crate) async fn answer(mut self, go: bool) {
-        let word: &[u8] = if go { b"go\n" } else { b"stop\n" };
-        let _ = self.stream.write_all(word).await;
+    /// Lets CRIU go on (`go`) or makes the stage fail (CRIU then ends the
+    /// restore).
+    pub(crate) fn answer(self, go: bool) {
+        let _ = self.answer.send(go);
     }
 }
 
-/// The hook's side of the gate at `socket`: says the stage, waits for the
-/// answer; the exit code (0 to go on).
-fn ask_gate(socket: &Path, stage: &str) -> u8 {
-    let asked = (|| -> std::io::Result<String> {
-        let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-        s.set_read_timeout(Some(GATE_TIMEOUT))?;
-        let init = std::env::var("CRTOOLS_INIT_PID").unwrap_or_else(|_| "-".into());
-        s.write_all(format!("{stage} {init}\n").as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(s.take(64)).read_line(&mut answer)?;
-        Ok(answer)
-    })();
-    match asked {
-        Ok(a) if a.trim() == "go" => 0,
-        Ok(a) => {
-            eprintln!("sprited {stage}: the daemon said {:?}", a.trim());
-            1
+impl Asker {
+    /// CRIU reached `stage`: at `pre-restore` and `pre-resume`, asks the
+    /// gate and waits for its answer (a gate gone, or a question dropped
+    /// unanswered, is a stop); every other stage goes on. Blocking.
+    pub(crate) fn stage(&self, stage: &str) -> bool {
+        if !matches!(stage, "pre-restore" | "pre-resume") {
+            return true;
         }
-        Err(e) => {
-            eprintln!("sprited {stage}: cannot ask the daemon: {e}");
-            1
+        let (tx, rx) = oneshot::channel();
+        let asked = Waiting {
+            stage: stage.to_owned(),
+            answer: tx,
+        };
+        if self.questions.send(asked).is_err() {
+            return false;
         }
+        rx.blocking_recv().unwrap_or(false)
     }
 }
 
@@ -211,24 +162,18 @@ pub(crate) fn frozen_at(stamp: &Path) -> Option<u64> {
 }
 
 /// When this process is CRIU's action script (`CRTOOLS_SCRIPT_ACTION` and
-/// [`FREEZE_ENV`] or [`GATE_ENV`] set): does its part and returns the exit
-/// code; every stage but its own is a no-op.
+/// [`FREEZE_ENV`] set): does its part and returns the exit code; every
+/// stage but `pre-dump` is a no-op.
 pub fn criu_action() -> Option<u8> {
     let action = std::env::var_os("CRTOOLS_SCRIPT_ACTION")?;
-    if let Some(cgroup) = std::env::var_os(FREEZE_ENV) {
-        if action == "pre-dump" {
-            freeze(
-                Path::new(&cgroup),
-                std::env::var_os(STAMP_ENV).map(PathBuf::from),
-            );
-        }
-        return Some(0);
+    let cgroup = std::env::var_os(FREEZE_ENV)?;
+    if action == "pre-dump" {
+        freeze(
+            Path::new(&cgroup),
+            std::env::var_os(STAMP_ENV).map(PathBuf::from),
+        );
     }
-    let gate = std::env::var_os(GATE_ENV)?;
-    match action.to_str() {
-        Some(stage @ ("pre-restore" | "pre-resume")) => Some(ask_gate(Path::new(&gate), stage)),
-        _ => Some(0),
-    }
+    Some(0)
 }
 
 /// `pre-dump`: freeze, wait until frozen, stamp the time (only the first
@@ -299,31 +244,32 @@ mod tests {
                 .unwrap();
             assert!(ok.success(), "{stage}");
         }
-        assert_eq!(
-            std::fs::read_to_string(&marker).unwrap(),
-            "pre-dump\npre-restore\npre-resume\n"
-        );
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "pre-dump\n");
     }
 
     #[tokio::test]
-    async fn the_gate_lets_the_hook_go_on_or_stop_it() {
-        let d = tempfile::tempdir().unwrap();
-        let gate = Gate::bind(d.path()).unwrap();
-        let socket = gate.path.clone();
-        for (stage, go, code) in [("pre-restore", true, 0), ("pre-resume", false, 1)] {
-            let s = socket.clone();
-            let hook = tokio::task::spawn_blocking(move || ask_gate(&s, stage));
+    async fn the_gate_answers_its_two_stages_and_lets_the_others_go_on() {
+        let (mut gate, asker) = Gate::new();
+        let asker = std::sync::Arc::new(asker);
+        for (stage, go) in [("pre-restore", true), ("pre-resume", false)] {
+            let a = asker.clone();
+            let criu = tokio::task::spawn_blocking(move || a.stage(stage));
             let waiting = gate.next().await.unwrap();
             assert_eq!(waiting.stage, stage);
-            waiting.answer(go).await;
-            assert_eq!(hook.await.unwrap(), code, "{stage}");
+            waiting.answer(go);
+            assert_eq!(criu.await.unwrap(), go, "{stage}");
         }
-        // A hook whose daemon went away fails its stage.
+        // Other stages go on without asking.
+        assert!(asker.stage("post-restore"));
+        assert!(asker.stage("network-unlock"));
+        // A question dropped unanswered is a stop.
+        let a = asker.clone();
+        let criu = tokio::task::spawn_blocking(move || a.stage("pre-resume"));
+        drop(gate.next().await.unwrap());
+        assert!(!criu.await.unwrap());
+        // So is a gate gone.
         drop(gate);
-        assert!(!socket.exists());
-        let code = tokio::task::spawn_blocking(move || ask_gate(&socket, "pre-restore"))
-            .await
-            .unwrap();
-        assert_eq!(code, 1);
+        let criu = tokio::task::spawn_blocking(move || asker.stage("pre-restore"));
+        assert!(!criu.await.unwrap());
     }
 }

@@ -27,7 +27,6 @@ use super::image_cache::Filled;
 use super::place::Placement;
 use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info};
 use crate::container::Container;
-use crate::criu::ActionHook;
 use crate::policy::NetworkPolicy;
 use crate::supervisor::RunningService;
 
@@ -352,12 +351,6 @@ impl Checkpoints {
         stop: impl Future<Output = ()>,
         prepare: impl Future<Output = Result<(), E>>,
     ) -> Result<Result<(), String>, E> {
-        let Some((gate, hook)) = self.restore_gate(container) else {
-            // No hook: everything ready first, then CRIU in the init's cgroup.
-            stop.await;
-            prepare.await?;
-            return Ok(self.restore_tree_ungated(container, images, at).await);
-        };
         let (pipes, ends) = match self.restore_pipes(container, &images) {
             Ok(p) => p,
             Err(e) => {
@@ -367,19 +360,14 @@ impl Checkpoints {
             }
         };
         let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
-        let birthplace = crate::criu::Birthplace::MovedByCaller(Box::new(move |pid| {
+        let started: crate::criu::Started = Box::new(move |pid| {
             let _ = pid_tx.send(pid);
-        }));
+        });
         let (dir, wait_small, pages) = at.split();
+        let (mut gate, asker) = hook::Gate::new();
         let t0 = Instant::now();
-        let mut criu = CriuRun::Running(self.start_criu(
-            container,
-            dir,
-            wait_small,
-            birthplace,
-            pipes,
-            Some(hook),
-        ));
+        let mut criu =
+            CriuRun::Running(self.start_criu(container, dir, wait_small, started, pipes, asker));
         // CRIU starts up meanwhile. From the old environment's end until
         // the processes are placed, no cgroup move waits. (Not before: the
         // first move waits for an RCU grace period holding the kernel's
@@ -394,9 +382,13 @@ impl Checkpoints {
                     .await
             }
         };
-        let placement = match (criu.at_stage(&gate, "pre-restore").await, prepared, ready) {
+        let placement = match (
+            criu.at_stage(&mut gate, "pre-restore").await,
+            prepared,
+            ready,
+        ) {
             (Ok(waiting), Ok(()), Ok(p)) => {
-                waiting.answer(true).await;
+                waiting.answer(true);
                 p
             }
             (waiting, prepared, ready) => {
@@ -404,7 +396,7 @@ impl Checkpoints {
                 // not ready (CRIU then ends because its hook was stopped).
                 let ended_first = waiting.is_err();
                 if let Ok(w) = waiting {
-                    w.answer(false).await;
+                    w.answer(false);
                 }
                 let ended = criu.finish().await.err();
                 prepared?;
@@ -417,13 +409,13 @@ impl Checkpoints {
         };
         tracing::debug!(after = ?t0.elapsed(), "CRIU goes on to restore the tasks");
         // Every task restored, none running: each goes to its cgroup.
-        match criu.at_stage(&gate, "pre-resume").await {
+        match criu.at_stage(&mut gate, "pre-resume").await {
             Ok(waiting) => {
                 let moved = placement.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || Placement::apply(&moved.pending())).await;
                 drop(fast);
-                waiting.answer(true).await;
+                waiting.answer(true);
                 tracing::debug!(after = ?t0.elapsed(), "every restored process placed");
             }
             Err(why) => {
@@ -438,48 +430,6 @@ impl Checkpoints {
             }
             Err(why) => Err(why),
         })
-    }
-
-    /// Step 4 without the hook (a state dir mounted noexec): CRIU starts
-    /// when the images are whole, in the init's cgroup; the processes are
-    /// placed after it.
-    async fn restore_tree_ungated(
-        self: &Arc<Self>,
-        container: &Container,
-        images: EnvImages,
-        at: ImagesAt,
-    ) -> Result<(), String> {
-        let (dir, _small, pages) = at.split();
-        join_rebuild(pages).await?;
-        let (pipes, ends) = self.restore_pipes(container, &images)?;
-        let placement = Placement::new(&container.config().cgroups, &images.cgroups)
-            .map_err(|e| e.to_string())?;
-        let procs = container
-            .init_cgroup()
-            .and_then(|c| Ok(c.procs_fd()?))
-            .map_err(|e| e.to_string())?;
-        let birthplace = crate::criu::Birthplace::Cgroup(procs);
-        let criu = self.start_criu(container, dir, None, birthplace, pipes, None);
-        let (init_pid, _stats) = criu.await.map_err(|e| e.to_string()).and_then(|r| r)?;
-        self.adopt_tree(container, &images, init_pid, ends, placement)
-            .await
-    }
-
-    /// The gate and the action script of a restore; None (with a warning)
-    /// if either cannot be made.
-    fn restore_gate(&self, container: &Container) -> Option<(hook::Gate, ActionHook)> {
-        let state = self.dir.parent()?;
-        let made = hook::Gate::bind(state).and_then(|gate| {
-            let hook = hook::for_restore(state, &container.config().setup.exe, &gate)?;
-            Ok((gate, hook))
-        });
-        match made {
-            Ok(g) => Some(g),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot set up the restore hook");
-                None
-            }
-        }
     }
 
     /// New pipes for the restored tree (and the environment's network
@@ -507,9 +457,9 @@ impl Checkpoints {
         container: &Container,
         dir: PathBuf,
         wait_small: Option<std::sync::mpsc::Receiver<Result<(), String>>>,
-        birthplace: crate::criu::Birthplace,
+        started: crate::criu::Started,
         inherit: Vec<(OwnedFd, String)>,
-        hook: Option<ActionHook>,
+        asker: hook::Asker,
     ) -> tokio::task::JoinHandle<CriuResult> {
         let me = self.clone();
         let root = self.env.root().to_owned();
@@ -526,7 +476,9 @@ impl Checkpoints {
                 .map(|(k, p)| (k.as_str(), p.clone()))
                 .collect();
             let (pid, stats) = criu
-                .restore_env(&dir, &root, birthplace, &externals, inherit, hook.as_ref())
+                .restore_env(&dir, &root, started, &externals, inherit, &mut |stage| {
+                    asker.stage(stage)
+                })
                 .map_err(|e| e.to_string())?;
             *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
             Ok((pid, stats))
@@ -693,27 +645,31 @@ enum CriuRun {
 }
 
 impl CriuRun {
-    /// Waits for CRIU's hook at `stage`, or for CRIU's end (an error: CRIU
-    /// asks at every stage it gets to).
-    async fn at_stage(&mut self, gate: &hook::Gate, stage: &str) -> Result<hook::Waiting, String> {
+    /// Waits for CRIU at `stage`, or for CRIU's end (an error: CRIU asks
+    /// at every stage it gets to).
+    async fn at_stage(
+        &mut self,
+        gate: &mut hook::Gate,
+        stage: &str,
+    ) -> Result<hook::Waiting, String> {
         let CriuRun::Running(h) = self else {
             return Err(format!("CRIU ended before {stage}"));
         };
         tokio::select! {
             w = gate.next() => {
-                let w = w.map_err(|e| format!("the restore hook: {e}"))?;
+                let w = w.ok_or_else(|| format!("CRIU ended before {stage}"))?;
                 if w.stage == stage {
                     return Ok(w);
                 }
                 let said = w.stage.clone();
-                w.answer(false).await;
-                Err(format!("the restore hook came at {said:?}, not {stage}"))
+                w.answer(false);
+                Err(format!("CRIU came to {said:?}, not {stage}"))
             }
             r = h => {
                 let r = r.map_err(|e| e.to_string()).and_then(|r| r);
                 let why = match &r {
                     Err(why) => why.clone(),
-                    Ok(_) => format!("CRIU ended without its hook at {stage}"),
+                    Ok(_) => format!("CRIU ended without stopping at {stage}"),
                 };
                 *self = CriuRun::Ended(r.and(Err(why.clone())));
                 Err(why)

@@ -10,11 +10,15 @@
 //!   bind mounts from the host (the binary, the API socket, the checkpoints
 //!   and logs) are external mounts (`--external mnt[...]`), mapped to this
 //!   daemon's paths on restore.
-//! - **restore** (`--restore-detached --restore-sibling`, `--root` on a
-//!   freshly mounted layer) runs inside one cgroup (CRIU joins it before
-//!   exec, so every restored task is born there); the init becomes the
-//!   daemon's child. Pipes to the daemon (the init's requests and events,
-//!   every service's output) come back as new pipes (`--inherit-fd`).
+//! - **restore** runs `criu swrk` (CRIU's RPC mode, `rpc`): the same
+//!   options as `criu restore --restore-detached --restore-sibling --root`
+//!   on a freshly mounted layer, sent as one request, and each stage CRIU
+//!   reaches told on the socket and answered by the caller (no action
+//!   script forked at every stage). CRIU is moved into the init's cgroup
+//!   before it forks, so every restored task is born there; the init
+//!   becomes the daemon's child. Pipes to the daemon (the init's requests
+//!   and events, every service's output) come back as new pipes
+//!   (`inherit_fd`).
 //!
 //! Options for typical servers: listening sockets and the service's own
 //! pipes and unix sockets are restored as they were; established TCP
@@ -191,12 +195,27 @@ impl Criu {
     /// [`RUN_TIMEOUT`]. Blocking: call from a blocking thread.
     fn run(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         op: &'static str,
         service: &str,
         log: &Path,
         started: Option<Started>,
     ) -> Result<(), CriuError> {
+        match self.start(cmd, op, service, started)?.finish() {
+            Exit::Code(0) => Ok(()),
+            exit => Err(self.failure(op, service, log, exit, None)),
+        }
+    }
+
+    /// Spawns criu (`started` told its pid) with a watchdog that kills it
+    /// after [`RUN_TIMEOUT`].
+    fn start(
+        &self,
+        mut cmd: Command,
+        op: &'static str,
+        service: &str,
+        started: Option<Started>,
+    ) -> Result<Running, CriuError> {
         let child = self
             .reaper
             .spawn(&mut cmd)
@@ -226,15 +245,25 @@ impl Criu {
                 }
             })
         };
-        let exit = child.exit.blocking_recv().unwrap_or(Exit::Signal(9));
-        done.store(true, Ordering::Release);
-        watchdog.thread().unpark();
-        let _ = watchdog.join();
-        if exit == Exit::Code(0) {
-            return Ok(());
-        }
+        Ok(Running {
+            exit: child.exit,
+            done,
+            watchdog,
+        })
+    }
+
+    /// The error of a criu that exited with `exit`: CRIU's own error line
+    /// from `log` (or `said`, what it answered), the log kept past the
+    /// images dir (which a failed capture removes).
+    fn failure(
+        &self,
+        op: &'static str,
+        service: &str,
+        log: &Path,
+        exit: Exit,
+        said: Option<String>,
+    ) -> CriuError {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        // Kept past the images dir (which a failed capture removes).
         let kept = self
             .logs
             .join(format!("{}.{op}.log", service.replace(' ', "-")));
@@ -247,9 +276,10 @@ impl Criu {
             Exit::Signal(9) if text.is_empty() || !text.contains("Error") => {
                 format!("killed after {RUN_TIMEOUT:?}")
             }
-            _ => error_line(&text),
+            _ if text.contains("Error") => error_line(&text),
+            _ => said.unwrap_or_else(|| error_line(&text)),
         };
-        Err(CriuError::Failed {
+        CriuError::Failed {
             op,
             service: service.to_owned(),
             line: if line.is_empty() {
@@ -258,7 +288,7 @@ impl Criu {
                 line
             },
             log: log.to_owned(),
-        })
+        }
     }
 
     /// Dumps the whole environment into `t.images`, leaving it running
@@ -383,79 +413,98 @@ impl Criu {
     }
 
     /// Restores the environment dumped in `images` onto the mounted root
-    /// `root`, its tasks born where `birthplace` says. `external` maps each bind-mount key to its host
-    /// path; `inherit` hands the restored tasks new pipes: each fd takes
-    /// the place of the pipe `pipe:[N]` it is paired with. Returns the host
-    /// pid of the restored init, a child of the daemon. Blocking.
+    /// `root`. CRIU starts in the daemon's cgroup: the caller, told its pid
+    /// by `started`, moves it before `pre-restore` is answered, so every
+    /// task is born where CRIU is then. `external` maps each
+    /// bind-mount key to its host path; `inherit` hands the restored tasks
+    /// new pipes: each fd takes the place of the pipe `pipe:[N]` it is
+    /// paired with. CRIU runs as `criu swrk` (its RPC mode, see `rpc`):
+    /// `stage` answers each stage it reaches (`pre-restore`, `pre-resume`,
+    /// …; false fails the stage, and CRIU ends the restore). Returns the
+    /// host pid of the restored init, a child of the daemon. Blocking.
     #[tracing::instrument(name = "criu_restore", skip_all)]
     pub fn restore_env(
         &self,
         images: &Path,
         root: &Path,
-        birthplace: Birthplace,
+        started: Started,
         external: &[(&str, PathBuf)],
         inherit: Vec<(OwnedFd, String)>,
-        hook: Option<&ActionHook>,
+        stage: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(i32, RestoreStats), CriuError> {
         let log = images.join("restore.log");
-        let pidfile = images.join("restore.pid");
-        for f in [&log, &pidfile] {
-            let _ = std::fs::remove_file(f);
-        }
-        let mut cmd = Command::new(&self.path);
-        cmd.arg("restore")
-            .arg("--images-dir")
-            .arg(images)
-            .arg("--log-file")
-            .arg(&log)
-            .arg(format!("-v{}", self.log_level))
-            .arg("--root")
-            .arg(root)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .args([
-                "--restore-detached",
-                "--restore-sibling",
-                "--manage-cgroups=ignore",
-                "--tcp-close",
-                "--ext-unix-sk",
-                "--file-locks",
-            ]);
+        let _ = std::fs::remove_file(&log);
+        let text = |p: &Path| -> Result<String, CriuError> {
+            p.to_str().map(str::to_owned).ok_or_else(|| {
+                io_err("hand CRIU", p)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the path is not UTF-8",
+                ))
+            })
+        };
+        let mut opts = proto::Opts {
+            images_dir_fd: -1,
+            images_dir: Some(text(images)?),
+            log_file: Some("restore.log".into()),
+            log_level: Some(i32::from(self.log_level)),
+            root: Some(text(root)?),
+            rst_sibling: Some(true),
+            manage_cgroups_mode: Some(proto::CG_IGNORE),
+            tcp_close: Some(true),
+            ext_unix_sk: Some(true),
+            file_locks: Some(true),
+            notify_scripts: Some(true),
+            ..proto::Opts::default()
+        };
         for (key, host) in external {
-            cmd.arg("--external")
-                .arg(format!("mnt[{key}]:{}", host.display()));
-        }
-        if let Some(h) = hook {
-            cmd.arg("--action-script")
-                .arg(&h.script)
-                .envs(h.env.iter().cloned());
+            opts.external.push(format!("mnt[{key}]:{}", text(host)?));
         }
         let mut fds = Vec::new();
-        for (i, (fd, id)) in inherit.into_iter().enumerate() {
-            cmd.arg("--inherit-fd")
-                .arg(format!("fd[{}]:{id}", INHERIT_FIRST_FD + i as i32));
+        for (i, (fd, key)) in inherit.into_iter().enumerate() {
+            opts.inherit_fd.push(proto::InheritFd {
+                key,
+                fd: INHERIT_FIRST_FD + i as i32,
+            });
             fds.push(fd);
         }
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| io_err("socketpair for", images)(e.into()))?;
+        let sock = INHERIT_FIRST_FD + fds.len() as i32;
+        fds.push(theirs);
+        let mut cmd = Command::new(&self.path);
+        cmd.arg("swrk").arg(sock.to_string());
         crate::sys::pass_fds_before_exec(&mut cmd, fds, INHERIT_FIRST_FD);
+        // What CRIU says before it opens its log lands in the log file too.
         let early = std::fs::File::create(&log).map_err(io_err("create", &log))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(early));
-        let tell = match birthplace {
-            Birthplace::Cgroup(procs) => {
-                crate::sys::join_cgroup_before_exec(&mut cmd, procs);
-                None
-            }
-            Birthplace::MovedByCaller(tell) => Some(tell),
+        let t0 = std::time::Instant::now();
+        let running = self.start(cmd, "restore", ENV, Some(started))?;
+        let request = proto::Request {
+            kind: proto::RESTORE,
+            opts: Some(opts),
+            notify_success: None,
         };
-        let started = std::time::Instant::now();
-        self.run(cmd, "restore", ENV, &log, tell)?;
-        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
-        let pid = std::fs::read_to_string(&pidfile)
-            .map_err(io_err("read", &pidfile))?
-            .trim()
-            .parse()
-            .map_err(|_| io_err("parse", &pidfile)(std::io::ErrorKind::InvalidData.into()))?;
+        let outcome = rpc::converse(&ours, &request, stage);
+        // (`criu swrk` ends once its socket closes)
+        drop(ours);
+        let exit = running.finish();
+        let pid = match outcome {
+            rpc::Outcome::Restored(pid) => pid,
+            rpc::Outcome::Failed(said) => {
+                return Err(self.failure("restore", ENV, &log, exit, said));
+            }
+            rpc::Outcome::Gone(why) => {
+                return Err(self.failure("restore", ENV, &log, exit, Some(why)));
+            }
+        };
+        let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         let stats = std::fs::read(images.join("stats-restore"))
             .ok()
             .and_then(|b| stats::parse_restore(&b))
@@ -465,28 +514,35 @@ impl Criu {
             criu_restore_us = stats.restore_time,
             wall_ms,
             pages_restored = stats.pages_restored,
+            ?exit,
             "restored"
         );
         Ok((pid, stats))
     }
 }
 
+/// A criu process and its watchdog.
+struct Running {
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+    done: Arc<AtomicBool>,
+    watchdog: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits for criu to exit (the watchdog kills it at [`RUN_TIMEOUT`]).
+    fn finish(self) -> Exit {
+        let exit = self.exit.blocking_recv().unwrap_or(Exit::Signal(9));
+        self.done.store(true, Ordering::Release);
+        self.watchdog.thread().unpark();
+        let _ = self.watchdog.join();
+        exit
+    }
+}
+
 /// Told CRIU's pid once it is spawned.
 pub type Started = Box<dyn FnOnce(i32) + Send>;
 
-/// Where the tasks of a restore are born (CRIU forks them: they start in
-/// its cgroup).
-pub enum Birthplace {
-    /// CRIU joins the cgroup behind this open `cgroup.procs` before it
-    /// execs.
-    Cgroup(OwnedFd),
-    /// CRIU starts in the daemon's cgroup; the caller moves it before any
-    /// task is forked (its action script waits at `pre-restore` for that),
-    /// told its pid by this.
-    MovedByCaller(Started),
-}
-
-/// An action script for a restore: CRIU runs `script` (no arguments) at
+/// An action script for a dump: CRIU runs `script` (no arguments) at
 /// each stage, with `env` set.
 #[derive(Debug, Clone)]
 pub struct ActionHook {
@@ -538,88 +594,45 @@ pub struct RestoreStats {
 }
 
 pub mod pagemap;
+mod proto;
+mod rpc;
 
-/// CRIU's `stats-dump` image: two magic words, then one length-prefixed
-/// protobuf `StatsEntry` whose field 1 is a `DumpStatsEntry`.
+/// CRIU's statistics images (`stats-dump`, `stats-restore`): two magic
+/// words, then one length-prefixed `StatsEntry` (`proto`).
 pub mod stats {
-    use super::DumpStats;
+    use prost::Message as _;
 
-    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*at)?;
-            *at += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
+    use super::proto::StatsEntry;
+    use super::{DumpStats, RestoreStats};
 
-    /// The fields of a message: (number, varint value, or the bytes of a
-    /// length-delimited one). Other wire types end the walk.
-    pub(super) fn fields(b: &[u8]) -> Vec<(u64, u64, &[u8])> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < b.len() {
-            let Some(key) = varint(b, &mut at) else { break };
-            match key & 7 {
-                0 => match varint(b, &mut at) {
-                    Some(v) => out.push((key >> 3, v, &b[0..0])),
-                    None => break,
-                },
-                2 => {
-                    let Some(len) = varint(b, &mut at) else { break };
-                    let Some(end) = at.checked_add(len as usize).filter(|e| *e <= b.len()) else {
-                        break;
-                    };
-                    out.push((key >> 3, 0, &b[at..end]));
-                    at = end;
-                }
-                _ => break,
-            }
-        }
-        out
-    }
-
-    /// The entry of a stats image: field `n` of its one `StatsEntry`.
-    fn entry(file: &[u8], n: u64) -> Option<&[u8]> {
+    fn entry(file: &[u8]) -> Option<StatsEntry> {
         let len = u32::from_le_bytes(file.get(8..12)?.try_into().ok()?) as usize;
         let entry = file.get(12..12usize.checked_add(len)?)?;
-        Some(fields(entry).into_iter().find(|f| f.0 == n)?.2)
+        StatsEntry::decode(entry).ok()
     }
 
     /// Parses a `stats-restore` file (`None` when it is not one).
-    pub fn parse_restore(file: &[u8]) -> Option<super::RestoreStats> {
-        let mut s = super::RestoreStats::default();
-        for (n, v, _) in fields(entry(file, 2)?) {
-            match n {
-                3 => s.forking_time = v,
-                4 => s.restore_time = v,
-                5 => s.pages_restored = v,
-                _ => {}
-            }
-        }
-        Some(s)
+    pub fn parse_restore(file: &[u8]) -> Option<RestoreStats> {
+        let r = entry(file)?.restore?;
+        Some(RestoreStats {
+            forking_time: r.forking_time.into(),
+            restore_time: r.restore_time.into(),
+            pages_restored: r.pages_restored.unwrap_or_default(),
+        })
     }
 
     /// Parses a `stats-dump` file (`None` when it is not one).
     pub fn parse_dump(file: &[u8]) -> Option<DumpStats> {
-        let dump = entry(file, 1)?;
-        let mut s = DumpStats::default();
-        for (n, v, _) in fields(dump) {
-            match n {
-                1 => s.freezing_time = v,
-                2 => s.frozen_time = v,
-                3 => s.memdump_time = v,
-                4 => s.memwrite_time = v,
-                5 => s.pages_scanned = v,
-                7 => s.pages_written = v,
-                _ => {}
-            }
-        }
-        Some(s)
+        let d = entry(file)?.dump?;
+        Some(DumpStats {
+            freezing_time: d.freezing_time.into(),
+            frozen_time: d.frozen_time.into(),
+            memdump_time: d.memdump_time.into(),
+            memwrite_time: d.memwrite_time.into(),
+            pages_scanned: d.pages_scanned,
+            pages_written: d.pages_written,
+            ..DumpStats::default()
+        })
     }
 }
 
@@ -812,10 +825,7 @@ mod tests {
         let endless = stats_file(&[
             0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ]);
-        assert_eq!(
-            stats::parse_dump(&endless).map(|s| s.freezing_time),
-            Some(0)
-        );
+        assert_eq!(stats::parse_dump(&endless), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::stats::fields;
+use prost::Message as _;
+
+use super::proto::{PagemapEntry, PagemapHead};
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
@@ -84,32 +86,22 @@ pub fn parse(b: &[u8]) -> Result<Pagemap, String> {
         at = end;
     }
     let (head, rest) = messages.split_first().ok_or("no head")?;
-    let pages_id = fields(head)
-        .into_iter()
-        .find(|f| f.0 == 1)
-        .map(|f| f.1)
+    fn bad(what: &'static str) -> impl Fn(prost::DecodeError) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    let pages_id = PagemapHead::decode(*head)
+        .map_err(bad("a bad head"))?
+        .pages_id
         .ok_or("a head without pages_id")?;
-    let pages_id = u32::try_from(pages_id).map_err(|_| "a bad pages_id")?;
     let mut entries = Vec::with_capacity(rest.len());
     for m in rest {
-        let (mut vaddr, mut compat, mut nr, mut flags, mut in_parent) =
-            (None, 0, None, None, false);
-        for (n, v, _) in fields(m) {
-            match n {
-                1 => vaddr = Some(v),
-                2 => compat = v,
-                3 => in_parent = v != 0,
-                4 => flags = Some(v),
-                5 => nr = Some(v),
-                _ => {}
-            }
-        }
-        let vaddr = vaddr.ok_or("an entry without vaddr")?;
-        let nr_pages = nr.unwrap_or(compat);
-        let flags = match flags {
-            Some(f) => u32::try_from(f).map_err(|_| "bad flags")?,
-            None if in_parent => PE_PARENT,
-            None => PE_PRESENT,
+        let e = PagemapEntry::decode(*m).map_err(bad("a bad entry"))?;
+        let vaddr = e.vaddr.ok_or("an entry without vaddr")?;
+        let nr_pages = e.nr_pages.unwrap_or(e.compat_nr_pages.into());
+        let flags = match (e.flags, e.in_parent) {
+            (Some(f), _) => f,
+            (None, Some(true)) => PE_PARENT,
+            (None, _) => PE_PRESENT,
         };
         if nr_pages == 0
             || nr_pages > MAX_ENTRY_PAGES
@@ -127,17 +119,9 @@ pub fn parse(b: &[u8]) -> Result<Pagemap, String> {
     Ok(Pagemap { pages_id, entries })
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_message(out: &mut Vec<u8>, msg: &[u8]) {
-    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    out.extend_from_slice(msg);
+fn put_message(out: &mut Vec<u8>, msg: &impl prost::Message) {
+    out.extend_from_slice(&(msg.encoded_len() as u32).to_le_bytes());
+    msg.encode_raw(out);
 }
 
 /// Encodes a pagemap image as CRIU writes one.
@@ -145,21 +129,23 @@ pub fn encode(p: &Pagemap) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
     out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
-    let mut head = vec![0x08];
-    put_varint(&mut head, u64::from(p.pages_id));
-    put_message(&mut out, &head);
+    put_message(
+        &mut out,
+        &PagemapHead {
+            pages_id: Some(p.pages_id),
+        },
+    );
     for e in &p.entries {
-        let mut m = vec![0x08];
-        put_varint(&mut m, e.vaddr);
-        // compat_nr_pages: what CRIU before 4.2 reads (CRIU 4.2 prefers
-        // nr_pages, field 5, and writes 0 here).
-        m.push(0x10);
-        put_varint(&mut m, e.nr_pages.min(u64::from(u32::MAX)));
-        m.push(0x20);
-        put_varint(&mut m, u64::from(e.flags));
-        m.push(0x28);
-        put_varint(&mut m, e.nr_pages);
-        put_message(&mut out, &m);
+        let entry = PagemapEntry {
+            vaddr: Some(e.vaddr),
+            // what CRIU before 4.2 reads (4.2 reads nr_pages, and writes 0
+            // here)
+            compat_nr_pages: u32::try_from(e.nr_pages).unwrap_or(u32::MAX),
+            in_parent: None,
+            flags: Some(e.flags),
+            nr_pages: Some(e.nr_pages),
+        };
+        put_message(&mut out, &entry);
     }
     out
 }
@@ -328,7 +314,9 @@ mod tests {
         assert_eq!(parse(&encode(&p)).unwrap(), p);
         // in_parent without flags, compat_nr_pages without nr_pages
         let mut b = encode(&pm(1, &[]));
-        put_message(&mut b, &[0x08, 0x80, 0x20, 0x10, 0x05, 0x18, 0x01]);
+        let old: &[u8] = &[0x08, 0x80, 0x20, 0x10, 0x05, 0x18, 0x01];
+        b.extend_from_slice(&(old.len() as u32).to_le_bytes());
+        b.extend_from_slice(old);
         let got = parse(&b).unwrap();
         assert_eq!(got.entries, pm(1, &[(0x1000, 5, PE_PARENT)]).entries);
         for bad in [&b"\x19\x43\x56\x54"[..], &b[..b.len() - 1], &[]] {

@@ -337,15 +337,39 @@ impl Drop for Daemon {
                     nix::unistd::Pid::from_raw(pid as i32),
                     nix::sys::signal::Signal::SIGTERM,
                 );
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while matches!(self.child.try_wait(), Ok(None))
-                    && std::time::Instant::now() < deadline
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                // (longer than the 10 s a service's stop may take)
+                wait_exit_for(&mut self.child, Duration::from_secs(20));
             }
-            let _ = self.child.start_kill();
+            if self.child.start_kill().is_ok() {
+                wait_exit_for(&mut self.child, Duration::from_secs(10));
+            }
         }
+        // A daemon killed (here or by its test) leaves its mounts: detach
+        // them, or the temp dir cannot go and stays behind in /tmp.
+        detach_mounts_under(self.tmp.path());
+    }
+}
+
+fn wait_exit_for(child: &mut Child, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Lazily unmounts every mount at or below `dir`, deepest first.
+fn detach_mounts_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
