@@ -168,7 +168,7 @@ fn hostile_inputs_never_panic_and_parsers_keep_their_promises() {
             });
             for _ in 0..=rng.below(4) {
                 match rng.below(3) {
-                    0 => {
+                    0 if !image.is_empty() => {
                         let i = rng.below(image.len());
                         image[i] ^= rng.next() as u8;
                     }
