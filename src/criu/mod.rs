@@ -35,7 +35,7 @@
 //! warnings, unless the daemon is told otherwise); an error names the
 //! service and CRIU's own error line.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -442,9 +442,12 @@ impl Criu {
                 ))
             })
         };
+        // The images dir as an fd of this process (CRIU opens it through
+        // `/proc/<peer>/fd/<n>`): CRIU before 4.2 cannot take it by path
+        // (it readlinks the path, which fails for a directory).
+        let dir = std::fs::File::open(images).map_err(io_err("open", images))?;
         let mut opts = proto::Opts {
-            images_dir_fd: -1,
-            images_dir: Some(text(images)?),
+            images_dir_fd: dir.as_raw_fd(),
             log_file: Some("restore.log".into()),
             log_level: Some(i32::from(self.log_level)),
             root: Some(text(root)?),

@@ -27,7 +27,7 @@ pub(crate) struct InheritFd {
 /// `criu_opts`: only the fields a restore sets.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct Opts {
-    /// -1: `images_dir` names the dir instead.
+    /// An fd of the caller (the socket's peer) open on the images dir.
     #[prost(int32, required, tag = "1")]
     pub images_dir_fd: i32,
     #[prost(bool, optional, tag = "4")]
@@ -55,8 +55,6 @@ pub(crate) struct Opts {
     pub external: Vec<String>,
     #[prost(bool, optional, tag = "52")]
     pub tcp_close: Option<bool>,
-    #[prost(string, optional, tag = "68")]
-    pub images_dir: Option<String>,
 }
 
 /// `criu_req`.

@@ -167,21 +167,18 @@ mod tests {
         let req = Request {
             kind: RESTORE,
             opts: Some(Opts {
-                images_dir_fd: -1,
-                images_dir: Some("/i".into()),
+                images_dir_fd: 7,
                 rst_sibling: Some(true),
                 manage_cgroups_mode: Some(CG_IGNORE),
                 ..Opts::default()
             }),
             notify_success: None,
         };
+        #[rustfmt::skip]
         let opts: &[u8] = &[
-            // images_dir_fd (1) = -1: required, so sent, as ten bytes
-            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
-            // rst_sibling (26) = true
-            0xd0, 0x01, 0x01, // manage_cgroups_mode (34) = IGNORE (0): set, so sent
-            0x90, 0x02, 0x00, // images_dir (68) = "/i"
-            0xa2, 0x04, 0x02, b'/', b'i',
+            0x08, 0x07,       // images_dir_fd (1) = 7
+            0xd0, 0x01, 0x01, // rst_sibling (26) = true
+            0x90, 0x02, 0x00, // manage_cgroups_mode (34) = IGNORE (0): set, so sent
         ];
         // type (1) = RESTORE (2), then opts (2), length-delimited
         let mut want = vec![0x08, 0x02, 0x12, opts.len() as u8];
