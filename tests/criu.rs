@@ -376,9 +376,14 @@ async fn a_failing_dump_is_an_error_event_and_the_checkpoint_completes() {
 }
 
 /// A parent and child joined by a pipe and a unix socket pair, holding a file
-/// lock and a file deleted while open: all of it comes back.
+/// lock, a file deleted while open and a shared mapping of a file in
+/// /dev/shm (POSIX shared memory): all of it comes back.
 const PLUMBING: &str = r#"
-import fcntl, os, signal, socket, sys, time
+import fcntl, mmap, os, signal, socket, sys, time
+shm_fd = os.open("/dev/shm/sprited-shm", os.O_CREAT | os.O_RDWR, 0o600)
+os.ftruncate(shm_fd, 4096)
+shm = mmap.mmap(shm_fd, 4096)
+shm[:5] = b"shmok"
 r, w = os.pipe()
 a, b = socket.socketpair()
 lock = open("lock.txt", "w")
@@ -394,7 +399,9 @@ def ask(*_):
     os.write(w, b"ping")
     echoed = a.recv(100).decode()
     ghost.seek(0)
-    print("answer", echoed, ghost.read(), flush=True)
+    with open("/dev/shm/sprited-shm", "rb") as f:
+        in_file = f.read(5).decode()
+    print("answer", echoed, ghost.read(), shm[:5].decode(), in_file, flush=True)
 signal.signal(signal.SIGUSR1, ask)
 print("ready", flush=True)
 while True:
@@ -440,13 +447,33 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
         .await
         .until(|e| data(e).starts_with("ready"))
         .await;
-    assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
+    assert_eq!(
+        ask_plumbing(&d, pid).await,
+        "answer ping ghost content shmok shmok"
+    );
     assert!(holds_lock(d.host_pid(pid).await));
     let events = checkpoint_with(&d, json!({})).await;
     assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
+    // The shared memory changes after the checkpoint (through its file,
+    // which the mapping shows)...
+    let host = d.host_pid(pid).await;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{host}/root/dev/shm/sprited-shm"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"later").unwrap();
+    drop(f);
+    assert_eq!(
+        ask_plumbing(&d, pid).await,
+        "answer ping ghost content later later"
+    );
+    // ...and comes back as it was, mapped and in its file.
     d.restore("v1").await;
     assert_eq!(pid_of(&d.service("plumbing").await["state"]), pid);
-    assert_eq!(ask_plumbing(&d, pid).await, "answer ping ghost content");
+    assert_eq!(
+        ask_plumbing(&d, pid).await,
+        "answer ping ghost content shmok shmok"
+    );
     assert!(
         holds_lock(d.host_pid(pid).await),
         "the restored process holds its lock again"
