@@ -500,13 +500,23 @@ async fn writes_anywhere_are_captured_and_rolled_back() {
         write.push_str(&format!("mkdir -p $(dirname {p}); echo {tag} > {p}; "));
     }
     sh(&d, &write).await;
+    // A device node on the root (as a hostile layer could bring: nothing
+    // inside can make one) opens nothing: the root is mounted nodev.
+    nix::sys::stat::mknod(
+        &d.env_root().join("planted"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
     // A Debian userland with its own /proc, /dev and the API inside.
     let facts = sh(
         &d,
         "cat /etc/debian_version >/dev/null && echo debian; test -c /dev/null && echo dev; \
          cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; \
          sprite-env services list >/dev/null && echo api; \
-         echo x > /.sprite/x 2>/dev/null || echo sprite-ro",
+         echo x > /.sprite/x 2>/dev/null || echo sprite-ro; \
+         test -c /planted && { head -c0 /planted 2>/dev/null && echo planted-opens || echo planted-inert; }",
     )
     .await;
     for want in [
@@ -516,6 +526,7 @@ async fn writes_anywhere_are_captured_and_rolled_back() {
         common::NAME,
         "api",
         "sprite-ro",
+        "planted-inert",
     ] {
         assert!(facts.contains(want), "{want:?} missing from {facts:?}");
     }

@@ -686,6 +686,11 @@ impl Env {
 
 /// Mounts overlayfs on `target` with the options the environment uses
 /// (also those of the change journal's probe, which must behave alike).
+/// `nodev`: a device node on the root opens nothing. Processes inside
+/// cannot make one (no `CAP_MKNOD`), but a layer can hold one (an
+/// imported archive is hostile), and with no device cgroup a block device
+/// would read the disk that holds the store. The environment's devices are
+/// those of its own `/dev` tmpfs.
 pub(crate) fn mount_overlay(
     lower: &[PathBuf],
     upper: &Path,
@@ -708,7 +713,7 @@ pub(crate) fn mount_overlay(
         Some("overlay"),
         target,
         Some("overlay"),
-        nix::mount::MsFlags::empty(),
+        nix::mount::MsFlags::MS_NODEV,
         Some(options.as_str()),
     )
     .map_err(|e| FsError::Mount {
