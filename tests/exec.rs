@@ -1187,9 +1187,12 @@ async fn sprite_env_exec_sessions_and_proxy() {
     pty.read_until(&mut seen, "got-hi").await;
     assert_eq!(exit_code(&mut child).await, Some(4));
 
-    // sessions kill: ends a running command; its client exits too.
+    // sessions kill: ends a running command; its client exits too. (The
+    // duration names this run's sleep: another suite may run beside it.)
+    let secs = format!("300.{}", std::process::id());
+    let command = format!("sleep {secs}");
     let mut sleeper = d
-        .cli_command(["exec", "--", "sleep", "300"])
+        .cli_command(["exec", "--", "sleep", &secs])
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -1201,7 +1204,7 @@ async fn sprite_env_exec_sessions_and_proxy() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|s| s["command"] == "sleep 300")
+            .find(|s| s["command"] == command.as_str())
         {
             break s["id"].as_str().unwrap().to_owned();
         }
@@ -1217,7 +1220,7 @@ async fn sprite_env_exec_sessions_and_proxy() {
     assert_eq!(events.last().unwrap()["type"], "complete", "{events:?}");
     let code = exit_code(&mut sleeper).await;
     assert_eq!(code, Some(128 + 15), "the client reports the SIGTERM death");
-    assert!(procs_with("sleep 300").is_empty());
+    assert!(procs_with(&command).is_empty());
 
     // proxy: a local port reaches a port inside the sprite.
     let port = http_server("through the cli proxy").await;
