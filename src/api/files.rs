@@ -85,6 +85,11 @@ pub async fn read(
     Ok(resp)
 }
 
+/// How much of a failed upload's body is still read (and dropped) before
+/// the error answer, and for how long at most.
+const DRAIN_BYTES: u64 = 256 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `PUT .../fs/write?path=&mode=0644&mkdirParents=true` (POST too): the body
 /// is streamed into a temp file beside the target, then renamed over it.
 /// Missing parents are always created (the SDKs' `mkdir` relies on it).
@@ -147,6 +152,22 @@ pub async fn write(
     drop(out);
     if let Some(e) = failure {
         pending.abort();
+        if matches!(e, ApiError::BadRequest(_)) {
+            return Err(e);
+        }
+        // A write that failed (a full disk): the client may still be
+        // sending. Read a bounded rest of its body, so that it reads the
+        // answer instead of a broken pipe (nginx's lingering close).
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            let mut left = DRAIN_BYTES;
+            while let Some(Ok(b)) = stream.next().await {
+                left = left.saturating_sub(b.len() as u64);
+                if left == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
         return Err(e);
     }
     let entry = blocking(f.canceller(), move || f.commit(pending, mode)).await?;
