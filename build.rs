@@ -3,13 +3,18 @@
 //! the run says "ignored" instead of passing it. Likewise `privileged_tests`:
 //! the build runs as root with CRIU installed, or `SPRITED_REQUIRE_PRIVILEGED=1`
 //! (where such a test must run, and fails if it cannot); tests marked with it
-//! are ignored otherwise.
+//! are ignored otherwise. And `has_vagrant`: `vagrant` is on `PATH` (or
+//! `SPRITED_REQUIRE_PRIVILEGED=1`), else the Vagrantfile's check is ignored.
 fn main() {
     println!("cargo:rerun-if-env-changed=SPRITED_REQUIRE_PRIVILEGED");
     println!("cargo:rustc-check-cfg=cfg(privileged_tests)");
     let required = std::env::var("SPRITED_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
     if required || (is_root() && has_criu()) {
         println!("cargo:rustc-cfg=privileged_tests");
+    }
+    println!("cargo:rustc-check-cfg=cfg(has_vagrant)");
+    if required || on_path("vagrant") {
+        println!("cargo:rustc-cfg=has_vagrant");
     }
     println!("cargo:rerun-if-env-changed=SPRITED_VM_SUITES");
     println!("cargo:rustc-check-cfg=cfg(vm_suite_bookworm)");
@@ -36,10 +41,14 @@ fn is_root() -> bool {
 
 /// CRIU is where the daemon looks for it (`criu::locate`).
 fn has_criu() -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
     ["/usr/local/sbin/criu", "/usr/sbin/criu"]
         .iter()
-        .map(std::path::PathBuf::from)
-        .chain(std::env::split_paths(&path).map(|d| d.join("criu")))
-        .any(|p| p.is_file())
+        .any(|p| std::path::Path::new(p).is_file())
+        || on_path("criu")
+}
+
+/// `name` is a file in a directory of `PATH`.
+fn on_path(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| d.join(name).is_file())
 }

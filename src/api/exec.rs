@@ -462,7 +462,6 @@ pub async fn exec_post(
 /// declared larger than that is refused before reading.
 async fn read_capped(headers: &HeaderMap, body: axum::body::Body) -> Result<Bytes, ApiError> {
     const LINGER_BYTES: usize = 4 * MAX_STDIN;
-    const LINGER_TIME: Duration = Duration::from_secs(5);
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
             "the request body is larger than {} MiB (stdin of a one-shot exec is capped; \
@@ -483,17 +482,9 @@ async fn read_capped(headers: &HeaderMap, body: axum::body::Body) -> Result<Byte
         let chunk =
             chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
         if buf.len() + chunk.len() > MAX_STDIN {
-            let mut drained = buf.len() + chunk.len();
+            let read = buf.len() + chunk.len();
             drop(buf);
-            let _ = tokio::time::timeout(LINGER_TIME, async {
-                while let Some(Ok(c)) = stream.next().await {
-                    drained += c.len();
-                    if drained > LINGER_BYTES {
-                        break;
-                    }
-                }
-            })
-            .await;
+            super::params::linger(&mut stream, LINGER_BYTES.saturating_sub(read) as u64).await;
             return Err(too_large());
         }
         buf.extend_from_slice(&chunk);

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use super::params::{Params, json_body};
+use super::params::{self, Params, json_body};
 use super::{ApiError, AppState};
 use crate::files::{Canceller, Files, FilesError, parse_mode};
 
@@ -85,10 +85,9 @@ pub async fn read(
     Ok(resp)
 }
 
-/// How much of a failed upload's body is still read (and dropped) before
-/// the error answer, and for how long at most.
-const DRAIN_BYTES: u64 = 256 << 20;
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// How much more of an upload whose write failed is still read (and
+/// dropped) before the error answer ([`params::linger`]).
+const LINGER_BYTES: u64 = 256 << 20;
 
 /// `PUT .../fs/write?path=&mode=0644&mkdirParents=true` (POST too): the body
 /// is streamed into a temp file beside the target, then renamed over it.
@@ -155,19 +154,8 @@ pub async fn write(
         if matches!(e, ApiError::BadRequest(_)) {
             return Err(e);
         }
-        // A write that failed (a full disk): the client may still be
-        // sending. Read a bounded rest of its body, so that it reads the
-        // answer instead of a broken pipe (nginx's lingering close).
-        let _ = tokio::time::timeout(DRAIN_TIME, async {
-            let mut left = DRAIN_BYTES;
-            while let Some(Ok(b)) = stream.next().await {
-                left = left.saturating_sub(b.len() as u64);
-                if left == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
+        // A write that failed (a full disk): the client may still be sending.
+        params::linger(&mut stream, LINGER_BYTES).await;
         return Err(e);
     }
     let entry = blocking(f.canceller(), move || f.commit(pending, mode)).await?;

@@ -1,6 +1,6 @@
 //! Request parameters as the handlers read them: query strings decoded as
 //! forms (repeated keys kept, `+` is a space) and optional JSON bodies, with
-//! 400s that name the bad parameter.
+//! 400s that name the bad parameter; and the rest of a body refused midway.
 
 use std::time::Duration;
 
@@ -111,6 +111,27 @@ pub fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// How long a refused body is still read at most ([`linger`]).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops what is left of a request body refused midway (too
+/// large, a full disk), up to about `max` more bytes and [`LINGER_TIME`]:
+/// a client still sending then reads the error answer instead of a broken
+/// pipe (nginx's lingering close).
+pub async fn linger(stream: &mut axum::body::BodyDataStream, max: u64) {
+    use futures_util::StreamExt;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut left = max;
+        while let Some(Ok(b)) = stream.next().await {
+            left = left.saturating_sub(b.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -393,7 +393,7 @@ impl Checkpoints {
             }
             (waiting, prepared, ready) => {
                 // Why: CRIU's own error if it ended first, else what was
-                // not ready (CRIU then ends because its hook was stopped).
+                // not ready (CRIU then ends: its stage was refused).
                 let ended_first = waiting.is_err();
                 if let Ok(w) = waiting {
                     w.answer(false);

@@ -498,15 +498,12 @@ impl Criu {
         // (`criu swrk` ends once its socket closes)
         drop(ours);
         let exit = running.finish();
-        let pid = match outcome {
-            rpc::Outcome::Restored(pid) => pid,
-            rpc::Outcome::Failed(said) => {
-                return Err(self.failure("restore", ENV, &log, exit, said));
-            }
-            rpc::Outcome::Gone(why) => {
-                return Err(self.failure("restore", ENV, &log, exit, Some(why)));
-            }
+        let said = match outcome {
+            rpc::Outcome::Restored(pid) => Ok(pid),
+            rpc::Outcome::Failed(said) => Err(said),
+            rpc::Outcome::Gone(why) => Err(Some(why)),
         };
+        let pid = said.map_err(|said| self.failure("restore", ENV, &log, exit, said))?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         let stats = std::fs::read(images.join("stats-restore"))
             .ok()
