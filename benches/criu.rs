@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use common::{Rig, median, median_ratio, run_criu as run, spawn_plain};
 use criterion::{Criterion, criterion_group, criterion_main};
+use sprited::checkpoint::PolicyRestore;
 use sprited::supervisor::Status;
 
 /// Fills N MiB with random bytes (nothing to compress or deduplicate),
@@ -150,7 +151,8 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     nix::unistd::sync();
                     let t = Instant::now();
-                    rt.block_on(cps.restore(&id, &|_| {})).unwrap();
+                    rt.block_on(cps.restore(&id, PolicyRestore::FromCheckpoint, &|_| {}))
+                        .unwrap();
                     let took = t.elapsed();
                     restore.push(took.as_secs_f64() * 1e3);
                     total += took;
@@ -177,7 +179,8 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     nix::unistd::sync();
                     let t = Instant::now();
-                    rt.block_on(cps.restore(&auto, &|_| {})).unwrap();
+                    rt.block_on(cps.restore(&auto, PolicyRestore::FromCheckpoint, &|_| {}))
+                        .unwrap();
                     let took = t.elapsed();
                     step.push(took.as_secs_f64() * 1e3);
                     total += took;
@@ -197,7 +200,8 @@ fn bench(c: &mut Criterion) {
                     cps.clear_restore_cache();
                     nix::unistd::sync();
                     let t = Instant::now();
-                    rt.block_on(cps.restore(&auto, &|_| {})).unwrap();
+                    rt.block_on(cps.restore(&auto, PolicyRestore::FromCheckpoint, &|_| {}))
+                        .unwrap();
                     let took = t.elapsed();
                     cold.push(took.as_secs_f64() * 1e3);
                     total += took;

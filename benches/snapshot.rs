@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sprited::checkpoint::Checkpoints;
+use sprited::checkpoint::{Checkpoints, PolicyRestore};
 use sprited::supervisor::{Supervisor, SupervisorConfig};
 
 const FILE_SIZE: usize = 100 * 1024; // 10,000 × 100 KiB ≈ 1 GiB
@@ -60,7 +60,17 @@ fn setup(rt: &tokio::runtime::Runtime, files: usize, size: usize) -> Setup {
         })
         .unwrap()
     });
-    let cps = Arc::new(Checkpoints::open(&state, env, sup, None, None).unwrap());
+    let cps = Arc::new(
+        Checkpoints::open(
+            &state,
+            sprited::checkpoint::seal::Key::new(vec![7; 32]).unwrap(),
+            env,
+            sup,
+            None,
+            None,
+        )
+        .unwrap(),
+    );
     let t = Instant::now();
     let mut block = vec![0u8; size];
     for i in 0..files {
@@ -189,7 +199,8 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 flip = !flip;
                 let id = if flip { &a } else { &b_id };
-                rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
+                rt.block_on(s.cps.restore(id, PolicyRestore::FromCheckpoint, &|_| {}))
+                    .unwrap();
             })
         });
         g.bench_function("restore_uncached_10k", |b| {
@@ -201,7 +212,8 @@ fn bench(c: &mut Criterion) {
                     // The layer of the checkpoint not mounted is dropped from the cache.
                     s.cps.env().remove_layer(id);
                     let t = Instant::now();
-                    rt.block_on(s.cps.restore(id, &|_| {})).unwrap();
+                    rt.block_on(s.cps.restore(id, PolicyRestore::FromCheckpoint, &|_| {}))
+                        .unwrap();
                     total += t.elapsed();
                 }
                 total

@@ -120,8 +120,15 @@ UNIT
   cp "$root"/boot/initrd.img-* "$IMG/initrd.img"
   chmod 0644 "$IMG/vmlinuz" "$IMG/initrd.img"
   mkfs.ext4 -q -F -L root -d "$root" "$IMG/disk.raw" "$DISK_SIZE"
-  mkfs.ext4 -q -F -L sprite "$IMG/state.raw" "$STATE_SIZE"
-  rm -rf "$root"
+  # Every guest of an image is one fleet: its state disk starts with the
+  # same checkpoint key, so a checkpoint taken in one guest restores its
+  # processes in another (the key is not in the image's `/`, which is the
+  # environment's base: the state dir is out of the environment's reach).
+  state="$IMG/state-dir"
+  install -d -m 0755 "$state"
+  (umask 077 && head -c 32 /dev/urandom >"$state/checkpoint.key")
+  mkfs.ext4 -q -F -L sprite -d "$state" "$IMG/state.raw" "$STATE_SIZE"
+  rm -rf "$root" "$state"
   touch "$IMG/done"
   # Older images of this suite are not needed any more.
   for old in "$OUT/$SUITE"-*; do

@@ -227,6 +227,18 @@ pub struct Args {
     #[arg(long, env = "SPRITED_REMOTE_CREDENTIALS", value_name = "FILE")]
     pub remote_credentials: Option<PathBuf>,
 
+    /// The secret that authenticates the process images of checkpoints:
+    /// each checkpoint's metadata carries an HMAC-SHA256 of its images made
+    /// with it. CRIU restores images as root on the host, so a restore runs
+    /// processes only from images this key authenticates; a checkpoint
+    /// imported or pulled from a sprite with another key comes back as
+    /// files, its services started afresh. Give every sprite of a fleet the
+    /// same file to move running processes between them. At least 32
+    /// bytes; made (32 random bytes, mode 0600) when missing.
+    /// Default: <state-dir>/checkpoint.key.
+    #[arg(long, env = "SPRITED_CHECKPOINT_KEY", value_name = "FILE")]
+    pub checkpoint_key: Option<PathBuf>,
+
     /// Do not use CRIU: checkpoints keep files only.
     #[arg(long, env = "SPRITED_NO_CRIU")]
     pub no_criu: bool,
@@ -414,6 +426,8 @@ pub struct Config {
     pub cgroup_parent: PathBuf,
     pub daemon_id: String,
     pub criu_path: Option<PathBuf>,
+    /// The file of the key that authenticates process images.
+    pub checkpoint_key: PathBuf,
     pub no_criu: bool,
     /// The shared bucket (none: no --remote).
     pub remote: Option<crate::remote::RemoteConfig>,
@@ -486,6 +500,10 @@ impl Config {
             }
             None => PathBuf::from("sprited").join(&daemon_id),
         };
+        let checkpoint_key = match &args.checkpoint_key {
+            Some(p) => absolute(p)?,
+            None => state_dir.join("checkpoint.key"),
+        };
         Ok(Config {
             socket_path: args
                 .socket
@@ -514,6 +532,7 @@ impl Config {
             cgroup_parent,
             daemon_id,
             criu_path: args.criu.clone(),
+            checkpoint_key,
             env_root: match &args.env_root {
                 Some(p) => absolute(p)?,
                 None => absolute(&args.state_dir)?.join("root"),

@@ -157,6 +157,7 @@ async fn serve(config: Arc<Config>, state_dir: &StateDir) -> Result<(), DaemonEr
         config: config.clone(),
         lifecycle: lifecycle.clone(),
         identity: state_dir.identity.clone(),
+        checkpoint_key: state_dir.checkpoint_key.clone(),
         started: Instant::now(),
         started_at: SystemTime::now(),
         kernel: sys::kernel_release(),
@@ -411,6 +412,7 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     if let (Some(env), Some(sup)) = (env, &supervisor) {
         match Checkpoints::open(
             &config.state_dir,
+            app.checkpoint_key.clone(),
             env,
             sup.clone(),
             dumper,

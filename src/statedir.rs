@@ -1,5 +1,6 @@
 //! The state directory: created on start, locked so that one daemon owns it,
-//! cleaned of what a crash left, and home of the sprite's identity record.
+//! cleaned of what a crash left, and home of the sprite's identity record
+//! and of its checkpoint key (unless `--checkpoint-key` puts it elsewhere).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::seal;
 use crate::config::Config;
 use crate::durable::{self, DurableError};
 use crate::sys::{FileLock, LockError};
@@ -31,6 +33,12 @@ pub enum StateDirError {
     },
     #[error("identity record {path} is corrupt: {message}")]
     BadIdentity { path: PathBuf, message: String },
+    #[error(
+        "checkpoint key {path} holds {len} bytes: at least {} (and at most {}) are needed",
+        seal::MIN_KEY_BYTES,
+        MAX_KEY_BYTES
+    )]
+    BadKey { path: PathBuf, len: u64 },
     #[error(transparent)]
     Durable(#[from] DurableError),
 }
@@ -48,6 +56,8 @@ pub struct Identity {
 pub struct StateDir {
     pub path: PathBuf,
     pub identity: Identity,
+    /// Seals the process images of checkpoints.
+    pub checkpoint_key: seal::Key,
     _lock: FileLock,
 }
 
@@ -81,9 +91,11 @@ impl StateDir {
             tracing::info!(cleaned, dir = %path.display(), "removed temp files left by a crash");
         }
         let identity = load_or_create_identity(&config.identity_path())?;
+        let checkpoint_key = load_or_create_key(&config.checkpoint_key)?;
         Ok(StateDir {
             path,
             identity,
+            checkpoint_key,
             _lock: lock,
         })
     }
@@ -107,6 +119,44 @@ fn load_or_create_identity(path: &Path) -> Result<Identity, StateDirError> {
             Ok(identity)
         }
         Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
+/// The most a key file may hold (a key is read whole).
+const MAX_KEY_BYTES: u64 = 4096;
+
+/// The checkpoint key at `path`, made (32 random bytes, mode 0600,
+/// written atomically) when there is none.
+fn load_or_create_key(path: &Path) -> Result<seal::Key, StateDirError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            let meta = file.metadata().map_err(io_err("stat", path))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the checkpoint key can be read by others than its owner: whoever reads it can forge process images");
+            }
+            let mut bytes = Vec::new();
+            file.take(MAX_KEY_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(io_err("read", path))?;
+            let len = bytes.len() as u64;
+            match seal::Key::new(bytes) {
+                Some(key) if len <= MAX_KEY_BYTES => Ok(key),
+                _ => Err(StateDirError::BadKey {
+                    path: path.to_owned(),
+                    len,
+                }),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let random = crate::sys::random_bytes(seal::MIN_KEY_BYTES)
+                .map_err(io_err("read", Path::new("/dev/urandom")))?;
+            durable::write_atomic(path, &random, 0o600)?;
+            tracing::info!(path = %path.display(), "made a checkpoint key");
+            Ok(seal::Key::new(random).expect("a key of the minimum length"))
+        }
+        Err(e) => Err(io_err("open", path)(e)),
     }
 }
 
@@ -153,5 +203,29 @@ mod tests {
         drop(first);
         let again = StateDir::open(&c).unwrap();
         assert_eq!(again.identity.id, id);
+    }
+
+    #[test]
+    fn the_checkpoint_key_is_made_once_private_and_a_short_one_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let c = config(&d.path().join("state"));
+        drop(StateDir::open(&c).unwrap());
+        let made = std::fs::read(&c.checkpoint_key).unwrap();
+        assert_eq!(made.len(), seal::MIN_KEY_BYTES);
+        let mode = std::fs::metadata(&c.checkpoint_key)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(StateDir::open(&c).unwrap());
+        assert_eq!(std::fs::read(&c.checkpoint_key).unwrap(), made, "kept");
+        for len in [5, MAX_KEY_BYTES as usize + 1] {
+            std::fs::write(&c.checkpoint_key, vec![1; len]).unwrap();
+            match StateDir::open(&c) {
+                Err(StateDirError::BadKey { len: l, .. }) => assert_eq!(l as usize, len.min(4097)),
+                other => panic!("expected BadKey, got {other:?}"),
+            }
+        }
     }
 }

@@ -538,7 +538,9 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
     assert!(with_criu(
         "two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids"
     ));
-    let a = Daemon::start().await;
+    // One fleet: the three share a checkpoint key.
+    let key = common::FleetKey::new();
+    let a = Daemon::start_with(key.options()).await;
     let before = start(
         &a,
         "counter",
@@ -559,7 +561,10 @@ async fn two_daemons_restore_the_same_imported_checkpoint_at_the_same_pids() {
             .send()
     };
     // A keeps running its counter meanwhile: the same pids are in use there.
-    let (b, c) = (Daemon::start().await, Daemon::start().await);
+    let (b, c) = (
+        Daemon::start_with(key.options()).await,
+        Daemon::start_with(key.options()).await,
+    );
     for d in [&b, &c] {
         assert_eq!(import(d).await.unwrap().status(), 200);
         restore_with_memory(d, "v1", "counter").await;
@@ -618,6 +623,36 @@ fn with_a_forged_pack(archive: &[u8]) -> Vec<u8> {
     entries[li].0 = format!("objects/{new_list}");
     meta["env"]["pages"][&image] = json!(new_list);
     entries[1].1 = serde_json::to_vec_pretty(&meta).unwrap();
+    repack(entries)
+}
+
+/// The archive with one byte changed in the init's core image (CRIU's
+/// record of its registers, credentials and capabilities), every name and
+/// digest made consistent again, the seal left as it was.
+fn with_a_forged_image(archive: &[u8]) -> Vec<u8> {
+    let mut entries = common::archive_entries(archive);
+    let mut meta: Value = serde_json::from_slice(&entries[1].1).unwrap();
+    let id = meta["env"]["images"]["core-1.img"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let i = entries
+        .iter()
+        .position(|(n, _)| n == &format!("objects/{id}"))
+        .unwrap();
+    let mut image = zstd::decode_all(entries[i].1.as_slice()).unwrap();
+    let last = image.len() - 1;
+    image[last] ^= 1;
+    entries[i].1 = zstd::encode_all(image.as_slice(), 1).unwrap();
+    let forged = format!("{}{}", sha256_hex(&entries[i].1), &id[64..]);
+    entries[i].0 = format!("objects/{forged}");
+    meta["env"]["images"]["core-1.img"] = json!(forged);
+    entries[1].1 = serde_json::to_vec_pretty(&meta).unwrap();
+    repack(entries)
+}
+
+/// An archive of `entries` (index first, rewritten to match the rest).
+fn repack(mut entries: Vec<(String, Vec<u8>)>) -> Vec<u8> {
     let mut index: Value = serde_json::from_slice(&entries[0].1).unwrap();
     index["entries"] = json!(
         entries[1..]
@@ -689,6 +724,84 @@ async fn an_archive_with_a_forged_memory_pack_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// CRIU restores images as root on the host, and an archive or a bucket
+/// can carry any images whose names and digests agree: a restore runs
+/// processes only from images sealed by the sprite's checkpoint key. A
+/// genuine checkpoint of a sprite with another key, and one of this
+/// sprite's own with an image changed, come back as files, their
+/// services started afresh; the import says so beforehand.
+#[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
+async fn process_images_restore_only_under_the_key_that_sealed_them() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "process_images_restore_only_under_the_key_that_sealed_them"
+    ));
+    let a = Daemon::start().await;
+    let before = start(
+        &a,
+        "counter",
+        json!({"cmd": "python3", "args": ["-u", "-c", COUNTER]}),
+    )
+    .await;
+    a.checkpoint("sealed here").await;
+    let meta: Value =
+        serde_json::from_str(&common::read(&a.state_dir.join("checkpoints/v1/meta.json"))).unwrap();
+    assert_eq!(
+        meta["env"]["mac"].as_str().map(str::len),
+        Some(64),
+        "{meta}"
+    );
+    let archive = a
+        .get("/v1/checkpoints/v1/export")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let import = |d: &Daemon, body: Vec<u8>| {
+        d.http
+            .post(d.url("/v1/checkpoints/import"))
+            .bearer_auth(common::TOKEN)
+            .body(body)
+            .send()
+    };
+    let unsealed = "Its process images are not sealed by this sprite's checkpoint key";
+    let why = "Service counter starts fresh: its process images are not sealed by this sprite's checkpoint key";
+    let fresh = |d: &Daemon, events: Vec<Value>| {
+        let lines: Vec<String> = infos(&events).iter().map(|l| l.to_string()).collect();
+        assert!(
+            lines.iter().any(|l| l.starts_with(why)),
+            "{lines:?}\n{}",
+            d.log_text()
+        );
+        assert!(!lines.iter().any(|l| l.contains("restored with its memory")));
+    };
+
+    // Another sprite (its own key): the genuine archive restores as files.
+    let b = Daemon::start().await;
+    let r = import(&b, archive.to_vec()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains(unsealed), "{text}");
+    fresh(&b, b.restore("v1").await);
+    let after = b.service("counter").await["state"].clone();
+    assert_ne!(after["started_at"], before["started_at"]);
+    assert_eq!(after["status"], "running", "{after}");
+
+    // This sprite, one image altered: the seal no longer opens.
+    let r = import(&a, with_a_forged_image(&archive)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("Checkpoint v2 imported"), "{text}");
+    assert!(text.contains(unsealed), "{text}");
+    fresh(&a, a.restore("v2").await);
+    // Its own genuine checkpoint still restores its processes.
+    restore_with_memory(&a, "v1", "counter").await;
 }
 
 /// `GET /` on a local port answers 200.

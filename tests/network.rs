@@ -344,6 +344,30 @@ async fn a_network_policy_filters_lookups_and_addresses_and_holds_across_a_resto
     let (rc, _) = sh(&d, &format!("curl -sS --max-time 20 http://{B}/")).await;
     assert_ne!(rc, 0, "still blocked after a wake");
 
+    // A restore asked from inside keeps the policy in force: v2, the undo
+    // point of the restore above, was taken with the policy lifted, and
+    // would lift it again if code inside could restore it with its policy.
+    let v2: Value =
+        serde_json::from_str(&common::read(&d.state_dir.join("checkpoints/v2/meta.json"))).unwrap();
+    assert!(v2["is_auto"].as_bool().unwrap(), "{v2}");
+    assert!(v2["policies"].is_object(), "recorded: {v2}");
+    assert!(v2["policies"]["network"].is_null(), "none in force: {v2}");
+    std::fs::write(d.env_root().join("srv/after-v2.txt"), "later\n").unwrap();
+    let _ = sh(
+        &d,
+        "sprite-env curl -X POST /restore -d '{\"checkpoint_id\":\"v2\"}'",
+    )
+    .await;
+    d.log_shows("Restored to v2").await;
+    assert!(
+        !d.env_root().join("srv/after-v2.txt").exists(),
+        "the files are v2's"
+    );
+    let (_, got) = d.unix.get_json("/v1/policy/network").await.unwrap();
+    assert_eq!(got["rules"][0]["domain"], "a.test", "{got}");
+    let (rc, _) = sh(&d, &format!("curl -sS --max-time 20 http://{B}/")).await;
+    assert_ne!(rc, 0, "still blocked after a restore asked from inside");
+
     // Only the external API changes it: from inside, a 403; over TCP with
     // the token, in force.
     let (_, out) = sh(

@@ -84,6 +84,7 @@ impl Rig {
         let cps = Arc::new(
             Checkpoints::open(
                 &state,
+                sprited::checkpoint::seal::Key::new(vec![7; 32]).unwrap(),
                 env.clone(),
                 sup.clone(),
                 Some(criu),

@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::gateway::Caller;
 use super::params::json_body;
 use super::stream::{Emitter, ndjson};
 use super::{ApiError, AppState, PlainError};
-use crate::checkpoint::{CheckpointError, Checkpoints, Note};
+use crate::checkpoint::{CheckpointError, Checkpoints, Note, PolicyRestore};
 use crate::lifecycle::{OperationGuard, Transition};
 use crate::sleep::StayCold;
 
@@ -124,7 +125,21 @@ fn spawn_capture(
     (rx, done)
 }
 
-fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Progress {
+/// How a restore asked by `caller` treats the checkpoint's policies: only
+/// the external API's put them back.
+fn policies_for(caller: Caller) -> PolicyRestore {
+    match caller {
+        Caller::Tcp | Caller::Host => PolicyRestore::FromCheckpoint,
+        Caller::Environment => PolicyRestore::KeepInForce,
+    }
+}
+
+fn spawn_restore(
+    cps: Arc<Checkpoints>,
+    guard: OperationGuard,
+    id: String,
+    policies: PolicyRestore,
+) -> Progress {
     let (tx, rx) = mpsc::unbounded_channel();
     let done = tokio::spawn(async move {
         let _guard = guard;
@@ -132,7 +147,7 @@ fn spawn_restore(cps: Arc<Checkpoints>, guard: OperationGuard, id: String) -> Pr
         let progress = |n: Note| {
             let _ = tx.send(n);
         };
-        cps.restore(&id, &progress)
+        cps.restore(&id, policies, &progress)
             .await
             .map(|()| Done {
                 msg: format!("Restored to {id}"),
@@ -234,12 +249,13 @@ pub async fn get(
 /// `POST /v1/checkpoints/{id}/restore`: streams progress.
 pub async fn restore(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let cps = checkpoints(&app)?;
     cps.get(&id)?;
     let guard = app.lifecycle.begin(Transition::BeginRestore).await?;
-    let (rx, done) = spawn_restore(cps, guard, id);
+    let (rx, done) = spawn_restore(cps, guard, id, policies_for(caller));
     Ok(ndjson(app.shutdown.clone(), move |em| {
         forward(em, rx, done)
     }))
@@ -283,6 +299,7 @@ struct RestoreBody {
 /// Seed 003 `POST /restore` `{checkpoint_id}`: 202, then in the background.
 pub async fn root_restore(
     State(app): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, PlainError> {
     let run = async {
@@ -293,7 +310,10 @@ pub async fn root_restore(
             .ok_or_else(|| ApiError::BadRequest("checkpoint_id is required".into()))?;
         cps.get(&id)?;
         let guard = app.lifecycle.begin(Transition::BeginRestore).await?;
-        log_when_done(spawn_restore(cps, guard, id.clone()), "restore");
+        log_when_done(
+            spawn_restore(cps, guard, id.clone(), policies_for(caller)),
+            "restore",
+        );
         Ok::<_, ApiError>(id)
     };
     let id = run.await.map_err(ApiError::plain)?;
@@ -422,6 +442,17 @@ pub(super) async fn publish_imported(
     .map_err(|e| ApiError::Unavailable(e.to_string()))??)
 }
 
+/// What an import or a pull says of a checkpoint whose process images this
+/// sprite's key did not seal (none: nothing to say).
+pub(super) fn unsealed_note(
+    cps: &Checkpoints,
+    meta: &crate::checkpoint::CheckpointMeta,
+) -> Option<String> {
+    (cps.sealed_here(meta) == Some(false)).then(|| {
+        "Its process images are not sealed by this sprite's checkpoint key (--checkpoint-key): a restore brings back its files and starts its services afresh".to_owned()
+    })
+}
+
 /// `POST /v1/checkpoints/import`: the body is an archive from `export`.
 /// It is read and verified completely (400 naming the entry on any
 /// problem, leaving nothing behind) before the answer starts: then NDJSON
@@ -474,8 +505,11 @@ pub async fn import(
             verified.bytes, verified.meta.id, verified.objects, verified.reused
         ),
     ));
-    let (meta, new_objects) = publish_imported(&app, cps, verified, None).await?;
+    let (meta, new_objects) = publish_imported(&app, cps.clone(), verified, None).await?;
     lines.push(event("info", &format!("Stored {new_objects} new objects")));
+    if let Some(note) = unsealed_note(&cps, &meta) {
+        lines.push(event("info", &note));
+    }
     lines.push(event(
         "complete",
         &format!("Checkpoint {} imported", meta.id),

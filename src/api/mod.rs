@@ -51,6 +51,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub lifecycle: Lifecycle,
     pub identity: Identity,
+    /// Seals process images ([`crate::checkpoint::seal`]).
+    pub checkpoint_key: crate::checkpoint::seal::Key,
     pub started: Instant,
     pub started_at: SystemTime,
     pub kernel: String,

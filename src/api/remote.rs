@@ -265,9 +265,18 @@ pub async fn pull(
                 &p,
             ))
             .await;
-        match super::checkpoints::publish_imported(&app2, cps, imported, Some(sprite.clone())).await
+        match super::checkpoints::publish_imported(
+            &app2,
+            cps.clone(),
+            imported,
+            Some(sprite.clone()),
+        )
+        .await
         {
             Ok((meta, new_objects)) => {
+                if let Some(note) = super::checkpoints::unsealed_note(&cps, &meta) {
+                    let _ = em.send(&info(note, &p)).await;
+                }
                 let text = format!("Checkpoint {} pulled from {sprite}/{id}", meta.id);
                 let _ = em
                     .send(&json!({"type": "complete", "data": text, "id": meta.id,

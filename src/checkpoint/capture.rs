@@ -253,6 +253,7 @@ impl Checkpoints {
                 );
                 images.images = stored.objects;
                 images.pages = stored.pages_lists;
+                self.key.seal(&mut images);
                 (images_new_bytes, images_dedup_bytes) = (stored.new_bytes, stored.dedup_bytes);
                 info(
                     progress,
@@ -695,6 +696,7 @@ impl Checkpoints {
             sessions,
             cgroups,
             external_sockets,
+            mac: None,
         }
     }
 

@@ -217,6 +217,7 @@ mod tests {
             sessions: vec![],
             cgroups: BTreeMap::new(),
             external_sockets: vec![],
+            mac: None,
         }
     }
 

@@ -27,9 +27,11 @@ mod hook;
 mod image_cache;
 mod place;
 mod restore;
+pub mod seal;
 mod sleep;
 
 pub use hook::criu_action;
+pub use restore::PolicyRestore;
 
 pub use sleep::{ColdRecord, cold_record_path};
 
@@ -223,6 +225,11 @@ pub struct EnvImages {
     /// the API socket): dumped as external, restored with a gone peer.
     #[serde(default)]
     pub external_sockets: Vec<u64>,
+    /// The seal of the checkpoint key over the rest ([`seal`], hex; none:
+    /// taken before seals, or forged): a restore runs processes only from
+    /// images it opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// A running service in a dump.
@@ -318,6 +325,9 @@ pub struct Checkpoints {
     /// Told the id of every checkpoint a capture publishes (the remote
     /// store's uploads).
     on_publish: std::sync::OnceLock<OnPublish>,
+    /// Seals the process images of each capture; a restore runs processes
+    /// only from images it opens.
+    key: seal::Key,
 }
 
 /// The default of `--auto-keep`.
@@ -352,9 +362,11 @@ fn vnum(id: &str) -> Option<u64> {
 
 impl Checkpoints {
     /// Loads the chain; finishes what a crash interrupted.
-    /// `criu`: process checkpoints (none: files only).
+    /// `criu`: process checkpoints (none: files only). `key`: the
+    /// checkpoint key ([`seal`]).
     pub fn open(
         state_dir: &Path,
+        key: seal::Key,
         env: Arc<Env>,
         sup: Supervisor,
         criu: Option<Criu>,
@@ -415,7 +427,9 @@ impl Checkpoints {
             image_cache: image_cache::ImageCache::new(&state_dir.join("criu")),
             page_index: Mutex::new(None),
             on_publish: Default::default(),
+            key,
         };
+        cps.seal_own_checkpoints();
         cps.refresh_browsable();
         if cps.journal().exists() {
             tracing::warn!("a capture was interrupted: collecting the objects it wrote");
@@ -423,6 +437,38 @@ impl Checkpoints {
             std::fs::remove_file(cps.journal()).map_err(io_err("remove", &cps.journal()))?;
         }
         Ok(cps)
+    }
+
+    /// Seals the process images of the checkpoints this sprite took before
+    /// it sealed any (an older version's; rewritten atomically). Imported
+    /// ones stay unsealed: their images came from elsewhere.
+    fn seal_own_checkpoints(&self) {
+        let mut metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        for meta in metas.values_mut() {
+            let Some(images) = meta.env.as_mut() else {
+                continue;
+            };
+            if images.mac.is_some() || meta.imported_from.is_some() {
+                continue;
+            }
+            self.key.seal(images);
+            let path = self.dir.join(&meta.id).join("meta.json");
+            match durable::write_json(&path, &*meta) {
+                Ok(()) => {
+                    tracing::info!(checkpoint = %meta.id, "sealed the process images of a checkpoint taken before seals")
+                }
+                Err(e) => {
+                    tracing::warn!(checkpoint = %meta.id, error = %e, "could not seal a checkpoint's process images")
+                }
+            }
+        }
+    }
+
+    /// Whether a restore of `meta` can run its processes as far as the seal
+    /// goes: its images sealed by this sprite's key (none: it has no
+    /// process images).
+    pub fn sealed_here(&self, meta: &CheckpointMeta) -> Option<bool> {
+        meta.env.as_ref().map(|images| self.key.opens(images))
     }
 
     /// Exec sessions to freeze during captures and to kill on restores.

@@ -96,15 +96,28 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
+/// Whether a restore puts back the policies its checkpoint recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyRestore {
+    /// The external API's restores: the checkpoint's policies come back.
+    FromCheckpoint,
+    /// A restore asked from inside the environment: code there may not
+    /// change its own restrictions (a checkpoint taken before a policy, or
+    /// imported, would lift it), so the policies in force stay.
+    KeepInForce,
+}
+
 impl Checkpoints {
     /// Restores `id`: stops the environment, mounts the checkpoint's layer
-    /// with a fresh upper dir, restores the service definitions, then the
-    /// processes (or a fresh environment, saying why). CRIU starts at once
-    /// and waits at its `pre-restore` hook for the rest to be ready.
+    /// with a fresh upper dir, restores the service definitions (and, as
+    /// `policies` says, the policies), then the processes (or a fresh
+    /// environment, saying why). CRIU starts at once and waits at its
+    /// `pre-restore` hook for the rest to be ready.
     #[tracing::instrument(name = "restore", skip(self, progress), fields(checkpoint = id))]
     pub async fn restore(
         self: &Arc<Self>,
         id: &str,
+        policies: PolicyRestore,
         progress: &(dyn Fn(Note) + Sync),
     ) -> Result<(), CheckpointError> {
         let meta = self.get(id)?;
@@ -124,7 +137,18 @@ impl Checkpoints {
             self.restore_files(&meta, progress).await?;
             self.sup
                 .replace_definitions(meta.services.clone(), &meta.running)?;
-            self.restore_policies(&meta, progress).await;
+            match policies {
+                PolicyRestore::FromCheckpoint => self.restore_policies(&meta, progress).await,
+                PolicyRestore::KeepInForce => {
+                    tracing::info!(
+                        "a restore asked from inside the environment keeps the policies in force"
+                    );
+                    info(
+                        progress,
+                        "The policies in force stay: a restore asked from inside the environment does not change them",
+                    );
+                }
+            }
             timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
             Ok::<(), CheckpointError>(())
         };
@@ -323,6 +347,12 @@ impl Checkpoints {
         };
         if self.criu.is_none() {
             return Err("CRIU is unavailable".into());
+        }
+        if !self.key.opens(&env) {
+            return Err(
+                "its process images are not sealed by this sprite's checkpoint key (taken on a sprite with another --checkpoint-key, or altered)"
+                    .into(),
+            );
         }
         let dir = self.image_cache.dir().to_owned();
         let (small_tx, small) = std::sync::mpsc::sync_channel(1);

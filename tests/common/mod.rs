@@ -227,6 +227,50 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// Writes a checkpoint key (random, mode 0600) at `path`.
+pub fn write_key(path: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut key).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(&key)
+        .unwrap();
+}
+
+/// A checkpoint key several daemons of a test share, as a fleet's sprites
+/// do (`--checkpoint-key`): they restore each other's processes.
+pub struct FleetKey {
+    dir: TempDir,
+}
+
+impl FleetKey {
+    pub fn new() -> FleetKey {
+        let dir = tempfile::Builder::new()
+            .prefix("sprited-key-")
+            .tempdir()
+            .unwrap();
+        write_key(&dir.path().join("fleet.key"));
+        FleetKey { dir }
+    }
+
+    /// A daemon's options with this key.
+    pub fn options(&self) -> Options {
+        Options {
+            extra: vec![
+                "--checkpoint-key".into(),
+                self.dir.path().join("fleet.key").display().to_string(),
+            ],
+            ..Default::default()
+        }
+    }
+}
+
 impl Daemon {
     pub async fn start() -> Daemon {
         spawn(Options::default()).ready().await

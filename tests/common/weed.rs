@@ -79,8 +79,11 @@ fn free_block() -> u16 {
     panic!("no block of 12 free ports");
 }
 
-/// Writes the S3 identity config and a credentials file for it into `dir`.
+/// Writes the S3 identity config and a credentials file for it into `dir`,
+/// and the checkpoint key the sprites of this store share (a fleet's:
+/// they restore each other's processes).
 fn identity(dir: &Path) -> (PathBuf, PathBuf) {
+    super::write_key(&dir.join("fleet.key"));
     let config = dir.join("s3.json");
     std::fs::write(
         &config,
@@ -404,9 +407,15 @@ impl Weed {
         }
     }
 
-    /// The daemon flags that point at this store, under `prefix`.
+    /// The daemon flags that point at this store, under `prefix`, with
+    /// the fleet's checkpoint key.
     pub fn flags(&self, prefix: &str) -> Vec<String> {
         vec![
+            "--checkpoint-key".into(),
+            self.credentials
+                .with_file_name("fleet.key")
+                .display()
+                .to_string(),
             "--remote".into(),
             format!("s3://{BUCKET}/{prefix}"),
             "--remote-endpoint".into(),
