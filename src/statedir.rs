@@ -67,6 +67,13 @@ impl StateDir {
     pub fn open(config: &Config) -> Result<Self, StateDirError> {
         let path = config.state_dir.clone();
         std::fs::create_dir_all(&path).map_err(io_err("create", &path))?;
+        // Root's alone: the layers and the checkpoints' roots hold whatever
+        // an import brought (setuid files, device nodes).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", &path))?;
+        }
         let lock_path = config.lock_path();
         let (lock, mut file) = match FileLock::try_exclusive(&lock_path) {
             Ok(l) => l,

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::{Daemon, Ndjson, Options, privileged, tree};
@@ -589,6 +589,21 @@ async fn writes_anywhere_are_captured_and_rolled_back() {
         "{inside}"
     );
     assert_eq!(d.get("/v1/checkpoints/v2").await.status(), 200);
+    // Its browsable root holds the device node, inert there too (where
+    // the host's mounts propagate, the environment sees these roots).
+    let planted = d.state_dir.join("checkpoints/v2/root/planted");
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    let opened = std::fs::File::open(&planted);
+    assert_eq!(
+        opened.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::PermissionDenied),
+        "mounted nodev"
+    );
     let events = d.restore("v2").await;
     assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
 }
@@ -628,6 +643,70 @@ async fn an_environment_that_cannot_start_runs_nothing_on_the_host() {
     assert_ne!(st["status"], "running", "{st}");
     assert!(!marker.exists(), "the service ran outside the environment");
     assert!(d.log_text().contains("mount proc"), "the reason is logged");
+}
+
+/// The root is the user's tree (an imported layer, a file request's
+/// change), and a mount follows a symlink: with `/.sprite` a symlink to a
+/// directory that exists on the host, the daemon's binds would land there
+/// and PID 1 would exec the tree's own `<that dir>/bin/sprited` with every
+/// capability. An environment whose mountpoint is not a directory does
+/// not start, and nothing of the tree runs.
+#[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
+async fn a_symlink_where_the_environment_mounts_runs_nothing() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "a_symlink_where_the_environment_mounts_runs_nothing"
+    ));
+    let mut d = Daemon::start().await;
+    d.signal(Signal::SIGTERM);
+    d.wait_exit().await;
+    let upper = std::fs::read_dir(d.state_dir.join("env"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("upper-")
+        })
+        .unwrap();
+    // A directory of the host, and the same path in the tree with a
+    // program that leaves evidence when it runs.
+    let host = tempfile::Builder::new()
+        .prefix("sprited-elsewhere-")
+        .tempdir()
+        .unwrap();
+    let planted = upper.join(host.path().strip_prefix("/").unwrap());
+    std::fs::create_dir_all(planted.join("bin")).unwrap();
+    let fake = planted.join("bin/sprited");
+    std::fs::write(&fake, "#!/bin/sh\necho ran > /evidence\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::fs::remove_dir_all(upper.join(".sprite"));
+    std::os::unix::fs::symlink(host.path(), upper.join(".sprite")).unwrap();
+
+    let d2 = Daemon::start_with(Options {
+        state_dir: Some(d.state_dir.clone()),
+        ..Default::default()
+    })
+    .await;
+    let events = d2.put_service("jail", json!({"cmd": "true"}), "1s").await;
+    assert!(
+        events.iter().any(|e| e["type"] == "error"
+            && e["data"]
+                .as_str()
+                .is_some_and(|s| s.contains("environment is unavailable"))),
+        "{events:?}"
+    );
+    assert!(
+        !upper.join("evidence").exists(),
+        "the tree's program ran as the environment's init"
+    );
+    assert!(
+        d2.log_text().contains("mount .sprite"),
+        "the reason is logged"
+    );
+    drop(d2);
 }
 
 #[tokio::test]

@@ -175,6 +175,74 @@ async fn a_devices_policy_limits_what_new_processes_open() {
     assert_eq!((rc, out.trim()), (0, "3"), "{err}");
 }
 
+/// Signals the `probe` service's process `pid` and returns what it says of
+/// reading /dev/zero.
+async fn probe_zero(d: &Daemon, pid: i32) -> String {
+    use common::counter::{data, follow};
+    let host = d.host_pid(pid).await;
+    let mut s = follow(d, "probe").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    let evs = s.until(|e| data(e).starts_with("zero")).await;
+    data(evs.last().unwrap()).trim().to_owned()
+}
+
+/// The devices policy holds for processes a restore brings back too: CRIU
+/// restores every task into the init's cgroup and the daemon moves each
+/// back to its own, which gets the device program of the policy in force
+/// first (as a process the launcher starts does).
+#[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
+async fn a_restored_service_keeps_the_devices_policy() {
+    use common::counter::{pid_of, restore_with_memory, start};
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(common::with_criu(
+        "a_restored_service_keeps_the_devices_policy"
+    ));
+    // On SIGUSR1 it tries to read /dev/zero and says how that went.
+    const PROBE: &str = r#"
+import signal, sys, time
+def probe(*_):
+    try:
+        open("/dev/zero", "rb").read(1)
+        print("zero read", flush=True)
+    except OSError as e:
+        print("zero refused", e.errno, flush=True)
+signal.signal(signal.SIGUSR1, probe)
+while True:
+    time.sleep(1)
+"#;
+    let d = Daemon::start().await;
+    let (status, got) = policy(
+        &d,
+        reqwest::Method::POST,
+        Some(json!({"devices": ["/dev/null"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let st = start(
+        &d,
+        "probe",
+        json!({"cmd": "python3", "args": ["-u", "-c", PROBE]}),
+    )
+    .await;
+    let pid = pid_of(&st);
+    assert_eq!(probe_zero(&d, pid).await, "zero refused 1", "EPERM before");
+    d.checkpoint("restricted").await;
+    restore_with_memory(&d, "v1", "probe").await;
+    assert_eq!(
+        probe_zero(&d, pid).await,
+        "zero refused 1",
+        "EPERM after the restore"
+    );
+}
+
 /// Acceptance 5 (scope): from inside the environment, the Unix socket it
 /// sees refuses a policy change with a 403 naming the external API, while
 /// a checkpoint works; root on the host (the same socket from outside)

@@ -253,7 +253,7 @@ impl Checkpoints {
                 );
                 images.images = stored.objects;
                 images.pages = stored.pages_lists;
-                self.key.seal(&mut images);
+                self.key.seal(&mut images, &manifest_id);
                 (images_new_bytes, images_dedup_bytes) = (stored.new_bytes, stored.dedup_bytes);
                 info(
                     progress,

@@ -439,23 +439,25 @@ impl Checkpoints {
         Ok(cps)
     }
 
-    /// Seals the process images of the checkpoints this sprite took before
-    /// it sealed any (an older version's; rewritten atomically). Imported
-    /// ones stay unsealed: their images came from elsewhere.
+    /// Seals the process images of the checkpoints this sprite took whose
+    /// seal the key does not open (an older version's, unsealed; or the
+    /// key was replaced): they were dumped here, into a state dir nothing
+    /// else writes (rewritten atomically). Imported ones stay as they
+    /// are: their images came from elsewhere.
     fn seal_own_checkpoints(&self) {
         let mut metas = self.metas.lock().unwrap_or_else(|e| e.into_inner());
         for meta in metas.values_mut() {
             let Some(images) = meta.env.as_mut() else {
                 continue;
             };
-            if images.mac.is_some() || meta.imported_from.is_some() {
+            if meta.imported_from.is_some() || self.key.opens(images, &meta.manifest) {
                 continue;
             }
-            self.key.seal(images);
+            self.key.seal(images, &meta.manifest);
             let path = self.dir.join(&meta.id).join("meta.json");
             match durable::write_json(&path, &*meta) {
                 Ok(()) => {
-                    tracing::info!(checkpoint = %meta.id, "sealed the process images of a checkpoint taken before seals")
+                    tracing::info!(checkpoint = %meta.id, "sealed the process images of a checkpoint of this sprite (taken before seals, or under another key)")
                 }
                 Err(e) => {
                     tracing::warn!(checkpoint = %meta.id, error = %e, "could not seal a checkpoint's process images")
@@ -468,7 +470,9 @@ impl Checkpoints {
     /// goes: its images sealed by this sprite's key (none: it has no
     /// process images).
     pub fn sealed_here(&self, meta: &CheckpointMeta) -> Option<bool> {
-        meta.env.as_ref().map(|images| self.key.opens(images))
+        meta.env
+            .as_ref()
+            .map(|images| self.key.opens(images, &meta.manifest))
     }
 
     /// Exec sessions to freeze during captures and to kill on restores.

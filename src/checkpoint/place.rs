@@ -22,16 +22,24 @@ pub(crate) struct Placement {
 }
 
 impl Placement {
-    /// From a dump's cgroup names and the namespace pids each held.
+    /// From a dump's cgroup names and the namespace pids each held. With
+    /// `devices` (the privileges policy in force), each cgroup but the
+    /// init's gets its device program before any process goes there, as
+    /// the launcher does for a process it starts.
     pub(crate) fn new(
         cgroups: &Cgroups,
         wanted: &BTreeMap<String, Vec<i32>>,
+        devices: Option<&[crate::cgroup::DeviceRule]>,
     ) -> Result<Placement, crate::cgroup::CgroupError> {
         let init = cgroups.child(crate::container::INIT_CGROUP)?;
         let mut to = Vec::new();
         for (name, pids) in wanted {
             if name != crate::container::INIT_CGROUP {
-                to.push((cgroups.child(name)?.path().to_owned(), pids.clone()));
+                let cgroup = cgroups.child(name)?;
+                if let Some(allowed) = devices {
+                    cgroup.restrict_devices(allowed)?;
+                }
+                to.push((cgroup.path().to_owned(), pids.clone()));
             }
         }
         Ok(Placement {

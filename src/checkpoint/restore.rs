@@ -348,7 +348,7 @@ impl Checkpoints {
         if self.criu.is_none() {
             return Err("CRIU is unavailable".into());
         }
-        if !self.key.opens(&env) {
+        if !self.key.opens(&env, &meta.manifest) {
             return Err(
                 "its process images are not sealed by this sprite's checkpoint key (taken on a sprite with another --checkpoint-key, or altered)"
                     .into(),
@@ -526,8 +526,13 @@ impl Checkpoints {
         criu_pid: tokio::sync::oneshot::Receiver<i32>,
         pages: Option<Rebuild>,
     ) -> Result<Placement, String> {
-        let placement = Placement::new(&container.config().cgroups, &images.cgroups)
-            .map_err(|e| e.to_string())?;
+        let devices = container.devices();
+        let placement = Placement::new(
+            &container.config().cgroups,
+            &images.cgroups,
+            devices.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         let init = container.init_cgroup().map_err(|e| e.to_string())?;
         let pid = criu_pid
             .await

@@ -1,6 +1,8 @@
 //! What authenticates a checkpoint's process images: an HMAC-SHA256, made
 //! with the sprite's checkpoint key (`--checkpoint-key`), of everything a
-//! restore hands CRIU or acts on (the [`EnvImages`] but their statistics).
+//! restore hands CRIU or acts on (the [`EnvImages`] but their statistics),
+//! and of the manifest of the tree they were dumped on (so that genuine
+//! images are not restored onto a tree of someone else's choosing).
 //!
 //! CRIU restores images as root on the host: their credentials and
 //! capabilities, their mounts, the archive of the environment's `/dev`. An
@@ -35,6 +37,7 @@ impl std::fmt::Debug for Key {
 /// it: nothing a restore does depends on them).
 #[derive(Serialize)]
 struct Sealed<'a> {
+    manifest: &'a str,
     images: &'a BTreeMap<String, String>,
     pages: &'a BTreeMap<String, String>,
     init_pipes: &'a [String; 2],
@@ -45,7 +48,7 @@ struct Sealed<'a> {
 }
 
 /// Keeps a seal of one kind of message from passing for another's.
-const DOMAIN: &[u8] = b"sprited process images v1\0";
+const DOMAIN: &[u8] = b"sprited process images v2\0";
 
 impl Key {
     /// None when shorter than [`MIN_KEY_BYTES`].
@@ -53,8 +56,9 @@ impl Key {
         (bytes.len() >= MIN_KEY_BYTES).then_some(Key(bytes))
     }
 
-    fn mac(&self, images: &EnvImages) -> Hmac<Sha256> {
+    fn mac(&self, images: &EnvImages, manifest: &str) -> Hmac<Sha256> {
         let sealed = Sealed {
+            manifest,
             images: &images.images,
             pages: &images.pages,
             init_pipes: &images.init_pipes,
@@ -70,19 +74,19 @@ impl Key {
         mac
     }
 
-    /// Seals `images` (their `mac`, hex).
-    pub fn seal(&self, images: &mut EnvImages) {
-        let tag = self.mac(images).finalize().into_bytes();
+    /// Seals `images`, dumped on the tree of `manifest` (their `mac`, hex).
+    pub fn seal(&self, images: &mut EnvImages, manifest: &str) {
+        let tag = self.mac(images, manifest).finalize().into_bytes();
         images.mac = Some(tag.iter().map(|b| format!("{b:02x}")).collect());
     }
 
-    /// Whether `images` carry a seal this key made of exactly them
-    /// (compared in constant time).
-    pub fn opens(&self, images: &EnvImages) -> bool {
+    /// Whether `images` carry a seal this key made of exactly them, on
+    /// the tree of `manifest` (compared in constant time).
+    pub fn opens(&self, images: &EnvImages, manifest: &str) -> bool {
         let Some(tag) = images.mac.as_deref().and_then(unhex) else {
             return false;
         };
-        self.mac(images).verify_slice(&tag).is_ok()
+        self.mac(images, manifest).verify_slice(&tag).is_ok()
     }
 }
 
@@ -128,14 +132,15 @@ mod tests {
     #[test]
     fn a_seal_opens_with_its_key_only_and_covers_every_field_a_restore_uses() {
         let mut i = images();
-        assert!(!key(1).opens(&i), "unsealed");
-        key(1).seal(&mut i);
-        assert!(key(1).opens(&i));
-        assert!(!key(2).opens(&i), "another key");
+        assert!(!key(1).opens(&i, "m"), "unsealed");
+        key(1).seal(&mut i, "m");
+        assert!(key(1).opens(&i, "m"));
+        assert!(!key(2).opens(&i, "m"), "another key");
+        assert!(!key(1).opens(&i, "n"), "another tree");
         // The statistics are not sealed: a restore does not act on them.
         let mut s = i.clone();
         s.stats.dump_ms += 1.0;
-        assert!(key(1).opens(&s));
+        assert!(key(1).opens(&s, "m"));
         let changes: [fn(&mut EnvImages); 7] = [
             |i| {
                 i.images.insert("core-1.img".into(), "c".repeat(64));
@@ -152,7 +157,7 @@ mod tests {
         for (n, change) in changes.iter().enumerate() {
             let mut c = i.clone();
             change(&mut c);
-            assert!(!key(1).opens(&c), "change {n} went unnoticed");
+            assert!(!key(1).opens(&c, "m"), "change {n} went unnoticed");
         }
     }
 
@@ -161,7 +166,7 @@ mod tests {
         for tag in ["", "zz", &"g".repeat(64), &"0".repeat(63), &"é".repeat(32)] {
             let mut i = images();
             i.mac = Some(tag.to_owned());
-            assert!(!key(1).opens(&i), "{tag:?}");
+            assert!(!key(1).opens(&i, "m"), "{tag:?}");
         }
         assert!(Key::new(vec![0; MIN_KEY_BYTES - 1]).is_none());
         assert_eq!(format!("{:?}", key(1)), "Key(..)");

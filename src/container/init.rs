@@ -205,6 +205,34 @@ fn bind(src: &Path, target: &Path, recursive: bool, writable: bool) -> io::Resul
     Ok(())
 }
 
+/// The directories of the root the environment's own mounts go on.
+const MOUNTPOINTS: [&str; 4] = ["proc", "sys", "dev", ".sprite"];
+
+/// `p`, made a directory when missing. Anything else there (a symlink, a
+/// file) refuses the environment: the root is the user's tree (a layer
+/// from an import, an upper dir a file request changed), and a mount
+/// follows a symlink: `/.sprite -> /mnt` would put the daemon's binds on
+/// the host's `/mnt` and leave `/.sprite/bin/sprited`, which PID 1 execs
+/// with every capability, to the tree. Nothing of the environment runs
+/// yet to race this check.
+fn mountpoint_dir(p: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "mount {}: {} is not a directory (a mount there would follow it out of the root)",
+                p.file_name().unwrap_or_default().to_string_lossy(),
+                p.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir(p).map_err(ctx_io(format!("create {}", p.display())))
+        }
+        Err(e) => Err(ctx_io(format!("stat {}", p.display()))(e)),
+    }
+}
+
 /// The environment's mounts, made in PID 1's fresh mount namespace, then
 /// `pivot_root` into the overlay. Nothing mounted here propagates out.
 pub fn setup_mounts(s: &Setup) -> io::Result<()> {
@@ -212,11 +240,12 @@ pub fn setup_mounts(s: &Setup) -> io::Result<()> {
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
         .map_err(ctx("make / a slave"))?;
     let r = &s.root;
-    for d in ["proc", "sys", "dev", "tmp", ".sprite"] {
-        let p = r.join(d);
-        if std::fs::symlink_metadata(&p).is_err() {
-            std::fs::create_dir_all(&p).map_err(ctx_io(format!("create {}", p.display())))?;
-        }
+    for d in MOUNTPOINTS {
+        mountpoint_dir(&r.join(d))?;
+    }
+    let tmp = r.join("tmp");
+    if std::fs::symlink_metadata(&tmp).is_err() {
+        std::fs::create_dir_all(&tmp).map_err(ctx_io(format!("create {}", tmp.display())))?;
     }
     let secure = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", &r.join("proc"), secure, None)?;

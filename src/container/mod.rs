@@ -168,6 +168,17 @@ impl Container {
             .unwrap_or_else(|e| e.into_inner()) = p;
     }
 
+    /// The only devices processes started now may open (the privileges
+    /// policy's; none: every device of the environment).
+    pub(crate) fn devices(&self) -> Option<Vec<crate::cgroup::DeviceRule>> {
+        self.inner
+            .privileges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .devices
+            .clone()
+    }
+
     /// Gives the environment its own network (before it first starts).
     pub(crate) fn set_network(&self, net: Arc<crate::network::Network>) {
         let _ = self.inner.network.set(net);

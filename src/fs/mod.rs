@@ -595,7 +595,11 @@ impl Env {
             Some("overlay"),
             target,
             Some("overlay"),
-            nix::mount::MsFlags::MS_RDONLY,
+            // (an imported layer's device nodes and setuid files are shown
+            // inside too, under `/.sprite/checkpoints`: inert there)
+            nix::mount::MsFlags::MS_RDONLY
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOSUID,
             Some(options.as_str()),
         )
         .map_err(|e| FsError::Mount {
