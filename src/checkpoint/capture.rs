@@ -351,8 +351,10 @@ impl Checkpoints {
         if dumper.is_some() {
             // The browsable roots under the checkpoints dir propagate into
             // the environment (/.sprite/checkpoints/<id>/root) as slaves of
-            // mounts outside it, which CRIU cannot dump: they go for the
-            // dump and come back after it (`capture_as`).
+            // mounts outside it where the host's mounts are shared (as
+            // under systemd; not where `/` is private), which CRIU cannot
+            // dump: they go for the dump and come back after it
+            // (`capture_as`).
             self.unmount_browsable();
         }
         let whole = container.map(|c| c.config().cgroups.whole());
