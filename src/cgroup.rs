@@ -537,6 +537,16 @@ impl Cgroup {
         self.wait_event("populated", 0, timeout)
     }
 
+    /// Sends SIGKILL to every process of the cgroup and its descendants
+    /// through `cgroup.kill` without waiting for them to die (where the
+    /// kernel has no `cgroup.kill`, nothing: [`Self::kill_all`] does it).
+    pub fn start_kill(&self) -> Result<(), CgroupError> {
+        if self.path.join("cgroup.kill").exists() && self.populated()? {
+            self.write("cgroup.kill", "1")?;
+        }
+        Ok(())
+    }
+
     /// Removes the (empty) cgroup. A missing one is fine.
     pub fn remove(&self) -> Result<(), CgroupError> {
         match std::fs::remove_dir(&self.path) {

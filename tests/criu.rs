@@ -478,6 +478,29 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
         holds_lock(d.host_pid(pid).await),
         "the restored process holds its lock again"
     );
+    // The daemon archived /dev itself and rebuilt it on a tmpfs of its
+    // own, which CRIU bound at /dev: the environment's /dev is a tmpfs
+    // with its devices, and nothing of it stays mounted on the host's side.
+    let host = d.host_pid(pid).await;
+    let inside = std::fs::read_to_string(format!("/proc/{host}/mountinfo")).unwrap();
+    assert!(
+        inside
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/dev") && l.contains(" - tmpfs ")),
+        "{inside}"
+    );
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let null = std::fs::metadata(format!("/proc/{host}/root/dev/null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+    let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let rebuilt = d.state_dir.join("criu/dev");
+    assert!(
+        !ours
+            .lines()
+            .any(|l| l.split(' ').nth(4) == rebuilt.to_str()),
+        "{ours}"
+    );
 }
 
 /// A restore CRIU cannot do (its images damaged) starts the service fresh

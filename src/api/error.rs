@@ -138,6 +138,7 @@ impl ApiError {
                 | CheckpointError::Cgroup(_)
                 | CheckpointError::Criu(_)
                 | CheckpointError::Durable(_)
+                | CheckpointError::Container(_)
                 | CheckpointError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }

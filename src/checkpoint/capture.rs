@@ -26,12 +26,32 @@ use crate::supervisor::ServiceDef;
 /// The bind mounts from the host inside the environment, and the keys their
 /// CRIU images name them by.
 pub(super) const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
+    ("/dev", crate::container::dev::KEY),
     ("/.sprite", "sprited-dir"),
     ("/.sprite/bin/sprited", "sprited-exe"),
     ("/.sprite/api.sock", "sprited-api"),
     ("/.sprite/checkpoints", "sprited-checkpoints"),
     ("/.sprite/logs/services", "sprited-logs"),
 ];
+
+/// The environment's `/dev` (named external to CRIU, so not in its images)
+/// archived among the images in `dir`, while the environment is still
+/// frozen.
+#[tracing::instrument(name = "archive_dev", skip_all)]
+pub(super) fn archive_dev(
+    container: &crate::container::Container,
+    dir: &Path,
+) -> Result<(), CheckpointError> {
+    let t = std::time::Instant::now();
+    let done = container.archive_dev(&dir.join(crate::container::dev::ARCHIVE))?;
+    tracing::debug!(
+        entries = done.entries,
+        bytes = done.bytes,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "archived /dev"
+    );
+    Ok(())
+}
 
 /// The entries a capture could not record: an `error` note naming the
 /// first few, and the list the metadata keeps (at most [`SKIPPED_LISTED`])
@@ -512,6 +532,13 @@ impl Checkpoints {
             }
         };
         stats.pre_dump_ms = pre.as_ref().map_or(0.0, |(_, ms)| *ms);
+        if let Err(e) = archive_dev(container, &dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some((p, _)) = &pre {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            return Err(e);
+        }
         let plan = self.dump_plan(container, sockets);
         let dump = Dump {
             dir,

@@ -88,6 +88,8 @@ pub enum CheckpointError {
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
     Durable(#[from] DurableError),
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -379,7 +381,8 @@ impl Checkpoints {
         }
         // Raw images live only while a capture stores them or a restore
         // reads them: whatever is here, a crash left (or an older version's
-        // cache).
+        // cache). A restore's `/dev` may still be mounted there.
+        crate::container::dev::release(&images.join("dev"));
         for entry in std::fs::read_dir(&images)
             .map_err(io_err("read dir", &images))?
             .flatten()

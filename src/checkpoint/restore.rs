@@ -17,7 +17,7 @@
 //! 5. start the services that are not running yet.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use super::image_cache::Filled;
 use super::place::Placement;
 use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info};
 use crate::container::Container;
+use crate::container::dev::KEY as DEV_KEY;
 use crate::policy::NetworkPolicy;
 use crate::supervisor::RunningService;
 
@@ -135,8 +136,20 @@ impl Checkpoints {
         let prepare = async {
             info(progress, "Restoring filesystem...");
             self.restore_files(&meta, progress).await?;
-            self.sup
-                .replace_definitions(meta.services.clone(), &meta.running)?;
+            timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
+            Ok::<(), CheckpointError>(())
+        };
+        let settle = async {
+            // (on a thread of its own: it writes the definitions durably,
+            // and the restore's other steps go on meanwhile)
+            let (sup, defs, running) = (
+                self.sup.clone(),
+                meta.services.clone(),
+                meta.running.clone(),
+            );
+            tokio::task::spawn_blocking(move || sup.replace_definitions(defs, &running))
+                .await
+                .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
             match policies {
                 PolicyRestore::FromCheckpoint => self.restore_policies(&meta, progress).await,
                 PolicyRestore::KeepInForce => {
@@ -149,19 +162,19 @@ impl Checkpoints {
                     );
                 }
             }
-            timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
             Ok::<(), CheckpointError>(())
         };
         if let Some(container) = &self.container {
             let _ = self.image_cache.take_last();
             let outcome = match self.tree_of(&meta) {
                 Ok((images, at)) => {
-                    self.restore_tree(container, images, at, stop, prepare)
+                    self.restore_tree(container, images, at, stop, prepare, settle)
                         .await?
                 }
                 Err(why) => {
                     stop.await;
                     prepare.await?;
+                    settle.await?;
                     Err(why)
                 }
             };
@@ -200,6 +213,7 @@ impl Checkpoints {
         } else {
             stop.await;
             prepare.await?;
+            settle.await?;
         }
         let processes = t0.elapsed();
         self.sup.start_all().await;
@@ -248,14 +262,19 @@ impl Checkpoints {
     }
 
     /// Step 1: every process of the environment goes.
+    /// Every process at once: the services marked stopping, then the
+    /// sessions and the whole environment killed, then the services
+    /// stopped.
     pub(super) async fn stop_environment(&self) {
-        self.sup.kill_all().await;
-        if let Some(s) = self.sessions.get() {
-            s.kill_all().await;
-        }
-        if let Some(c) = &self.container {
-            c.kill().await;
-        }
+        let the_rest = async {
+            if let Some(s) = self.sessions.get() {
+                s.kill_all().await;
+            }
+            if let Some(c) = &self.container {
+                c.kill().await;
+            }
+        };
+        self.sup.stop_all_with(the_rest).await;
     }
 
     /// Step 2: the checkpoint's layer (built from its manifest unless
@@ -268,8 +287,11 @@ impl Checkpoints {
         let me = self.clone();
         let target = meta.id.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
+            let t0 = Instant::now();
             let m = me.parent_manifest(Some(&target))?;
+            let manifest = t0.elapsed();
             let built = me.env.ensure_layer(&target, &m)?;
+            tracing::debug!(?manifest, layer = ?t0.elapsed(), "layer ready");
             me.env.switch_to(&target)?;
             Ok(built)
         })
@@ -370,9 +392,11 @@ impl Checkpoints {
     /// adopted. CRIU starts at once, while `stop` (the old environment
     /// stopped) and then `prepare` (what else must be done before any task
     /// exists: the root mounted) run; its `pre-restore` hook waits at the
-    /// [`hook::Gate`] until those and the images are ready. The outer
-    /// error is `prepare`'s; the inner one says why the processes could
-    /// not come back.
+    /// [`hook::Gate`] until those and the images are ready. `settle` (what
+    /// must be done before any task runs) runs from the end of `stop`, and
+    /// the `pre-resume` hook waits for it too. The outer error is
+    /// `prepare`'s or `settle`'s; the inner one says why the processes
+    /// could not come back.
     pub(super) async fn restore_tree<E>(
         self: &Arc<Self>,
         container: &Container,
@@ -380,12 +404,14 @@ impl Checkpoints {
         at: ImagesAt,
         stop: impl Future<Output = ()>,
         prepare: impl Future<Output = Result<(), E>>,
+        settle: impl Future<Output = Result<(), E>>,
     ) -> Result<Result<(), String>, E> {
         let (pipes, ends) = match self.restore_pipes(container, &images) {
             Ok(p) => p,
             Err(e) => {
                 stop.await;
                 prepare.await?;
+                settle.await?;
                 return Ok(Err(e));
             }
         };
@@ -403,44 +429,66 @@ impl Checkpoints {
         // first move waits for an RCU grace period holding the kernel's
         // cgroup lock, which stopping the environment needs too.)
         stop.await;
+        // The cgroups the processes go back to, made before moves are kept
+        // fast (the first fast move holds the kernel's cgroup lock through
+        // an RCU grace period, which making a cgroup would wait for).
+        let placement = self.placement(container, &images);
         let fast = self.fast_migrations(container);
-        let prepared = prepare.await;
-        let ready = match &prepared {
-            Err(_) => Err("the restore stopped".to_owned()),
-            Ok(()) => {
-                self.ready_for_tasks(container, &images, pid_rx, pages)
-                    .await
+        // CRIU goes on to make the tasks once the root is mounted and the
+        // images are whole; `settle` (the service definitions, the
+        // policies) meanwhile, done before any task runs.
+        let before_tasks = async {
+            let prepared = prepare.await;
+            let ready = match &prepared {
+                Err(_) => Err("the restore stopped".to_owned()),
+                Ok(()) => {
+                    self.ready_for_tasks(container, placement, pid_rx, pages)
+                        .await
+                }
+            };
+            match (
+                criu.at_stage(&mut gate, "pre-restore").await,
+                prepared,
+                ready,
+            ) {
+                (Ok(waiting), Ok(()), Ok(p)) => {
+                    waiting.answer(true);
+                    tracing::debug!(after = ?t0.elapsed(), "CRIU goes on to restore the tasks");
+                    Ok(p)
+                }
+                (waiting, prepared, ready) => {
+                    let ended_first = waiting.is_err();
+                    if let Ok(w) = waiting {
+                        w.answer(false);
+                    }
+                    Err((ended_first, prepared, ready.err()))
+                }
             }
         };
-        let placement = match (
-            criu.at_stage(&mut gate, "pre-restore").await,
-            prepared,
-            ready,
-        ) {
-            (Ok(waiting), Ok(()), Ok(p)) => {
-                waiting.answer(true);
-                p
-            }
-            (waiting, prepared, ready) => {
+        let (before, settled) = tokio::join!(before_tasks, settle);
+        let placement = match before {
+            Ok(p) => p,
+            Err((ended_first, prepared, not_ready)) => {
                 // Why: CRIU's own error if it ended first, else what was
                 // not ready (CRIU then ends: its stage was refused).
-                let ended_first = waiting.is_err();
-                if let Ok(w) = waiting {
-                    w.answer(false);
-                }
                 let ended = criu.finish().await.err();
                 prepared?;
+                settled?;
                 let why = match ended_first {
-                    true => ended.or(ready.err()),
-                    false => ready.err().or(ended),
+                    true => ended.or(not_ready),
+                    false => not_ready.or(ended),
                 };
                 return Ok(Err(why.unwrap_or_default()));
             }
         };
-        tracing::debug!(after = ?t0.elapsed(), "CRIU goes on to restore the tasks");
         // Every task restored, none running: each goes to its cgroup.
         match criu.at_stage(&mut gate, "pre-resume").await {
             Ok(waiting) => {
+                if let Err(e) = settled {
+                    waiting.answer(false);
+                    let _ = criu.finish().await;
+                    return Err(e);
+                }
                 let moved = placement.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || Placement::apply(&moved.pending())).await;
@@ -450,6 +498,7 @@ impl Checkpoints {
             }
             Err(why) => {
                 let _ = criu.finish().await;
+                settled?;
                 return Ok(Err(why));
             }
         }
@@ -493,7 +542,8 @@ impl Checkpoints {
     ) -> tokio::task::JoinHandle<CriuResult> {
         let me = self.clone();
         let root = self.env.root().to_owned();
-        let externals = self.external_paths(container);
+        let mut externals = self.external_paths(container);
+        let dev_at = self.images.join("dev");
         tokio::task::spawn_blocking(move || {
             let criu = me.criu.clone().ok_or("CRIU is unavailable")?;
             if let Some(small) = wait_small {
@@ -501,15 +551,23 @@ impl Checkpoints {
                     .recv()
                     .map_err(|_| "rebuilding the images failed (a panic)".to_owned())??;
             }
+            let dev = rebuild_dev(&dir, &dev_at)?;
+            if dev {
+                externals.push((DEV_KEY.to_owned(), dev_at.clone()));
+            }
             let externals: Vec<(&str, PathBuf)> = externals
                 .iter()
                 .map(|(k, p)| (k.as_str(), p.clone()))
                 .collect();
-            let (pid, stats) = criu
+            let restored = criu
                 .restore_env(&dir, &root, started, &externals, inherit, &mut |stage| {
                     asker.stage(stage)
                 })
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string());
+            if dev {
+                crate::container::dev::release(&dev_at);
+            }
+            let (pid, stats) = restored?;
             *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
             Ok((pid, stats))
         })
@@ -522,17 +580,11 @@ impl Checkpoints {
     async fn ready_for_tasks(
         &self,
         container: &Container,
-        images: &EnvImages,
+        placement: Result<Placement, String>,
         criu_pid: tokio::sync::oneshot::Receiver<i32>,
         pages: Option<Rebuild>,
     ) -> Result<Placement, String> {
-        let devices = container.devices();
-        let placement = Placement::new(
-            &container.config().cgroups,
-            &images.cgroups,
-            devices.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
+        let placement = placement?;
         let init = container.init_cgroup().map_err(|e| e.to_string())?;
         let pid = criu_pid
             .await
@@ -541,6 +593,18 @@ impl Checkpoints {
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
         join_rebuild(pages).await?;
         Ok(placement)
+    }
+
+    /// Where each restored process goes: the dump's cgroups, made (with
+    /// the device program of the privileges policy in force).
+    fn placement(&self, container: &Container, images: &EnvImages) -> Result<Placement, String> {
+        let devices = container.devices();
+        Placement::new(
+            &container.config().cgroups,
+            &images.cgroups,
+            devices.as_deref(),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Cgroup moves kept fast for the restore ([`crate::cgroup::Cgroup::keep_migrations_fast`]:
@@ -592,20 +656,23 @@ impl Checkpoints {
         *self.last_restore.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The host path of each external mount's key, for this daemon.
+    /// The host path of each external bind mount's key, for this daemon
+    /// (`/dev` is rebuilt for each restore: [`rebuild_dev`]).
     fn external_paths(&self, container: &Container) -> Vec<(String, PathBuf)> {
         let s = &container.config().setup;
         EXTERNAL_MOUNTS
             .iter()
-            .map(|(inside, key)| {
+            .filter_map(|(inside, key)| {
                 let host = match *inside {
+                    "/dev" => return None,
                     "/.sprite" => s.sprite_dir.clone(),
                     "/.sprite/bin/sprited" => s.exe.clone(),
                     "/.sprite/api.sock" => s.socket.clone(),
                     "/.sprite/checkpoints" => s.checkpoints.clone(),
-                    _ => s.logs.clone(),
+                    "/.sprite/logs/services" => s.logs.clone(),
+                    other => unreachable!("no host path for the external mount {other}"),
                 };
-                ((*key).to_owned(), host)
+                Some(((*key).to_owned(), host))
             })
             .collect()
     }
@@ -658,6 +725,22 @@ impl Checkpoints {
 }
 
 /// Waits for the images' rebuild to end (none: a dir of images).
+/// The environment's `/dev` rebuilt at `at` from the daemon's archive
+/// among the images in `dir`, for CRIU to bind (true); false if the images
+/// have none (taken before the daemon archived `/dev`: CRIU's own archive
+/// of the tmpfs is among them, and CRIU extracts it).
+fn rebuild_dev(dir: &Path, at: &Path) -> Result<bool, String> {
+    let archive = dir.join(crate::container::dev::ARCHIVE);
+    if !archive.exists() {
+        return Ok(false);
+    }
+    let t = Instant::now();
+    crate::container::dev::rebuild(&archive, at)
+        .map_err(|e| format!("the environment's /dev: {e}"))?;
+    tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "/dev rebuilt");
+    Ok(true)
+}
+
 async fn join_rebuild(pages: Option<Rebuild>) -> Result<(), String> {
     let Some(h) = pages else {
         return Ok(());

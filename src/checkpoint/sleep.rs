@@ -122,6 +122,7 @@ impl Checkpoints {
         let since_ms = since
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let container_of_dump = container.clone();
         tokio::task::spawn_blocking(move || -> Result<(), CheckpointError> {
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(sleep_dir) = dir.parent() {
@@ -145,6 +146,7 @@ impl Checkpoints {
                     None,
                 )
                 .map_err(|e| CheckpointError::Unavailable(e.to_string()))?;
+            super::capture::archive_dev(&container_of_dump, &dir)?;
             tracing::info!(
                 bytes = stats.bytes,
                 dump_ms = stats.dump_ms,
@@ -186,6 +188,7 @@ impl Checkpoints {
                     ImagesAt::Dir(self.sleep_images()),
                     async {},
                     async { Ok::<(), std::convert::Infallible>(()) },
+                    async { Ok(()) },
                 )
                 .await
                 .unwrap_or_else(|e| match e {})

@@ -272,35 +272,28 @@ pub fn setup_mounts(s: &Setup) -> io::Result<()> {
 /// A minimal `/dev`: a tmpfs with null, zero, full, random, urandom and
 /// tty, a private devpts (`/dev/ptmx` points into it) and `/dev/shm`, a
 /// directory of the same tmpfs (sized as a tmpfs is by default: half the
-/// memory). One tmpfs, not two: CRIU archives each tmpfs with `tar` (and
-/// `gzip`) at every dump, while the processes are frozen, and extracts it
-/// at every restore, a few ms each.
+/// memory). One tmpfs, not two: a dump archives it while the processes are
+/// frozen, and a restore rebuilds it (see [`super::dev`]).
 fn setup_dev(dev: &Path) -> io::Result<()> {
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     mount_fs(
         "tmpfs",
         dev,
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-        Some("mode=755"),
+        super::dev::TMPFS_FLAGS,
+        Some(super::dev::TMPFS_DATA),
     )?;
     let old = nix::sys::stat::umask(Mode::empty());
-    let nodes = [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ];
-    let made = nodes.iter().try_for_each(|(name, major, minor)| {
-        mknod(
-            &dev.join(name),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
-        )
-        .map_err(ctx(format!("mknod /dev/{name}")))
-    });
+    let made = super::dev::NODES
+        .iter()
+        .try_for_each(|(name, major, minor)| {
+            mknod(
+                &dev.join(name),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(*major, *minor),
+            )
+            .map_err(ctx(format!("mknod /dev/{name}")))
+        });
     nix::sys::stat::umask(old);
     made?;
     for (d, mode) in [("pts", 0o755), ("shm", 0o1777)] {

@@ -16,6 +16,7 @@
 //! moves the child into its cgroup, then releases it. So the child execs
 //! already in its cgroup, with the daemon holding its pipes or terminal.
 
+pub(crate) mod dev;
 pub mod init;
 pub mod proto;
 
@@ -225,6 +226,21 @@ impl Container {
         self.current().ok().map(|i| i.init_host_pid)
     }
 
+    /// Archives the environment's `/dev` into `out` (see [`dev::archive`]);
+    /// the environment must be frozen.
+    pub(crate) fn archive_dev(
+        &self,
+        out: &std::path::Path,
+    ) -> Result<dev::Archived, ContainerError> {
+        let pid = self.init_host_pid().ok_or(ContainerError::NotRunning)?;
+        let dev = std::path::PathBuf::from(format!("/proc/{pid}/root/dev"));
+        dev::archive(&dev, out).map_err(|source| ContainerError::Io {
+            op: "archive /dev of",
+            pid,
+            source,
+        })
+    }
+
     /// The identities of the request and event pipes (`pipe:[N]`), as a
     /// CRIU dump of the init sees them.
     pub fn pipe_ids(&self) -> Option<[String; 2]> {
@@ -404,7 +420,13 @@ impl Container {
             .take();
         let cgroups = self.inner.cfg.cgroups.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            for cg in cgroups.children().unwrap_or_default() {
+            // Every cgroup killed first, then each waited for: the
+            // processes die at once, not one cgroup after another.
+            let children = cgroups.children().unwrap_or_default();
+            for cg in &children {
+                let _ = cg.start_kill();
+            }
+            for cg in children {
                 if let Err(e) = cg.kill_all(KILL_TIMEOUT) {
                     tracing::warn!(error = %e, "cannot kill the environment's processes");
                 }

@@ -909,12 +909,34 @@ impl Supervisor {
     ///
     /// [`stop`]: Supervisor::stop
     pub async fn end_all_with(&self, end: impl std::future::Future<Output = ()>) {
+        self.end_with(end, false).await;
+    }
+
+    /// Stops every service at once with the rest of the environment: each
+    /// running one is marked stopping (after any operation on it ends),
+    /// then `end` kills the whole environment (every cgroup at once,
+    /// rather than one service after another), then each is stopped as
+    /// [`stop`] leaves it. For a restore, which replaces them all.
+    ///
+    /// [`stop`]: Supervisor::stop
+    pub async fn stop_all_with(&self, end: impl std::future::Future<Output = ()>) {
+        self.end_with(end, true).await;
+    }
+
+    /// [`end_all_with`](Self::end_all_with) and, `wait_for_ops`,
+    /// [`stop_all_with`](Self::stop_all_with).
+    async fn end_with(&self, end: impl std::future::Future<Output = ()>, wait_for_ops: bool) {
         let names: Vec<String> = self.table().keys().cloned().collect();
         let mut guards = BTreeMap::new();
         for name in names {
-            if let Ok(op) = self.lookup(&name, |s| s.op.clone())
-                && let Ok(guard) = op.try_lock_owned()
-            {
+            let Ok(op) = self.lookup(&name, |s| s.op.clone()) else {
+                continue;
+            };
+            let guard = match wait_for_ops {
+                true => Some(op.lock_owned().await),
+                false => op.try_lock_owned().ok(),
+            };
+            if let Some(guard) = guard {
                 guards.insert(name, guard);
             }
         }
@@ -1041,17 +1063,6 @@ impl Supervisor {
             .map(|s| s.def.name.clone())
             .collect();
         (defs, running)
-    }
-
-    /// Kills every service at once (SIGTERM then SIGKILL to its cgroup, no
-    /// grace period), as a restore does. Definitions are kept.
-    pub async fn kill_all(&self) {
-        let names: Vec<String> = self.table().keys().cloned().collect();
-        for name in names {
-            if let Err(e) = self.stop_if_running(&name, Duration::ZERO).await {
-                tracing::warn!(service = %name, error = %e, "kill failed");
-            }
-        }
     }
 
     /// Replaces every definition (all services must be stopped), marking

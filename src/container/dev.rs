@@ -1,0 +1,518 @@
+//! The environment's `/dev`: a tmpfs of its own with a few device nodes,
+//! `/dev/shm` (a directory of it) and a private devpts on `/dev/pts`.
+//!
+//! - A fresh environment's init makes it ([`super::init`], from [`NODES`]).
+//! - A dump names it external to CRIU ([`KEY`]), and the daemon archives
+//!   it itself while the environment is frozen ([`archive`], an
+//!   uncompressed tar of [`ARCHIVE`] among the images), instead of CRIU
+//!   forking `tar --gzip` in every freeze window and again at every
+//!   restore (about 4 ms each).
+//! - A restore mounts a new tmpfs on the host side ([`rebuild`]), fills it
+//!   from the archive, and CRIU binds it at `/dev`; the daemon then lets
+//!   go of its side ([`release`]).
+//!
+//! What the archive holds comes from inside the environment, so both ends
+//! treat it as hostile: the walk follows no symlink and stays on the one
+//! mount (the devpts is recorded as an empty dir); the rebuild resolves
+//! every path beneath the new tmpfs without following symlinks, and makes
+//! only the device nodes a fresh `/dev` has (nothing inside can `mknod`,
+//! and a restore makes no other: not a disk).
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, BufReader, BufWriter, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, fstat, fstatat, makedev, mkdirat,
+    mknodat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, fchownat, symlinkat};
+
+/// CRIU's key for the `/dev` mount (`--external mnt[/dev]:sprited-dev`).
+pub const KEY: &str = "sprited-dev";
+/// The daemon's archive of `/dev` among a dump's images.
+pub const ARCHIVE: &str = "sprited-dev.tar";
+/// How deep the archive goes below `/dev`.
+const MAX_DEPTH: usize = 64;
+
+/// The character devices of a fresh `/dev` (name, major, minor): the only
+/// device nodes the environment has, and the only ones a rebuild makes.
+pub const NODES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Mount flags and options of the `/dev` tmpfs (sized as a tmpfs is by
+/// default: half the memory, for `/dev/shm`).
+pub const TMPFS_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_STRICTATIME);
+pub const TMPFS_DATA: &str = "mode=755";
+
+fn ctx(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> io::Error {
+    move |e| io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
+}
+
+fn ctx_io(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// What [`archive`] wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Archived {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// Archives the `/dev` tree at `dev` (the environment's, seen from the
+/// host: `/proc/<init>/root/dev`) into a new tar at `out`: dirs, regular
+/// files, symlinks, fifos and character devices with their owners, modes
+/// and mtimes; not sockets (a restored socket is bound anew), nothing of
+/// another mount (the devpts), nothing deeper than [`MAX_DEPTH`]. The
+/// environment must be frozen.
+pub fn archive(dev: &Path, out: &Path) -> io::Result<Archived> {
+    let top = openat(
+        nix::fcntl::AT_FDCWD,
+        dev,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx(format!("open {}", dev.display())))?;
+    let mount_dev = fstat(&top).map_err(ctx("stat /dev"))?.st_dev;
+    let file = std::fs::File::create(out).map_err(ctx_io(format!("create {}", out.display())))?;
+    let mut tar = tar::Builder::new(BufWriter::new(file));
+    let mut done = Archived::default();
+    walk(&mut tar, top, PathBuf::new(), mount_dev, 0, &mut done)?;
+    let file = tar
+        .into_inner()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(ctx_io(format!("write {}", out.display())))?;
+    done.bytes = file
+        .metadata()
+        .map_err(ctx_io(format!("stat {}", out.display())))?
+        .len();
+    Ok(done)
+}
+
+fn header(st: &nix::sys::stat::FileStat, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(u64::from(st.st_uid));
+    h.set_gid(u64::from(st.st_gid));
+    h.set_mtime(st.st_mtime.max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+fn walk<W: io::Write>(
+    tar: &mut tar::Builder<W>,
+    dir: OwnedFd,
+    rel: PathBuf,
+    mount_dev: u64,
+    depth: usize,
+    done: &mut Archived,
+) -> io::Result<()> {
+    let mut names: Vec<OsString> = Vec::new();
+    let mut listing =
+        nix::dir::Dir::from_fd(dir).map_err(ctx(format!("list /dev/{}", rel.display())))?;
+    for entry in listing.iter() {
+        let entry = entry.map_err(ctx(format!("list /dev/{}", rel.display())))?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    let dir = listing.as_fd();
+    for name in names {
+        let path = rel.join(&name);
+        let shown = || format!("/dev/{}", path.display());
+        let st = match fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(ctx(format!("stat {}", shown()))(e)),
+        };
+        let empty: &[u8] = &[];
+        match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFDIR => {
+                tar.append_data(&mut header(&st, tar::EntryType::Directory), &path, empty)?;
+                done.entries += 1;
+                if st.st_dev == mount_dev && depth < MAX_DEPTH {
+                    let sub = openat(
+                        dir,
+                        name.as_os_str(),
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(ctx(format!("open {}", shown())))?;
+                    walk(tar, sub, path, mount_dev, depth + 1, done)?;
+                }
+            }
+            SFlag::S_IFREG => {
+                let fd = openat(
+                    dir,
+                    name.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(ctx(format!("open {}", shown())))?;
+                let file = std::fs::File::from(fd);
+                let st = fstat(&file).map_err(ctx(format!("stat {}", shown())))?;
+                let mut h = header(&st, tar::EntryType::Regular);
+                let len = st.st_size.max(0) as u64;
+                h.set_size(len);
+                // (frozen: the size holds; a short read would be an error)
+                tar.append_data(&mut h, &path, file.take(len))?;
+                done.entries += 1;
+            }
+            SFlag::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(dir, name.as_os_str())
+                    .map_err(ctx(format!("read link {}", shown())))?;
+                tar.append_link(&mut header(&st, tar::EntryType::Symlink), &path, &target)?;
+                done.entries += 1;
+            }
+            SFlag::S_IFIFO => {
+                tar.append_data(&mut header(&st, tar::EntryType::Fifo), &path, empty)?;
+                done.entries += 1;
+            }
+            SFlag::S_IFCHR => {
+                let mut h = header(&st, tar::EntryType::Char);
+                let (major, minor) = (
+                    nix::sys::stat::major(st.st_rdev),
+                    nix::sys::stat::minor(st.st_rdev),
+                );
+                h.set_device_major(major as u32)?;
+                h.set_device_minor(minor as u32)?;
+                tar.append_data(&mut h, &path, empty)?;
+                done.entries += 1;
+            }
+            // Sockets (CRIU binds a restored one anew) and anything else.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A new tmpfs at `at` (a dir created if missing; anything left mounted
+/// there detached first) filled from the archive at `from`. On an error
+/// nothing stays mounted.
+pub fn rebuild(from: &Path, at: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(at).map_err(ctx_io(format!("create {}", at.display())))?;
+    release(at);
+    mount(
+        Some("tmpfs"),
+        at,
+        Some("tmpfs"),
+        TMPFS_FLAGS,
+        Some(TMPFS_DATA),
+    )
+    .map_err(ctx(format!("mount a tmpfs on {}", at.display())))?;
+    // Its own peer group: nothing propagates to or from the host's mounts.
+    let filled = mount(
+        None::<&str>,
+        at,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(ctx(format!("make {} private", at.display())))
+    .and_then(|()| {
+        let file = std::fs::File::open(from).map_err(ctx_io(format!("open {}", from.display())))?;
+        extract(BufReader::new(file), at)
+    });
+    if filled.is_err() {
+        release(at);
+    }
+    filled
+}
+
+/// Detaches whatever is mounted at `at` (the host's side of a rebuilt
+/// `/dev`: the environment's bind keeps the tmpfs).
+pub fn release(at: &Path) {
+    while umount2(at, MntFlags::MNT_DETACH).is_ok() {}
+}
+
+/// Fills the directory `at` from a tar stream made by [`archive`].
+pub fn extract(from: impl Read, at: &Path) -> io::Result<()> {
+    let root = openat(
+        nix::fcntl::AT_FDCWD,
+        at,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(ctx(format!("open {}", at.display())))?;
+    let mut archive = tar::Archive::new(from);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let Some((parent, name)) = split(&path) else {
+            tracing::warn!(path = %path.display(), "a /dev archive entry with a bad path: skipped");
+            continue;
+        };
+        let shown = format!("/dev/{}", path.display());
+        let dir = crate::fs::at::open_beneath(
+            root.as_fd(),
+            parent.as_os_str().as_bytes(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+        )
+        .map_err(ctx(format!("open the dir of {shown}")))?;
+        let h = entry.header().clone();
+        let mode = Mode::from_bits_truncate(h.mode()? & 0o7777);
+        let made = match h.entry_type() {
+            tar::EntryType::Directory => match mkdirat(&dir, name, Mode::S_IRWXU) {
+                Err(Errno::EEXIST) if is_dir(&dir, name) => Ok(true),
+                other => other.map(|()| true),
+            },
+            tar::EntryType::Regular => {
+                let fd = openat(
+                    &dir,
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::S_IRUSR | Mode::S_IWUSR,
+                )
+                .map_err(ctx(format!("create {shown}")))?;
+                let mut file = std::fs::File::from(fd);
+                io::copy(&mut entry, &mut file).map_err(ctx_io(format!("write {shown}")))?;
+                Ok(true)
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()?
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{shown}: a symlink without a target"),
+                        )
+                    })?
+                    .into_owned();
+                symlinkat(target.as_os_str(), &dir, name).map(|()| false)
+            }
+            tar::EntryType::Fifo => {
+                mknodat(&dir, name, SFlag::S_IFIFO, Mode::S_IRUSR, 0).map(|()| true)
+            }
+            tar::EntryType::Char => {
+                let (major, minor) = (
+                    u64::from(h.device_major()?.unwrap_or(0)),
+                    u64::from(h.device_minor()?.unwrap_or(0)),
+                );
+                if !NODES.iter().any(|(_, ma, mi)| (*ma, *mi) == (major, minor)) {
+                    tracing::warn!(path = %shown, major, minor, "a device a fresh /dev does not have: not made");
+                    continue;
+                }
+                mknodat(
+                    &dir,
+                    name,
+                    SFlag::S_IFCHR,
+                    Mode::S_IRUSR,
+                    makedev(major, minor),
+                )
+                .map(|()| true)
+            }
+            other => {
+                tracing::warn!(path = %shown, kind = ?other, "a /dev archive entry of another kind: skipped");
+                continue;
+            }
+        };
+        let chmod = made.map_err(ctx(format!("make {shown}")))?;
+        let (uid, gid) = (h.uid()? as u32, h.gid()? as u32);
+        fchownat(
+            &dir,
+            name,
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(ctx(format!("chown {shown}")))?;
+        if chmod {
+            // (only what was just made: never a symlink)
+            fchmodat(&dir, name, mode, FchmodatFlags::FollowSymlink)
+                .map_err(ctx(format!("chmod {shown}")))?;
+        }
+        let mtime = TimeSpec::new(h.mtime()? as i64, 0);
+        utimensat(&dir, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
+            .map_err(ctx(format!("set the times of {shown}")))?;
+    }
+    Ok(())
+}
+
+/// (parent, name) of an archive path made only of normal components.
+fn split(path: &Path) -> Option<(PathBuf, &OsStr)> {
+    if !path.components().all(|c| matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    Some((path.parent()?.to_owned(), path.file_name()?))
+}
+
+fn is_dir(dir: &impl AsFd, name: &OsStr) -> bool {
+    fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_dev_tree_comes_back_as_it_was_and_another_mount_stays_out() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("dev");
+        std::fs::create_dir_all(dev.join("shm/deep")).unwrap();
+        std::fs::set_permissions(dev.join("shm"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(dev.join("shm/seg"), b"shared bytes").unwrap();
+        std::fs::set_permissions(dev.join("shm/seg"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        std::fs::write(dev.join("shm/deep/x"), vec![7u8; 70_000]).unwrap();
+        std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).unwrap();
+        nix::unistd::mkfifo(&dev.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(dev.join("shm/sock")).unwrap();
+        if root() {
+            mknodat(
+                nix::fcntl::AT_FDCWD,
+                &dev.join("null"),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(1, 3),
+            )
+            .unwrap();
+            std::fs::set_permissions(dev.join("null"), std::fs::Permissions::from_mode(0o666))
+                .unwrap();
+            nix::unistd::chown(
+                &dev.join("shm/seg"),
+                Some(Uid::from_raw(1000)),
+                Some(Gid::from_raw(1000)),
+            )
+            .unwrap();
+        }
+        let out = t.path().join(ARCHIVE);
+        let done = archive(&dev, &out).unwrap();
+        assert!(done.entries >= 6, "{done:?}");
+
+        let back = t.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        extract(std::fs::File::open(&out).unwrap(), &back).unwrap();
+        assert_eq!(
+            std::fs::read(back.join("shm/seg")).unwrap(),
+            b"shared bytes"
+        );
+        assert_eq!(
+            std::fs::read(back.join("shm/deep/x")).unwrap(),
+            vec![7u8; 70_000]
+        );
+        let seg = std::fs::metadata(back.join("shm/seg")).unwrap();
+        assert_eq!(seg.mode() & 0o7777, 0o640);
+        assert_eq!(
+            std::fs::metadata(back.join("shm")).unwrap().mode() & 0o7777,
+            0o1777
+        );
+        assert_eq!(
+            std::fs::read_link(back.join("ptmx")).unwrap(),
+            Path::new("pts/ptmx")
+        );
+        assert!(
+            std::fs::symlink_metadata(back.join("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        assert!(
+            !back.join("shm/sock").exists(),
+            "sockets are bound anew, not archived"
+        );
+        if root() {
+            assert_eq!(seg.uid(), 1000);
+            let null = std::fs::symlink_metadata(back.join("null")).unwrap();
+            assert!(null.file_type().is_char_device());
+            assert_eq!(null.rdev(), makedev(1, 3));
+            assert_eq!(null.mode() & 0o7777, 0o666);
+        }
+    }
+
+    /// A tar stream of `entries` (path, kind, link target or device).
+    fn hostile(entries: &[(&str, tar::EntryType, &str, (u32, u32))]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link, (major, minor)) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(if *kind == tar::EntryType::Regular {
+                3
+            } else {
+                0
+            });
+            h.set_device_major(*major).unwrap();
+            h.set_device_minor(*minor).unwrap();
+            // (the raw name: `append_data` would refuse `..`)
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if *kind == tar::EntryType::Symlink {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_cksum();
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"bad"
+            } else {
+                b""
+            };
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_hostile_archive_writes_nothing_outside_and_makes_no_other_device() {
+        use tar::EntryType as E;
+        let t = tempfile::tempdir().unwrap();
+        let at = t.path().join("dev");
+        std::fs::create_dir(&at).unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let tar = hostile(&[
+            ("../escaped", E::Regular, "", (0, 0)),
+            ("sda", E::Block, "", (8, 0)),
+            ("mem", E::Char, "", (1, 1)),
+            ("ok", E::Regular, "", (0, 0)),
+        ]);
+        extract(&tar[..], &at).unwrap();
+        assert!(!t.path().join("escaped").exists());
+        assert!(!at.join("sda").exists(), "a block device is never made");
+        assert!(!at.join("mem").exists(), "nor a device a fresh /dev lacks");
+        assert_eq!(std::fs::read(at.join("ok")).unwrap(), b"bad");
+
+        // Through a symlink the archive made: refused, nothing written.
+        let link = outside.to_str().unwrap();
+        let tar = hostile(&[
+            ("out", E::Symlink, link, (0, 0)),
+            ("out/x", E::Regular, "", (0, 0)),
+        ]);
+        assert!(extract(&tar[..], &at).is_err());
+        assert!(!outside.join("x").exists());
+        // A name made twice: the second does not follow the first.
+        let tar = hostile(&[
+            ("twice", E::Symlink, link, (0, 0)),
+            ("twice", E::Regular, "", (0, 0)),
+        ]);
+        assert!(extract(&tar[..], &at).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+}
