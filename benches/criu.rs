@@ -127,6 +127,8 @@ fn bench(c: &mut Criterion) {
         let pid = spawn_plain(HOLDER, &[mib.to_string()]);
         let images = tmp.path().join(format!("plain-{mib}"));
         let (mut freeze, mut capture, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+        // (freeze window, CRIU's memdump and memwrite time) of each capture
+        let mut spread: Vec<(f64, f64, f64)> = Vec::new();
         let mut growth = Vec::new();
         // The first checkpoint stores everything; the timed ones after it
         // store what changed.
@@ -147,6 +149,16 @@ fn bench(c: &mut Criterion) {
                     growth.push(rig.env.store().objects_bytes().saturating_sub(stored) as f64);
                     assert!(meta.env.is_some(), "the environment was dumped");
                     freeze.push(meta.stats.freeze_ms);
+                    let stats = meta
+                        .env
+                        .as_ref()
+                        .map(|e| e.stats.clone())
+                        .unwrap_or_default();
+                    spread.push((
+                        meta.stats.freeze_ms,
+                        stats.memdump_time as f64 / 1e3,
+                        stats.memwrite_time as f64 / 1e3,
+                    ));
                     total += Duration::from_secs_f64(meta.stats.freeze_ms / 1e3);
                     // Deleted after the group: deleting gigabytes between
                     // captures (online discard) would disturb them.
@@ -251,6 +263,22 @@ fn bench(c: &mut Criterion) {
         for old in &taken {
             cps.delete(old).ok();
         }
+        spread.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let at = |q: f64| spread[((spread.len() - 1) as f64 * q).round() as usize];
+        let (lo, mid, hi, top) = (at(0.1), at(0.5), at(0.9), at(1.0));
+        eprintln!(
+            "{label}: freeze windows of {} captures: p10 {:.1}, median {:.1}, p90 {:.1}, max {:.1} ms; \
+             CRIU's memdump / memwrite at the median {:.1} / {:.1} ms, at the max {:.1} / {:.1} ms",
+            spread.len(),
+            lo.0,
+            mid.0,
+            hi.0,
+            top.0,
+            mid.1,
+            mid.2,
+            top.1,
+            top.2
+        );
         report.push((
             label,
             [

@@ -42,8 +42,8 @@ pub(super) struct ImageCache {
 /// What the images of the cache hold.
 #[derive(Debug, Default)]
 struct Held {
-    /// Pages image name → the page list it holds.
-    pages: BTreeMap<String, PageList>,
+    /// Pages image name → the page list it holds (and that list's object).
+    pages: BTreeMap<String, (String, PageList)>,
     /// Every other image's name → the stored object it was extracted from.
     small: BTreeMap<String, String>,
 }
@@ -87,7 +87,7 @@ impl ImageCache {
         small: std::sync::mpsc::SyncSender<Result<(), String>>,
     ) -> Result<Filled, CheckpointError> {
         let _one = self.filling.lock().unwrap_or_else(|e| e.into_inner());
-        let held = self
+        let mut held = self
             .held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -111,16 +111,29 @@ impl ImageCache {
         let t = Instant::now();
         let mut now = BTreeMap::new();
         for (name, list) in &p.pages {
+            let dest = self.dir.join(name);
+            let cached = match held.pages.remove(name) {
+                // The same stored list as the image holds: nothing to read.
+                Some((id, same))
+                    if id == *list
+                        && std::fs::metadata(&dest).is_ok_and(|m| m.len() == same.len) =>
+                {
+                    filled.pages += same.len / pages::PAGE as u64;
+                    now.insert(name.clone(), (id, same));
+                    continue;
+                }
+                other => other,
+            };
             let r = pages::rebuild(
                 store,
                 list,
-                held.pages.get(name),
-                &self.dir.join(name),
+                cached.as_ref().map(|(_, l)| l),
+                &dest,
                 pages::threads(),
             )?;
             filled.pages += r.list.len / pages::PAGE as u64;
             filled.pages_written += r.pages_written;
-            now.insert(name.clone(), r.list);
+            now.insert(name.clone(), (list.clone(), r.list));
         }
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Held {
             pages: now,
@@ -260,5 +273,60 @@ mod tests {
         cache.clear();
         assert_eq!(fill(&cache, &store, &third).small_extracted, 1);
         assert_eq!(read("core-1.img"), b"core two");
+    }
+
+    #[test]
+    fn the_same_pages_again_read_no_pack_and_a_patch_only_the_packs_it_reads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("store")).unwrap();
+        let mut index = pages::PageIndex::default();
+        let page = |b: u8| vec![b; pages::PAGE];
+        let mut stored = |name: &str, pages_of: &[u8]| {
+            let path = tmp.path().join(name);
+            std::fs::write(
+                &path,
+                pages_of.iter().flat_map(|b| page(*b)).collect::<Vec<u8>>(),
+            )
+            .unwrap();
+            pages::store_images(&store, &mut index, &[path], 1)
+                .unwrap()
+                .lists[0]
+                .clone()
+        };
+        // Two captures: the second changed one page of four (its own pack).
+        let first = stored("a.img", &[1, 2, 3, 4]);
+        let second = stored("b.img", &[1, 2, 9, 4]);
+        let with = |list: &str| EnvImages {
+            pages: [("pages-1.img".to_owned(), list.to_owned())].into(),
+            ..images(&[])
+        };
+        let cache = ImageCache::new(tmp.path());
+        let image = || std::fs::read(cache.dir().join("pages-1.img")).unwrap();
+        assert_eq!(fill(&cache, &store, &with(&first)).pages_written, 4);
+
+        // The first pack gone: the same checkpoint again needs none of it.
+        let packs = |list: &str| pages::PageList::load(&store, list).unwrap().packs;
+        let first_pack = packs(&first)[0].clone();
+        assert_eq!(
+            packs(&second)[0],
+            first_pack,
+            "the unchanged pages are the first pack's"
+        );
+        let gone = tmp.path().join("gone");
+        std::fs::rename(store.object_path(&first_pack), &gone).unwrap();
+        let again = fill(&cache, &store, &with(&first));
+        assert_eq!((again.pages, again.pages_written), (4, 0));
+        // The second checkpoint: only the changed page, from the second pack.
+        let patched = fill(&cache, &store, &with(&second));
+        assert_eq!(patched.pages_written, 1);
+        let want: Vec<u8> = [1, 2, 9, 4].iter().flat_map(|b| page(*b)).collect();
+        assert_eq!(image(), want);
+        // Whole again (after a clear) it needs the first pack: an error.
+        cache.clear();
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        assert!(cache.fill(&store, &with(&second), tx).is_err());
+        std::fs::rename(&gone, store.object_path(&first_pack)).unwrap();
+        assert_eq!(fill(&cache, &store, &with(&second)).pages_written, 4);
+        assert_eq!(image(), want);
     }
 }

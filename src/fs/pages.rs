@@ -642,19 +642,6 @@ pub fn rebuild(
     threads: usize,
 ) -> Result<Rebuilt, FsError> {
     let list = PageList::load(store, list_id)?;
-    let packs = list
-        .packs
-        .iter()
-        .map(|id| Pack::open(store, id))
-        .collect::<Result<Vec<_>, _>>()?;
-    for [p, first, count] in &list.runs {
-        let have = packs[*p as usize].trailer.pages();
-        if first + count > have {
-            return Err(FsError::Corrupt(format!(
-                "page list {list_id}: run [{p}, {first}, {count}] beyond its pack's {have} pages"
-            )));
-        }
-    }
     let on_disk = std::fs::metadata(dest).map(|m| m.len()).ok();
     let previous = previous.filter(|p| p.len == list.len && on_disk == Some(list.len));
     // (an image there is overwritten, not truncated first: writing over
@@ -673,6 +660,27 @@ pub fn rebuild(
             placed_runs(&list)
         }
     };
+    // Only the packs these runs read are opened (a list of a long chain
+    // names a pack of every capture that changed a page), each run checked
+    // against its pack's trailer.
+    let mut packs: Vec<Option<Pack>> = list.packs.iter().map(|_| None).collect();
+    for r in &runs {
+        let slot = packs.get_mut(r.pack).ok_or_else(|| {
+            FsError::Corrupt(format!("page list {list_id}: pack {} of none", r.pack))
+        })?;
+        if slot.is_none() {
+            *slot = Some(Pack::open(store, &list.packs[r.pack])?);
+        }
+        let have = slot.as_ref().map_or(0, |p| p.trailer.pages());
+        if r.first + r.count > have {
+            return Err(FsError::Corrupt(format!(
+                "page list {list_id}: pages {}..{} of pack {} beyond its {have}",
+                r.first,
+                r.first + r.count,
+                r.pack
+            )));
+        }
+    }
     let pages_written = runs.iter().map(|r| r.count).sum();
     write_runs(&packs, runs, &out, dest, threads)?;
     Ok(Rebuilt {
@@ -750,7 +758,7 @@ fn differing_runs(old: &PageList, new: &PageList) -> Vec<Placed> {
 /// Writes `runs` into `out`, cut into one part per thread by the pages
 /// they hold.
 fn write_runs(
-    packs: &[Pack],
+    packs: &[Option<Pack>],
     runs: Vec<Placed>,
     out: &File,
     dest: &Path,
@@ -796,7 +804,10 @@ fn write_runs(
                 let (cached, data) = cache.entry(r.pack).or_insert((usize::MAX, Vec::new()));
                 if *cached != frame {
                     *cached = usize::MAX;
-                    packs[r.pack].frame_into(frame, &mut reader, data)?;
+                    let pack = packs[r.pack]
+                        .as_ref()
+                        .ok_or_else(|| FsError::Corrupt(format!("pack {} not opened", r.pack)))?;
+                    pack.frame_into(frame, &mut reader, data)?;
                     *cached = frame;
                 }
                 let off = (page as usize % FRAME_PAGES) * PAGE;
