@@ -467,6 +467,17 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
         ask_plumbing(&d, pid).await,
         "answer ping ghost content later later"
     );
+    // The daemon archived /dev (CRIU did not): among the stored images.
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("checkpoints/v1/meta.json")).unwrap(),
+    )
+    .unwrap();
+    let images = meta["env"]["images"].as_object().unwrap();
+    assert!(images.contains_key("sprited-dev.tar"), "{images:?}");
+    assert!(
+        !images.keys().any(|k| k.starts_with("tmpfs-")),
+        "{images:?}"
+    );
     // ...and comes back as it was, mapped and in its file.
     d.restore("v1").await;
     assert_eq!(pid_of(&d.service("plumbing").await["state"]), pid);

@@ -437,6 +437,21 @@ impl Checkpoints {
             _ => vec![],
         };
         guard.wait_except(&settled, FREEZE_TIMEOUT)?;
+        // Frozen for sure now (CRIU may have thawed what it froze itself):
+        // the environment's /dev goes with the images.
+        if let (Some(d), Some((_, (container, _)))) = (&dump, dumper)
+            && let Err(e) = archive_dev(container, &d.dir)
+        {
+            tracing::warn!(error = %e, "the environment's /dev could not be archived");
+            progress(Note::Error(
+                "the environment's /dev could not be archived; the checkpoint keeps the files, and a restore starts services fresh".into(),
+            ));
+            let _ = std::fs::remove_dir_all(&d.dir);
+            if let Some(p) = &d.parent {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            dump = None;
+        }
         let scan = self.env.scan_frozen(&guard.pids())?;
         let (services, running) = self.sup.snapshot();
         drop(guard);
@@ -532,13 +547,6 @@ impl Checkpoints {
             }
         };
         stats.pre_dump_ms = pre.as_ref().map_or(0.0, |(_, ms)| *ms);
-        if let Err(e) = archive_dev(container, &dir) {
-            let _ = std::fs::remove_dir_all(&dir);
-            if let Some((p, _)) = &pre {
-                let _ = std::fs::remove_dir_all(p);
-            }
-            return Err(e);
-        }
         let plan = self.dump_plan(container, sockets);
         let dump = Dump {
             dir,

@@ -133,13 +133,20 @@ impl Checkpoints {
             self.stop_environment().await;
             timing.lock().unwrap_or_else(|e| e.into_inner()).0 = t0.elapsed();
         };
+        // The definitions and policies come back only once the files have.
+        let (files_done, files_back) = tokio::sync::oneshot::channel::<bool>();
         let prepare = async {
             info(progress, "Restoring filesystem...");
-            self.restore_files(&meta, progress).await?;
+            let restored = self.restore_files(&meta, progress).await;
+            let _ = files_done.send(restored.is_ok());
+            restored?;
             timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
             Ok::<(), CheckpointError>(())
         };
         let settle = async {
+            if files_back.await != Ok(true) {
+                return Ok(()); // (the restore fails with prepare's error)
+            }
             // (on a thread of its own: it writes the definitions durably,
             // and the restore's other steps go on meanwhile)
             let (sup, defs, running) = (
@@ -724,7 +731,6 @@ impl Checkpoints {
     }
 }
 
-/// Waits for the images' rebuild to end (none: a dir of images).
 /// The environment's `/dev` rebuilt at `at` from the daemon's archive
 /// among the images in `dir`, for CRIU to bind (true); false if the images
 /// have none (taken before the daemon archived `/dev`: CRIU's own archive
@@ -741,6 +747,7 @@ fn rebuild_dev(dir: &Path, at: &Path) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Waits for the images' rebuild to end (none: a dir of images).
 async fn join_rebuild(pages: Option<Rebuild>) -> Result<(), String> {
     let Some(h) = pages else {
         return Ok(());

@@ -18,6 +18,7 @@
 //! only the device nodes a fresh `/dev` has (nothing inside can `mknod`,
 //! and a restore makes no other: not a disk).
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufReader, BufWriter, Read};
 use std::os::fd::{AsFd, OwnedFd};
@@ -87,10 +88,22 @@ pub fn archive(dev: &Path, out: &Path) -> io::Result<Archived> {
     )
     .map_err(ctx(format!("open {}", dev.display())))?;
     let mount_dev = fstat(&top).map_err(ctx("stat /dev"))?.st_dev;
+    // What the tmpfs holds bounds the data archived (holes are not
+    // written, a hard link is one entry): past it, something was counted
+    // twice, and the archive would fill the disk rather than the tmpfs.
+    let vfs = nix::sys::statvfs::fstatvfs(&top).map_err(ctx("statvfs /dev"))?;
+    let used =
+        (vfs.blocks() as u64).saturating_sub(vfs.blocks_free() as u64) * vfs.fragment_size() as u64;
     let file = std::fs::File::create(out).map_err(ctx_io(format!("create {}", out.display())))?;
     let mut tar = tar::Builder::new(BufWriter::new(file));
-    let mut done = Archived::default();
-    walk(&mut tar, top, PathBuf::new(), mount_dev, 0, &mut done)?;
+    let mut walk_state = Walk {
+        mount_dev,
+        budget: used + (1 << 20),
+        links: HashMap::new(),
+        done: Archived::default(),
+    };
+    walk(&mut tar, top, PathBuf::new(), 0, &mut walk_state)?;
+    let mut done = walk_state.done;
     let file = tar
         .into_inner()
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
@@ -113,13 +126,86 @@ fn header(st: &nix::sys::stat::FileStat, kind: tar::EntryType) -> tar::Header {
     h
 }
 
+/// What a walk carries along.
+struct Walk {
+    mount_dev: u64,
+    /// Data bytes still allowed.
+    budget: u64,
+    /// The first name of each file with more than one link.
+    links: HashMap<(u64, u64), PathBuf>,
+    done: Archived,
+}
+
+/// Key of a PAX record: the apparent size of a file with holes.
+const SPARSE_SIZE: &str = "SPRITED.size";
+/// Key of a PAX record: the data extents of a file with holes
+/// (`offset:length,...`; the entry's data is theirs, in order).
+const SPARSE_MAP: &str = "SPRITED.map";
+/// At most this many extents in one file's map.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// The data extents of `file` (`len` bytes long), holes left out.
+fn data_extents(file: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let start = match lseek(file, at as i64, Whence::SeekData) {
+            Ok(o) => o as u64,
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(file, start as i64, Whence::SeekHole) {
+            Ok(o) => (o as u64).min(len),
+            Err(e) => return Err(e.into()),
+        };
+        if end > start {
+            out.push((start, end - start));
+        }
+        at = end.max(start + 1);
+        if out.len() > MAX_EXTENTS {
+            return Err(io::Error::other(format!("more than {MAX_EXTENTS} extents")));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the extents of a file in order; a file shorter than they say is
+/// an error, not a short entry.
+struct Extents<'a> {
+    file: &'a std::fs::File,
+    left: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Read for Extents<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let Some((at, len)) = self.left.front_mut() else {
+            return Ok(0);
+        };
+        let want = (*len).min(buf.len() as u64) as usize;
+        let n = self.file.read_at(&mut buf[..want], *at)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while archived",
+            ));
+        }
+        *at += n as u64;
+        *len -= n as u64;
+        if *len == 0 {
+            self.left.pop_front();
+        }
+        Ok(n)
+    }
+}
+
 fn walk<W: io::Write>(
     tar: &mut tar::Builder<W>,
     dir: OwnedFd,
     rel: PathBuf,
-    mount_dev: u64,
     depth: usize,
-    done: &mut Archived,
+    w: &mut Walk,
 ) -> io::Result<()> {
     let mut names: Vec<OsString> = Vec::new();
     let mut listing =
@@ -145,8 +231,11 @@ fn walk<W: io::Write>(
         match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
             SFlag::S_IFDIR => {
                 tar.append_data(&mut header(&st, tar::EntryType::Directory), &path, empty)?;
-                done.entries += 1;
-                if st.st_dev == mount_dev && depth < MAX_DEPTH {
+                w.done.entries += 1;
+                if st.st_dev == w.mount_dev && depth >= MAX_DEPTH {
+                    tracing::warn!(path = %shown(), "deeper than {MAX_DEPTH} levels in /dev: left out");
+                }
+                if st.st_dev == w.mount_dev && depth < MAX_DEPTH {
                     let sub = openat(
                         dir,
                         name.as_os_str(),
@@ -154,35 +243,75 @@ fn walk<W: io::Write>(
                         Mode::empty(),
                     )
                     .map_err(ctx(format!("open {}", shown())))?;
-                    walk(tar, sub, path, mount_dev, depth + 1, done)?;
+                    walk(tar, sub, path, depth + 1, w)?;
                 }
             }
             SFlag::S_IFREG => {
+                let key = (st.st_dev, st.st_ino);
+                if st.st_nlink > 1 {
+                    if let Some(first) = w.links.get(&key) {
+                        let mut h = header(&st, tar::EntryType::Link);
+                        tar.append_link(&mut h, &path, first)?;
+                        w.done.entries += 1;
+                        continue;
+                    }
+                    w.links.insert(key, path.clone());
+                }
                 let fd = openat(
                     dir,
                     name.as_os_str(),
-                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
                 .map_err(ctx(format!("open {}", shown())))?;
                 let file = std::fs::File::from(fd);
                 let st = fstat(&file).map_err(ctx(format!("stat {}", shown())))?;
-                let mut h = header(&st, tar::EntryType::Regular);
+                if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits()
+                    || (st.st_dev, st.st_ino) != key
+                {
+                    return Err(io::Error::other(format!(
+                        "{} changed while archived",
+                        shown()
+                    )));
+                }
                 let len = st.st_size.max(0) as u64;
-                h.set_size(len);
-                // (frozen: the size holds; a short read would be an error)
-                tar.append_data(&mut h, &path, file.take(len))?;
-                done.entries += 1;
+                let extents =
+                    data_extents(&file, len).map_err(ctx_io(format!("read {}", shown())))?;
+                let data: u64 = extents.iter().map(|(_, n)| n).sum();
+                w.budget = w.budget.checked_sub(data).ok_or_else(|| {
+                    io::Error::other(format!(
+                        "{}: /dev holds less than its files add up to (counted twice?)",
+                        shown()
+                    ))
+                })?;
+                if data < len {
+                    let map: Vec<String> =
+                        extents.iter().map(|(o, n)| format!("{o}:{n}")).collect();
+                    let size = len.to_string();
+                    let map = map.join(",");
+                    tar.append_pax_extensions([
+                        (SPARSE_SIZE, size.as_bytes()),
+                        (SPARSE_MAP, map.as_bytes()),
+                    ])?;
+                }
+                let mut h = header(&st, tar::EntryType::Regular);
+                h.set_size(data);
+                let reader = Extents {
+                    file: &file,
+                    left: extents.into(),
+                };
+                tar.append_data(&mut h, &path, reader)?;
+                w.done.entries += 1;
             }
             SFlag::S_IFLNK => {
                 let target = nix::fcntl::readlinkat(dir, name.as_os_str())
                     .map_err(ctx(format!("read link {}", shown())))?;
                 tar.append_link(&mut header(&st, tar::EntryType::Symlink), &path, &target)?;
-                done.entries += 1;
+                w.done.entries += 1;
             }
             SFlag::S_IFIFO => {
                 tar.append_data(&mut header(&st, tar::EntryType::Fifo), &path, empty)?;
-                done.entries += 1;
+                w.done.entries += 1;
             }
             SFlag::S_IFCHR => {
                 let mut h = header(&st, tar::EntryType::Char);
@@ -193,7 +322,7 @@ fn walk<W: io::Write>(
                 h.set_device_major(major as u32)?;
                 h.set_device_minor(minor as u32)?;
                 tar.append_data(&mut h, &path, empty)?;
-                done.entries += 1;
+                w.done.entries += 1;
             }
             // Sockets (CRIU binds a restored one anew) and anything else.
             _ => {}
@@ -267,6 +396,8 @@ pub fn extract(from: impl Read, at: &Path) -> io::Result<()> {
         .map_err(ctx(format!("open the dir of {shown}")))?;
         let h = entry.header().clone();
         let mode = Mode::from_bits_truncate(h.mode()? & 0o7777);
+        let sparse =
+            sparse_map(&mut entry, h.size()?).map_err(ctx_io(format!("the holes of {shown}")))?;
         let made = match h.entry_type() {
             tar::EntryType::Directory => match mkdirat(&dir, name, Mode::S_IRWXU) {
                 Err(Errno::EEXIST) if is_dir(&dir, name) => Ok(true),
@@ -285,7 +416,31 @@ pub fn extract(from: impl Read, at: &Path) -> io::Result<()> {
                 )
                 .map_err(ctx(format!("create {shown}")))?;
                 let mut file = std::fs::File::from(fd);
-                io::copy(&mut entry, &mut file).map_err(ctx_io(format!("write {shown}")))?;
+                match sparse {
+                    None => {
+                        io::copy(&mut entry, &mut file)
+                            .map_err(ctx_io(format!("write {shown}")))?;
+                    }
+                    Some((size, extents)) => {
+                        use std::os::unix::fs::FileExt;
+                        let mut buf = vec![0u8; 1 << 16];
+                        for (mut at, len) in extents {
+                            let mut left = len;
+                            while left > 0 {
+                                let n = left.min(buf.len() as u64) as usize;
+                                entry
+                                    .read_exact(&mut buf[..n])
+                                    .map_err(ctx_io(format!("read {shown}")))?;
+                                file.write_all_at(&buf[..n], at)
+                                    .map_err(ctx_io(format!("write {shown}")))?;
+                                at += n as u64;
+                                left -= n as u64;
+                            }
+                        }
+                        file.set_len(size)
+                            .map_err(ctx_io(format!("size {shown}")))?;
+                    }
+                }
                 Ok(true)
             }
             tar::EntryType::Symlink => {
@@ -299,6 +454,23 @@ pub fn extract(from: impl Read, at: &Path) -> io::Result<()> {
                     })?
                     .into_owned();
                 symlinkat(target.as_os_str(), &dir, name).map(|()| false)
+            }
+            tar::EntryType::Link => {
+                // (a hard link to a file made before, resolved beneath too)
+                let target = entry.link_name()?.map(|t| t.into_owned());
+                let Some((tparent, tname)) = target.as_deref().and_then(split) else {
+                    tracing::warn!(path = %shown, "a /dev hard link with a bad target: skipped");
+                    continue;
+                };
+                let tdir = crate::fs::at::open_beneath(
+                    root.as_fd(),
+                    tparent.as_os_str().as_bytes(),
+                    OFlag::O_PATH | OFlag::O_DIRECTORY,
+                )
+                .map_err(ctx(format!("open the dir of the target of {shown}")))?;
+                nix::unistd::linkat(&tdir, tname, &dir, name, AtFlags::empty())
+                    .map_err(ctx(format!("link {shown}")))?;
+                continue;
             }
             tar::EntryType::Fifo => {
                 mknodat(&dir, name, SFlag::S_IFIFO, Mode::S_IRUSR, 0).map(|()| true)
@@ -348,6 +520,52 @@ pub fn extract(from: impl Read, at: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A file with holes: its apparent size and its data extents (offset,
+/// length).
+type Sparse = (u64, Vec<(u64, u64)>);
+
+/// The apparent size and data extents of an entry with holes (its PAX
+/// records), checked: in order, apart, inside the size, their lengths
+/// adding up to the entry's data. None: an ordinary file.
+fn sparse_map<R: Read>(entry: &mut tar::Entry<'_, R>, data: u64) -> io::Result<Option<Sparse>> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
+    let Some(records) = entry.pax_extensions()? else {
+        return Ok(None);
+    };
+    let (mut size, mut map) = (None, None);
+    for r in records {
+        let r = r?;
+        match r.key().map_err(|_| bad("a PAX key that is not UTF-8"))? {
+            SPARSE_SIZE => size = Some(r.value().map_err(|_| bad("size"))?.to_owned()),
+            SPARSE_MAP => map = Some(r.value().map_err(|_| bad("map"))?.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(size), Some(map)) = (size, map) else {
+        return Ok(None);
+    };
+    let size: u64 = size.parse().map_err(|_| bad("size not a number"))?;
+    let mut extents = Vec::new();
+    let (mut end, mut total) = (0u64, 0u64);
+    for part in map.split(',').filter(|p| !p.is_empty()) {
+        let (o, n) = part.split_once(':').ok_or_else(|| bad("map entry"))?;
+        let (o, n): (u64, u64) = (
+            o.parse().map_err(|_| bad("map offset"))?,
+            n.parse().map_err(|_| bad("map length"))?,
+        );
+        let stop = o.checked_add(n).ok_or_else(|| bad("map overflows"))?;
+        if o < end || stop > size || extents.len() >= MAX_EXTENTS {
+            return Err(bad("map out of order or beyond the size"));
+        }
+        (end, total) = (stop, total + n);
+        extents.push((o, n));
+    }
+    if total != data {
+        return Err(bad("map does not add up to the data"));
+    }
+    Ok(Some((size, extents)))
+}
+
 /// (parent, name) of an archive path made only of normal components.
 fn split(path: &Path) -> Option<(PathBuf, &OsStr)> {
     if !path.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -371,7 +589,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dev_tree_comes_back_as_it_was_and_another_mount_stays_out() {
+    fn a_dev_tree_comes_back_as_it_was_holes_and_hard_links_included() {
         let t = tempfile::tempdir().unwrap();
         let dev = t.path().join("dev");
         std::fs::create_dir_all(dev.join("shm/deep")).unwrap();
@@ -380,6 +598,15 @@ mod tests {
         std::fs::set_permissions(dev.join("shm/seg"), std::fs::Permissions::from_mode(0o640))
             .unwrap();
         std::fs::write(dev.join("shm/deep/x"), vec![7u8; 70_000]).unwrap();
+        std::fs::hard_link(dev.join("shm/deep/x"), dev.join("shm/x-again")).unwrap();
+        // A POSIX shm segment sized far past what it holds: holes.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(dev.join("shm/segment")).unwrap();
+            f.set_len(1 << 40).unwrap();
+            f.write_all_at(b"head", 0).unwrap();
+            f.write_all_at(b"tail", (1 << 40) - 4).unwrap();
+        }
         std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).unwrap();
         nix::unistd::mkfifo(&dev.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(dev.join("shm/sock")).unwrap();
@@ -403,7 +630,11 @@ mod tests {
         }
         let out = t.path().join(ARCHIVE);
         let done = archive(&dev, &out).unwrap();
-        assert!(done.entries >= 6, "{done:?}");
+        assert!(done.entries >= 8, "{done:?}");
+        assert!(
+            done.bytes < 1 << 20,
+            "holes and links are not written out: {done:?}"
+        );
 
         let back = t.path().join("back");
         std::fs::create_dir(&back).unwrap();
@@ -416,6 +647,31 @@ mod tests {
             std::fs::read(back.join("shm/deep/x")).unwrap(),
             vec![7u8; 70_000]
         );
+        let (x, again) = (
+            std::fs::metadata(back.join("shm/deep/x")).unwrap(),
+            std::fs::metadata(back.join("shm/x-again")).unwrap(),
+        );
+        assert_eq!(
+            (x.ino(), x.nlink()),
+            (again.ino(), 2),
+            "a hard link stays one"
+        );
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(back.join("shm/segment")).unwrap();
+            assert_eq!(f.metadata().unwrap().len(), 1 << 40);
+            let mut b = [0u8; 4];
+            f.read_exact_at(&mut b, 0).unwrap();
+            assert_eq!(&b, b"head");
+            f.read_exact_at(&mut b, (1 << 40) - 4).unwrap();
+            assert_eq!(&b, b"tail");
+            f.read_exact_at(&mut b, 1 << 30).unwrap();
+            assert_eq!(b, [0; 4]);
+            assert!(
+                f.metadata().unwrap().blocks() < 1024,
+                "the holes stay holes"
+            );
+        }
         let seg = std::fs::metadata(back.join("shm/seg")).unwrap();
         assert_eq!(seg.mode() & 0o7777, 0o640);
         assert_eq!(
