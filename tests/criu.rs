@@ -425,6 +425,12 @@ fn holds_lock(pid: i32) -> bool {
         .any(|l| l.split_whitespace().nth(4) == Some(pid.to_string().as_str()))
 }
 
+/// Checkpoint `id`'s metadata as the daemon stored it.
+fn stored_meta(d: &Daemon, id: &str) -> Value {
+    let path = d.state_dir.join(format!("checkpoints/{id}/meta.json"));
+    serde_json::from_str(&common::read(&path)).unwrap()
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(privileged_tests),
@@ -468,10 +474,7 @@ async fn pipes_unix_sockets_locks_and_deleted_files_come_back() {
         "answer ping ghost content later later"
     );
     // The daemon archived /dev (CRIU did not): among the stored images.
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.state_dir.join("checkpoints/v1/meta.json")).unwrap(),
-    )
-    .unwrap();
+    let meta = stored_meta(&d, "v1");
     let images = meta["env"]["images"].as_object().unwrap();
     assert!(images.contains_key("sprited-dev.tar"), "{images:?}");
     assert!(
@@ -532,10 +535,7 @@ async fn a_failed_process_restore_starts_the_service_fresh_and_says_why() {
     d.checkpoint("v1").await;
     std::fs::write(d.env_root().join("f"), b"later").unwrap();
     // Damage the image in the store (still a zstd object: CRIU reads it).
-    let meta: Value = serde_json::from_slice(
-        &std::fs::read(d.state_dir.join("checkpoints/v1/meta.json")).unwrap(),
-    )
-    .unwrap();
+    let meta = stored_meta(&d, "v1");
     let object = meta["env"]["images"]["pstree.img"].as_str().unwrap();
     let path = d
         .state_dir
@@ -784,8 +784,7 @@ async fn process_images_restore_only_under_the_key_that_sealed_them() {
     )
     .await;
     a.checkpoint("sealed here").await;
-    let meta: Value =
-        serde_json::from_str(&common::read(&a.state_dir.join("checkpoints/v1/meta.json"))).unwrap();
+    let meta = stored_meta(&a, "v1");
     assert_eq!(
         meta["env"]["mac"].as_str().map(str::len),
         Some(64),

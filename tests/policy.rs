@@ -31,6 +31,18 @@ async fn bounding_set(d: &Daemon) -> u64 {
     u64::from_str_radix(out.split_whitespace().nth(1).unwrap(), 16).unwrap()
 }
 
+/// Puts in force a privileges policy under which new processes may open
+/// only `/dev/null`.
+async fn only_dev_null(d: &Daemon) {
+    let (status, got) = policy(
+        d,
+        reqwest::Method::POST,
+        Some(json!({"devices": ["/dev/null"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+}
+
 async fn policy(d: &Daemon, method: reqwest::Method, body: Option<Value>) -> (u16, Value) {
     let r = d.req(method, "/v1/policy/privileges", body).await;
     let status = r.status().as_u16();
@@ -152,13 +164,7 @@ async fn a_devices_policy_limits_what_new_processes_open() {
     const READ_ZERO: &str = "head -c 3 /dev/zero | wc -c";
     let (rc, out, err) = sh(&d, READ_ZERO).await;
     assert_eq!((rc, out.trim()), (0, "3"), "{err}");
-    let (status, got) = policy(
-        &d,
-        reqwest::Method::POST,
-        Some(json!({"devices": ["/dev/null"]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{got}");
+    only_dev_null(&d).await;
     let (rc, out, err) = sh(&d, READ_ZERO).await;
     assert_eq!(out.trim(), "0", "{rc} {err}");
     assert!(err.contains("Operation not permitted"), "{err}");
@@ -219,13 +225,7 @@ while True:
     time.sleep(1)
 "#;
     let d = Daemon::start().await;
-    let (status, got) = policy(
-        &d,
-        reqwest::Method::POST,
-        Some(json!({"devices": ["/dev/null"]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{got}");
+    only_dev_null(&d).await;
     let st = start(
         &d,
         "probe",

@@ -294,11 +294,8 @@ impl Checkpoints {
         let me = self.clone();
         let target = meta.id.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
-            let t0 = Instant::now();
             let m = me.parent_manifest(Some(&target))?;
-            let manifest = t0.elapsed();
             let built = me.env.ensure_layer(&target, &m)?;
-            tracing::debug!(?manifest, layer = ?t0.elapsed(), "layer ready");
             me.env.switch_to(&target)?;
             Ok(built)
         })

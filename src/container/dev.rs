@@ -58,13 +58,7 @@ pub const NODES: [(&str, u64, u64); 6] = [
 pub const TMPFS_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_STRICTATIME);
 pub const TMPFS_DATA: &str = "mode=755";
 
-fn ctx(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> io::Error {
-    move |e| io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
-}
-
-fn ctx_io(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
-}
+use super::init::{ctx, ctx_io};
 
 /// What [`archive`] wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -144,32 +138,6 @@ const SPARSE_MAP: &str = "SPRITED.map";
 /// At most this many extents in one file's map.
 const MAX_EXTENTS: usize = 1 << 16;
 
-/// The data extents of `file` (`len` bytes long), holes left out.
-fn data_extents(file: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{Whence, lseek};
-    let mut out = Vec::new();
-    let mut at = 0u64;
-    while at < len {
-        let start = match lseek(file, at as i64, Whence::SeekData) {
-            Ok(o) => o as u64,
-            Err(Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = match lseek(file, start as i64, Whence::SeekHole) {
-            Ok(o) => (o as u64).min(len),
-            Err(e) => return Err(e.into()),
-        };
-        if end > start {
-            out.push((start, end - start));
-        }
-        at = end.max(start + 1);
-        if out.len() > MAX_EXTENTS {
-            return Err(io::Error::other(format!("more than {MAX_EXTENTS} extents")));
-        }
-    }
-    Ok(out)
-}
-
 /// Reads the extents of a file in order; a file shorter than they say is
 /// an error, not a short entry.
 struct Extents<'a> {
@@ -234,8 +202,7 @@ fn walk<W: io::Write>(
                 w.done.entries += 1;
                 if st.st_dev == w.mount_dev && depth >= MAX_DEPTH {
                     tracing::warn!(path = %shown(), "deeper than {MAX_DEPTH} levels in /dev: left out");
-                }
-                if st.st_dev == w.mount_dev && depth < MAX_DEPTH {
+                } else if st.st_dev == w.mount_dev {
                     let sub = openat(
                         dir,
                         name.as_os_str(),
@@ -275,8 +242,16 @@ fn walk<W: io::Write>(
                     )));
                 }
                 let len = st.st_size.max(0) as u64;
-                let extents =
-                    data_extents(&file, len).map_err(ctx_io(format!("read {}", shown())))?;
+                let extents: Vec<(u64, u64)> = crate::fs::store::data_segments(&file, len)
+                    .into_iter()
+                    .map(|(start, end)| (start, end - start))
+                    .collect();
+                if extents.len() > MAX_EXTENTS {
+                    return Err(io::Error::other(format!(
+                        "{}: more than {MAX_EXTENTS} extents",
+                        shown()
+                    )));
+                }
                 let data: u64 = extents.iter().map(|(_, n)| n).sum();
                 w.budget = w.budget.checked_sub(data).ok_or_else(|| {
                     io::Error::other(format!(

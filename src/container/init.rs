@@ -155,11 +155,11 @@ fn stage1(setup: Option<&std::ffi::OsString>) -> i32 {
     }
 }
 
-fn ctx(what: impl std::fmt::Display) -> impl FnOnce(nix::Error) -> io::Error {
+pub(super) fn ctx(what: impl std::fmt::Display) -> impl FnOnce(nix::Error) -> io::Error {
     move |e| io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
 }
 
-fn ctx_io(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
+pub(super) fn ctx_io(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 

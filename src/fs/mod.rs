@@ -661,10 +661,8 @@ impl Env {
         // fd held here) goes on a thread of its own, which then pays for
         // the overlay's final sync of the upper filesystem (that root's
         // files are discarded anyway) while the restore goes on.
-        let t0 = std::time::Instant::now();
         let hold = std::fs::File::open(&self.cfg.env_root).ok();
         self.detach()?;
-        let detached = t0.elapsed();
         if let Some(h) = hold {
             std::thread::spawn(move || drop(h));
         }
@@ -673,13 +671,11 @@ impl Env {
             let _ = self.mount(old.layer.as_deref(), old.generation);
             return Err(e);
         }
-        let mounted = t0.elapsed();
         self.save_state(EnvState {
             layer: Some(id.to_owned()),
             generation,
             source: Some(id.to_owned()),
         })?;
-        tracing::debug!(?detached, ?mounted, saved = ?t0.elapsed(), "switched");
         *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = Tracked::default();
         for stale in [
             format!("upper-{}", old.generation),

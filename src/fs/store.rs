@@ -554,7 +554,7 @@ pub(crate) fn hex(b: &[u8]) -> String {
 
 /// The data segments of a file below `len`: `(start, end)` pairs found with
 /// SEEK_DATA/SEEK_HOLE (the whole file where holes are not supported).
-fn data_segments(f: &File, len: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_segments(f: &File, len: u64) -> Vec<(u64, u64)> {
     use nix::unistd::{Whence, lseek};
     let mut out = Vec::new();
     let mut pos = 0u64;
