@@ -25,6 +25,16 @@ pub enum CgroupError {
         what: &'static str,
         timeout: Duration,
     },
+    #[error(
+        "cgroup {path}: {} thread(s) stayed in the middle of starting a program (vfork; first {first}) for {timeout:?}: CRIU cannot seize them",
+        .count
+    )]
+    Unseizable {
+        path: PathBuf,
+        first: i32,
+        count: usize,
+        timeout: Duration,
+    },
     #[error("cgroups are unavailable: {0}")]
     Unavailable(String),
     #[error("{op} {path}: {source}")]
@@ -451,10 +461,16 @@ impl Cgroup {
     /// The processes of this cgroup and of every cgroup below it (a list
     /// that cannot be read is skipped: the cgroup went away).
     pub fn pids_below(&self) -> Vec<i32> {
+        self.ids_below("cgroup.procs")
+    }
+
+    /// `file` (`cgroup.procs`, `cgroup.threads`) of this cgroup and of every
+    /// cgroup below it.
+    fn ids_below(&self, file: &str) -> Vec<i32> {
         let mut out = Vec::new();
         let mut dirs = vec![self.path.clone()];
         while let Some(dir) = dirs.pop() {
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                 out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
             }
             if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -498,6 +514,64 @@ impl Cgroup {
     pub fn freeze(&self, timeout: Duration) -> Result<(), CgroupError> {
         self.write("cgroup.freeze", "1")?;
         self.wait_event("frozen", 1, timeout)
+    }
+
+    /// Freezes the cgroup so that CRIU can seize every task of it, and
+    /// returns the time (CLOCK_MONOTONIC ns) of the freeze that held.
+    ///
+    /// A task waiting for its `vfork` child to exec counts as frozen (the
+    /// kernel's `wait_for_vfork_done`), but it sleeps uninterruptibly:
+    /// `PTRACE_INTERRUPT` cannot stop it until the child execs, and a
+    /// frozen child never does. CRIU then waits for it until its own
+    /// timeout (10 s) and fails. Shells (dash) and `posix_spawn` vfork at
+    /// every command, so a freeze lands there now and then, more often on
+    /// a busy machine. So: freeze, and while any thread is in that state
+    /// ([`Cgroup::unseizable`]), thaw, wait for those threads to leave it
+    /// (their children exec), and freeze again, until `timeout`.
+    /// `waiting` hears of each wait with the threads waited for.
+    #[tracing::instrument(name = "freeze_seizable", skip(self, waiting), fields(cgroup = %self.path.display()))]
+    pub fn freeze_seizable(
+        &self,
+        timeout: Duration,
+        waiting: &mut dyn FnMut(&[i32]),
+    ) -> Result<u64, CgroupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let asked = crate::sys::monotonic_ns();
+            self.freeze(deadline.saturating_duration_since(Instant::now()))?;
+            let stuck = self.unseizable();
+            let Some(&first) = stuck.first() else {
+                return Ok(asked);
+            };
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Unseizable {
+                    path: self.path.clone(),
+                    first,
+                    count: stuck.len(),
+                    timeout,
+                });
+            }
+            tracing::info!(threads = ?stuck, "threads in the middle of a vfork: thawing until they exec");
+            waiting(&stuck);
+            self.release()?;
+            while stuck.iter().any(|&tid| task_state(tid) == Some('D')) {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// The threads of this frozen cgroup (and below) that CRIU cannot seize:
+    /// those in uninterruptible sleep (state `D`). In a cgroup that reports
+    /// `frozen 1` that is a task waiting for its `vfork` child (see
+    /// [`Cgroup::freeze_seizable`]); a task frozen the usual way sleeps
+    /// interruptibly (`S`), a stopped or traced one is `T` or `t`.
+    pub fn unseizable(&self) -> Vec<i32> {
+        let mut tids = self.ids_below("cgroup.threads");
+        tids.retain(|&tid| task_state(tid) == Some('D'));
+        tids
     }
 
     /// Thaws the cgroup and returns once `frozen 0`.
@@ -687,6 +761,20 @@ impl Drop for FreezeGuard {
     }
 }
 
+/// The state letter of thread `tid` (`/proc/<tid>/stat`); none if it is gone.
+fn task_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    state_of_stat(&stat)
+}
+
+/// The state field of a `/proc/<pid>/stat` line: the first field after the
+/// command name, which is in parentheses and may itself hold `)`, spaces
+/// and anything else the process chose (so: after the last `)`).
+fn state_of_stat(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
+}
+
 /// `populated 1\nfrozen 0\n` → the value of `key`.
 pub fn parse_events(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
@@ -716,6 +804,16 @@ impl CgroupSupport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_is_read_after_the_last_parenthesis() {
+        assert_eq!(state_of_stat("42 (sh) D 1 42 42 0 -1"), Some('D'));
+        assert_eq!(state_of_stat("42 (a) S (b)) R 1 2"), Some('R'));
+        assert_eq!(state_of_stat("7 (x y\n) ) t 1"), Some('t'));
+        assert_eq!(state_of_stat("7 (cut"), None);
+        assert_eq!(state_of_stat("7 (end)"), None);
+        assert_eq!(state_of_stat(""), None);
+    }
 
     #[test]
     fn child_names_are_one_plain_component() {

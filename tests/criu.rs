@@ -240,6 +240,113 @@ while True:
 
 const SLEEPER: &str = "while :; do sleep 1; done";
 
+/// Starts `/bin/true` with `posix_spawn` (a vfork) whose child first opens
+/// the FIFO `/vfork-gate` for reading: the parent waits in the vfork until
+/// someone opens the FIFO for writing. Then counts in memory, saying its
+/// value on SIGUSR1 like the counter.
+const SPAWNER: &str = r#"
+import os, signal, sys, time
+n = 0
+def show(*_):
+    sys.stdout.write(f"value {n}\n"); sys.stdout.flush()
+signal.signal(signal.SIGUSR1, show)
+os.mkfifo("/vfork-gate")
+child = os.posix_spawn("/bin/true", ["true"], {},
+    file_actions=[(os.POSIX_SPAWN_OPEN, 3, "/vfork-gate", os.O_RDONLY, 0)])
+os.waitpid(child, 0)
+sys.stdout.write("spawned\n"); sys.stdout.flush()
+while True:
+    n += 1
+    time.sleep(0.01)
+"#;
+
+/// The state letter of host thread `tid` (after the command's last `)`).
+fn task_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
+async fn a_checkpoint_that_freezes_a_vfork_waits_for_the_exec_and_dumps() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "a_checkpoint_that_freezes_a_vfork_waits_for_the_exec_and_dumps"
+    ));
+    let d = Daemon::start().await;
+    let st = start(
+        &d,
+        "spawner",
+        json!({"cmd": "python3", "args": ["-u", "-c", SPAWNER]}),
+    )
+    .await;
+    let pid = pid_of(&st);
+    let host = d.host_pid(pid).await;
+    // Its vfork child blocks opening the FIFO: the parent sleeps
+    // uninterruptibly (`D`) in the vfork until the FIFO has a writer.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while task_state(host) != Some('D') {
+        assert!(std::time::Instant::now() < deadline, "never in the vfork");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // A freeze now catches a task CRIU cannot seize (left to CRIU, the
+    // dump waits 10 s and fails). The capture thaws and waits for it...
+    let mut s = common::Ndjson::new(
+        d.req(
+            reqwest::Method::POST,
+            "/v1/checkpoint",
+            Some(json!({"comment": "mid-vfork"})),
+        )
+        .await,
+    );
+    let mut events = s
+        .until(|e| data(e).contains("finish starting a program"))
+        .await;
+    // ... and once the child can exec (the FIFO opened for writing from
+    // the host side of the root: the open returns when the thawed child
+    // opens its end), dumps the processes.
+    let fifo = d.env_root().join("vfork-gate");
+    let gate = tokio::time::timeout(
+        common::WAIT,
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo)),
+    )
+    .await
+    .expect("the child opens the FIFO")
+    .unwrap()
+    .unwrap();
+    events.extend(s.collect().await);
+    drop(gate);
+    assert_eq!(events.last().unwrap()["type"], "complete", "{events:?}");
+    assert!(
+        !events.iter().any(|e| e["type"] == "error"),
+        "{events:?}\n{}",
+        d.log_text()
+    );
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Dumped the environment")),
+        "{events:?}"
+    );
+    let meta: Value = d.get("/v1/checkpoints/v1").await.json().await.unwrap();
+    assert_eq!(meta["processes"][0]["service"], "spawner", "{meta}");
+    // The process went on past its vfork, and comes back with its memory
+    // (started fresh, it would fail at once: the FIFO is there).
+    follow_from(&d, "spawner", 100)
+        .await
+        .until(|e| data(e) == "spawned\n")
+        .await;
+    ask(&d, "spawner", pid).await;
+    restore_with_memory(&d, "v1", "spawner").await;
+    let st = d.service("spawner").await["state"].clone();
+    assert_eq!(st["pid"], pid, "same pid");
+    assert_eq!(st["status"], "running", "{st}");
+    ask(&d, "spawner", pid).await;
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(privileged_tests),

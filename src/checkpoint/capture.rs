@@ -53,6 +53,28 @@ pub(super) fn archive_dev(
     Ok(())
 }
 
+/// The environment frozen where CRIU can seize every task of it (none
+/// waiting for a `vfork` child: see
+/// [`crate::cgroup::Cgroup::freeze_seizable`]). The time the freeze that
+/// held was asked (CLOCK_MONOTONIC ns), and whether it had to thaw first.
+pub(super) fn freeze_seizable(
+    whole: &crate::cgroup::Cgroup,
+    progress: &dyn Fn(Note),
+) -> Result<(u64, bool), CheckpointError> {
+    let mut thawed = false;
+    let at = whole.freeze_seizable(FREEZE_TIMEOUT, &mut |tids| {
+        thawed = true;
+        info(
+            progress,
+            format!(
+                "Waiting for {} process(es) of the environment to finish starting a program (a task frozen in vfork cannot be dumped)...",
+                tids.len()
+            ),
+        );
+    })?;
+    Ok((at, thawed))
+}
+
 /// The entries a capture could not record: an `error` note naming the
 /// first few, and the list the metadata keeps (at most [`SKIPPED_LISTED`])
 /// with the total.
@@ -400,7 +422,7 @@ impl Checkpoints {
                 // CRIU's hook freezes the cgroup once CRIU is up (see
                 // `hook`); the guard thaws it whatever happens.
                 let guard = FreezeGuard::adopt(vec![whole.clone()]);
-                let dumped = self.dump(id, criu, container, init, whole, pre.take(), &guard);
+                let dumped = self.dump(id, criu, container, init, whole, pre.take(), progress);
                 match dumped {
                     Ok((d, at)) => {
                         stamped = at.is_some();
@@ -483,7 +505,7 @@ impl Checkpoints {
         init: i32,
         whole: &crate::cgroup::Cgroup,
         mut pre: Option<(PathBuf, f64)>,
-        guard: &FreezeGuard,
+        progress: &dyn Fn(Note),
     ) -> Result<(Dump, Option<u64>), CheckpointError> {
         let dir = self.temp_images(id);
         let stamp = self
@@ -492,8 +514,7 @@ impl Checkpoints {
         let hook = self.freeze_hook(container, whole, &stamp);
         let mut frozen_at = None;
         if hook.is_none() {
-            frozen_at = Some(crate::sys::monotonic_ns());
-            guard.ask()?;
+            frozen_at = Some(freeze_seizable(whole, progress)?.0);
         }
         let mut sockets = container.external_unix_sockets();
         let parent = pre
@@ -526,9 +547,15 @@ impl Checkpoints {
             if let Some((p, _)) = pre.take() {
                 let _ = std::fs::remove_dir_all(p);
             }
-            let asked = crate::sys::monotonic_ns();
-            guard.ask()?;
-            frozen_at = frozen_at.or(Some(asked));
+            // Frozen where every task can be seized (the hook gives up on a
+            // freeze that caught a vfork); thawed on the way, the window
+            // starts again.
+            let (asked, thawed) = freeze_seizable(whole, progress)?;
+            frozen_at = if thawed {
+                Some(asked)
+            } else {
+                frozen_at.or(Some(asked))
+            };
             sockets = container.external_unix_sockets();
             let target = DumpTarget {
                 external_sockets: &sockets,
@@ -602,17 +629,16 @@ impl Checkpoints {
         // Frozen before CRIU starts: left to freeze a running cgroup, CRIU
         // polls the freezer in steps of 100 ms. It leaves a cgroup it found
         // frozen frozen; the guard thaws it.
-        let frozen = FreezeGuard::freeze_all(
-            vec![crate::cgroup::Cgroup::at(cgroup.to_owned())],
-            FREEZE_TIMEOUT,
-        );
-        let result = match frozen {
-            Ok(_guard) => criu.pre_dump_env(&target),
+        let cgroup = crate::cgroup::Cgroup::at(cgroup.to_owned());
+        let guard = FreezeGuard::adopt(vec![cgroup.clone()]);
+        let result = match freeze_seizable(&cgroup, progress) {
+            Ok(_) => criu.pre_dump_env(&target),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot freeze for the pre-dump: this dump is whole");
                 return None;
             }
         };
+        drop(guard);
         match result {
             Ok(stats) => {
                 info(

@@ -13,7 +13,11 @@
 //!   `pre-dump`; the binary knows it is the hook by
 //!   `CRTOOLS_SCRIPT_ACTION` and [`FREEZE_ENV`]. When the script cannot
 //!   run (a state dir mounted noexec) the capture freezes before starting
-//!   CRIU; a hook that cannot freeze exits 0 so CRIU freezes.
+//!   CRIU; a hook that cannot freeze exits 0 so CRIU freezes. A freeze
+//!   that catches a task waiting for its `vfork` child, which CRIU cannot
+//!   seize, is undone and exits 1: CRIU stops at once, and the capture
+//!   freezes again itself until every task can be seized
+//!   (`Cgroup::freeze_seizable`), then runs CRIU again.
 //! - **`pre-restore`** and **`pre-resume`** (a restore): the restore's
 //!   [`Gate`]. A restore runs CRIU in its RPC mode (`criu::rpc`), which
 //!   tells the daemon each stage on a socket and waits for the answer; the
@@ -168,22 +172,35 @@ pub fn criu_action() -> Option<u8> {
     let action = std::env::var_os("CRTOOLS_SCRIPT_ACTION")?;
     let cgroup = std::env::var_os(FREEZE_ENV)?;
     if action == "pre-dump" {
-        freeze(
+        return Some(freeze(
             Path::new(&cgroup),
             std::env::var_os(STAMP_ENV).map(PathBuf::from),
-        );
+        ));
     }
     Some(0)
 }
 
 /// `pre-dump`: freeze, wait until frozen, stamp the time (only the first
 /// freeze of a capture is stamped: a dump retried whole keeps it). A
-/// failure is CRIU's log's business and exits 0: CRIU then freezes the
-/// cgroup itself.
-fn freeze(cgroup: &Path, stamp: Option<PathBuf>) {
+/// failure to freeze is CRIU's log's business and exits 0: CRIU then
+/// freezes the cgroup itself. A freeze that caught a task waiting for its
+/// `vfork` child, which CRIU cannot seize (see
+/// [`crate::cgroup::Cgroup::freeze_seizable`]), is undone and exits 1: CRIU
+/// stops at once, and the capture freezes again until every task can be
+/// seized, then runs CRIU again.
+fn freeze(cgroup: &Path, stamp: Option<PathBuf>) -> u8 {
     let at = crate::sys::monotonic_ns();
-    match crate::cgroup::Cgroup::at(cgroup.to_owned()).freeze(FREEZE_TIMEOUT) {
+    let cgroup = crate::cgroup::Cgroup::at(cgroup.to_owned());
+    match cgroup.freeze(FREEZE_TIMEOUT) {
         Ok(()) => {
+            let stuck = cgroup.unseizable();
+            if !stuck.is_empty() {
+                let _ = cgroup.release();
+                eprintln!(
+                    "sprited pre-dump: threads {stuck:?} wait for a vfork child: not seizable now"
+                );
+                return 1;
+            }
             if let Some(stamp) = stamp {
                 use std::io::Write;
                 let _ = std::fs::OpenOptions::new()
@@ -195,6 +212,7 @@ fn freeze(cgroup: &Path, stamp: Option<PathBuf>) {
         }
         Err(e) => eprintln!("sprited pre-dump: cannot freeze the environment: {e}"),
     }
+    0
 }
 
 #[cfg(test)]

@@ -132,6 +132,9 @@ impl Checkpoints {
             if let Some(parent) = record_path.parent() {
                 std::fs::create_dir_all(parent).map_err(io_err("create", parent))?;
             }
+            // Frozen since the warm sleep; where that caught a task in the
+            // middle of a vfork, thawed until it can be seized.
+            super::capture::freeze_seizable(&whole, &|_| {})?;
             let stats = criu
                 .dump_env(
                     &crate::criu::DumpTarget {

@@ -272,6 +272,16 @@ impl Criu {
             Ok(_) => kept.as_path(),
             Err(_) => log,
         };
+        // The end of CRIU's log goes to the daemon's (a test prints that
+        // when it fails; the kept log may be gone by then).
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        tracing::warn!(
+            op,
+            service,
+            log = %log.display(),
+            "criu failed; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
         let line = match exit {
             Exit::Signal(9) if text.is_empty() || !text.contains("Error") => {
                 format!("killed after {RUN_TIMEOUT:?}")
