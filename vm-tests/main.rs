@@ -636,4 +636,58 @@ async fn a_memory_limit_oom_kills_inside_and_the_service_restarts() {
             break;
         }
     }
+    stream(&g, reqwest::Method::POST, "/v1/services/hog/stop", None).await;
+
+    // A restore rebuilds /dev in the environment's cgroup: the shared
+    // memory it held counts against the environment's limit again, not
+    // the daemon's (a tmpfs page is charged to whoever writes it first).
+    let shmem = |g: &Guest, cgroup: &str| -> u64 {
+        let (code, out) = g.sh(&format!("grep '^shmem ' {cgroup}/memory.stat"));
+        assert_eq!(code, 0, "{cgroup}: {out}");
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let env = g
+        .sh("ls -d /sys/fs/cgroup/sprited/*/")
+        .1
+        .trim()
+        .trim_end_matches('/')
+        .to_owned();
+    let daemon = format!(
+        "/sys/fs/cgroup{}",
+        g.sh("systemctl show -p ControlGroup --value sprited")
+            .1
+            .trim()
+    );
+    let events = stream(
+        &g,
+        reqwest::Method::PUT,
+        "/v1/services/shm?duration=0",
+        Some(json!({"cmd": "python3", "args": ["-c",
+            "import os, time\nopen('/dev/shm/blob', 'wb').write(os.urandom(32 << 20))\nprint('written', flush=True)\ntime.sleep(1e6)"]})),
+    )
+    .await;
+    assert!(events.iter().any(|e| e["type"] == "started"), "{events:?}");
+    until("the shared memory written", || shmem(&g, &env) >= 32 << 20).await;
+    let created = completes(&g, "/v1/checkpoint", Some(json!({"comment": "shm"}))).await;
+    let id = created.split_whitespace().nth(1).unwrap().to_owned();
+    let before = shmem(&g, &daemon);
+    let events = stream(
+        &g,
+        reqwest::Method::POST,
+        &format!("/v1/checkpoints/{id}/restore"),
+        None,
+    )
+    .await;
+    assert!(
+        events.iter().any(|e| e["data"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Service shm restored with its memory"))),
+        "{events:?}\n{}",
+        g.daemon_log()
+    );
+    let (env_now, daemon_now) = (shmem(&g, &env), shmem(&g, &daemon));
+    assert!(
+        env_now >= 32 << 20 && daemon_now < before + (16 << 20),
+        "shared memory: the environment {env_now}, the daemon {before} then {daemon_now}"
+    );
 }

@@ -28,6 +28,7 @@ use super::place::Placement;
 use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info};
 use crate::container::Container;
 use crate::container::dev::KEY as DEV_KEY;
+use crate::container::dev::Rebuilt;
 use crate::policy::NetworkPolicy;
 use crate::supervisor::RunningService;
 
@@ -426,8 +427,10 @@ impl Checkpoints {
         let (dir, wait_small, pages) = at.split();
         let (mut gate, asker) = hook::Gate::new();
         let t0 = Instant::now();
-        let mut criu =
-            CriuRun::Running(self.start_criu(container, dir, wait_small, started, pipes, asker));
+        let (fill_tx, fill_rx) = tokio::sync::oneshot::channel();
+        let mut criu = CriuRun::Running(
+            self.start_criu(container, dir, wait_small, started, pipes, asker, fill_tx),
+        );
         // CRIU starts up meanwhile. From the old environment's end until
         // the processes are placed, no cgroup move waits. (Not before: the
         // first move waits for an RCU grace period holding the kernel's
@@ -446,7 +449,7 @@ impl Checkpoints {
             let ready = match &prepared {
                 Err(_) => Err("the restore stopped".to_owned()),
                 Ok(()) => {
-                    self.ready_for_tasks(container, placement, pid_rx, pages)
+                    self.ready_for_tasks(container, placement, pid_rx, fill_rx, pages)
                         .await
                 }
             };
@@ -535,6 +538,7 @@ impl Checkpoints {
 
     /// CRIU restoring the tree in `dir` onto the root, on a blocking thread
     /// (once `wait_small` says the small images are there).
+    #[allow(clippy::too_many_arguments)]
     fn start_criu(
         self: &Arc<Self>,
         container: &Container,
@@ -543,6 +547,7 @@ impl Checkpoints {
         started: crate::criu::Started,
         inherit: Vec<(OwnedFd, String)>,
         asker: hook::Asker,
+        dev_fill: tokio::sync::oneshot::Sender<Option<DevFill>>,
     ) -> tokio::task::JoinHandle<CriuResult> {
         let me = self.clone();
         let root = self.env.root().to_owned();
@@ -556,7 +561,11 @@ impl Checkpoints {
                     .map_err(|_| "rebuilding the images failed (a panic)".to_owned())??;
             }
             let dev = rebuild_dev(&dir, &dev_at)?;
-            if dev {
+            let _ = dev_fill.send(
+                (dev == Some(Rebuilt::NeedsFill))
+                    .then(|| (dir.join(crate::container::dev::ARCHIVE), dev_at.clone())),
+            );
+            if dev.is_some() {
                 externals.push((DEV_KEY.to_owned(), dev_at.clone()));
             }
             let externals: Vec<(&str, PathBuf)> = externals
@@ -568,7 +577,7 @@ impl Checkpoints {
                     asker.stage(stage)
                 })
                 .map_err(|e| e.to_string());
-            if dev {
+            if dev.is_some() {
                 crate::container::dev::release(&dev_at);
             }
             let (pid, stats) = restored?;
@@ -579,13 +588,15 @@ impl Checkpoints {
 
     /// What must hold before CRIU forks a task (the old environment is
     /// gone): CRIU in the init's cgroup (so every task is born there, its
-    /// memory charged to the environment), the images whole. Returns the
-    /// placement of the tasks.
+    /// memory charged to the environment), `/dev` filled (its file data by
+    /// a helper born there too), the images whole. Returns the placement
+    /// of the tasks.
     async fn ready_for_tasks(
         &self,
         container: &Container,
         placement: Result<Placement, String>,
         criu_pid: tokio::sync::oneshot::Receiver<i32>,
+        dev_fill: tokio::sync::oneshot::Receiver<Option<DevFill>>,
         pages: Option<Rebuild>,
     ) -> Result<Placement, String> {
         let placement = placement?;
@@ -595,6 +606,13 @@ impl Checkpoints {
             .map_err(|_| "CRIU did not start".to_owned())?;
         init.add(pid)
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
+        // (sent before CRIU started)
+        if let Ok(Some((archive, at))) = dev_fill.await {
+            container
+                .fill_dev(&archive, &at)
+                .await
+                .map_err(|e| format!("the environment's /dev: {e}"))?;
+        }
         join_rebuild(pages).await?;
         Ok(placement)
     }
@@ -732,17 +750,25 @@ impl Checkpoints {
 /// among the images in `dir`, for CRIU to bind (true); false if the images
 /// have none (taken before the daemon archived `/dev`: CRIU's own archive
 /// of the tmpfs is among them, and CRIU extracts it).
-fn rebuild_dev(dir: &Path, at: &Path) -> Result<bool, String> {
+fn rebuild_dev(dir: &Path, at: &Path) -> Result<Option<Rebuilt>, String> {
     let archive = dir.join(crate::container::dev::ARCHIVE);
     if !archive.exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let t = Instant::now();
-    crate::container::dev::rebuild(&archive, at)
+    let rebuilt = crate::container::dev::rebuild(&archive, at)
         .map_err(|e| format!("the environment's /dev: {e}"))?;
-    tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "/dev rebuilt");
-    Ok(true)
+    tracing::debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        ?rebuilt,
+        "/dev rebuilt"
+    );
+    Ok(Some(rebuilt))
 }
+
+/// A rebuilt `/dev` that a helper in the environment's cgroup fills: the
+/// archive, the tmpfs.
+type DevFill = (PathBuf, PathBuf);
 
 /// Waits for the images' rebuild to end (none: a dir of images).
 async fn join_rebuild(pages: Option<Rebuild>) -> Result<(), String> {

@@ -9,7 +9,12 @@
 //!   restore (about 4 ms each).
 //! - A restore mounts a new tmpfs on the host side ([`rebuild`]), fills it
 //!   from the archive, and CRIU binds it at `/dev`; the daemon then lets
-//!   go of its side ([`release`]).
+//!   go of its side ([`release`]). A tmpfs page is charged to the memory
+//!   cgroup of the process that first writes it, so an archive holding
+//!   file data (shared memory) is filled not by the daemon but by a helper
+//!   in the environment's cgroup ([`FILL_ARG`], [`fill_main`]), once the
+//!   old environment is gone: the restored memory counts against the
+//!   environment's limit, as it did before the checkpoint.
 //!
 //! What the archive holds comes from inside the environment, so both ends
 //! treat it as hostile: the walk follows no symlink and stays on the one
@@ -34,6 +39,10 @@ use nix::sys::stat::{
 };
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat, symlinkat};
+
+/// The hidden argument that makes this binary the helper filling a
+/// rebuilt `/dev` (`sprited __dev-fill <archive> <dir>`; see [`fill_main`]).
+pub const FILL_ARG: &str = "__dev-fill";
 
 /// CRIU's key for the `/dev` mount (`--external mnt[/dev]:sprited-dev`).
 pub const KEY: &str = "sprited-dev";
@@ -306,10 +315,21 @@ fn walk<W: io::Write>(
     Ok(())
 }
 
+/// Whether a rebuilt `/dev` is filled yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuilt {
+    /// Filled: the archive held no file data.
+    Filled,
+    /// Mounted, empty: the archive holds file data, which a process in the
+    /// environment's cgroup must write ([`FILL_ARG`]).
+    NeedsFill,
+}
+
 /// A new tmpfs at `at` (a dir created if missing; anything left mounted
-/// there detached first) filled from the archive at `from`. On an error
-/// nothing stays mounted.
-pub fn rebuild(from: &Path, at: &Path) -> io::Result<()> {
+/// there detached first), filled from the archive at `from` unless that
+/// holds file data ([`Rebuilt::NeedsFill`]). On an error nothing stays
+/// mounted.
+pub fn rebuild(from: &Path, at: &Path) -> io::Result<Rebuilt> {
     std::fs::create_dir_all(at).map_err(ctx_io(format!("create {}", at.display())))?;
     release(at);
     mount(
@@ -330,13 +350,52 @@ pub fn rebuild(from: &Path, at: &Path) -> io::Result<()> {
     )
     .map_err(ctx(format!("make {} private", at.display())))
     .and_then(|()| {
+        if holds_data(from)? {
+            return Ok(Rebuilt::NeedsFill);
+        }
         let file = std::fs::File::open(from).map_err(ctx_io(format!("open {}", from.display())))?;
-        extract(BufReader::new(file), at)
+        extract(BufReader::new(file), at).map(|()| Rebuilt::Filled)
     });
     if filled.is_err() {
         release(at);
     }
     filled
+}
+
+/// Whether the archive at `from` holds file data (reading its headers
+/// only).
+fn holds_data(from: &Path) -> io::Result<bool> {
+    let file = std::fs::File::open(from).map_err(ctx_io(format!("open {}", from.display())))?;
+    let mut archive = tar::Archive::new(file);
+    for entry in archive.entries_with_seek()? {
+        let entry = entry?;
+        let h = entry.header();
+        if h.entry_type() == tar::EntryType::Regular && h.size()? > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The helper's main (`sprited __dev-fill <archive> <dir>`, spawned into
+/// the environment's cgroup): fills the empty tmpfs at `dir` from the
+/// archive, so the pages it writes are the environment's. Returns the exit
+/// code.
+pub fn fill_main(archive: Option<&OsStr>, dir: Option<&OsStr>) -> i32 {
+    let (Some(archive), Some(dir)) = (archive, dir) else {
+        eprintln!("sprited {FILL_ARG}: usage: {FILL_ARG} <archive> <dir>");
+        return 2;
+    };
+    let filled = std::fs::File::open(archive)
+        .map_err(ctx_io(format!("open {}", Path::new(archive).display())))
+        .and_then(|f| extract(BufReader::new(f), Path::new(dir)));
+    match filled {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sprited {FILL_ARG}: {e}");
+            1
+        }
+    }
 }
 
 /// Detaches whatever is mounted at `at` (the host's side of a rebuilt
@@ -564,6 +623,26 @@ mod tests {
     }
 
     #[test]
+    fn a_dev_without_file_data_is_filled_by_the_daemon() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("dev");
+        std::fs::create_dir_all(dev.join("shm")).unwrap();
+        std::fs::write(dev.join("shm/empty"), b"").unwrap();
+        // Sized, but all holes: nothing to write.
+        std::fs::File::create(dev.join("shm/sparse"))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).unwrap();
+        let out = t.path().join(ARCHIVE);
+        archive(&dev, &out).unwrap();
+        assert!(!holds_data(&out).unwrap());
+        std::fs::write(dev.join("shm/seg"), b"x").unwrap();
+        archive(&dev, &out).unwrap();
+        assert!(holds_data(&out).unwrap());
+    }
+
+    #[test]
     fn a_dev_tree_comes_back_as_it_was_holes_and_hard_links_included() {
         let t = tempfile::tempdir().unwrap();
         let dev = t.path().join("dev");
@@ -605,6 +684,7 @@ mod tests {
         }
         let out = t.path().join(ARCHIVE);
         let done = archive(&dev, &out).unwrap();
+        assert!(holds_data(&out).unwrap(), "shared memory is for the helper");
         assert!(done.entries >= 8, "{done:?}");
         assert!(
             done.bytes < 1 << 20,

@@ -114,6 +114,10 @@ pub fn dispatch(args: &[std::ffi::OsString]) -> Option<i32> {
     match args.get(1).and_then(|a| a.to_str()) {
         Some(STAGE1_ARG) => Some(stage1(args.get(2))),
         Some(INIT_ARG) => Some(init()),
+        Some(super::dev::FILL_ARG) => Some(super::dev::fill_main(
+            args.get(2).map(|a| a.as_os_str()),
+            args.get(3).map(|a| a.as_os_str()),
+        )),
         _ => None,
     }
 }

@@ -241,6 +241,53 @@ impl Container {
         })
     }
 
+    /// Fills the rebuilt `/dev` tmpfs at `at` from `archive` by a helper
+    /// (this binary, [`dev::FILL_ARG`]) born in the init's cgroup, so the
+    /// pages it writes are charged to the environment (see [`dev`]).
+    #[tracing::instrument(name = "dev_fill", skip_all)]
+    pub(crate) async fn fill_dev(
+        &self,
+        archive: &std::path::Path,
+        at: &std::path::Path,
+    ) -> Result<(), ContainerError> {
+        let mut cmd = std::process::Command::new(&self.inner.cfg.setup.exe);
+        cmd.arg(dev::FILL_ARG)
+            .arg(archive)
+            .arg(at)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        crate::sys::join_cgroup_before_exec(&mut cmd, self.init_cgroup()?.procs_fd()?);
+        let child = self
+            .inner
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|source| ContainerError::Io {
+                op: "start the /dev filler",
+                pid: 0,
+                source,
+            })?;
+        let said = child.stderr.map(|mut e| {
+            tokio::task::spawn_blocking(move || {
+                let mut text = String::new();
+                let _ = io::Read::read_to_string(&mut e, &mut text);
+                text
+            })
+        });
+        let exit = child.exit.await;
+        let said = match said {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        match exit {
+            Ok(Exit::Code(0)) => Ok(()),
+            other => Err(ContainerError::Start(format!(
+                "filling /dev: {} ({other:?})",
+                said.trim()
+            ))),
+        }
+    }
+
     /// The identities of the request and event pipes (`pipe:[N]`), as a
     /// CRIU dump of the init sees them.
     pub fn pipe_ids(&self) -> Option<[String; 2]> {
