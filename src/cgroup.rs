@@ -526,9 +526,11 @@ impl Cgroup {
     /// timeout (10 s) and fails. Shells (dash) and `posix_spawn` vfork at
     /// every command, so a freeze lands there now and then, more often on
     /// a busy machine. So: freeze, and while any thread is in that state
-    /// ([`Cgroup::unseizable`]), thaw, wait for those threads to leave it
-    /// (their children exec), and freeze again, until `timeout`.
-    /// `waiting` hears of each wait with the threads waited for.
+    /// ([`Cgroup::unseizable`]), thaw (for real: `frozen 0`, so the next
+    /// `frozen 1` is the next freeze's), let the children run a moment (1
+    /// ms, then twice as long each round, at most 100 ms: nothing says
+    /// when a child has exec'd) and freeze again, until `timeout`.
+    /// `waiting` hears of each round with the threads waited for.
     #[tracing::instrument(name = "freeze_seizable", skip(self, waiting), fields(cgroup = %self.path.display()))]
     pub fn freeze_seizable(
         &self,
@@ -536,14 +538,18 @@ impl Cgroup {
         waiting: &mut dyn FnMut(&[i32]),
     ) -> Result<u64, CgroupError> {
         let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let mut pause = Duration::from_millis(1);
         loop {
             let asked = crate::sys::monotonic_ns();
-            self.freeze(deadline.saturating_duration_since(Instant::now()))?;
+            // (a last freeze at the deadline still gets its second: the
+            // cgroup ends frozen, and the error says why it is not seizable)
+            self.freeze(left().max(Duration::from_secs(1)))?;
             let stuck = self.unseizable();
             let Some(&first) = stuck.first() else {
                 return Ok(asked);
             };
-            if Instant::now() >= deadline {
+            if left().is_zero() {
                 return Err(CgroupError::Unseizable {
                     path: self.path.clone(),
                     first,
@@ -553,13 +559,9 @@ impl Cgroup {
             }
             tracing::info!(threads = ?stuck, "threads in the middle of a vfork: thawing until they exec");
             waiting(&stuck);
-            self.release()?;
-            while stuck.iter().any(|&tid| task_state(tid) == Some('D')) {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            self.thaw(left())?;
+            std::thread::sleep(pause.min(left()));
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -567,11 +569,26 @@ impl Cgroup {
     /// those in uninterruptible sleep (state `D`). In a cgroup that reports
     /// `frozen 1` that is a task waiting for its `vfork` child (see
     /// [`Cgroup::freeze_seizable`]); a task frozen the usual way sleeps
-    /// interruptibly (`S`), a stopped or traced one is `T` or `t`.
+    /// interruptibly (`S`), a stopped or traced one is `T` or `t`. A thaw
+    /// wakes such a task, which then sleeps again as soon as it runs, but
+    /// it counts as frozen meanwhile: a thread still runnable (`R`) is
+    /// waited for, up to 50 ms, before the states are taken.
     pub fn unseizable(&self) -> Vec<i32> {
-        let mut tids = self.ids_below("cgroup.threads");
-        tids.retain(|&tid| task_state(tid) == Some('D'));
-        tids
+        let tids = self.ids_below("cgroup.threads");
+        let settled_by = Instant::now() + Duration::from_millis(50);
+        loop {
+            let states: Vec<(i32, Option<char>)> =
+                tids.iter().map(|&tid| (tid, task_state(tid))).collect();
+            if Instant::now() < settled_by && states.iter().any(|(_, s)| *s == Some('R')) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return states
+                .into_iter()
+                .filter(|(_, s)| *s == Some('D'))
+                .map(|(tid, _)| tid)
+                .collect();
+        }
     }
 
     /// Thaws the cgroup and returns once `frozen 0`.

@@ -182,3 +182,77 @@ async fn kept_fast_a_process_stays_in_its_cgroup_until_the_guard_stops() {
     // The process ran on through all of it.
     assert_eq!(cgroups.holds(child.pid), Some(true));
 }
+
+/// The state letter of thread `tid` (after the command's last `)`).
+fn task_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[tokio::test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
+async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "a_task_waiting_for_its_vfork_child_is_found_after_every_freeze"
+    ));
+    let reaper = Reaper::start().unwrap();
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    let cg = cgroups.child("spawner").unwrap();
+    let _cleanup = Cleanup(cgroups.clone(), cg.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("gate");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // posix_spawn (a vfork) of a child that opens the FIFO before its exec:
+    // the parent waits uninterruptibly until the FIFO has a writer.
+    let script = format!(
+        "import os, time\n\
+         c = os.posix_spawn('/bin/true', ['true'], {{}}, file_actions=[(os.POSIX_SPAWN_OPEN, 3, {:?}, os.O_RDONLY, 0)])\n\
+         os.waitpid(c, 0)\n\
+         time.sleep(1e6)\n",
+        fifo.to_str().unwrap()
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    sprited::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd().unwrap());
+    let child = reaper.spawn(&mut cmd).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while task_state(child.pid) != Some('D') {
+        assert!(std::time::Instant::now() < deadline, "never in the vfork");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cg.freeze(Duration::from_secs(10)).unwrap();
+    assert_eq!(cg.unseizable(), vec![child.pid]);
+    // A thaw wakes it (it sleeps again as soon as it runs), and a freeze
+    // can report `frozen 1` before it has: every freeze still finds it.
+    for round in 0..50 {
+        cg.release().unwrap();
+        cg.freeze(Duration::from_secs(10)).unwrap();
+        assert_eq!(cg.unseizable(), vec![child.pid], "round {round}");
+    }
+    // While the child cannot exec, the freeze is given up at the timeout.
+    let mut rounds = 0;
+    let err = cg
+        .freeze_seizable(Duration::from_millis(300), &mut |tids| {
+            rounds += 1;
+            assert_eq!(tids, [child.pid]);
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, sprited::cgroup::CgroupError::Unseizable { first, count: 1, .. } if first == child.pid),
+        "{err}"
+    );
+    assert!(rounds >= 2, "thawed and tried again: {rounds}");
+    // Once it can (the FIFO opened for writing, which returns when the
+    // thawed child opens its end), the freeze holds with every task
+    // seizable.
+    let writer = std::thread::spawn(move || std::fs::OpenOptions::new().write(true).open(fifo));
+    let mut waited = false;
+    cg.freeze_seizable(Duration::from_secs(10), &mut |_| waited = true)
+        .unwrap();
+    assert!(waited);
+    assert!(cg.unseizable().is_empty());
+    assert_ne!(task_state(child.pid), Some('D'));
+    writer.join().unwrap().unwrap();
+    drop(dir);
+}

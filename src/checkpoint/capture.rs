@@ -63,14 +63,16 @@ pub(super) fn freeze_seizable(
 ) -> Result<(u64, bool), CheckpointError> {
     let mut thawed = false;
     let at = whole.freeze_seizable(FREEZE_TIMEOUT, &mut |tids| {
+        if !thawed {
+            info(
+                progress,
+                format!(
+                    "Waiting for {} process(es) of the environment to finish starting a program (a task frozen in vfork cannot be dumped)...",
+                    tids.len()
+                ),
+            );
+        }
         thawed = true;
-        info(
-            progress,
-            format!(
-                "Waiting for {} process(es) of the environment to finish starting a program (a task frozen in vfork cannot be dumped)...",
-                tids.len()
-            ),
-        );
     })?;
     Ok((at, thawed))
 }
