@@ -63,12 +63,16 @@ pub struct Weed {
 /// ports, the admin UI and WebDAV; or a cluster's five servers).
 fn free_block() -> u16 {
     // Tests of one binary run at once, and a block is only known free
-    // until weed binds it: each call starts from a block of its own.
+    // until weed binds it: each call starts from a block of its own. The
+    // blocks stay below the kernel's ephemeral ports (32768 and up): an
+    // outgoing connection of anything else on the machine takes one of
+    // those at any time, and once took a block's admin port between the
+    // check and weed's bind.
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let seed = (std::process::id() as u64).wrapping_mul(7919) + n * 1201;
     for i in 0..200u64 {
-        let base = 20000 + ((seed + i * 97) % 20000) as u16;
+        let base = 10000 + ((seed + i * 97) % 22000) as u16;
         let held: Vec<_> = (base..base + 12)
             .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
