@@ -189,6 +189,14 @@ fn task_state(tid: i32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// Whether `pid` waits for its vfork child: asleep uninterruptibly with a
+/// child (a `D` alone may be a page read while it starts).
+fn in_vfork(pid: i32) -> bool {
+    task_state(pid) == Some('D')
+        && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+}
+
 #[tokio::test]
 #[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
@@ -217,7 +225,7 @@ async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
     sprited::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd().unwrap());
     let child = reaper.spawn(&mut cmd).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while task_state(child.pid) != Some('D') {
+    while !in_vfork(child.pid) {
         assert!(std::time::Instant::now() < deadline, "never in the vfork");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
