@@ -1010,8 +1010,9 @@ fn record(
         ns(st.st_ctime, st.st_ctime_nsec),
     );
     let mut unchanged = false;
+    let mut visited_before = None;
     if let Some(seen) = cache.get(rel_path) {
-        seen.visited.store(epoch, Ordering::Relaxed);
+        visited_before = Some(seen.visited.swap(epoch, Ordering::Relaxed));
         out.met += 1;
         unchanged = !force
             && seen.ino == st.st_ino
@@ -1025,7 +1026,20 @@ fn record(
         }
         return Ok(());
     }
-    let (entry, meta) = read_entry(dir, name, rel_path, st, &mut out.stats)?;
+    let (entry, meta) = match read_entry(dir, name, rel_path, st, &mut out.stats) {
+        Ok(read) => read,
+        // Gone since its stat (a scan while the environment runs: a temp
+        // file renamed away): as if it had not been listed.
+        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            if let (Some(seen), Some(before)) = (cache.get(rel_path), visited_before) {
+                seen.visited.store(before, Ordering::Relaxed);
+                out.met -= 1;
+            }
+            out.stats.entries -= 1;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     out.changed.push((
         rel_path.to_owned(),
         Seen {
@@ -1191,6 +1205,54 @@ mod tests {
             entry: Entry::new(Kind::File),
             visited: AtomicU32::new(0),
         }
+    }
+
+    #[test]
+    fn an_entry_gone_between_its_stat_and_its_read_is_as_if_unlisted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::File::open(tmp.path()).unwrap();
+        let mut out = Delta::default();
+        let mut cache = ScanCache::default();
+        for (name, is_dir) in [("gone.tmp", false), ("gone.d", true)] {
+            let p = tmp.path().join(name);
+            if is_dir {
+                std::fs::create_dir(&p).unwrap();
+            } else {
+                std::fs::write(&p, b"x").unwrap();
+            }
+            let st = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+            // Known from before, with another size: it would be read.
+            cache.insert(
+                name.to_owned(),
+                Seen {
+                    visited: AtomicU32::new(3),
+                    ..seen_stub()
+                },
+            );
+            if is_dir {
+                std::fs::remove_dir(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+            record(
+                dir.as_fd(),
+                name.as_bytes(),
+                &st,
+                name,
+                &cache,
+                7,
+                false,
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(
+                cache[name].visited.load(Ordering::Relaxed),
+                3,
+                "{name}: not met, so found removed"
+            );
+        }
+        assert!(out.changed.is_empty());
+        assert_eq!((out.stats.entries, out.met), (0, 0));
     }
 
     #[test]
