@@ -183,20 +183,6 @@ async fn kept_fast_a_process_stays_in_its_cgroup_until_the_guard_stops() {
     assert_eq!(cgroups.holds(child.pid), Some(true));
 }
 
-/// The state letter of thread `tid` (after the command's last `)`).
-fn task_state(tid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// Whether `pid` waits for its vfork child: asleep uninterruptibly with a
-/// child (a `D` alone may be a page read while it starts).
-fn in_vfork(pid: i32) -> bool {
-    task_state(pid) == Some('D')
-        && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .is_ok_and(|c| !c.trim().is_empty())
-}
-
 #[tokio::test]
 #[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
 async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
@@ -224,11 +210,7 @@ async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
     cmd.args(["-c", &script]);
     sprited::sys::join_cgroup_before_exec(&mut cmd, cg.procs_fd().unwrap());
     let child = reaper.spawn(&mut cmd).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !in_vfork(child.pid) {
-        assert!(std::time::Instant::now() < deadline, "never in the vfork");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::until_in_vfork(child.pid).await;
     cg.freeze(Duration::from_secs(10)).unwrap();
     assert_eq!(cg.unseizable(), vec![child.pid]);
     // A thaw wakes it (it sleeps again as soon as it runs), and a freeze
@@ -260,7 +242,7 @@ async fn a_task_waiting_for_its_vfork_child_is_found_after_every_freeze() {
         .unwrap();
     assert!(waited);
     assert!(cg.unseizable().is_empty());
-    assert_ne!(task_state(child.pid), Some('D'));
+    assert_ne!(common::task_state(child.pid), Some('D'));
     writer.join().unwrap().unwrap();
     drop(dir);
 }

@@ -260,20 +260,6 @@ while True:
     time.sleep(0.01)
 "#;
 
-/// The state letter of host thread `tid` (after the command's last `)`).
-fn task_state(tid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// Whether host process `pid` waits for its vfork child: asleep
-/// uninterruptibly with a child (a `D` alone may be a page read).
-fn in_vfork(pid: i32) -> bool {
-    task_state(pid) == Some('D')
-        && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .is_ok_and(|c| !c.trim().is_empty())
-}
-
 #[tokio::test]
 #[cfg_attr(
     not(privileged_tests),
@@ -295,11 +281,7 @@ async fn a_checkpoint_that_freezes_a_vfork_waits_for_the_exec_and_dumps() {
     let host = d.host_pid(pid).await;
     // Its vfork child blocks opening the FIFO: the parent sleeps
     // uninterruptibly (`D`) in the vfork until the FIFO has a writer.
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while !in_vfork(host) {
-        assert!(std::time::Instant::now() < deadline, "never in the vfork");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    common::until_in_vfork(host).await;
     // A freeze now catches a task CRIU cannot seize (left to CRIU, the
     // dump waits 10 s and fails). The capture thaws and waits for it...
     let mut s = common::Ndjson::new(

@@ -853,3 +853,28 @@ impl Drop for Netns {
             .output();
     }
 }
+
+/// The state letter of host thread `tid` (after the command's last `)`).
+pub fn task_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Whether host process `pid` waits for its vfork child: asleep
+/// uninterruptibly with a child (a `D` alone may be a page read while it
+/// starts).
+pub fn in_vfork(pid: i32) -> bool {
+    task_state(pid) == Some('D')
+        && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+}
+
+/// Waits (up to [`WAIT`]) until host process `pid` is in a vfork (polled:
+/// nothing tells).
+pub async fn until_in_vfork(pid: i32) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !in_vfork(pid) {
+        assert!(std::time::Instant::now() < deadline, "never in the vfork");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
