@@ -304,9 +304,12 @@ async fn boot(app: Arc<AppState>, gate: Option<tokio::signal::unix::Signal>) {
     let config = &app.config;
     match Cgroups::open(&config.mountinfo_path, &config.cgroup_parent) {
         Ok(cg) => {
+            if let Err(e) = cg.favor_dynamic_moves(!config.no_cgroup_favordynmods) {
+                tracing::warn!(error = %e, "cgroup moves may wait (the cgroup v2 mount was not remounted with favordynmods)");
+            }
             let support = cg.support();
             tracing::info!(mount = %cg.mount().display(), parent = %cg.parent().display(),
-                freeze = support.freeze, kill = support.kill, "cgroup v2");
+                freeze = support.freeze, kill = support.kill, moves = ?support.moves, "cgroup v2");
             let _ = app.cgroup.set(support);
             // The stored memory limit holds again (none: lifted, in case
             // a crashed daemon left one).

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::privileged;
-use sprited::cgroup::{Cgroups, parse_events};
+use sprited::cgroup::{Cgroups, Moves, parse_events};
 use sprited::reaper::Reaper;
 
 fn parent() -> PathBuf {
@@ -138,6 +138,104 @@ async fn kill_all_empties_a_tree_that_ignores_sigterm() {
     assert!(!cg.populated().unwrap());
     child.exit.await.unwrap();
     cg.remove().unwrap();
+}
+
+/// The cgroup v2 line of this process's mount table: (mount point, the
+/// mount's options, the hierarchy's options).
+fn v2_line() -> (String, String, String) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, r)| r.starts_with("cgroup2 "))
+        })
+        .expect("a cgroup v2 mount");
+    let (left, right) = line.split_once(" - ").unwrap();
+    let left: Vec<&str> = left.split_whitespace().collect();
+    let right: Vec<&str> = right.split_whitespace().collect();
+    (left[4].into(), left[5].into(), right[2].into())
+}
+
+fn without(opts: &str, gone: &str) -> Vec<String> {
+    let mut v: Vec<String> = opts
+        .split(',')
+        .filter(|o| *o != gone)
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root (scripts/test.sh)")]
+fn the_hierarchy_is_remounted_for_fast_moves_with_every_other_option_kept() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(privileged(
+        "the_hierarchy_is_remounted_for_fast_moves_with_every_other_option_kept"
+    ));
+    // Turned off first (moves only get slower meanwhile), so the remount
+    // is seen happening.
+    let (point, mount_opts, super_opts) = v2_line();
+    let kept: Vec<&str> = super_opts
+        .split(',')
+        .filter(|o| !["rw", "ro", "favordynmods"].contains(o))
+        .collect();
+    let flags = nix::mount::MsFlags::MS_REMOUNT
+        | if mount_opts.split(',').any(|o| o == "nosuid") {
+            nix::mount::MsFlags::MS_NOSUID
+        } else {
+            nix::mount::MsFlags::empty()
+        }
+        | if mount_opts.split(',').any(|o| o == "nodev") {
+            nix::mount::MsFlags::MS_NODEV
+        } else {
+            nix::mount::MsFlags::empty()
+        }
+        | if mount_opts.split(',').any(|o| o == "noexec") {
+            nix::mount::MsFlags::MS_NOEXEC
+        } else {
+            nix::mount::MsFlags::empty()
+        };
+    nix::mount::mount(
+        None::<&str>,
+        point.as_str(),
+        None::<&str>,
+        flags,
+        Some(kept.join(",").as_str()),
+    )
+    .unwrap();
+    let (_, before_mount, before_super) = v2_line();
+    assert!(!before_super.split(',').any(|o| o == "favordynmods"));
+
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    // Asked to leave it: left.
+    assert_eq!(
+        cgroups.favor_dynamic_moves(false).unwrap(),
+        Moves::LeftAlone
+    );
+    assert_eq!(v2_line().2, before_super);
+    // Asked to change it: the hierarchy gains the option, and nothing else
+    // of the mount or the hierarchy changes.
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    assert_eq!(cgroups.favor_dynamic_moves(true).unwrap(), Moves::MadeFast);
+    assert_eq!(cgroups.moves(), Some(Moves::MadeFast));
+    assert_eq!(cgroups.support().moves, Some(Moves::MadeFast));
+    let (_, after_mount, after_super) = v2_line();
+    assert_eq!(after_mount, before_mount);
+    assert!(after_super.split(',').any(|o| o == "favordynmods"));
+    assert_eq!(
+        without(&after_super, "favordynmods"),
+        without(&before_super, "favordynmods")
+    );
+    // Once more: already so.
+    let cgroups = Cgroups::open(std::path::Path::new("/proc/self/mountinfo"), &parent()).unwrap();
+    assert_eq!(
+        cgroups.favor_dynamic_moves(true).unwrap(),
+        Moves::AlreadyFast
+    );
+    assert!(Moves::AlreadyFast.fast() && !Moves::LeftAlone.fast());
+    cgroups.remove_parent_if_empty();
 }
 
 #[tokio::test]

@@ -128,6 +128,9 @@ impl Rig {
         let env = open_env(&state, Some(sprited::config::DEFAULT_ENV_BASE.into()));
         let parent = PathBuf::from(format!("sprited-bench/{}", std::process::id()));
         let cgroups = Cgroups::open(Path::new("/proc/self/mountinfo"), &parent).unwrap();
+        // (as the daemon does at start, unless --no-cgroup-favordynmods)
+        let moves = cgroups.favor_dynamic_moves(true).unwrap();
+        eprintln!("cgroup moves: {moves:?}");
         let reaper = rt.block_on(async { Reaper::start().unwrap() });
         let container = rt.block_on(start_environment(&state, &root, &cgroups, &reaper));
         let sup = rt.block_on(async {

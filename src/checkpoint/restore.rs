@@ -555,12 +555,23 @@ impl Checkpoints {
         let dev_at = self.images.join("dev");
         tokio::task::spawn_blocking(move || {
             let criu = me.criu.clone().ok_or("CRIU is unavailable")?;
-            if let Some(small) = wait_small {
-                small
-                    .recv()
-                    .map_err(|_| "rebuilding the images failed (a panic)".to_owned())??;
-            }
-            let dev = rebuild_dev(&dir, &dev_at)?;
+            // CRIU starts first: its own start runs while the images are
+            // made ready.
+            let run = criu
+                .start_restore(started, inherit)
+                .map_err(|e| e.to_string())?;
+            let ready = wait_small
+                .map_or(Ok(Ok(())), |small| small.recv())
+                .map_err(|_| "rebuilding the images failed (a panic)".to_owned())
+                .and_then(|r| r)
+                .and_then(|()| rebuild_dev(&dir, &dev_at));
+            let dev = match ready {
+                Ok(dev) => dev,
+                Err(e) => {
+                    run.abandon();
+                    return Err(e);
+                }
+            };
             let _ = dev_fill.send(
                 (dev == Some(Rebuilt::NeedsFill))
                     .then(|| (dir.join(crate::container::dev::ARCHIVE), dev_at.clone())),
@@ -572,10 +583,8 @@ impl Checkpoints {
                 .iter()
                 .map(|(k, p)| (k.as_str(), p.clone()))
                 .collect();
-            let restored = criu
-                .restore_env(&dir, &root, started, &externals, inherit, &mut |stage| {
-                    asker.stage(stage)
-                })
+            let restored = run
+                .restore(&dir, &root, &externals, &mut |stage| asker.stage(stage))
                 .map_err(|e| e.to_string());
             if dev.is_some() {
                 crate::container::dev::release(&dev_at);
@@ -606,6 +615,7 @@ impl Checkpoints {
             .map_err(|_| "CRIU did not start".to_owned())?;
         init.add(pid)
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
+
         // (sent before CRIU started)
         if let Ok(Some((archive, at))) = dev_fill.await {
             container
@@ -630,11 +640,16 @@ impl Checkpoints {
     }
 
     /// Cgroup moves kept fast for the restore ([`crate::cgroup::Cgroup::keep_migrations_fast`]:
-    /// the daemon moved into its own cgroup every 3 ms); none if the
-    /// daemon's cgroup cannot be found (the moves then wait).
+    /// the daemon moved into its own cgroup every 3 ms); none if they are
+    /// fast anyway (`favordynmods`) or the daemon's cgroup cannot be found
+    /// (the moves then wait).
     fn fast_migrations(&self, container: &Container) -> Option<crate::cgroup::FastMigrations> {
+        let cgroups = &container.config().cgroups;
+        if cgroups.moves().is_some_and(crate::cgroup::Moves::fast) {
+            return None;
+        }
         let me = std::process::id() as i32;
-        let own = container.config().cgroups.of_process(me)?;
+        let own = cgroups.of_process(me)?;
         own.keep_migrations_fast(me)
             .inspect_err(|e| tracing::warn!(error = %e, "cgroup moves not kept fast"))
             .ok()

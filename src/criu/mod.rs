@@ -422,26 +422,111 @@ impl Criu {
         Ok(stats)
     }
 
-    /// Restores the environment dumped in `images` onto the mounted root
-    /// `root`. CRIU starts in the daemon's cgroup: the caller, told its pid
-    /// by `started`, moves it before `pre-restore` is answered, so every
-    /// task is born where CRIU is then. `external` maps each
-    /// bind-mount key to its host path; `inherit` hands the restored tasks
-    /// new pipes: each fd takes the place of the pipe `pipe:[N]` it is
-    /// paired with. CRIU runs as `criu swrk` (its RPC mode, see `rpc`):
-    /// `stage` answers each stage it reaches (`pre-restore`, `pre-resume`,
-    /// …; false fails the stage, and CRIU ends the restore). Returns the
-    /// host pid of the restored init, a child of the daemon. Blocking.
-    #[tracing::instrument(name = "criu_restore", skip_all)]
-    pub fn restore_env(
+    /// Starts a `criu swrk` for a restore of the environment, before the
+    /// images are there: CRIU's start (exec, loading its libraries) then
+    /// runs while they are made ready, and [`StartedRestore::restore`]
+    /// sends the request. CRIU starts in the daemon's cgroup: the caller,
+    /// told its pid by `started`, moves it before `pre-restore` is
+    /// answered, so every task is born where CRIU is then. `inherit` hands
+    /// the restored tasks new pipes: each fd takes the place of the pipe
+    /// `pipe:[N]` it is paired with (CRIU takes the fds at its start).
+    /// Blocking.
+    pub fn start_restore(
         &self,
+        started: Started,
+        inherit: Vec<(OwnedFd, String)>,
+    ) -> Result<StartedRestore, CriuError> {
+        let mut keys = Vec::new();
+        let mut fds = Vec::new();
+        for (i, (fd, key)) in inherit.into_iter().enumerate() {
+            keys.push(proto::InheritFd {
+                key,
+                fd: INHERIT_FIRST_FD + i as i32,
+            });
+            fds.push(fd);
+        }
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| io_err("socketpair for", &self.path)(e.into()))?;
+        let sock = INHERIT_FIRST_FD + fds.len() as i32;
+        fds.push(theirs);
+        let mut cmd = Command::new(&self.path);
+        cmd.arg("swrk").arg(sock.to_string());
+        crate::sys::pass_fds_before_exec(&mut cmd, fds, INHERIT_FIRST_FD);
+        // What CRIU says before it opens its log (the images dir is not
+        // ready yet): added to the log if the restore fails.
+        std::fs::create_dir_all(&self.logs).map_err(io_err("create", &self.logs))?;
+        let early = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_TMPFILE)
+                .open(&self.logs)
+                .map_err(io_err("create a file in", &self.logs))?
+        };
+        let said = early.try_clone().map_err(io_err("open", &self.logs))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(early));
+        let t0 = std::time::Instant::now();
+        let running = self.start(cmd, "restore", ENV, Some(started))?;
+        Ok(StartedRestore {
+            criu: self.clone(),
+            running,
+            ours,
+            keys,
+            early: said,
+            t0,
+        })
+    }
+}
+
+/// A `criu swrk` started for a restore ([`Criu::start_restore`]), waiting
+/// for its request.
+pub struct StartedRestore {
+    criu: Criu,
+    running: Running,
+    ours: OwnedFd,
+    keys: Vec<proto::InheritFd>,
+    early: std::fs::File,
+    t0: Instant,
+}
+
+impl StartedRestore {
+    /// Ends the CRIU without a request (it exits once its socket closes).
+    pub fn abandon(self) {
+        drop(self.ours);
+        let _ = self.running.finish();
+    }
+
+    /// Restores the environment dumped in `images` onto the mounted root
+    /// `root`. `external` maps each bind-mount key to its host path. CRIU
+    /// runs in its RPC mode (see `rpc`): `stage` answers each stage it
+    /// reaches (`pre-restore`, `pre-resume`, …; false fails the stage, and
+    /// CRIU ends the restore). Returns the host pid of the restored init, a
+    /// child of the daemon. Blocking.
+    #[tracing::instrument(name = "criu_restore", skip_all)]
+    pub fn restore(
+        self,
         images: &Path,
         root: &Path,
-        started: Started,
         external: &[(&str, PathBuf)],
-        inherit: Vec<(OwnedFd, String)>,
         stage: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(i32, RestoreStats), CriuError> {
+        let StartedRestore {
+            criu,
+            running,
+            ours,
+            keys,
+            mut early,
+            t0,
+        } = self;
         let log = images.join("restore.log");
         let _ = std::fs::remove_file(&log);
         let text = |p: &Path| -> Result<String, CriuError> {
@@ -455,50 +540,36 @@ impl Criu {
         // The images dir as an fd of this process (CRIU opens it through
         // `/proc/<peer>/fd/<n>`): CRIU before 4.2 cannot take it by path
         // (it readlinks the path, which fails for a directory).
-        let dir = std::fs::File::open(images).map_err(io_err("open", images))?;
-        let mut opts = proto::Opts {
-            images_dir_fd: dir.as_raw_fd(),
-            log_file: Some("restore.log".into()),
-            log_level: Some(i32::from(self.log_level)),
-            root: Some(text(root)?),
-            rst_sibling: Some(true),
-            manage_cgroups_mode: Some(proto::CG_IGNORE),
-            tcp_close: Some(true),
-            ext_unix_sk: Some(true),
-            file_locks: Some(true),
-            notify_scripts: Some(true),
-            ..proto::Opts::default()
+        let opened = std::fs::File::open(images).map_err(io_err("open", images));
+        let opts = opened.and_then(|dir| {
+            let mut opts = proto::Opts {
+                images_dir_fd: dir.as_raw_fd(),
+                log_file: Some("restore.log".into()),
+                log_level: Some(i32::from(criu.log_level)),
+                root: Some(text(root)?),
+                rst_sibling: Some(true),
+                manage_cgroups_mode: Some(proto::CG_IGNORE),
+                tcp_close: Some(true),
+                ext_unix_sk: Some(true),
+                file_locks: Some(true),
+                notify_scripts: Some(true),
+                inherit_fd: keys,
+                ..proto::Opts::default()
+            };
+            for (key, host) in external {
+                opts.external.push(format!("mnt[{key}]:{}", text(host)?));
+            }
+            Ok((dir, opts))
+        });
+        let (_dir, opts) = match opts {
+            Ok(o) => o,
+            Err(e) => {
+                // (`criu swrk` ends once its socket closes)
+                drop(ours);
+                let _ = running.finish();
+                return Err(e);
+            }
         };
-        for (key, host) in external {
-            opts.external.push(format!("mnt[{key}]:{}", text(host)?));
-        }
-        let mut fds = Vec::new();
-        for (i, (fd, key)) in inherit.into_iter().enumerate() {
-            opts.inherit_fd.push(proto::InheritFd {
-                key,
-                fd: INHERIT_FIRST_FD + i as i32,
-            });
-            fds.push(fd);
-        }
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| io_err("socketpair for", images)(e.into()))?;
-        let sock = INHERIT_FIRST_FD + fds.len() as i32;
-        fds.push(theirs);
-        let mut cmd = Command::new(&self.path);
-        cmd.arg("swrk").arg(sock.to_string());
-        crate::sys::pass_fds_before_exec(&mut cmd, fds, INHERIT_FIRST_FD);
-        // What CRIU says before it opens its log lands in the log file too.
-        let early = std::fs::File::create(&log).map_err(io_err("create", &log))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(early));
-        let t0 = std::time::Instant::now();
-        let running = self.start(cmd, "restore", ENV, Some(started))?;
         let request = proto::Request {
             kind: proto::RESTORE,
             opts: Some(opts),
@@ -513,7 +584,18 @@ impl Criu {
             rpc::Outcome::Failed(said) => Err(said),
             rpc::Outcome::Gone(why) => Err(Some(why)),
         };
-        let pid = said.map_err(|said| self.failure("restore", ENV, &log, exit, said))?;
+        let pid = said.map_err(|said| {
+            // What CRIU said on stderr goes before its log.
+            use std::io::{Read, Seek};
+            let mut before = String::new();
+            let _ = early.seek(std::io::SeekFrom::Start(0));
+            let _ = early.read_to_string(&mut before);
+            if !before.is_empty() {
+                let after = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::write(&log, before + &after);
+            }
+            criu.failure("restore", ENV, &log, exit, said)
+        })?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         let stats = std::fs::read(images.join("stats-restore"))
             .ok()
