@@ -100,6 +100,65 @@ fn plain_restore(criu: &Path, pid: i32, images: &Path) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// The raw images in `from` (a restore's) copied to `to`, without that
+/// restore's log and statistics.
+fn copy_images(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let name = e.file_name();
+        if e.file_type().unwrap().is_file()
+            && !["restore.log", "stats-restore"].contains(&name.to_str().unwrap_or(""))
+        {
+            std::fs::copy(e.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Plain `criu restore` of the environment's whole tree (`images`, a
+/// daemon's dump of it), as a container runtime does it: the tree there
+/// now killed and waited for (its cgroups emptied and removed), the init's
+/// cgroup made again, and CRIU started in it onto the same root with the
+/// same external mounts and options as the daemon's CRIU, detached: ms.
+/// (It hands the tasks no pipes of the daemon's: the restored init finds
+/// its request pipe closed.)
+fn plain_tree_restore(
+    rig: &Rig,
+    criu: &Path,
+    images: &Path,
+    externals: &[(String, std::path::PathBuf)],
+) -> f64 {
+    nix::unistd::sync();
+    let t = Instant::now();
+    rig.rt.block_on(rig.container.kill());
+    let init = rig.container.init_cgroup().unwrap();
+    let mut cmd = std::process::Command::new(criu);
+    cmd.args(["restore", "--restore-detached", "--manage-cgroups=ignore"])
+        .args(["--tcp-close", "--ext-unix-sk", "--file-locks"])
+        .arg("--root")
+        .arg(rig.env.root())
+        .arg("--images-dir")
+        .arg(images)
+        .args(["--log-file", "plain.log"]);
+    for (key, host) in externals {
+        cmd.arg("--external")
+            .arg(format!("mnt[{key}]:{}", host.display()));
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    sprited::sys::join_cgroup_before_exec(&mut cmd, init.procs_fd().unwrap());
+    let child = rig.reaper.spawn(&mut cmd).unwrap();
+    let exit = rig.rt.block_on(child.exit).unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        exit == sprited::sys::Exit::Code(0),
+        "plain criu restore of the tree failed ({exit:?}): {}",
+        std::fs::read_to_string(images.join("plain.log")).unwrap_or_default()
+    );
+    ms
+}
+
 fn bench(c: &mut Criterion) {
     let Some(criu_path) = common::can_run("criu") else {
         return;
@@ -214,6 +273,27 @@ fn bench(c: &mut Criterion) {
                 total
             })
         });
+        // Plain CRIU restoring the same tree: the images of that restore,
+        // onto the same root, with the same options, the daemon idle.
+        let tree = tmp.path().join(format!("plain-tree-{mib}"));
+        copy_images(&rig.tmp.path().join("state/criu/restore-cache"), &tree);
+        rt.block_on(sup.stop_if_running(&name, Duration::ZERO))
+            .unwrap();
+        let externals = cps.external_mounts(Path::new("/dev"));
+        let mut ptree = Vec::new();
+        g.bench_function(format!("plain_restore_same_tree_{label}"), |b| {
+            b.iter_custom(|iters| {
+                let ms: f64 = (0..iters)
+                    .map(|_| plain_tree_restore(&rig, &criu_path, &tree, &externals))
+                    .inspect(|ms| ptree.push(*ms))
+                    .sum();
+                Duration::from_secs_f64(ms / 1e3)
+            })
+        });
+        // (the daemon takes over again: its restore kills that tree)
+        rt.block_on(cps.restore(&auto, PolicyRestore::FromCheckpoint, &|_| {}))
+            .unwrap();
+        assert_eq!(sup.get(&name).unwrap().state.status, Status::Running);
         // The same restore with nothing cached: its images rebuilt whole
         // from the store's packs first.
         let mut cold = Vec::new();
@@ -293,6 +373,7 @@ fn bench(c: &mut Criterion) {
                 median(&mut step.clone()),
                 median_ratio(&step, &paired_step),
                 median(&mut cold),
+                median(&mut ptree),
             ],
         ));
     }
@@ -312,6 +393,7 @@ fn bench(c: &mut Criterion) {
             st,
             step_pairs,
             uncached,
+            same_tree,
         ],
     ) in report
     {
@@ -325,6 +407,13 @@ fn bench(c: &mut Criterion) {
             r / pr,
             st / pr,
             uncached / pr
+        );
+        eprintln!(
+            "{label}: restore without the undo point {st:.1} ms vs plain CRIU restoring the same tree \
+             {same_tree:.1} ms ({:.2}x; the tree itself, its namespaces and mounts, costs plain CRIU \
+             {:.1} ms over one process)",
+            st / same_tree,
+            same_tree - pr
         );
     }
 }

@@ -693,6 +693,18 @@ impl Checkpoints {
         *self.last_restore.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Each external bind mount's key and host path, as this daemon's
+    /// restores hand them to CRIU, with `dev` as the environment's `/dev`
+    /// (for a plain CRIU run beside the daemon: `benches/criu.rs`).
+    pub fn external_mounts(&self, dev: &Path) -> Vec<(String, PathBuf)> {
+        let Some(container) = &self.container else {
+            return Vec::new();
+        };
+        let mut all = self.external_paths(container);
+        all.push((DEV_KEY.to_owned(), dev.to_owned()));
+        all
+    }
+
     /// The host path of each external bind mount's key, for this daemon
     /// (`/dev` is rebuilt for each restore: [`rebuild_dev`]).
     fn external_paths(&self, container: &Container) -> Vec<(String, PathBuf)> {
