@@ -9,6 +9,10 @@
 //!   the whole capture (until the images are durable in the store) and
 //!   the store's growth are recorded too;
 //! - `plain_dump_<size>`: `criu dump --leave-running` of the copy;
+//! - `plain_dump_same_tree_<size>`: `criu dump --leave-running` of the
+//!   daemon's environment, its whole tree (the init, its namespaces, the
+//!   overlay root and the external mounts), with the daemon's options,
+//!   its cgroup frozen first (as the daemon's hook does);
 //! - `daemon_restore_<size>`: a whole restore (the undo point: a capture
 //!   of the state being replaced; then kill, files and CRIU's start-up,
 //!   the images brought up to date from the store's packs meanwhile, CRIU
@@ -21,7 +25,13 @@
 //!   page of the images rebuilt from the store's packs;
 //! - `plain_restore_<size>`: killing the copy, waiting until its pid is free,
 //!   and `criu restore --restore-detached` (a restore of a running service
-//!   has to stop it first; the daemon's restore does the same).
+//!   has to stop it first; the daemon's restore does the same);
+//! - `plain_restore_same_tree_<size>`: `criu restore` of the daemon's
+//!   images of that whole tree, onto the same root with the daemon's
+//!   options, as a container runtime does it (the tree there killed, the
+//!   init's cgroup made again, CRIU started in it). The issue's goal is
+//!   the daemon within 1.1x of plain CRIU doing the same; the tree's
+//!   namespaces and mounts are part of what it does.
 //!
 //! Before each timed operation, daemon or plain, the bench runs `sync(2)`
 //! (untimed), so that the writeback and discards of the previous one (the
@@ -113,6 +123,47 @@ fn copy_images(from: &Path, to: &Path) {
             std::fs::copy(e.path(), to.join(&name)).unwrap();
         }
     }
+}
+
+/// Plain `criu dump --leave-running` of the environment's whole tree (its
+/// init, `init`), with the same options, external mounts and cgroup to
+/// freeze as the daemon's dump, the cgroup frozen first and thawed after
+/// (left to freeze it, CRIU polls for `frozen` in 100 ms steps): ms.
+fn plain_tree_dump(criu: &Path, init: i32, cgroup: &sprited::cgroup::Cgroup, images: &Path) -> f64 {
+    let _ = std::fs::remove_dir_all(images);
+    std::fs::create_dir_all(images).unwrap();
+    let mut cmd = std::process::Command::new(criu);
+    cmd.args(["dump", "--tree", &init.to_string(), "--leave-running"])
+        .arg("--freeze-cgroup")
+        .arg(cgroup.path())
+        .args([
+            "--manage-cgroups=ignore",
+            "--tcp-established",
+            "--skip-in-flight",
+        ])
+        .args(["--ext-unix-sk", "--file-locks", "--ghost-limit", "256M"])
+        .args(["--network-lock", "skip"])
+        .arg("--images-dir")
+        .arg(images)
+        .args(["--log-file", "plain.log"]);
+    for (inside, key) in sprited::checkpoint::EXTERNAL_MOUNTS {
+        cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    nix::unistd::sync();
+    let t = Instant::now();
+    cgroup.freeze(Duration::from_secs(10)).unwrap();
+    let st = cmd.status().unwrap();
+    cgroup.thaw(Duration::from_secs(10)).unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        st.success(),
+        "plain criu dump of the tree failed: {}",
+        std::fs::read_to_string(images.join("plain.log")).unwrap_or_default()
+    );
+    ms
 }
 
 /// Plain `criu restore` of the environment's whole tree (`images`, a
@@ -227,6 +278,22 @@ fn bench(c: &mut Criterion) {
                 total
             })
         });
+        // Plain CRIU dumping the same tree (the daemon's environment, its
+        // service running), with the daemon's options.
+        let init = rig.container.init_host_pid().expect("the environment runs");
+        let whole = rig.cgroups.whole();
+        let tree_images = tmp.path().join(format!("plain-tree-dump-{mib}"));
+        let mut ptree_dump = Vec::new();
+        g.bench_function(format!("plain_dump_same_tree_{label}"), |b| {
+            b.iter_custom(|iters| {
+                let ms: f64 = (0..iters)
+                    .map(|_| plain_tree_dump(&criu_path, init, &whole, &tree_images))
+                    .inspect(|ms| ptree_dump.push(*ms))
+                    .sum();
+                Duration::from_secs_f64(ms / 1e3)
+            })
+        });
+        let _ = std::fs::remove_dir_all(&tree_images);
         let id = taken.last().cloned().unwrap();
         g.bench_function(format!("daemon_restore_{label}"), |b| {
             b.iter_custom(|iters| {
@@ -374,6 +441,7 @@ fn bench(c: &mut Criterion) {
                 median_ratio(&step, &paired_step),
                 median(&mut cold),
                 median(&mut ptree),
+                median(&mut ptree_dump),
             ],
         ));
     }
@@ -394,6 +462,7 @@ fn bench(c: &mut Criterion) {
             step_pairs,
             uncached,
             same_tree,
+            same_tree_dump,
         ],
     ) in report
     {
@@ -407,6 +476,10 @@ fn bench(c: &mut Criterion) {
             r / pr,
             st / pr,
             uncached / pr
+        );
+        eprintln!(
+            "{label}: freeze window {f:.1} ms vs plain CRIU dumping the same tree {same_tree_dump:.1} ms ({:.2}x)",
+            f / same_tree_dump
         );
         eprintln!(
             "{label}: restore without the undo point {st:.1} ms vs plain CRIU restoring the same tree \

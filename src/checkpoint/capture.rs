@@ -25,7 +25,7 @@ use crate::supervisor::ServiceDef;
 
 /// The bind mounts from the host inside the environment, and the keys their
 /// CRIU images name them by.
-pub(super) const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
+pub const EXTERNAL_MOUNTS: &[(&str, &str)] = &[
     ("/dev", crate::container::dev::KEY),
     ("/.sprite", "sprited-dir"),
     ("/.sprite/bin/sprited", "sprited-exe"),

@@ -30,6 +30,7 @@ mod restore;
 pub mod seal;
 mod sleep;
 
+pub use capture::EXTERNAL_MOUNTS;
 pub use hook::criu_action;
 pub use restore::PolicyRestore;
 
