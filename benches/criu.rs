@@ -136,12 +136,7 @@ fn plain_tree_dump(criu: &Path, init: i32, cgroup: &sprited::cgroup::Cgroup, ima
     cmd.args(["dump", "--tree", &init.to_string(), "--leave-running"])
         .arg("--freeze-cgroup")
         .arg(cgroup.path())
-        .args([
-            "--manage-cgroups=ignore",
-            "--tcp-established",
-            "--skip-in-flight",
-        ])
-        .args(["--ext-unix-sk", "--file-locks", "--ghost-limit", "256M"])
+        .args(sprited::criu::DUMP_OPTIONS)
         .args(["--network-lock", "skip"])
         .arg("--images-dir")
         .arg(images)

@@ -181,22 +181,20 @@ fn the_hierarchy_is_remounted_for_fast_moves_with_every_other_option_kept() {
         .split(',')
         .filter(|o| !["rw", "ro", "favordynmods"].contains(o))
         .collect();
-    let flags = nix::mount::MsFlags::MS_REMOUNT
-        | if mount_opts.split(',').any(|o| o == "nosuid") {
-            nix::mount::MsFlags::MS_NOSUID
-        } else {
-            nix::mount::MsFlags::empty()
+    use nix::mount::MsFlags as F;
+    let mut flags = F::MS_REMOUNT;
+    for (name, flag) in [
+        ("ro", F::MS_RDONLY),
+        ("nosuid", F::MS_NOSUID),
+        ("nodev", F::MS_NODEV),
+        ("noexec", F::MS_NOEXEC),
+        ("noatime", F::MS_NOATIME),
+        ("relatime", F::MS_RELATIME),
+    ] {
+        if mount_opts.split(',').any(|o| o == name) {
+            flags |= flag;
         }
-        | if mount_opts.split(',').any(|o| o == "nodev") {
-            nix::mount::MsFlags::MS_NODEV
-        } else {
-            nix::mount::MsFlags::empty()
-        }
-        | if mount_opts.split(',').any(|o| o == "noexec") {
-            nix::mount::MsFlags::MS_NOEXEC
-        } else {
-            nix::mount::MsFlags::empty()
-        };
+    }
     nix::mount::mount(
         None::<&str>,
         point.as_str(),

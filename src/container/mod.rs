@@ -251,36 +251,20 @@ impl Container {
         at: &std::path::Path,
     ) -> Result<(), ContainerError> {
         let mut cmd = std::process::Command::new(&self.inner.cfg.setup.exe);
-        cmd.arg(dev::FILL_ARG)
-            .arg(archive)
-            .arg(at)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        cmd.arg(dev::FILL_ARG).arg(archive).arg(at);
         crate::sys::join_cgroup_before_exec(&mut cmd, self.init_cgroup()?.procs_fd()?);
-        let child = self
+        let (exit, said) = self
             .inner
             .reaper
-            .spawn(&mut cmd)
+            .output(&mut cmd, ANSWER_TIMEOUT)
+            .await
             .map_err(|source| ContainerError::Io {
-                op: "start the /dev filler",
+                op: "run the /dev filler",
                 pid: 0,
                 source,
             })?;
-        let said = child.stderr.map(|mut e| {
-            tokio::task::spawn_blocking(move || {
-                let mut text = String::new();
-                let _ = io::Read::read_to_string(&mut e, &mut text);
-                text
-            })
-        });
-        let exit = child.exit.await;
-        let said = match said {
-            Some(h) => h.await.unwrap_or_default(),
-            None => String::new(),
-        };
         match exit {
-            Ok(Exit::Code(0)) => Ok(()),
+            Exit::Code(0) => Ok(()),
             other => Err(ContainerError::Start(format!(
                 "filling /dev: {} ({other:?})",
                 said.trim()

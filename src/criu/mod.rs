@@ -362,15 +362,7 @@ impl Criu {
             .args(extra)
             .arg("--freeze-cgroup")
             .arg(cgroup)
-            .args([
-                "--manage-cgroups=ignore",
-                "--tcp-established",
-                "--skip-in-flight",
-                "--ext-unix-sk",
-                "--file-locks",
-                "--ghost-limit",
-                "256M",
-            ]);
+            .args(DUMP_OPTIONS);
         for (inside, key) in external {
             cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
         }
@@ -505,30 +497,17 @@ impl StartedRestore {
         let _ = self.running.finish();
     }
 
-    /// Restores the environment dumped in `images` onto the mounted root
-    /// `root`. `external` maps each bind-mount key to its host path. CRIU
-    /// runs in its RPC mode (see `rpc`): `stage` answers each stage it
-    /// reaches (`pre-restore`, `pre-resume`, …; false fails the stage, and
-    /// CRIU ends the restore). Returns the host pid of the restored init, a
-    /// child of the daemon. Blocking.
-    #[tracing::instrument(name = "criu_restore", skip_all)]
-    pub fn restore(
-        self,
+    /// The restore's options, and the images dir they name by fd (open
+    /// until the request is sent). The images dir is passed as an fd of
+    /// this process (CRIU opens it through `/proc/<peer>/fd/<n>`): CRIU
+    /// before 4.2 cannot take it by path (it readlinks the path, which
+    /// fails for a directory).
+    fn options(
+        &mut self,
         images: &Path,
         root: &Path,
         external: &[(&str, PathBuf)],
-        stage: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(i32, RestoreStats), CriuError> {
-        let StartedRestore {
-            criu,
-            running,
-            ours,
-            keys,
-            mut early,
-            t0,
-        } = self;
-        let log = images.join("restore.log");
-        let _ = std::fs::remove_file(&log);
+    ) -> Result<(std::fs::File, proto::Opts), CriuError> {
         let text = |p: &Path| -> Result<String, CriuError> {
             p.to_str().map(str::to_owned).ok_or_else(|| {
                 io_err("hand CRIU", p)(std::io::Error::new(
@@ -537,39 +516,58 @@ impl StartedRestore {
                 ))
             })
         };
-        // The images dir as an fd of this process (CRIU opens it through
-        // `/proc/<peer>/fd/<n>`): CRIU before 4.2 cannot take it by path
-        // (it readlinks the path, which fails for a directory).
-        let opened = std::fs::File::open(images).map_err(io_err("open", images));
-        let opts = opened.and_then(|dir| {
-            let mut opts = proto::Opts {
-                images_dir_fd: dir.as_raw_fd(),
-                log_file: Some("restore.log".into()),
-                log_level: Some(i32::from(criu.log_level)),
-                root: Some(text(root)?),
-                rst_sibling: Some(true),
-                manage_cgroups_mode: Some(proto::CG_IGNORE),
-                tcp_close: Some(true),
-                ext_unix_sk: Some(true),
-                file_locks: Some(true),
-                notify_scripts: Some(true),
-                inherit_fd: keys,
-                ..proto::Opts::default()
-            };
-            for (key, host) in external {
-                opts.external.push(format!("mnt[{key}]:{}", text(host)?));
-            }
-            Ok((dir, opts))
-        });
-        let (_dir, opts) = match opts {
+        let dir = std::fs::File::open(images).map_err(io_err("open", images))?;
+        let mut opts = proto::Opts {
+            images_dir_fd: dir.as_raw_fd(),
+            log_file: Some("restore.log".into()),
+            log_level: Some(i32::from(self.criu.log_level)),
+            root: Some(text(root)?),
+            rst_sibling: Some(true),
+            manage_cgroups_mode: Some(proto::CG_IGNORE),
+            tcp_close: Some(true),
+            ext_unix_sk: Some(true),
+            file_locks: Some(true),
+            notify_scripts: Some(true),
+            inherit_fd: std::mem::take(&mut self.keys),
+            ..proto::Opts::default()
+        };
+        for (key, host) in external {
+            opts.external.push(format!("mnt[{key}]:{}", text(host)?));
+        }
+        Ok((dir, opts))
+    }
+
+    /// Restores the environment dumped in `images` onto the mounted root
+    /// `root`. `external` maps each bind-mount key to its host path. CRIU
+    /// runs in its RPC mode (see `rpc`): `stage` answers each stage it
+    /// reaches (`pre-restore`, `pre-resume`, …; false fails the stage, and
+    /// CRIU ends the restore). Returns the host pid of the restored init, a
+    /// child of the daemon. Blocking.
+    #[tracing::instrument(name = "criu_restore", skip_all)]
+    pub fn restore(
+        mut self,
+        images: &Path,
+        root: &Path,
+        external: &[(&str, PathBuf)],
+        stage: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(i32, RestoreStats), CriuError> {
+        let log = images.join("restore.log");
+        let _ = std::fs::remove_file(&log);
+        let (_dir, opts) = match self.options(images, root, external) {
             Ok(o) => o,
             Err(e) => {
-                // (`criu swrk` ends once its socket closes)
-                drop(ours);
-                let _ = running.finish();
+                self.abandon();
                 return Err(e);
             }
         };
+        let StartedRestore {
+            criu,
+            running,
+            ours,
+            mut early,
+            t0,
+            ..
+        } = self;
         let request = proto::Request {
             kind: proto::RESTORE,
             opts: Some(opts),
@@ -644,6 +642,18 @@ pub struct ActionHook {
 
 /// How errors and logs name a whole-environment dump or restore.
 const ENV: &str = "the environment";
+
+/// The options of every dump and pre-dump of the environment, besides its
+/// tree, images, log, cgroup and external mounts and sockets.
+pub const DUMP_OPTIONS: &[&str] = &[
+    "--manage-cgroups=ignore",
+    "--tcp-established",
+    "--skip-in-flight",
+    "--ext-unix-sk",
+    "--file-locks",
+    "--ghost-limit",
+    "256M",
+];
 /// Where the fds handed to a restore start in CRIU's fd table.
 const INHERIT_FIRST_FD: i32 = 10;
 
