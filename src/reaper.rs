@@ -86,6 +86,25 @@ impl Reaper {
         // `child` (std) is dropped without waiting: the reaper owns the wait.
     }
 
+    /// Starts a process with `start` (which returns its pid: e.g.
+    /// [`crate::sys::spawn_passing_fds`]) and hands its exit over, as
+    /// [`Reaper::spawn`] does for a [`Command`].
+    pub fn spawn_with(&self, start: impl FnOnce() -> io::Result<i32>) -> io::Result<Child> {
+        // (held across the start: the reaper cannot take the exit first)
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = start()?;
+        let (tx, rx) = oneshot::channel();
+        table.waiters.insert(pid, tx);
+        drop(table);
+        Ok(Child {
+            pid,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            exit: rx,
+        })
+    }
+
     /// Registers `pid`, a process about to appear under the daemon without
     /// being spawned by it (a CRIU restore's root, reparented to the daemon
     /// as the subreaper), so its exit is handed over instead of being

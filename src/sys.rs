@@ -587,6 +587,72 @@ pub fn setns_before_exec(
     }
 }
 
+/// Starts `program` with `args` (the daemon's environment, an empty signal
+/// mask, `SIGPIPE` at its default) through `posix_spawn(3)`, handing it
+/// `fds` as fds `first`, `first + 1`, … and `stderr` as its fd 2 (stdin
+/// and stdout on `/dev/null`); returns its pid. Unlike
+/// [`std::process::Command`] with a `pre_exec` step, which forks (copying
+/// the daemon's page tables, then faulting on every page it writes until
+/// the child execs), glibc's `posix_spawn` shares the daemon's memory until
+/// the exec, so a start costs the same whatever the daemon's size.
+pub fn spawn_passing_fds(
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    fds: Vec<std::os::fd::OwnedFd>,
+    first: std::os::fd::RawFd,
+    stderr: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<i32> {
+    use nix::fcntl::OFlag;
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| {
+        CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))
+    };
+    let mut argv = vec![c(program.as_os_str().as_bytes())?];
+    for a in args {
+        argv.push(c(a.as_bytes())?);
+    }
+    let envp = std::env::vars_os()
+        .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<io::Result<Vec<_>>>()?;
+    // Each fd first copied above the targets (close-on-exec here), so that
+    // no dup2 in the child overwrites a source still to be handed over.
+    let n = fds.len() as std::os::fd::RawFd;
+    let high = fds
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, first + n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_open(
+        0,
+        "/dev/null",
+        OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    actions.add_open(
+        1,
+        "/dev/null",
+        OFlag::O_WRONLY,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    actions.add_dup2(stderr.as_raw_fd(), 2)?;
+    for (i, h) in high.iter().enumerate() {
+        actions.add_dup2(h.as_raw_fd(), first + i as std::os::fd::RawFd)?;
+    }
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
+    let mut default = nix::sys::signal::SigSet::empty();
+    default.add(nix::sys::signal::Signal::SIGPIPE);
+    attr.set_sigdefault(&default)?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
+    let pid = posix_spawn(program, &actions, &attr, &argv, &envp)?;
+    Ok(pid.as_raw())
+}
+
 /// Hands `fds` to the child of `cmd` as fds `first`, `first + 1`, … (open
 /// across `exec`). The fds stay owned by the closure until `cmd` is dropped.
 #[allow(unsafe_code)]
@@ -1121,5 +1187,50 @@ mod tests {
             .map(|l| l.rsplit('/').next().unwrap())
             .collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_spawn_hands_its_fds_over_on_their_numbers_and_stderr_as_fd_2() {
+        let d = tempfile::tempdir().unwrap();
+        let open =
+            |name: &str| -> OwnedFd { std::fs::File::create(d.path().join(name)).unwrap().into() };
+        let (a, b) = (open("a"), open("b"));
+        let err = std::fs::File::create(d.path().join("err")).unwrap();
+        // b sits on the number a is to take.
+        let first = b.as_raw_fd();
+        // (the spawn returns once the program runs: its fds are set)
+        let pid = super::spawn_passing_fds(
+            std::path::Path::new("/bin/sleep"),
+            &["60".as_ref()],
+            vec![a, b],
+            first,
+            std::os::fd::AsFd::as_fd(&err),
+        )
+        .unwrap();
+        let names: Vec<String> = [first, first + 1, 0, 1, 2]
+            .iter()
+            .map(|fd| {
+                let to = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+                to.file_name().unwrap().to_string_lossy().into_owned()
+            })
+            .collect();
+        let child = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).unwrap();
+        nix::sys::wait::waitpid(child, None).unwrap();
+        assert_eq!(names, ["a", "b", "null", "null", "err"]);
+    }
+
+    #[test]
+    fn a_spawn_of_a_missing_program_fails_with_its_error() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let e = super::spawn_passing_fds(
+            std::path::Path::new("/nonexistent/criu"),
+            &[],
+            Vec::new(),
+            3,
+            std::os::fd::AsFd::as_fd(&null),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -1098,3 +1098,88 @@ async fn services_exec_servers_and_tty_sessions_come_back_with_the_restore() {
         .unwrap();
     read_until(&mut s, "value-42").await;
 }
+
+/// The upper and work dirs of `state/env` (every generation there).
+fn generations(d: &Daemon) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(d.state_dir.join("env"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("upper-") || n.starts_with("work-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A restore mounts the new root while the old environment dies. A
+/// process still creating files as fast as it can when the restore begins
+/// writes none of them into the new root (it holds the old one in its own
+/// mount namespace), and the old generation goes whole once it is dead.
+#[tokio::test]
+#[cfg_attr(
+    not(privileged_tests),
+    ignore = "needs root and CRIU (scripts/test.sh)"
+)]
+async fn the_old_root_goes_whole_and_nothing_written_as_it_dies_reaches_the_new_one() {
+    // (ignored where it cannot run; asked to run anyway, it fails)
+    assert!(with_criu(
+        "the_old_root_goes_whole_and_nothing_written_as_it_dies_reaches_the_new_one"
+    ));
+    let d = Daemon::start().await;
+    start(&d, "quiet", json!({"cmd": "sh", "args": ["-c", SLEEPER]})).await;
+    let events = d.checkpoint("before the writer").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Dumped the environment")),
+        "{events:?}"
+    );
+    let before = generations(&d);
+    start(
+        &d,
+        "writer",
+        json!({"cmd": "sh", "args": ["-c", "mkdir -p /w; i=0; while :; do i=$((i+1)); : > /w/$i; done"]}),
+    )
+    .await;
+    let w = d.env_root().join("w");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while std::fs::read_dir(&w).map_or(0, |r| r.count()) < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer wrote nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let events = d.restore("v1").await;
+    assert!(
+        infos(&events)
+            .iter()
+            .any(|l| l.starts_with("Service quiet restored with its memory")),
+        "{events:?}"
+    );
+    assert!(
+        !w.exists(),
+        "files of the dying writer reached the new root"
+    );
+    assert_eq!(
+        d.get("/v1/services/writer").await.status(),
+        404,
+        "the writer's definition goes with the restore"
+    );
+    // The old generation goes on a thread of its own after the restore.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let now = generations(&d);
+        if now.len() == 2 && now.iter().all(|n| !before.contains(n)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {now:?} (before: {before:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        !w.exists(),
+        "files of the dying writer reached the new root"
+    );
+}

@@ -4,8 +4,10 @@
 //!    undo point; not when restoring an automatic checkpoint), and delete
 //!    the automatic ones beyond `--auto-keep`;
 //! 1. stop the environment (every process; services and sessions forgotten);
-//! 2. mount the checkpoint's layer with a fresh upper dir;
-//! 3. restore the service definitions;
+//! 2. mount the checkpoint's layer with a fresh upper dir, while step 1
+//!    runs (the dying processes keep the old root in their own mount
+//!    namespace); the old generation goes once they are gone;
+//! 3. restore the service definitions, once steps 1 and 2 are done;
 //! 4. with a CRIU dump: restore the init's whole tree onto the new root,
 //!    with new pipes where the daemon held the other ends; adopt the init,
 //!    put each process back in its cgroup, adopt services and sessions;
@@ -29,6 +31,7 @@ use super::{CheckpointError, CheckpointMeta, Checkpoints, EnvImages, Note, info}
 use crate::container::Container;
 use crate::container::dev::KEY as DEV_KEY;
 use crate::container::dev::Rebuilt;
+use crate::fs::Retired;
 use crate::policy::NetworkPolicy;
 use crate::supervisor::RunningService;
 
@@ -128,26 +131,42 @@ impl Checkpoints {
         }
         let t0 = Instant::now();
         let timing = std::sync::Mutex::new((Duration::ZERO, Duration::ZERO));
-        // Steps 1 to 3, run while CRIU starts (and the images are rebuilt).
+        // Steps 1 to 3: the old environment stopped while the new root is
+        // mounted (and CRIU starts, and the images are rebuilt).
+        let (stopped, stop_done) = tokio::sync::oneshot::channel::<()>();
         let stop = async {
             info(progress, "Stopping the environment...");
             self.stop_environment().await;
             timing.lock().unwrap_or_else(|e| e.into_inner()).0 = t0.elapsed();
+            let _ = stopped.send(());
         };
-        // The definitions and policies come back only once the files have.
-        let (files_done, files_back) = tokio::sync::oneshot::channel::<bool>();
+        // The definitions and policies come back only once the files have
+        // and the old environment is gone.
+        let (files_done, files_back) = tokio::sync::oneshot::channel::<Option<Retired>>();
+        let old_root = std::sync::Mutex::new(None::<Retired>);
         let prepare = async {
             info(progress, "Restoring filesystem...");
             let restored = self.restore_files(&meta, progress).await;
-            let _ = files_done.send(restored.is_ok());
-            restored?;
-            timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
-            Ok::<(), CheckpointError>(())
+            match restored {
+                Ok(retired) => {
+                    let _ = files_done.send(Some(retired));
+                    timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = files_done.send(None);
+                    Err(e)
+                }
+            }
         };
         let settle = async {
-            if files_back.await != Ok(true) {
+            let Ok(Some(retired)) = files_back.await else {
                 return Ok(()); // (the restore fails with prepare's error)
-            }
+            };
+            let _ = stop_done.await;
+            // (nothing runs on the old root now: it goes once the restore
+            // is done, its final sync and removal not competing with CRIU)
+            *old_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(retired);
             // (on a thread of its own: it writes the definitions durably,
             // and the restore's other steps go on meanwhile)
             let (sup, defs, running) = (
@@ -225,6 +244,7 @@ impl Checkpoints {
         }
         let processes = t0.elapsed();
         self.sup.start_all().await;
+        drop(old_root);
         let (killed, files) = *timing.lock().unwrap_or_else(|e| e.into_inner());
         tracing::debug!(?killed, ?files, ?processes, total = ?t0.elapsed(), "restore timing");
         Ok(())
@@ -286,26 +306,28 @@ impl Checkpoints {
     }
 
     /// Step 2: the checkpoint's layer (built from its manifest unless
-    /// cached) under a fresh upper dir.
+    /// cached) under a fresh upper dir; the old generation is returned, to
+    /// be dropped once the old environment is gone.
     async fn restore_files(
         self: &Arc<Self>,
         meta: &CheckpointMeta,
         progress: &(dyn Fn(Note) + Sync),
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<Retired, CheckpointError> {
         let me = self.clone();
         let target = meta.id.clone();
-        let built = tokio::task::spawn_blocking(move || -> Result<bool, CheckpointError> {
-            let m = me.parent_manifest(Some(&target))?;
-            let built = me.env.ensure_layer(&target, &m)?;
-            me.env.switch_to(&target)?;
-            Ok(built)
-        })
-        .await
-        .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
+        let (built, retired) =
+            tokio::task::spawn_blocking(move || -> Result<_, CheckpointError> {
+                let m = me.parent_manifest(Some(&target))?;
+                let built = me.env.ensure_layer(&target, &m)?;
+                let retired = me.env.switch_to(&target)?;
+                Ok((built, retired))
+            })
+            .await
+            .map_err(|e| CheckpointError::Unavailable(e.to_string()))??;
         if !built {
             info(progress, format!("Layer of {} reused from cache", meta.id));
         }
-        Ok(())
+        Ok(retired)
     }
 
     /// Step 3b: the checkpoint's policies, in force before any of its
@@ -395,11 +417,12 @@ impl Checkpoints {
     /// with new pipes where the daemon held the other ends; the init
     /// adopted, each process put back in its cgroup, services and sessions
     /// adopted. CRIU starts at once, while `stop` (the old environment
-    /// stopped) and then `prepare` (what else must be done before any task
-    /// exists: the root mounted) run; its `pre-restore` hook waits at the
-    /// [`hook::Gate`] until those and the images are ready. `settle` (what
-    /// must be done before any task runs) runs from the end of `stop`, and
-    /// the `pre-resume` hook waits for it too. The outer error is
+    /// stopped) and, side by side with it, `prepare` (what else must be
+    /// done before any task exists: the root mounted) run; its
+    /// `pre-restore` hook waits at the [`hook::Gate`] until those and the
+    /// images are ready. `settle` (what must be done before any task runs,
+    /// and may wait for `stop` and `prepare` itself) runs beside, and the
+    /// `pre-resume` hook waits for it too. The outer error is
     /// `prepare`'s or `settle`'s; the inner one says why the processes
     /// could not come back.
     pub(super) async fn restore_tree<E>(
@@ -431,21 +454,27 @@ impl Checkpoints {
         let mut criu = CriuRun::Running(
             self.start_criu(container, dir, wait_small, started, pipes, asker, fill_tx),
         );
-        // CRIU starts up meanwhile. From the old environment's end until
-        // the processes are placed, no cgroup move waits. (Not before: the
-        // first move waits for an RCU grace period holding the kernel's
-        // cgroup lock, which stopping the environment needs too.)
-        stop.await;
-        // The cgroups the processes go back to, made before moves are kept
-        // fast (the first fast move holds the kernel's cgroup lock through
-        // an RCU grace period, which making a cgroup would wait for).
-        let placement = self.placement(container, &images);
-        let fast = self.fast_migrations(container);
-        // CRIU goes on to make the tasks once the root is mounted and the
-        // images are whole; `settle` (the service definitions, the
-        // policies) meanwhile, done before any task runs.
+        // CRIU starts up meanwhile. So does `prepare`: the new root is
+        // mounted while the old environment dies (its processes keep the
+        // old root in their own mount namespace). From the old
+        // environment's end until the processes are placed, no cgroup move
+        // waits. (Not before: the first move waits for an RCU grace period
+        // holding the kernel's cgroup lock, which stopping the environment
+        // needs too.) The cgroups the processes go back to are made before
+        // moves are kept fast (the first fast move holds the kernel's cgroup
+        // lock through an RCU grace period, which making a cgroup would
+        // wait for).
+        let stop_then_place = async {
+            stop.await;
+            let placement = self.placement(container, &images);
+            (placement, self.fast_migrations(container))
+        };
+        // CRIU goes on to make the tasks once the old environment is gone,
+        // the root is mounted and the images are whole; `settle` (the
+        // service definitions, the policies) meanwhile, done before any
+        // task runs.
         let before_tasks = async {
-            let prepared = prepare.await;
+            let ((placement, fast), prepared) = tokio::join!(stop_then_place, prepare);
             let ready = match &prepared {
                 Err(_) => Err("the restore stopped".to_owned()),
                 Ok(()) => {
@@ -461,7 +490,7 @@ impl Checkpoints {
                 (Ok(waiting), Ok(()), Ok(p)) => {
                     waiting.answer(true);
                     tracing::debug!(after = ?t0.elapsed(), "CRIU goes on to restore the tasks");
-                    Ok(p)
+                    Ok((p, fast))
                 }
                 (waiting, prepared, ready) => {
                     let ended_first = waiting.is_err();
@@ -473,7 +502,7 @@ impl Checkpoints {
             }
         };
         let (before, settled) = tokio::join!(before_tasks, settle);
-        let placement = match before {
+        let (placement, fast) = match before {
             Ok(p) => p,
             Err((ended_first, prepared, not_ready)) => {
                 // Why: CRIU's own error if it ended first, else what was

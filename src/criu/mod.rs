@@ -195,37 +195,35 @@ impl Criu {
     /// [`RUN_TIMEOUT`]. Blocking: call from a blocking thread.
     fn run(
         &self,
-        cmd: Command,
+        mut cmd: Command,
         op: &'static str,
         service: &str,
         log: &Path,
         started: Option<Started>,
     ) -> Result<(), CriuError> {
-        match self.start(cmd, op, service, started)?.finish() {
+        let spawned = self.reaper.spawn(&mut cmd);
+        drop(cmd); // our copies of the child's fds
+        match self.start(spawned, op, service, started)?.finish() {
             Exit::Code(0) => Ok(()),
             exit => Err(self.failure(op, service, log, exit, None)),
         }
     }
 
-    /// Spawns criu (`started` told its pid) with a watchdog that kills it
-    /// after [`RUN_TIMEOUT`].
+    /// Watches a criu just spawned (`started` told its pid): a watchdog
+    /// kills it after [`RUN_TIMEOUT`].
     fn start(
         &self,
-        mut cmd: Command,
+        spawned: std::io::Result<crate::reaper::Child>,
         op: &'static str,
         service: &str,
         started: Option<Started>,
     ) -> Result<Running, CriuError> {
-        let child = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|source| CriuError::Spawn {
-                op,
-                service: service.to_owned(),
-                path: self.path.clone(),
-                source,
-            })?;
-        drop(cmd); // our copies of the child's fds
+        let child = spawned.map_err(|source| CriuError::Spawn {
+            op,
+            service: service.to_owned(),
+            path: self.path.clone(),
+            source,
+        })?;
         let pid = child.pid;
         if let Some(tell) = started {
             tell(pid);
@@ -446,9 +444,6 @@ impl Criu {
         .map_err(|e| io_err("socketpair for", &self.path)(e.into()))?;
         let sock = INHERIT_FIRST_FD + fds.len() as i32;
         fds.push(theirs);
-        let mut cmd = Command::new(&self.path);
-        cmd.arg("swrk").arg(sock.to_string());
-        crate::sys::pass_fds_before_exec(&mut cmd, fds, INHERIT_FIRST_FD);
         // What CRIU says before it opens its log (the images dir is not
         // ready yet): added to the log if the restore fails.
         std::fs::create_dir_all(&self.logs).map_err(io_err("create", &self.logs))?;
@@ -462,18 +457,49 @@ impl Criu {
                 .open(&self.logs)
                 .map_err(io_err("create a file in", &self.logs))?
         };
-        let said = early.try_clone().map_err(io_err("open", &self.logs))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(early));
         let t0 = std::time::Instant::now();
-        let running = self.start(cmd, "restore", ENV, Some(started))?;
+        let sock = sock.to_string();
+        let spawned = self.reaper.spawn_with(|| {
+            crate::sys::spawn_passing_fds(
+                &self.path,
+                &["swrk".as_ref(), sock.as_ref()],
+                fds,
+                INHERIT_FIRST_FD,
+                std::os::fd::AsFd::as_fd(&early),
+            )
+        });
+        let running = self.start(spawned, "restore", ENV, Some(started))?;
+        // The restore's log and stats go to a work dir of their own
+        // (prepared while CRIU starts): the images dir holds images only,
+        // kept as they are for the next restore (`checkpoint::image_cache`).
+        let work_at = self.logs.join(RESTORE_WORK);
+        let work = std::fs::create_dir_all(&work_at)
+            .and_then(|()| {
+                for stale in [RESTORE_LOG, RESTORE_STATS] {
+                    match std::fs::remove_file(work_at.join(stale)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                std::fs::File::open(&work_at)
+            })
+            .map_err(io_err("prepare", &work_at));
+        let work = match work {
+            Ok(w) => w,
+            Err(e) => {
+                drop(ours);
+                let _ = running.finish();
+                return Err(e);
+            }
+        };
         Ok(StartedRestore {
             criu: self.clone(),
             running,
             ours,
             keys,
-            early: said,
+            early,
+            work,
+            work_at,
             t0,
         })
     }
@@ -487,6 +513,9 @@ pub struct StartedRestore {
     ours: OwnedFd,
     keys: Vec<proto::InheritFd>,
     early: std::fs::File,
+    /// The work dir (CRIU's log and stats), open for CRIU to take by fd.
+    work: std::fs::File,
+    work_at: PathBuf,
     t0: Instant,
 }
 
@@ -519,7 +548,8 @@ impl StartedRestore {
         let dir = std::fs::File::open(images).map_err(io_err("open", images))?;
         let mut opts = proto::Opts {
             images_dir_fd: dir.as_raw_fd(),
-            log_file: Some("restore.log".into()),
+            work_dir_fd: Some(self.work.as_raw_fd()),
+            log_file: Some(RESTORE_LOG.into()),
             log_level: Some(i32::from(self.criu.log_level)),
             root: Some(text(root)?),
             rst_sibling: Some(true),
@@ -551,8 +581,7 @@ impl StartedRestore {
         external: &[(&str, PathBuf)],
         stage: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(i32, RestoreStats), CriuError> {
-        let log = images.join("restore.log");
-        let _ = std::fs::remove_file(&log);
+        let log = self.work_at.join(RESTORE_LOG);
         let (_dir, opts) = match self.options(images, root, external) {
             Ok(o) => o,
             Err(e) => {
@@ -565,6 +594,7 @@ impl StartedRestore {
             running,
             ours,
             mut early,
+            work_at,
             t0,
             ..
         } = self;
@@ -573,29 +603,32 @@ impl StartedRestore {
             opts: Some(opts),
             notify_success: None,
         };
-        let outcome = rpc::converse(&ours, &request, stage);
+        tracing::debug!(after = ?t0.elapsed(), "CRIU has its request");
+        let outcome = rpc::converse(&ours, &request, &mut |at| {
+            tracing::debug!(stage = at, after = ?t0.elapsed(), "CRIU at a stage");
+            stage(at)
+        });
         // (`criu swrk` ends once its socket closes)
         drop(ours);
-        let exit = running.finish();
-        let said = match outcome {
-            rpc::Outcome::Restored(pid) => Ok(pid),
-            rpc::Outcome::Failed(said) => Err(said),
-            rpc::Outcome::Gone(why) => Err(Some(why)),
-        };
-        let pid = said.map_err(|said| {
-            // What CRIU said on stderr goes before its log.
-            use std::io::{Read, Seek};
-            let mut before = String::new();
-            let _ = early.seek(std::io::SeekFrom::Start(0));
-            let _ = early.read_to_string(&mut before);
-            if !before.is_empty() {
-                let after = std::fs::read_to_string(&log).unwrap_or_default();
-                let _ = std::fs::write(&log, before + &after);
+        let pid = match outcome {
+            rpc::Outcome::Restored(pid) => {
+                // Its work is done (the stats written, the tree handed
+                // over): its exit is awaited off the restore's path.
+                std::thread::spawn(move || match running.finish() {
+                    Exit::Code(0) => {}
+                    exit => tracing::warn!(?exit, "CRIU ended badly after a restore"),
+                });
+                pid
             }
-            criu.failure("restore", ENV, &log, exit, said)
-        })?;
+            rpc::Outcome::Failed(said) => {
+                return Err(restore_failed(&criu, running, &mut early, &log, said));
+            }
+            rpc::Outcome::Gone(why) => {
+                return Err(restore_failed(&criu, running, &mut early, &log, Some(why)));
+            }
+        };
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let stats = std::fs::read(images.join("stats-restore"))
+        let stats = std::fs::read(work_at.join(RESTORE_STATS))
             .ok()
             .and_then(|b| stats::parse_restore(&b))
             .unwrap_or_default();
@@ -604,11 +637,32 @@ impl StartedRestore {
             criu_restore_us = stats.restore_time,
             wall_ms,
             pages_restored = stats.pages_restored,
-            ?exit,
             "restored"
         );
         Ok((pid, stats))
     }
+}
+
+/// The error of a restore CRIU failed (`said`: what it answered), once it
+/// has exited; what it said on stderr before its log opened (`early`) goes
+/// before its log.
+fn restore_failed(
+    criu: &Criu,
+    running: Running,
+    early: &mut std::fs::File,
+    log: &Path,
+    said: Option<String>,
+) -> CriuError {
+    use std::io::{Read, Seek};
+    let exit = running.finish();
+    let mut before = String::new();
+    let _ = early.seek(std::io::SeekFrom::Start(0));
+    let _ = early.read_to_string(&mut before);
+    if !before.is_empty() {
+        let after = std::fs::read_to_string(log).unwrap_or_default();
+        let _ = std::fs::write(log, before + &after);
+    }
+    criu.failure("restore", ENV, log, exit, said)
 }
 
 /// A criu process and its watchdog.
@@ -628,6 +682,13 @@ impl Running {
         exit
     }
 }
+
+/// The work dir of a restore, in the logs dir: its log and stats (never
+/// the images dir, which the image cache keeps as it is).
+const RESTORE_WORK: &str = "restore";
+const RESTORE_LOG: &str = "restore.log";
+/// Where CRIU writes a restore's statistics (in its work dir).
+const RESTORE_STATS: &str = "stats-restore";
 
 /// Told CRIU's pid once it is spawned.
 pub type Started = Box<dyn FnOnce(i32) + Send>;

@@ -39,6 +39,9 @@ pub(crate) struct Opts {
     /// A name in the work dir (the images dir unless told otherwise).
     #[prost(string, optional, tag = "10")]
     pub log_file: Option<String>,
+    /// An fd of the caller open on the work dir (the log, the stats).
+    #[prost(int32, optional, tag = "17")]
+    pub work_dir_fd: Option<i32>,
     #[prost(bool, optional, tag = "12")]
     pub notify_scripts: Option<bool>,
     #[prost(string, optional, tag = "13")]

@@ -14,8 +14,10 @@
 //!
 //! A restore mounts a *new* generation and only then switches `state.json`
 //! (written atomically), so a crash at any point leaves either the old
-//! environment or the new one, never a mix; the stale generation is deleted
-//! afterwards (or on the next start).
+//! environment or the new one, never a mix. The old environment's processes
+//! may still be dying meanwhile (they hold the old root in a mount namespace
+//! of their own); the stale generation is deleted once they are gone (or on
+//! the next start).
 
 pub(crate) mod at;
 pub mod journal;
@@ -652,20 +654,21 @@ impl Env {
     }
 
     /// Switches the environment to checkpoint `id`'s layer with an empty
-    /// upper dir. Nothing may be running in the environment.
+    /// upper dir. Processes of the old environment may still be dying: they
+    /// keep the old root in their own mount namespace and cannot see the
+    /// new one. The old generation is the returned [`Retired`]: drop it once
+    /// none of them is left.
     #[tracing::instrument(name = "restore_mount", skip(self), fields(checkpoint = id))]
-    pub fn switch_to(&self, id: &str) -> Result<(), FsError> {
+    pub fn switch_to(&self, id: &str) -> Result<Retired, FsError> {
         let old = self.state();
         let generation = old.generation + 1;
-        // The old root is detached, not unmounted: its last reference (an
-        // fd held here) goes on a thread of its own, which then pays for
-        // the overlay's final sync of the upper filesystem (that root's
-        // files are discarded anyway) while the restore goes on.
+        // The old root is detached, not unmounted, and held open here: its
+        // last reference goes with the [`Retired`], on a thread of its own,
+        // which then pays for the overlay's final sync of the upper
+        // filesystem (that root's files are discarded anyway) while the
+        // restore goes on.
         let hold = std::fs::File::open(&self.cfg.env_root).ok();
         self.detach()?;
-        if let Some(h) = hold {
-            std::thread::spawn(move || drop(h));
-        }
         if let Err(e) = self.mount(Some(id), generation) {
             // Put the old environment back; the error is what the caller sees.
             let _ = self.mount(old.layer.as_deref(), old.generation);
@@ -677,14 +680,34 @@ impl Env {
             source: Some(id.to_owned()),
         })?;
         *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = Tracked::default();
-        for stale in [
-            format!("upper-{}", old.generation),
-            format!("work-{}", old.generation),
-        ] {
-            let p = self.env_dir().join(stale);
-            std::thread::spawn(move || remove_tree(&p));
-        }
-        Ok(())
+        Ok(Retired {
+            hold,
+            stale: ["upper", "work"]
+                .map(|d| self.env_dir().join(format!("{d}-{}", old.generation))),
+        })
+    }
+}
+
+/// The generation a restore switched away from: its root (detached, held
+/// open) and its upper and work dirs. Dropped, it lets go of the root and
+/// removes the dirs on a thread of its own; what a crash leaves of them goes
+/// on the next start. Dropped early (while processes of the old environment
+/// still run and write there), a removal can leave part of them until then.
+#[must_use = "the old generation is removed when this is dropped, once nothing runs on it"]
+pub struct Retired {
+    hold: Option<std::fs::File>,
+    stale: [PathBuf; 2],
+}
+
+impl Drop for Retired {
+    fn drop(&mut self) {
+        let (hold, stale) = (self.hold.take(), self.stale.clone());
+        std::thread::spawn(move || {
+            drop(hold);
+            for p in &stale {
+                remove_tree(p);
+            }
+        });
     }
 }
 
