@@ -207,8 +207,11 @@ fn plain_tree_restore(
     }
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     // Started as the daemon starts its CRIU (`posix_spawn`, then moved
-    // into the init's cgroup, long before it makes a task), not by a fork
-    // of this big process: as a container runtime starts it.
+    // into the init's cgroup), not by a fork of this big process, as a
+    // container runtime starts it. The move does not wait (the rig mounts
+    // the hierarchy with `favordynmods`), and CRIU makes its first task
+    // only after reading its images, milliseconds later; unlike the
+    // daemon's, nothing here enforces that order.
     let null = std::fs::File::options()
         .write(true)
         .open("/dev/null")

@@ -5,7 +5,9 @@
 //! `waitpid(-1)`: the exit of a process spawned here goes to its waiter; an
 //! orphan is just reaped, so no zombie accumulates. Because `waitpid(-1)`
 //! would steal exit statuses from any other spawner, every process the daemon
-//! starts (services, CRIU, exec) must go through [`Reaper::spawn`].
+//! starts (services, CRIU, exec) must go through [`Reaper::spawn`] (or
+//! [`Reaper::spawn_with`], for a process started otherwise than by a
+//! [`Command`]: CRIU's restore, by `posix_spawn`).
 //!
 //! A spawn registers its pid while holding the same lock the reaper takes to
 //! dispatch, so an exit that happens before registration cannot be lost.

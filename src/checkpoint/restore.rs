@@ -6,7 +6,7 @@
 //! 1. stop the environment (every process; services and sessions forgotten);
 //! 2. mount the checkpoint's layer with a fresh upper dir, while step 1
 //!    runs (the dying processes keep the old root in their own mount
-//!    namespace); the old generation goes once they are gone;
+//!    namespace); the old generation goes once the restore is done;
 //! 3. restore the service definitions, once steps 1 and 2 are done;
 //! 4. with a CRIU dump: restore the init's whole tree onto the new root,
 //!    with new pipes where the daemon held the other ends; adopt the init,
@@ -164,8 +164,9 @@ impl Checkpoints {
                 return Ok(()); // (the restore fails with prepare's error)
             };
             let _ = stop_done.await;
-            // (nothing runs on the old root now: it goes once the restore
-            // is done, its final sync and removal not competing with CRIU)
+            // (the old environment is killed and waited for: its root goes
+            // once the restore is done, its final sync and removal not
+            // competing with CRIU)
             *old_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(retired);
             // (on a thread of its own: it writes the definitions durably,
             // and the restore's other steps go on meanwhile)
@@ -539,9 +540,14 @@ impl Checkpoints {
             }
         }
         Ok(match criu.finish().await {
-            Ok((init_pid, _stats)) => {
-                self.adopt_tree(container, &images, init_pid, ends, placement)
-                    .await
+            Ok((init_pid, exiting)) => {
+                let adopted = self
+                    .adopt_tree(container, &images, init_pid, ends, placement)
+                    .await;
+                // (CRIU exits meanwhile, its socket closed: none of it is
+                // left in the environment's cgroup once the restore is done)
+                let _ = tokio::task::spawn_blocking(move || exiting.wait()).await;
+                adopted
             }
             Err(why) => Err(why),
         })
@@ -618,9 +624,9 @@ impl Checkpoints {
             if dev.is_some() {
                 crate::container::dev::release(&dev_at);
             }
-            let (pid, stats) = restored?;
+            let (pid, stats, exiting) = restored?;
             *me.last_restore.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
-            Ok((pid, stats))
+            Ok((pid, exiting))
         })
     }
 
@@ -839,8 +845,9 @@ async fn join_rebuild(pages: Option<Rebuild>) -> Result<(), String> {
         .map_err(|e| format!("its images could not be rebuilt: {e}"))
 }
 
-/// What CRIU's restore ends with: the restored init's host pid.
-type CriuResult = Result<(i32, crate::criu::RestoreStats), String>;
+/// What CRIU's restore ends with: the restored init's host pid, and CRIU
+/// exiting.
+type CriuResult = Result<(i32, crate::criu::Exiting), String>;
 
 /// A CRIU restore on its blocking thread, or how it ended.
 enum CriuRun {

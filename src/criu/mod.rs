@@ -31,9 +31,10 @@
 //! `--link-remap`, which would link them back into the live tree, where the
 //! file checkpoint would pick up CRIU's temporary names.
 //!
-//! Every call writes CRIU's log next to the images (`-v2`, errors and
-//! warnings, unless the daemon is told otherwise); an error names the
-//! service and CRIU's own error line.
+//! Every call writes CRIU's log (`-v2`, errors and warnings, unless the
+//! daemon is told otherwise): a dump's next to its images, a restore's in
+//! `criu-logs/restore/`; an error names the service and CRIU's own error
+//! line.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -457,6 +458,21 @@ impl Criu {
                 .open(&self.logs)
                 .map_err(io_err("create a file in", &self.logs))?
         };
+        // The restore's log and stats go to a work dir of their own: the
+        // images dir holds images only, kept as they are for the next
+        // restore (`checkpoint::image_cache`).
+        let work_at = self.logs.join(RESTORE_WORK);
+        let work = std::fs::create_dir_all(&work_at)
+            .and_then(|()| {
+                for stale in [RESTORE_LOG, RESTORE_STATS] {
+                    match std::fs::remove_file(work_at.join(stale)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                std::fs::File::open(&work_at)
+            })
+            .map_err(io_err("prepare", &work_at))?;
         let t0 = std::time::Instant::now();
         let sock = sock.to_string();
         let spawned = self.reaper.spawn_with(|| {
@@ -469,29 +485,6 @@ impl Criu {
             )
         });
         let running = self.start(spawned, "restore", ENV, Some(started))?;
-        // The restore's log and stats go to a work dir of their own
-        // (prepared while CRIU starts): the images dir holds images only,
-        // kept as they are for the next restore (`checkpoint::image_cache`).
-        let work_at = self.logs.join(RESTORE_WORK);
-        let work = std::fs::create_dir_all(&work_at)
-            .and_then(|()| {
-                for stale in [RESTORE_LOG, RESTORE_STATS] {
-                    match std::fs::remove_file(work_at.join(stale)) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-                std::fs::File::open(&work_at)
-            })
-            .map_err(io_err("prepare", &work_at));
-        let work = match work {
-            Ok(w) => w,
-            Err(e) => {
-                drop(ours);
-                let _ = running.finish();
-                return Err(e);
-            }
-        };
         Ok(StartedRestore {
             criu: self.clone(),
             running,
@@ -572,7 +565,8 @@ impl StartedRestore {
     /// runs in its RPC mode (see `rpc`): `stage` answers each stage it
     /// reaches (`pre-restore`, `pre-resume`, …; false fails the stage, and
     /// CRIU ends the restore). Returns the host pid of the restored init, a
-    /// child of the daemon. Blocking.
+    /// child of the daemon, CRIU's statistics, and CRIU itself, exiting
+    /// (still in the cgroup it was moved to). Blocking.
     #[tracing::instrument(name = "criu_restore", skip_all)]
     pub fn restore(
         mut self,
@@ -580,7 +574,7 @@ impl StartedRestore {
         root: &Path,
         external: &[(&str, PathBuf)],
         stage: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(i32, RestoreStats), CriuError> {
+    ) -> Result<(i32, RestoreStats, Exiting), CriuError> {
         let log = self.work_at.join(RESTORE_LOG);
         let (_dir, opts) = match self.options(images, root, external) {
             Ok(o) => o,
@@ -610,16 +604,10 @@ impl StartedRestore {
         });
         // (`criu swrk` ends once its socket closes)
         drop(ours);
-        let pid = match outcome {
-            rpc::Outcome::Restored(pid) => {
-                // Its work is done (the stats written, the tree handed
-                // over): its exit is awaited off the restore's path.
-                std::thread::spawn(move || match running.finish() {
-                    Exit::Code(0) => {}
-                    exit => tracing::warn!(?exit, "CRIU ended badly after a restore"),
-                });
-                pid
-            }
+        let (pid, exiting) = match outcome {
+            // Its work is done (the stats written, the tree handed over):
+            // the caller awaits its exit when it suits it.
+            rpc::Outcome::Restored(pid) => (pid, Exiting(Some(running))),
             rpc::Outcome::Failed(said) => {
                 return Err(restore_failed(&criu, running, &mut early, &log, said));
             }
@@ -639,7 +627,34 @@ impl StartedRestore {
             pages_restored = stats.pages_restored,
             "restored"
         );
-        Ok((pid, stats))
+        Ok((pid, stats, exiting))
+    }
+}
+
+/// A CRIU that answered its restore and is exiting (its socket closed):
+/// [`Exiting::wait`] awaits its exit; dropped, a thread of its own does.
+pub struct Exiting(Option<Running>);
+
+impl Exiting {
+    /// Waits until CRIU has exited. Blocking.
+    pub fn wait(mut self) {
+        if let Some(r) = self.0.take() {
+            Self::check(r.finish());
+        }
+    }
+
+    fn check(exit: Exit) {
+        if exit != Exit::Code(0) {
+            tracing::warn!(?exit, "CRIU ended badly after a restore");
+        }
+    }
+}
+
+impl Drop for Exiting {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            std::thread::spawn(move || Self::check(r.finish()));
+        }
     }
 }
 

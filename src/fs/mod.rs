@@ -16,8 +16,8 @@
 //! (written atomically), so a crash at any point leaves either the old
 //! environment or the new one, never a mix. The old environment's processes
 //! may still be dying meanwhile (they hold the old root in a mount namespace
-//! of their own); the stale generation is deleted once they are gone (or on
-//! the next start).
+//! of their own); the stale generation is deleted once they are killed and
+//! waited for (or on the next start).
 
 pub(crate) mod at;
 pub mod journal;
