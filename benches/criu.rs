@@ -35,6 +35,13 @@
 //!   the daemon starts its own (`posix_spawn`: a fork of this big process
 //!   would cost milliseconds that neither the daemon nor a runtime pays),
 //!   and CRIU's own restore time (its `stats-restore`) is printed for both.
+//!   The root is the one mounted already, its files in the kernel's caches
+//!   from the run before;
+//! - `plain_restore_same_tree_fresh_root_<size>`: the same onto a root
+//!   mounted afresh first (the checkpoint's layer, an empty upper dir), as
+//!   the daemon's restore mounts it and a runtime mounts a container's
+//!   root: CRIU's lookups on the root then start from cold caches, as the
+//!   daemon's do.
 //!
 //! Before each timed operation, daemon or plain, the bench runs `sync(2)`
 //! (untimed), so that the writeback and discards of the previous one (the
@@ -181,15 +188,24 @@ fn restore_time(dir: &Path) -> f64 {
 /// (CRIU's own time is then in `images/stats-restore`: [`restore_time`].)
 /// (It hands the tasks no pipes of the daemon's: the restored init finds
 /// its request pipe closed.)
+///
+/// With `fresh_root` (a checkpoint id), the root is first mounted afresh
+/// with that checkpoint's layer and an empty upper dir, as the daemon's
+/// restore mounts it (and a runtime mounts a container's root before it
+/// restores it); without, CRIU restores onto the root already mounted,
+/// its files and directories in the kernel's caches from the last run.
 fn plain_tree_restore(
     rig: &Rig,
     criu: &Path,
     images: &Path,
     externals: &[(String, std::path::PathBuf)],
+    fresh_root: Option<&str>,
 ) -> f64 {
     nix::unistd::sync();
     let t = Instant::now();
     rig.rt.block_on(rig.container.kill());
+    // (the old generation removed after the timed part)
+    let _old = fresh_root.map(|id| rig.env.switch_to(id).unwrap());
     let init = rig.container.init_cgroup().unwrap();
     let mut args: Vec<std::ffi::OsString> =
         ["restore", "--restore-detached", "--manage-cgroups=ignore"]
@@ -387,11 +403,26 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let ms: f64 = (0..iters)
                     .map(|_| {
-                        let ms = plain_tree_restore(&rig, &criu_path, &tree, &externals);
+                        let ms = plain_tree_restore(&rig, &criu_path, &tree, &externals, None);
                         criu_ptree.push(restore_time(&tree));
                         ms
                     })
                     .inspect(|ms| ptree.push(*ms))
+                    .sum();
+                Duration::from_secs_f64(ms / 1e3)
+            })
+        });
+        let (mut pfresh, mut criu_pfresh) = (Vec::new(), Vec::new());
+        g.bench_function(format!("plain_restore_same_tree_fresh_root_{label}"), |b| {
+            b.iter_custom(|iters| {
+                let ms: f64 = (0..iters)
+                    .map(|_| {
+                        let ms =
+                            plain_tree_restore(&rig, &criu_path, &tree, &externals, Some(&auto));
+                        criu_pfresh.push(restore_time(&tree));
+                        ms
+                    })
+                    .inspect(|ms| pfresh.push(*ms))
                     .sum();
                 Duration::from_secs_f64(ms / 1e3)
             })
@@ -483,6 +514,8 @@ fn bench(c: &mut Criterion) {
                 median(&mut ptree_dump),
                 median(&mut criu_step),
                 median(&mut criu_ptree),
+                median(&mut pfresh),
+                median(&mut criu_pfresh),
             ],
         ));
     }
@@ -506,6 +539,8 @@ fn bench(c: &mut Criterion) {
             same_tree_dump,
             criu_daemon,
             criu_plain,
+            fresh,
+            criu_fresh,
         ],
     ) in report
     {
@@ -531,6 +566,12 @@ fn bench(c: &mut Criterion) {
              the daemon's, {criu_plain:.1} ms in plain CRIU's",
             st / same_tree,
             same_tree - pr
+        );
+        eprintln!(
+            "{label}: restore without the undo point {st:.1} ms vs plain CRIU restoring the same tree \
+             onto a root mounted afresh {fresh:.1} ms ({:.2}x); CRIU's own restore time there \
+             {criu_fresh:.1} ms",
+            st / fresh
         );
     }
 }

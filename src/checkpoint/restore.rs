@@ -445,7 +445,9 @@ impl Checkpoints {
             }
         };
         let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+        let (spawned_tx, spawned) = tokio::sync::oneshot::channel::<()>();
         let started: crate::criu::Started = Box::new(move |pid| {
+            let _ = spawned_tx.send(());
             let _ = pid_tx.send(pid);
         });
         let (dir, wait_small, pages) = at.split();
@@ -475,6 +477,10 @@ impl Checkpoints {
         // service definitions, the policies) meanwhile, done before any
         // task runs.
         let before_tasks = async {
+            // Both start once CRIU is spawned (or could not be): its spawn
+            // (a vfork and an exec) is on the way to the gate, they are not,
+            // and on a few CPUs they would slow it down.
+            let _ = spawned.await;
             let ((placement, fast), prepared) = tokio::join!(stop_then_place, prepare);
             let ready = match &prepared {
                 Err(_) => Err("the restore stopped".to_owned()),
