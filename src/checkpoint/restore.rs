@@ -140,34 +140,26 @@ impl Checkpoints {
             timing.lock().unwrap_or_else(|e| e.into_inner()).0 = t0.elapsed();
             let _ = stopped.send(());
         };
+        // The old root goes once the restore is done (the old environment
+        // killed and waited for by then), its final sync and removal not
+        // competing with CRIU.
+        let old_root = std::sync::Mutex::new(None::<Retired>);
         // The definitions and policies come back only once the files have
         // and the old environment is gone.
-        let (files_done, files_back) = tokio::sync::oneshot::channel::<Option<Retired>>();
-        let old_root = std::sync::Mutex::new(None::<Retired>);
+        let (files_done, files_back) = tokio::sync::oneshot::channel::<bool>();
         let prepare = async {
             info(progress, "Restoring filesystem...");
             let restored = self.restore_files(&meta, progress).await;
-            match restored {
-                Ok(retired) => {
-                    let _ = files_done.send(Some(retired));
-                    timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = files_done.send(None);
-                    Err(e)
-                }
-            }
+            let _ = files_done.send(restored.is_ok());
+            *old_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(restored?);
+            timing.lock().unwrap_or_else(|e| e.into_inner()).1 = t0.elapsed();
+            Ok::<(), CheckpointError>(())
         };
         let settle = async {
-            let Ok(Some(retired)) = files_back.await else {
+            if files_back.await != Ok(true) {
                 return Ok(()); // (the restore fails with prepare's error)
-            };
+            }
             let _ = stop_done.await;
-            // (the old environment is killed and waited for: its root goes
-            // once the restore is done, its final sync and removal not
-            // competing with CRIU)
-            *old_root.lock().unwrap_or_else(|e| e.into_inner()) = Some(retired);
             // (on a thread of its own: it writes the definitions durably,
             // and the restore's other steps go on meanwhile)
             let (sup, defs, running) = (
@@ -445,9 +437,7 @@ impl Checkpoints {
             }
         };
         let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
-        let (spawned_tx, spawned) = tokio::sync::oneshot::channel::<()>();
         let started: crate::criu::Started = Box::new(move |pid| {
-            let _ = spawned_tx.send(());
             let _ = pid_tx.send(pid);
         });
         let (dir, wait_small, pages) = at.split();
@@ -480,12 +470,12 @@ impl Checkpoints {
             // Both start once CRIU is spawned (or could not be): its spawn
             // (a vfork and an exec) is on the way to the gate, they are not,
             // and on a few CPUs they would slow it down.
-            let _ = spawned.await;
+            let criu_pid = pid_rx.await;
             let ((placement, fast), prepared) = tokio::join!(stop_then_place, prepare);
             let ready = match &prepared {
                 Err(_) => Err("the restore stopped".to_owned()),
                 Ok(()) => {
-                    self.ready_for_tasks(container, placement, pid_rx, fill_rx, pages)
+                    self.ready_for_tasks(container, placement, criu_pid, fill_rx, pages)
                         .await
                 }
             };
@@ -645,15 +635,13 @@ impl Checkpoints {
         &self,
         container: &Container,
         placement: Result<Placement, String>,
-        criu_pid: tokio::sync::oneshot::Receiver<i32>,
+        criu_pid: Result<i32, tokio::sync::oneshot::error::RecvError>,
         dev_fill: tokio::sync::oneshot::Receiver<Option<DevFill>>,
         pages: Option<Rebuild>,
     ) -> Result<Placement, String> {
         let placement = placement?;
         let init = container.init_cgroup().map_err(|e| e.to_string())?;
-        let pid = criu_pid
-            .await
-            .map_err(|_| "CRIU did not start".to_owned())?;
+        let pid = criu_pid.map_err(|_| "CRIU did not start".to_owned())?;
         init.add(pid)
             .map_err(|e| format!("CRIU cannot join the init's cgroup: {e}"))?;
 

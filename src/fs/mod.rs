@@ -701,7 +701,7 @@ pub struct Retired {
 
 impl Drop for Retired {
     fn drop(&mut self) {
-        let (hold, stale) = (self.hold.take(), self.stale.clone());
+        let (hold, stale) = (self.hold.take(), std::mem::take(&mut self.stale));
         std::thread::spawn(move || {
             drop(hold);
             for p in &stale {
